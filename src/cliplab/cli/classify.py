@@ -1,0 +1,100 @@
+"""``cliplab classify``: label a folder of images with your own class names."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..data import image_files, parse_labels, read_class_names
+from ..errors import CliplabError
+from ..features import embed_images
+from ..heads import ZeroShotClassifier
+from ..models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from . import common
+from .common import console, err_console, friendly_errors, load_backbone
+
+DEFAULT_CLASSIFY_MODEL = f"{DEFAULT_MODEL}:{DEFAULT_PRETRAINED}"
+
+
+@friendly_errors
+def classify(
+    paths: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    labels: str = typer.Option(None, "--labels", "-l", help='Comma-separated class names, e.g. "cat,dog,car".'),
+    labels_file: Path = typer.Option(None, "--labels-file", help="Class names, one per line (or JSON list)."),
+    top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="Predictions to show per image."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write predictions to a .csv or .json file."),
+    templates: str = typer.Option("imagenet7", "--templates", "-t", help="Template set name or file."),
+    model: str = common.ModelOpt,
+    pretrained: str = common.PretrainedOpt,
+    arch: str = common.ArchOpt,
+    config: Path = common.ConfigOpt,
+    device: str = common.DeviceOpt,
+    cache_dir: Path = common.CacheOpt,
+    batch_size: int = common.BatchOpt,
+    workers: int = common.WorkersOpt,
+    seed: int = common.SeedOpt,
+    quiet: bool = common.QuietOpt,
+):
+    """Classify images into your labels (zero-shot; default model ViT-B-32 LAION-2B, downloaded once)."""
+    if (labels is None) == (labels_file is None):
+        raise CliplabError("give the class names with exactly one of --labels or --labels-file")
+    names = parse_labels(labels) if labels is not None else read_class_names(labels_file)
+    if output is not None and output.suffix.lower() not in (".csv", ".json"):
+        raise CliplabError(f"--output {output}: use a .csv or .json file name")
+    dataset = image_files(paths)
+    backbone = load_backbone(model, pretrained, arch, config, device, seed, DEFAULT_CLASSIFY_MODEL)
+    features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
+                            progress=not quiet)
+    head = ZeroShotClassifier(backbone, names, templates, cache_dir=cache_dir).fit()
+    rows = []
+    if len(features):
+        order, probs = head.top_k(features.features, top_k)
+        rows = [
+            {"path": item, "predictions": [{"label": names[c], "probability": float(p)} for c, p in zip(oi, pi)]}
+            for item, oi, pi in zip(features.item_ids, order, probs)
+        ]
+    rows += [{"path": item, "predictions": [], "error": reason} for item, reason in features.failures]
+    _print(rows, dataset.root, len(features), features.failures)
+    if output is not None:
+        _write(rows, output, top_k)
+        console.print(f"wrote {output}")
+
+
+def _print(rows, root, n_ok, failures) -> None:
+    table = Table(title=f"{n_ok} images classified (paths relative to {root})", show_lines=False)
+    table.add_column("image", overflow="fold")
+    table.add_column("prediction")
+    table.add_column("p", justify="right")
+    table.add_column("runners-up")
+    for row in rows:
+        if "error" in row:
+            continue
+        best, rest = row["predictions"][0], row["predictions"][1:]
+        table.add_row(row["path"], best["label"], f"{best['probability']:.3f}",
+                      ", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest))
+    console.print(table)
+    if failures:
+        err_console.print(f"[yellow]skipped {len(failures)} file(s) that could not be read:[/]")
+        for item, reason in failures:
+            err_console.print(f"  {item}: {reason}", markup=False, highlight=False)
+
+
+def _write(rows, output: Path, top_k: int) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".json":
+        output.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+        return
+    header = ["path"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "probability")] + ["error"]
+    with open(output, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for row in rows:
+            cells = [row["path"]]
+            for i in range(top_k):
+                pred = row["predictions"][i] if i < len(row["predictions"]) else None
+                cells += [pred["label"], f"{pred['probability']:.6f}"] if pred else ["", ""]
+            writer.writerow(cells + [row.get("error", "")])

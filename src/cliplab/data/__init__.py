@@ -1,0 +1,23 @@
+"""Datasets, safe image decoding, class names and prompt templates."""
+
+from .archives import cifar, mnist, read_idx, safe_unpickle
+from .base import NO_LABEL, ArrayImageDataset, FileImageDataset, ImageDataset, Subset
+from .folders import coco_captions, image_files, image_folder, manifest
+from .images import load_image, to_rgb
+from .prompts import (
+    builtin_class_names,
+    check_class_names,
+    fill_template,
+    load_templates,
+    parse_labels,
+    read_class_names,
+    template_sets,
+)
+from .registry import dataset_names, default_data_root, load_dataset
+
+__all__ = [
+    "NO_LABEL", "ArrayImageDataset", "FileImageDataset", "ImageDataset", "Subset",
+    "builtin_class_names", "check_class_names", "cifar", "coco_captions", "dataset_names", "default_data_root",
+    "fill_template", "image_files", "image_folder", "load_dataset", "load_image", "load_templates", "manifest",
+    "mnist", "parse_labels", "read_class_names", "read_idx", "safe_unpickle", "template_sets", "to_rgb",
+]

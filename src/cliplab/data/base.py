@@ -1,0 +1,142 @@
+"""Dataset base classes: images addressed by index, each with an id, a label and a cache identity."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DatasetError
+from .images import load_image
+
+NO_LABEL = -1
+
+
+class ImageDataset(ABC):
+    """Images with class names. Subclasses fill ``class_names`` and ``labels`` (``NO_LABEL`` if none).
+
+    ``item_id(i)`` is a human-readable id (a path relative to the root, or ``file#index``);
+    ``identity(i)`` keys the feature cache and changes whenever the image content may have changed.
+    """
+
+    name: str = "dataset"
+    class_names: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abstractmethod
+    def item_id(self, index: int) -> str:
+        """Readable id of item ``index``."""
+
+    @abstractmethod
+    def identity(self, index: int) -> str:
+        """Cache identity of item ``index``."""
+
+    @abstractmethod
+    def load_image(self, index: int) -> Image.Image:
+        """RGB image of item ``index``; raises ImageDecodeError for a bad file."""
+
+    def item_ids(self) -> list[str]:
+        return [self.item_id(i) for i in range(len(self))]
+
+    def identities(self) -> list[str]:
+        return [self.identity(i) for i in range(len(self))]
+
+    def describe(self) -> dict:
+        """A small summary for results JSON."""
+        return {"name": self.name, "size": len(self), "num_classes": len(self.class_names)}
+
+
+class FileImageDataset(ImageDataset):
+    """Images stored as files under ``root``; identity = path + size + mtime, or content sha256."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | np.ndarray,
+        class_names: Sequence[str],
+        root: Path,
+        name: str,
+        hash_content: bool = False,
+        captions: Sequence[list[str]] | None = None,
+    ):
+        if len(paths) == 0:
+            raise DatasetError(f"{root}: no images found")
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.root = Path(root)
+        self.name = name
+        self.hash_content = hash_content
+        self.captions = list(captions) if captions is not None else None
+
+    def item_id(self, index: int) -> str:
+        path = self.paths[index]
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def identity(self, index: int) -> str:
+        path = self.paths[index]
+        try:
+            if self.hash_content:
+                with open(path, "rb") as handle:
+                    return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
+            stat = path.stat()
+        except OSError:
+            return f"missing:{path.resolve()}"
+        return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+    def load_image(self, index: int) -> Image.Image:
+        return load_image(self.paths[index])
+
+
+class ArrayImageDataset(ImageDataset):
+    """Images held in a uint8 array (n, H, W[, 3]); identity = sha1 of each image's pixels."""
+
+    def __init__(self, images: np.ndarray, labels, class_names, source: Path, name: str):
+        if len(images) == 0:
+            raise DatasetError(f"{source}: holds no images")
+        if len(images) != len(labels):
+            raise DatasetError(f"{source}: {len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.source = Path(source)
+        self.name = name
+
+    def item_id(self, index: int) -> str:
+        return f"{self.source.name}#{index}"
+
+    def identity(self, index: int) -> str:
+        return "sha1:" + hashlib.sha1(np.ascontiguousarray(self.images[index]).tobytes()).hexdigest()
+
+    def load_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+
+class Subset(ImageDataset):
+    """The items ``indices`` of another dataset (same class names)."""
+
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = dataset.labels[self.indices]
+        self.class_names = dataset.class_names
+        self.name = dataset.name
+
+    def item_id(self, index: int) -> str:
+        return self.dataset.item_id(int(self.indices[index]))
+
+    def identity(self, index: int) -> str:
+        return self.dataset.identity(int(self.indices[index]))
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.dataset.load_image(int(self.indices[index]))

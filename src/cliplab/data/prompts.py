@@ -1,0 +1,115 @@
+"""Prompt templates and class names: built-in JSON sets and user files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from ..errors import LabelError, TemplateError
+
+PLACEHOLDER = "{c}"
+
+
+def _builtin(kind: str) -> dict[str, resources.abc.Traversable]:
+    folder = resources.files("cliplab.data") / kind
+    return {entry.name.removesuffix(".json"): entry for entry in folder.iterdir() if entry.name.endswith(".json")}
+
+
+def template_sets() -> list[str]:
+    """Names of the built-in template sets (CLIP_benchmark's per-dataset sets, imagenet80/7, generic)."""
+    return sorted(_builtin("templates"))
+
+
+def load_templates(templates: str | Path | Sequence[str]) -> list[str]:
+    """Templates with a ``{c}`` placeholder: a built-in set name, a user file, or a list of strings.
+
+    User files: a JSON list, a JSON object with ``templates``, or text with one template a line.
+    OpenAI-style ``{}`` placeholders are accepted and rewritten to ``{c}``.
+    """
+    if not isinstance(templates, (str, Path)):
+        return check_templates(list(templates), "templates")
+    builtin = _builtin("templates")
+    if str(templates) in builtin:
+        return check_templates(json.loads(builtin[str(templates)].read_text())["templates"], str(templates))
+    path = Path(templates)
+    if not path.is_file():
+        raise TemplateError(
+            f"unknown template set {str(templates)!r}: not a file, and not one of {', '.join(sorted(builtin))}"
+        )
+    return check_templates(_read_list(path, "templates", TemplateError), str(path))
+
+
+def check_templates(templates: list[str], source: str) -> list[str]:
+    """Rewrite ``{}`` to ``{c}``; reject an empty list and templates without exactly one placeholder."""
+    templates = [str(t).replace("{}", PLACEHOLDER) for t in templates]
+    if not templates:
+        raise TemplateError(f"{source}: no templates")
+    for template in templates:
+        if template.count(PLACEHOLDER) != 1:
+            raise TemplateError(f"{source}: template {template!r} needs exactly one {PLACEHOLDER} placeholder")
+    return templates
+
+
+def fill_template(template: str, class_name: str) -> str:
+    """``template`` with its placeholder replaced by ``class_name``."""
+    return template.replace(PLACEHOLDER, class_name)
+
+
+def builtin_class_names(dataset: str) -> list[str] | None:
+    """CLIP_benchmark's curated class names for a known dataset, or None."""
+    entry = _builtin("classnames").get(dataset)
+    return json.loads(entry.read_text())["classnames"] if entry else None
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a file: one per line (blank lines and ``#`` comments skipped) or JSON.
+
+    JSON may be a list, ``{"classnames": [...]}`` or ``{"0": "cat", "1": "dog"}``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"{path}: class-name file not found")
+    return check_class_names(_read_list(path, "classnames", LabelError), str(path))
+
+
+def parse_labels(text: str) -> list[str]:
+    """Comma-separated labels from the command line."""
+    return check_class_names([part.strip() for part in text.split(",")], "--labels")
+
+
+def check_class_names(names: list[str], source: str) -> list[str]:
+    """Reject an empty list, empty names and duplicates (case-insensitive), naming the culprit."""
+    names = [str(n).strip() for n in names]
+    if not names or not any(names):
+        raise LabelError(f"{source}: no class names given")
+    if "" in names:
+        raise LabelError(f"{source}: empty class name at position {names.index('') + 1}")
+    seen: dict[str, str] = {}
+    for name in names:
+        key = name.casefold()
+        if key in seen:
+            raise LabelError(f"{source}: duplicate class name {name!r} (also given as {seen[key]!r})")
+        seen[key] = name
+    return names
+
+
+def _read_list(path: Path, key: str, error: type[Exception]) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: unreadable ({exc})") from exc
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise error(f"{path}: malformed JSON ({exc})") from exc
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, dict) and all(k.isdigit() for k in data):
+            data = [data[k] for k in sorted(data, key=int)]
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise error(f"{path}: expected a JSON list of strings or an object with '{key}'")
+        return data
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]

@@ -1,0 +1,48 @@
+"""All exceptions cliplab raises on purpose; the CLI prints them as one line."""
+
+from __future__ import annotations
+
+
+class CliplabError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class ModelLoadError(CliplabError):
+    """A model name, path or weights file could not be turned into a Backbone."""
+
+
+class WeightsUnavailableError(ModelLoadError):
+    """Pretrained weights are not on disk and cannot be downloaded (offline)."""
+
+
+class DenseFeaturesUnavailableError(CliplabError):
+    """The backbone has no patch tokens (for example a ResNet image tower)."""
+
+
+class DatasetError(CliplabError):
+    """A dataset, manifest or data file is missing, empty or malformed."""
+
+
+class ImageDecodeError(CliplabError):
+    """One image file could not be decoded; carries the path and the reason."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class LabelError(CliplabError):
+    """Class names or labels are empty, duplicated or inconsistent."""
+
+
+class TemplateError(CliplabError):
+    """A prompt-template set is unknown or malformed."""
+
+
+class DimensionMismatchError(CliplabError):
+    """Two feature matrices that must share a dimension do not."""
+
+
+class CacheError(CliplabError):
+    """The feature cache is unreadable or inconsistent."""

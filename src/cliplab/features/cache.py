@@ -1,0 +1,175 @@
+"""FeatureCache: an atomic, resumable, multi-process-safe store of embeddings on disk.
+
+Layout of one cache space (one model + one preprocessing)::
+
+    <root>/<space>/meta.json          model id, preprocessing, dimension
+    <root>/<space>/index.sqlite       identity -> (shard, row); identity -> failure reason
+    <root>/<space>/shards/<uuid>.npy  float32 (k, d) blocks, each written once, atomically
+    <root>/<space>/views/<key>.npy    a dataset's features in dataset order, read memory-mapped
+
+A shard is renamed into place before its rows are registered, so a crash leaves at worst an
+unregistered shard (ignored) and never a registered row without data. SQLite in WAL mode with
+``INSERT OR IGNORE`` lets several processes fill one space at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CacheError, DimensionMismatchError
+
+SQL_BATCH = 500
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (identity TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (identity TEXT PRIMARY KEY, reason TEXT NOT NULL);
+"""
+
+
+def default_cache_root() -> Path:
+    """``$CLIPLAB_CACHE``, else ``$XDG_CACHE_HOME/cliplab``, else ``~/.cache/cliplab``."""
+    if os.environ.get("CLIPLAB_CACHE"):
+        return Path(os.environ["CLIPLAB_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "cliplab"
+
+
+def digest(*parts: str) -> str:
+    """Short stable hash of strings (joined by newlines)."""
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:24]
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` through a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    """One cache space, keyed by ``space`` (derived from model id + preprocessing or modality)."""
+
+    def __init__(self, root: str | Path, space: str, meta: dict | None = None):
+        self.dir = Path(root) / space
+        self.space = space
+        (self.dir / "shards").mkdir(parents=True, exist_ok=True)
+        (self.dir / "views").mkdir(exist_ok=True)
+        self._write_meta(meta or {})
+        with closing(self._connect()) as db, db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.dir / "index.sqlite", timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _write_meta(self, meta: dict) -> None:
+        path = self.dir / "meta.json"
+        if path.exists() or not meta:
+            return
+        tmp = path.with_name(f".meta.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, path)
+
+    @property
+    def meta(self) -> dict:
+        path = self.dir / "meta.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    # -- writing -------------------------------------------------------------------------
+    def add(self, identities: Sequence[str], features: np.ndarray, failures: dict[str, str] | None = None) -> None:
+        """Store ``features[i]`` for ``identities[i]`` (one new shard) and record failures."""
+        if len(identities) != len(features):
+            raise CacheError(f"{len(identities)} identities for {len(features)} feature rows")
+        self._check_dim(features)
+        rows = []
+        if len(identities):
+            shard = f"{uuid.uuid4().hex}.npy"
+            atomic_save_npy(self.dir / "shards" / shard, features)
+            rows = [(identity, shard, row) for row, identity in enumerate(identities)]
+        with closing(self._connect()) as db, db:
+            db.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?)", list((failures or {}).items()))
+
+    def _check_dim(self, features: np.ndarray) -> None:
+        expected = self.meta.get("dim")
+        if features.ndim != 2 or (expected is not None and features.shape[1] != expected):
+            raise DimensionMismatchError(
+                f"cache {self.dir}: features of shape {features.shape} do not match dimension {expected}"
+            )
+
+    # -- reading -------------------------------------------------------------------------
+    def lookup(self, identities: Sequence[str]) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+        """Which identities are stored (-> shard, row) and which are known failures (-> reason)."""
+        unique = list(dict.fromkeys(identities))
+        found: dict[str, tuple[str, int]] = {}
+        failed: dict[str, str] = {}
+        with closing(self._connect()) as db:
+            for start in range(0, len(unique), SQL_BATCH):
+                chunk = unique[start : start + SQL_BATCH]
+                marks = ",".join("?" * len(chunk))
+                for identity, shard, row in db.execute(
+                    f"SELECT identity, shard, row FROM items WHERE identity IN ({marks})", chunk
+                ):
+                    found[identity] = (shard, row)
+                for identity, reason in db.execute(
+                    f"SELECT identity, reason FROM failures WHERE identity IN ({marks})", chunk
+                ):
+                    failed[identity] = reason
+        return found, failed
+
+    def gather(self, locations: Sequence[tuple[str, int]], out: np.ndarray) -> np.ndarray:
+        """Fill ``out[i]`` with the stored row at ``locations[i]``, reading shards memory-mapped."""
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for position, (shard, row) in enumerate(locations):
+            by_shard.setdefault(shard, []).append((position, row))
+        for shard, pairs in by_shard.items():
+            try:
+                block = np.load(self.dir / "shards" / shard, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise CacheError(f"{self.dir / 'shards' / shard}: unreadable cache shard ({exc})") from exc
+            positions, rows = zip(*pairs)
+            out[list(positions)] = block[list(rows)]
+        return out
+
+    def view_path(self, key: str) -> Path:
+        return self.dir / "views" / f"{key}.npy"
+
+    def write_view(self, key: str, locations: Sequence[tuple[str, int]], dim: int) -> np.ndarray:
+        """Gather ``locations`` straight into a new view file (no full copy in memory); return it mmapped."""
+        path = self.view_path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(locations), dim))
+        self.gather(locations, out)
+        out.flush()
+        del out
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+
+    def read_view(self, key: str) -> np.ndarray | None:
+        """A stored view, memory-mapped, or None."""
+        path = self.view_path(key)
+        if not path.exists():
+            return None
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+
+    def __len__(self) -> int:
+        with closing(self._connect()) as db:
+            return int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0])

@@ -1,0 +1,177 @@
+"""Embedding datasets and texts through the cache: DataLoader workers, progress, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..data.base import ImageDataset
+from ..errors import ImageDecodeError
+from ..models.backbone import Backbone
+from .cache import FeatureCache, default_cache_root, digest
+
+SHARD_ITEMS = 1024
+
+
+@dataclass
+class ImageFeatures:
+    """Embeddings of the decodable images of a dataset, in dataset order.
+
+    ``features[k]`` belongs to dataset item ``indices[k]`` (id ``item_ids[k]``, label ``labels[k]``);
+    ``failures`` lists every item that could not be decoded, as (item id, reason).
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    item_ids: list[str]
+    indices: np.ndarray
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    cache_key: str | None = None
+    computed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+class _Decoded(Dataset):
+    """Dataset items ``indices`` as (index, tensor or None, failure reason or None)."""
+
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int], preprocess):
+        self.dataset, self.indices, self.preprocess = dataset, list(indices), preprocess
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        try:
+            return index, self.preprocess(self.dataset.load_image(index)), None
+        except ImageDecodeError as exc:
+            return index, None, exc.reason
+        except Exception as exc:  # one bad file never ends a long run
+            return index, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(batch):
+    good = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, reason) for i, t, reason in batch if t is None]
+    tensors = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], tensors, bad
+
+
+def image_cache(backbone: Backbone, cache_dir: str | Path | None = None) -> FeatureCache:
+    """The cache space for ``backbone``'s image embeddings under its preprocessing."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
+    space = "img-" + digest(backbone.model_id, backbone.preprocess_id)
+    meta = {"model_id": backbone.model_id, "preprocess": backbone.preprocess_id, "dim": backbone.embed_dim,
+            "modality": "image"}
+    return FeatureCache(root, space, meta)
+
+
+def default_workers() -> int:
+    """Decoding workers: one per core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+def embed_images(
+    backbone: Backbone,
+    dataset: ImageDataset,
+    cache_dir: str | Path | None = None,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> ImageFeatures:
+    """Embed every image of ``dataset``; L2-normalised float32 (n, d), read memory-mapped from the cache.
+
+    Only items missing from the cache are computed (an interrupted run resumes); images that cannot
+    be decoded are skipped, remembered and reported in ``failures``, never dropped silently.
+    """
+    cache = image_cache(backbone, cache_dir)
+    identities = dataset.identities()
+    view_key = digest(*identities)
+    found, failed = cache.lookup(identities)
+    missing = [i for i, ident in enumerate(identities) if ident not in found and ident not in failed]
+    if missing:
+        _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress)
+        found, failed = cache.lookup(identities)
+    ok = [i for i, ident in enumerate(identities) if ident in found]
+    features = cache.read_view(view_key) if not missing else None
+    if features is None or len(features) != len(ok):
+        features = cache.write_view(view_key, [found[identities[i]] for i in ok], backbone.embed_dim)
+    failures = [(dataset.item_id(i), failed[ident]) for i, ident in enumerate(identities) if ident in failed]
+    return ImageFeatures(
+        features=features,
+        labels=dataset.labels[ok],
+        item_ids=[dataset.item_id(i) for i in ok],
+        indices=np.asarray(ok, dtype=np.int64),
+        failures=failures,
+        class_names=list(dataset.class_names),
+        cache_key=f"{cache.space}/{view_key}",
+        computed=len(missing),
+    )
+
+
+def _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress) -> None:
+    workers = default_workers() if num_workers is None else num_workers
+    if len(missing) <= batch_size:
+        workers = 0
+    loader = DataLoader(
+        _Decoded(dataset, missing, backbone.preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=backbone.device.type == "cuda",
+    )
+    shard_items = batch_size * max(1, SHARD_ITEMS // batch_size)
+    pending_ids: list[str] = []
+    pending: list[np.ndarray] = []
+    pending_failures: dict[str, str] = {}
+    bar = tqdm(total=len(missing), unit="img", desc="embedding", disable=not progress, leave=False)
+    for indices, tensors, bad in loader:
+        if tensors is not None:
+            pending.append(backbone.encode_images(tensors).numpy())
+            pending_ids += [identities[i] for i in indices]
+        for index, reason in bad:
+            pending_failures[identities[index]] = reason
+        bar.update(len(indices) + len(bad))
+        if len(pending_ids) + len(pending_failures) >= shard_items:
+            _flush(cache, pending_ids, pending, pending_failures, backbone.embed_dim)
+            pending_ids, pending, pending_failures = [], [], {}
+    _flush(cache, pending_ids, pending, pending_failures, backbone.embed_dim)
+    bar.close()
+
+
+def _flush(cache: FeatureCache, ids, blocks, failures, dim: int) -> None:
+    if ids or failures:
+        features = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
+        cache.add(ids, features, failures)
+
+
+def embed_texts(
+    backbone: Backbone, texts: Sequence[str], cache_dir: str | Path | None = None
+) -> np.ndarray:
+    """Embed strings (L2-normalised float32 (m, d)), caching each string's embedding on disk."""
+    texts = list(texts)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
+    cache = FeatureCache(root, "txt-" + digest(backbone.model_id, "text"),
+                         {"model_id": backbone.model_id, "dim": backbone.embed_dim, "modality": "text"})
+    identity = {t: hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts}
+    identities = [identity[t] for t in texts]
+    found, _ = cache.lookup(identities)
+    todo = [t for t in identity if identity[t] not in found]
+    if todo:
+        cache.add([identity[t] for t in todo], backbone.encode_texts(todo).numpy())
+        found, _ = cache.lookup(identities)
+    out = np.empty((len(texts), backbone.embed_dim), dtype=np.float32)
+    return cache.gather([found[i] for i in identities], out)

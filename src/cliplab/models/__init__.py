@@ -1,0 +1,6 @@
+"""Backbones: ``load_model(name_or_path)`` -> :class:`Backbone` (open_clip, Hugging Face, local, tiny)."""
+
+from .backbone import Backbone, BackboneInfo
+from .loader import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device, load_model
+
+__all__ = ["Backbone", "BackboneInfo", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "default_device", "load_model"]

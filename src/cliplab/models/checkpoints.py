@@ -1,0 +1,69 @@
+"""Reading CLIP weight files safely: safetensors, ``torch.load(weights_only=True)``, TorchScript.
+
+Nothing here unpickles arbitrary Python objects. OpenAI's original ``.pt`` files are TorchScript
+archives; ``torch.jit.load`` reads their tensors and TorchScript code, never pickled classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+
+OPENAI_LAYOUT_KEYS = ("token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, memoised per (path, size, mtime) within the process."""
+    stat = path.stat()
+    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """TorchScript archives are zip files holding a ``constants.pkl`` and compiled ``code/``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from ``{"state_dict": ...}`` and ``module.``."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        elif is_torchscript_archive(path):
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or unsafe files surface as many exception types
+        raise ModelLoadError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise ModelLoadError(f"{path}: holds no state dict of tensors")
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):
+        state.pop(key, None)
+    return state
+
+
+def has_openai_layout(state: dict[str, torch.Tensor]) -> bool:
+    """The key layout of OpenAI's CLIP (also open_clip's built-in CLIP class)."""
+    vision = "visual.conv1.weight" in state or "visual.layer1.0.conv1.weight" in state
+    return vision and all(key in state for key in OPENAI_LAYOUT_KEYS)

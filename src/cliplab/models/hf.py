@@ -1,0 +1,127 @@
+"""Backbones from a Hugging Face ``CLIPModel`` directory (config.json + safetensors or bin)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from torchvision import transforms
+
+from ..errors import ModelLoadError
+from .backbone import Backbone, BackboneInfo
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hf_clip_dir(path: Path) -> bool:
+    """A folder with a transformers ``config.json`` whose model type is CLIP."""
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "clip"
+    except (OSError, ValueError):
+        return False
+
+
+class HFClipBackbone(Backbone):
+    """Wraps ``transformers.CLIPModel``; tokenizes with the folder's tokenizer files.
+
+    Without tokenizer files it falls back to open_clip's CLIP BPE tokenizer (the same vocabulary
+    as OpenAI CLIP); the text tower pools at the end-of-text token, so padding ids do not matter.
+    """
+
+    def __init__(self, model, preprocess, tokenizer, info, model_id, device="cpu"):
+        super().__init__(model, preprocess, info, model_id, device)
+        self._tokenizer = tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(self._tokenizer, open_clip.SimpleTokenizer):
+            return self._tokenizer(list(texts))
+        out = self._tokenizer(
+            list(texts), padding="max_length", truncation=True,
+            max_length=self.context_length, return_tensors="pt",
+        )
+        return out["input_ids"]
+
+    def _image_forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.vision_model(pixel_values=images).pooler_output
+        return self.model.visual_projection(pooled)
+
+    def _text_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.text_model(input_ids=tokens).pooler_output
+        return self.model.text_projection(pooled)
+
+    def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        vision = self.model.vision_model
+        hidden = vision(pixel_values=images).last_hidden_state[:, 1:]
+        return self.model.visual_projection(vision.post_layernorm(hidden))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def _logit_scale_param(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+
+def hf_preprocess(path: Path, image_size: int):
+    """torchvision equivalent of the folder's CLIPImageProcessor: resize shortest side, crop, normalise."""
+    cfg_file = path / "preprocessor_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    size = cfg.get("size", image_size)
+    size = size.get("shortest_edge", image_size) if isinstance(size, dict) else size
+    crop = cfg.get("crop_size", image_size)
+    crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
+    return transforms.Compose([
+        transforms.Resize(int(size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(int(crop)),
+        transforms.Lambda(_to_rgb),
+        transforms.ToTensor(),
+        transforms.Normalize(
+            cfg.get("image_mean", open_clip.OPENAI_DATASET_MEAN), cfg.get("image_std", open_clip.OPENAI_DATASET_STD)
+        ),
+    ])
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def _hf_tokenizer(path: Path, context_length: int):
+    has_vocab = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+    if not has_vocab:
+        return open_clip.SimpleTokenizer(context_length=context_length)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def load_hf_dir(path: Path, model_id: str, device: str = "cpu") -> HFClipBackbone:
+    """Load a transformers CLIPModel folder; weights via safetensors or ``torch.load(weights_only)``."""
+    from transformers import CLIPModel
+
+    if not any((path / name).is_file() for name in HF_WEIGHT_FILES):
+        raise ModelLoadError(f"{path}: Hugging Face CLIP folder has no {' or '.join(HF_WEIGHT_FILES)}")
+    try:
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=None)
+    except Exception as exc:  # transformers raises many types; report them as one
+        raise ModelLoadError(f"{path}: cannot load Hugging Face CLIPModel: {exc}") from exc
+    model = model.float()
+    image_size = int(model.config.vision_config.image_size)
+    context_length = int(model.config.text_config.max_position_embeddings)
+    info = BackboneInfo(
+        name=str(path), pretrained=None, source="hf",
+        quick_gelu=model.config.vision_config.hidden_act == "quick_gelu",
+    )
+    return HFClipBackbone(
+        model, hf_preprocess(path, image_size), _hf_tokenizer(path, context_length), info, model_id, device
+    )
