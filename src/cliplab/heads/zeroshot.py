@@ -75,7 +75,8 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
 
     def decision_function(self, X) -> np.ndarray:
         """Logits (n, C): ``logit_scale * X @ weights_``."""
-        return self.logit_scale_ * (self._check_X(X) @ self.weights_)
+        X = self._check_X(X)
+        return self.logit_scale_ * (X @ self.weights_)
 
     def predict_proba(self, X) -> np.ndarray:
         """Softmax of the logits over classes."""
@@ -83,7 +84,8 @@ class ZeroShotClassifier(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """Index of the highest-scoring class."""
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        scores = self.decision_function(X)
+        return self.classes_[np.argmax(scores, axis=1)]
 
     def top_k(self, X, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most probable classes per row, best first: (indices (n, k), probabilities (n, k))."""

@@ -1,0 +1,97 @@
+"""embed_images / embed_texts: correctness against the backbone, bad files, caching, resume."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cliplab.data import image_files, image_folder, load_image
+from cliplab.errors import DimensionMismatchError
+from cliplab.features import FeatureCache, embed_images, embed_texts, image_cache
+
+
+def _folder_with_bad_files(root):
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    (root / "cats" / "empty.jpg").write_bytes(b"")
+    (root / "dogs" / "fake.png").write_bytes(b"not a png")
+    Image.new("I;16", (8, 8), 40000).save(root / "dogs" / "deep.png")
+    Image.new("RGB", (8, 8)).save(root / "dogs" / "ünïcødé.jpg")
+    return root
+
+
+def test_features_equal_direct_encoding_and_bad_files_are_reported(tmp_path, tiny):
+    data = image_folder(_folder_with_bad_files(tmp_path / "imgs"))
+    out = embed_images(tiny, data, tmp_path / "cache", batch_size=4, num_workers=0, progress=False)
+    assert len(out) + len(out.failures) == len(data) == 14
+    assert sorted(reason.split(" ")[0] for _, reason in out.failures) == ["empty", "not"]
+    assert {item for item, _ in out.failures} == {"cats/empty.jpg", "dogs/fake.png"}
+    expected = tiny.encode_images(torch.stack([tiny.preprocess(load_image(data.paths[i])) for i in out.indices]))
+    np.testing.assert_allclose(np.asarray(out.features), expected.numpy(), atol=1e-5)
+    assert out.features.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(out.features, axis=1), 1.0, atol=1e-5)
+    assert list(out.labels) == [int(data.labels[i]) for i in out.indices]
+    assert "dogs/ünïcødé.jpg" in out.item_ids
+
+
+def test_warm_rerun_computes_nothing_and_reads_memory_mapped(tmp_path, tiny):
+    data = image_folder(_folder_with_bad_files(tmp_path / "imgs"))
+    cold = embed_images(tiny, data, tmp_path / "cache", batch_size=4, num_workers=0, progress=False)
+    warm = embed_images(tiny, data, tmp_path / "cache", batch_size=4, num_workers=0, progress=False)
+    assert cold.computed == 14 and warm.computed == 0
+    assert isinstance(warm.features, np.memmap)
+    np.testing.assert_array_equal(np.asarray(cold.features), np.asarray(warm.features))
+    assert warm.failures == cold.failures
+
+
+def test_changed_file_is_recomputed_and_new_file_only_is_added(tmp_path, tiny):
+    root = _folder_with_bad_files(tmp_path / "imgs")
+    embed_images(tiny, image_folder(root), tmp_path / "cache", num_workers=0, progress=False)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(root / "cats" / "new.png")
+    (root / "cats" / "empty.jpg").unlink()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(root / "cats" / "empty.jpg")  # fixed file, same name
+    again = embed_images(tiny, image_folder(root), tmp_path / "cache", num_workers=0, progress=False)
+    assert again.computed == 2
+    assert [item for item, _ in again.failures] == ["dogs/fake.png"]
+
+
+def test_worker_processes_give_the_same_features(tmp_path, tiny):
+    data = image_folder(_folder_with_bad_files(tmp_path / "imgs"))
+    serial = embed_images(tiny, data, tmp_path / "a", batch_size=4, num_workers=0, progress=False)
+    parallel = embed_images(tiny, data, tmp_path / "b", batch_size=4, num_workers=2, progress=False)
+    np.testing.assert_array_equal(np.asarray(serial.features), np.asarray(parallel.features))
+    assert serial.item_ids == parallel.item_ids
+
+
+def test_unlabelled_files_and_folders(tmp_path, tiny):
+    root = _folder_with_bad_files(tmp_path / "imgs")
+    data = image_files([root / "cats", root / "dogs" / "0.png"])
+    assert len(data) == 7 and (data.labels == -1).all()
+    out = embed_images(tiny, data, tmp_path / "cache", num_workers=0, progress=False)
+    assert len(out) == 6 and len(out.failures) == 1
+
+
+def test_text_embeddings_cached_and_equal_direct(tmp_path, tiny):
+    texts = ["a cat", "a dog", "a cat", "a car"]
+    first = embed_texts(tiny, texts, tmp_path / "cache")
+    np.testing.assert_allclose(first, tiny.encode_texts(texts).numpy(), atol=1e-6)
+    cache = FeatureCache(tmp_path / "cache", next(p.name for p in (tmp_path / "cache").iterdir()))
+    assert len(cache) == 3  # duplicates stored once
+    np.testing.assert_array_equal(embed_texts(tiny, texts, tmp_path / "cache"), first)
+
+
+def test_cache_rejects_wrong_dimension(tmp_path, tiny):
+    cache = image_cache(tiny, tmp_path / "cache")
+    with pytest.raises(DimensionMismatchError):
+        cache.add(["x"], np.zeros((1, tiny.embed_dim + 1), np.float32))
+
+
+def test_different_preprocessing_uses_a_different_cache_space(tmp_path, tiny):
+    from cliplab.models import load_model
+
+    other = load_model("tiny")
+    other.preprocess = type(tiny.preprocess)(list(tiny.preprocess.transforms)[1:])
+    assert image_cache(tiny, tmp_path).space != image_cache(other, tmp_path).space
