@@ -76,7 +76,12 @@ def test_classify_bad_arguments_give_one_line(photos, args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_offline_default_model_says_what_to_pass(photos):
+def test_offline_default_model_says_what_to_pass(photos, monkeypatch, tmp_path):
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("cliplab.models.loader.socket.create_connection", unreachable)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     result = runner.invoke(app, ["classify", str(photos), "--labels", "cat,dog", "-q"])
     assert result.exit_code == 2
     lines = [line for line in result.output.strip().splitlines() if line.strip()]

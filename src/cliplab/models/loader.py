@@ -121,15 +121,18 @@ def _random_arch(arch, quick_gelu, device, seed) -> Backbone:
 
 
 def _load_hub(name, quick_gelu, device, cache_dir) -> Backbone:
+    from open_clip.pretrained import download_pretrained_from_hf
+
     with _offline_if_unreachable() as offline:
         try:
             model = open_clip.create_model(name, force_quick_gelu=bool(quick_gelu), cache_dir=cache_dir)
             tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+            weights = Path(download_pretrained_from_hf(name.removeprefix("hf-hub:"), cache_dir=cache_dir))
         except Exception as exc:
             raise _weights_error(name, offline, exc) from exc
     info = BackboneInfo(name=name, pretrained=None, source="open_clip", quick_gelu=quick_gelu)
-    return OpenClipBackbone(model, transform_for(model), tokenizer, info, f"{name}:qgelu{int(bool(quick_gelu))}",
-                            device)
+    model_id = f"{name}:{file_sha256(weights)[:16]}:qgelu{int(bool(quick_gelu))}"
+    return OpenClipBackbone(model, transform_for(model), tokenizer, info, model_id, device)
 
 
 def _load_path(path: Path, arch, config, quick_gelu, device) -> Backbone:
