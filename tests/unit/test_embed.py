@@ -95,3 +95,14 @@ def test_different_preprocessing_uses_a_different_cache_space(tmp_path, tiny):
     other = load_model("tiny")
     other.preprocess = type(tiny.preprocess)(list(tiny.preprocess.transforms)[1:])
     assert image_cache(tiny, tmp_path).space != image_cache(other, tmp_path).space
+
+
+def test_content_hash_identity_survives_a_move(tmp_path, tiny):
+    root = _folder_with_bad_files(tmp_path / "imgs")
+    first = embed_images(tiny, image_folder(root, hash_content=True), tmp_path / "cache", num_workers=0,
+                         progress=False)
+    root.rename(tmp_path / "moved")
+    again = embed_images(tiny, image_folder(tmp_path / "moved", hash_content=True), tmp_path / "cache",
+                         num_workers=0, progress=False)
+    assert first.computed == 14 and again.computed == 0
+    np.testing.assert_array_equal(np.asarray(first.features), np.asarray(again.features))

@@ -38,6 +38,7 @@ def classify(
     workers: int = common.WorkersOpt,
     seed: int = common.SeedOpt,
     quiet: bool = common.QuietOpt,
+    hash_content: bool = common.HashOpt,
 ):
     """Classify images into your labels (zero-shot; default model ViT-B-32 LAION-2B, downloaded once)."""
     if (labels is None) == (labels_file is None):
@@ -45,7 +46,7 @@ def classify(
     names = parse_labels(labels) if labels is not None else read_class_names(labels_file)
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise CliplabError(f"--output {output}: use a .csv or .json file name")
-    dataset = image_files(paths)
+    dataset = image_files(paths, hash_content)
     backbone = load_backbone(model, pretrained, arch, config, device, seed, DEFAULT_CLASSIFY_MODEL)
     features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
                             progress=not quiet)

@@ -29,6 +29,8 @@ BatchOpt = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forwar
 WorkersOpt = typer.Option(None, "--workers", "-j", min=0, help="Decoding worker processes (default: one per core).")
 SeedOpt = typer.Option(0, "--seed", help="Random seed (random-weight models, sampling).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+HashOpt = typer.Option(False, "--hash-content", help="Key the cache by file content (sha256) instead of path, "
+                       "size and modification time.")
 
 
 def configure_logging(debug: bool) -> None:

@@ -40,9 +40,10 @@ def zeroshot(
     workers: int = common.WorkersOpt,
     seed: int = common.SeedOpt,
     quiet: bool = common.QuietOpt,
+    hash_content: bool = common.HashOpt,
 ):
     """Zero-shot top-1/top-5/mean per-class recall/ECE; CLIP_benchmark-style JSON + confusion and reliability PNGs."""
-    data = load_dataset(dataset, data_root, split)
+    data = load_dataset(dataset, data_root, split, hash_content)
     templates = templates or (data.name if data.name in template_sets() else "imagenet7")
     backbone = load_backbone(model, pretrained, arch, config, device, seed, DEFAULT_EVAL_MODEL)
     report = evaluate_zeroshot(backbone, data, templates, output_dir, cache_dir, batch_size, workers,
@@ -78,9 +79,10 @@ def embed(
     workers: int = common.WorkersOpt,
     seed: int = common.SeedOpt,
     quiet: bool = common.QuietOpt,
+    hash_content: bool = common.HashOpt,
 ):
     """Embed a dataset into the feature cache (resumable: rerun after an interruption)."""
-    data = load_dataset(dataset, data_root, split)
+    data = load_dataset(dataset, data_root, split, hash_content)
     backbone = load_backbone(model, pretrained, arch, config, device, seed, DEFAULT_EVAL_MODEL)
     features = embed_images(backbone, data, cache_dir, batch_size=batch_size, num_workers=workers,
                             progress=not quiet)
