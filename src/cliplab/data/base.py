@@ -99,7 +99,11 @@ class FileImageDataset(ImageDataset):
 
 
 class ArrayImageDataset(ImageDataset):
-    """Images held in a uint8 array (n, H, W[, 3]); identity = sha1 of each image's pixels."""
+    """Images held in a uint8 array (n, H, W[, 3]) read from ``source``.
+
+    Identity = source file path + size + mtime + index (like files); for an array with no source
+    file on disk, the sha1 of each image's pixels.
+    """
 
     def __init__(self, images: np.ndarray, labels, class_names, source: Path, name: str):
         if len(images) == 0:
@@ -111,11 +115,17 @@ class ArrayImageDataset(ImageDataset):
         self.class_names = list(class_names)
         self.source = Path(source)
         self.name = name
+        self._prefix = None
+        if self.source.is_file():
+            stat = self.source.stat()
+            self._prefix = f"{self.source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}#"
 
     def item_id(self, index: int) -> str:
         return f"{self.source.name}#{index}"
 
     def identity(self, index: int) -> str:
+        if self._prefix is not None:
+            return f"{self._prefix}{index}"
         return "sha1:" + hashlib.sha1(np.ascontiguousarray(self.images[index]).tobytes()).hexdigest()
 
     def load_image(self, index: int) -> Image.Image:

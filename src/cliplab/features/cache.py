@@ -6,6 +6,7 @@ Layout of one cache space (one model + one preprocessing)::
     <root>/<space>/index.sqlite       identity -> (shard, row); identity -> failure reason
     <root>/<space>/shards/<uuid>.npy  float32 (k, d) blocks, each written once, atomically
     <root>/<space>/views/<key>.npy    a dataset's features in dataset order, read memory-mapped
+    <root>/<space>/views/<key>.json   which dataset items those rows are, and which items failed
 
 A shard is renamed into place before its rows are registered, so a crash leaves at worst an
 unregistered shard (ignored) and never a registered row without data. SQLite in WAL mode with
@@ -147,9 +148,21 @@ class FeatureCache:
     def view_path(self, key: str) -> Path:
         return self.dir / "views" / f"{key}.npy"
 
-    def write_view(self, key: str, locations: Sequence[tuple[str, int]], dim: int) -> np.ndarray:
-        """Gather ``locations`` straight into a new view file (no full copy in memory); return it mmapped."""
+    def write_view(
+        self, key: str, locations: Sequence[tuple[str, int]], dim: int, indices: Sequence[int],
+        failures: dict[int, str],
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """Store a dataset's features in dataset order, with which items they are and which failed.
+
+        Rows are gathered straight into the new file (no full copy in memory); the sidecar JSON
+        (item indices, failure reasons) is written first, so a view file never lacks it.
+        """
         path = self.view_path(key)
+        side = {"indices": [int(i) for i in indices], "failures": {str(i): r for i, r in failures.items()}}
+        sidecar = path.with_suffix(".json")
+        tmp_side = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp_side.write_text(json.dumps(side))
+        os.replace(tmp_side, sidecar)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(locations), dim))
         self.gather(locations, out)
@@ -158,17 +171,20 @@ class FeatureCache:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        return np.load(path, mmap_mode="r")
+        return self.read_view(key)
 
-    def read_view(self, key: str) -> np.ndarray | None:
-        """A stored view, memory-mapped, or None."""
+    def read_view(self, key: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]] | None:
+        """(features memory-mapped, item indices, {index: failure reason}) of a stored view, or None."""
         path = self.view_path(key)
-        if not path.exists():
-            return None
         try:
-            return np.load(path, mmap_mode="r")
+            side = json.loads(path.with_suffix(".json").read_text())
+            features = np.load(path, mmap_mode="r")
         except (OSError, ValueError):
             return None
+        indices = np.asarray(side["indices"], dtype=np.int64)
+        if len(indices) != len(features):
+            return None
+        return features, indices, {int(i): r for i, r in side["failures"].items()}
 
     def __len__(self) -> int:
         with closing(self._connect()) as db:

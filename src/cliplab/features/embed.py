@@ -103,25 +103,28 @@ def embed_images(
     cache = image_cache(backbone, cache_dir)
     identities = dataset.identities()
     view_key = digest(*identities)
-    found, failed = cache.lookup(identities)
-    missing = [i for i, ident in enumerate(identities) if ident not in found and ident not in failed]
-    if missing:
-        _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress)
+    view = cache.read_view(view_key)
+    computed = 0
+    if view is None:
         found, failed = cache.lookup(identities)
-    ok = [i for i, ident in enumerate(identities) if ident in found]
-    features = cache.read_view(view_key) if not missing else None
-    if features is None or len(features) != len(ok):
-        features = cache.write_view(view_key, [found[identities[i]] for i in ok], backbone.embed_dim)
-    failures = [(dataset.item_id(i), failed[ident]) for i, ident in enumerate(identities) if ident in failed]
+        missing = [i for i, ident in enumerate(identities) if ident not in found and ident not in failed]
+        if missing:
+            _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress)
+            found, failed = cache.lookup(identities)
+        ok = [i for i, ident in enumerate(identities) if ident in found]
+        reasons = {i: failed[ident] for i, ident in enumerate(identities) if ident in failed}
+        view = cache.write_view(view_key, [found[identities[i]] for i in ok], backbone.embed_dim, ok, reasons)
+        computed = len(missing)
+    features, ok, reasons = view
     return ImageFeatures(
         features=features,
         labels=dataset.labels[ok],
         item_ids=[dataset.item_id(i) for i in ok],
-        indices=np.asarray(ok, dtype=np.int64),
-        failures=failures,
+        indices=ok,
+        failures=[(dataset.item_id(i), reason) for i, reason in reasons.items()],
         class_names=list(dataset.class_names),
         cache_key=f"{cache.space}/{view_key}",
-        computed=len(missing),
+        computed=computed,
     )
 
 
