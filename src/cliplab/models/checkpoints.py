@@ -58,7 +58,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path}: holds no state dict of tensors")
     if all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
-    for key in ("input_resolution", "context_length", "vocab_size"):
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         state.pop(key, None)
     return state
 

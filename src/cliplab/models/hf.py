@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from torchvision import transforms
 
 from ..errors import ModelLoadError
 from .backbone import Backbone, BackboneInfo
+from .checkpoints import file_sha256
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -105,12 +107,22 @@ def _hf_tokenizer(path: Path, context_length: int):
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-def load_hf_dir(path: Path, model_id: str, device: str = "cpu") -> HFClipBackbone:
+def hf_model_id(path: Path, weights: Path) -> str:
+    """Fingerprint of the weights and of the configs that change outputs (architecture, preprocessing)."""
+    parts = [file_sha256(weights)]
+    parts += [(path / name).read_text() for name in ("config.json", "preprocessor_config.json")
+              if (path / name).is_file()]
+    return "hf:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def load_hf_dir(path: Path, device: str = "cpu") -> HFClipBackbone:
     """Load a transformers CLIPModel folder; weights via safetensors or ``torch.load(weights_only)``."""
     from transformers import CLIPModel
 
-    if not any((path / name).is_file() for name in HF_WEIGHT_FILES):
+    weights = next((path / name for name in HF_WEIGHT_FILES if (path / name).is_file()), None)
+    if weights is None:
         raise ModelLoadError(f"{path}: Hugging Face CLIP folder has no {' or '.join(HF_WEIGHT_FILES)}")
+    model_id = hf_model_id(path, weights)
     try:
         model = CLIPModel.from_pretrained(str(path), local_files_only=True, use_safetensors=None)
     except Exception as exc:  # transformers raises many types; report them as one

@@ -7,11 +7,13 @@ import hashlib
 import json
 import logging
 import socket
+from dataclasses import asdict
 from pathlib import Path
 
 import open_clip
 import torch
 from open_clip.model import CLIP, CustomTextCLIP, build_model_from_openai_state_dict
+from open_clip.transform import PreprocessCfg
 
 from ..errors import ModelLoadError, WeightsUnavailableError
 from .backbone import Backbone, BackboneInfo
@@ -138,8 +140,7 @@ def _load_hub(name, quick_gelu, device, cache_dir) -> Backbone:
 def _load_path(path: Path, arch, config, quick_gelu, device) -> Backbone:
     if path.is_dir():
         if is_hf_clip_dir(path):
-            weights = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file())
-            return load_hf_dir(path, f"hf:{file_sha256(weights)[:16]}", device)
+            return load_hf_dir(path, device)
         if (path / "open_clip_config.json").is_file():
             return _load_open_clip_dir(path, quick_gelu, device)
         raise ModelLoadError(
@@ -150,12 +151,24 @@ def _load_path(path: Path, arch, config, quick_gelu, device) -> Backbone:
 
 
 def _load_open_clip_dir(path: Path, quick_gelu, device) -> Backbone:
-    model = open_clip.create_model(f"local-dir:{path}", force_quick_gelu=bool(quick_gelu))
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    digest = hashlib.sha256("".join(file_sha256(p) for p in weights).encode()).hexdigest()[:16]
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
+    if not weights:
+        raise ModelLoadError(f"{path}: open_clip folder has no weights (.safetensors, .bin or .pth)")
+    config = path / "open_clip_config.json"
+    try:
+        model_cfg = json.loads(config.read_text()).get("model_cfg", {})
+        if quick_gelu is None:
+            quick_gelu = bool(model_cfg.get("quick_gelu", False))
+        model = open_clip.create_model(f"local-dir:{path}", quick_gelu=quick_gelu)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    except Exception as exc:  # open_clip raises RuntimeError, ValueError, KeyError ...
+        if "state_dict" in str(exc):
+            raise ModelLoadError(f"{path}: weights do not fit open_clip_config.json: {_detail(exc)}") from exc
+        raise ModelLoadError(f"{path}: cannot load open_clip folder: {_detail(exc)}") from exc
+    digest = hashlib.sha256("".join([config.read_text(), *(file_sha256(p) for p in weights)]).encode()).hexdigest()
     info = BackboneInfo(name=str(path), pretrained=None, source="local", quick_gelu=quick_gelu)
-    return OpenClipBackbone(model, transform_for(model), tokenizer, info, f"dir:{digest}", device)
+    model_id = f"dir:{digest[:16]}:qgelu{int(quick_gelu)}"
+    return OpenClipBackbone(model, transform_for(model), tokenizer, info, model_id, device)
 
 
 def _load_file(path: Path, arch, config, quick_gelu, device) -> Backbone:
@@ -170,13 +183,14 @@ def _load_file(path: Path, arch, config, quick_gelu, device) -> Backbone:
     elif arch is not None:
         if open_clip.get_model_config(arch) is None:
             raise ModelLoadError(f"--arch {arch!r} is not an open_clip architecture (see `cliplab models`)")
-        quick_gelu = bool(quick_gelu) or arch.endswith("quickgelu")
-        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu)
+        if quick_gelu is None:
+            quick_gelu = bool(open_clip.get_model_config(arch).get("quick_gelu", False))
+        model = open_clip.create_model(arch, pretrained=None, quick_gelu=quick_gelu)
         _load_weights(model, state, path)
         arch_label = arch
     elif has_openai_layout(state):
         quick_gelu = bool(quick_gelu)
-        model = build_model_from_openai_state_dict(state, quick_gelu=quick_gelu, cast_dtype=None).float()
+        model = _from_openai_layout(state, quick_gelu, path)
         arch_label = openai_release or "openai-layout"
     else:
         raise ModelLoadError(f"{path}: cannot tell the architecture; pass --arch NAME or --config JSON")
@@ -186,6 +200,20 @@ def _load_file(path: Path, arch, config, quick_gelu, device) -> Backbone:
     tokenizer = tokenizer_for(arch, model)
     model_id = f"file:{arch_label}:{sha[:16]}:qgelu{int(quick_gelu)}"
     return OpenClipBackbone(model, transform_for(model), tokenizer, info, model_id, device)
+
+
+def _from_openai_layout(state, quick_gelu: bool, path: Path):
+    """Infer the architecture from tensor shapes as OpenAI's ``clip.load`` does (64-wide attention heads).
+
+    open_clip's builder casts to fp16 before loading; the weights are loaded again afterwards so
+    fp32 checkpoints keep full precision.
+    """
+    try:
+        model = build_model_from_openai_state_dict(dict(state), quick_gelu=quick_gelu, cast_dtype=None).float()
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: OpenAI-layout weights do not form a CLIP: {str(exc).splitlines()[0]}") from exc
+    _load_weights(model, state, path)
+    return model
 
 
 def _from_config(config: Path, state, quick_gelu):
@@ -204,8 +232,8 @@ def _from_config(config: Path, state, quick_gelu):
     model = (CustomTextCLIP if custom else CLIP)(**cfg)
     _load_weights(model, state, config)
     size = cfg["vision_cfg"].get("image_size", 224)
-    open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), "size": size,
-                                               **preprocess_cfg})
+    defaults = {**asdict(PreprocessCfg()), **open_clip.get_model_preprocess_cfg(model)}
+    open_clip.set_model_preprocess_cfg(model, {**defaults, "size": size, **preprocess_cfg})
     return model, config.stem, bool(cfg.get("quick_gelu", False))
 
 
@@ -216,8 +244,15 @@ def _load_weights(model, state, where) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelLoadError(f"{where}: weights do not fit the architecture: {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"{where}: weights do not fit the architecture: {_detail(exc)}") from exc
     model.float().eval()
+
+
+def _detail(exc: Exception) -> str:
+    """The informative line of a (often multi-line) torch error, shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.startswith("Error(s) in loading")]
+    return (informative or lines or [type(exc).__name__])[0][:300]
 
 
 @contextlib.contextmanager
