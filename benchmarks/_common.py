@@ -199,15 +199,19 @@ def _status_kib(pid: int | str, field: str) -> int:
     return 0
 
 
-def _pss_kib(pid: int | str) -> int:
+def _rollup_kib(pid: int | str) -> dict[str, int]:
+    """Pss and USS (Private_Clean + Private_Dirty) of a process from /proc/<pid>/smaps_rollup, kB."""
+    out = {"pss": 0, "uss": 0}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
                 if line.startswith("Pss:"):
-                    return int(line.split()[1])
+                    out["pss"] = int(line.split()[1])
+                elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    out["uss"] += int(line.split()[1])
     except (OSError, ValueError):
         pass
-    return 0
+    return out
 
 
 def child_pids(parent: int) -> list[int]:
@@ -238,20 +242,23 @@ def rss_bytes() -> int:
 
 
 class MemorySampler(threading.Thread):
-    """Polls RSS/PSS of this process and its children (DataLoader workers) every ``interval`` seconds.
+    """Polls the memory of this process and its children (DataLoader workers) every ``interval`` seconds.
 
-    Peaks recorded: main RSS, sum of children's RSS, main+children RSS, main+children PSS (PSS splits
-    pages shared after fork, so it does not count torch's libraries once per worker), and the most
-    workers seen at once.
+    Peaks recorded (bytes): ``main_rss``; ``children_rss`` (sum of the workers' RSS: counts pages they
+    share with the main process after fork again, an upper bound); ``main_rss_plus_children_uss`` (main RSS +
+    the workers' private pages: every page once, attributed to the main process where shared; the
+    headline figure); ``total_pss`` (main + workers PSS; also splits library pages with *unrelated*
+    processes on the machine, so it moves when they start or stop); ``max_children``.
     """
 
-    def __init__(self, interval: float = 0.05, with_pss: bool = True):
+    def __init__(self, interval: float = 0.05, with_smaps: bool = True):
         super().__init__(daemon=True)
         self.interval = interval
-        self.with_pss = with_pss
+        self.with_smaps = with_smaps
         self.pid = os.getpid()
         self._stop_event = threading.Event()
-        self.peak = {"main_rss": 0, "children_rss": 0, "total_rss": 0, "total_pss": 0, "max_children": 0}
+        self.peak = {"main_rss": 0, "children_rss": 0, "main_rss_plus_children_uss": 0, "total_pss": 0,
+                     "children_uss": 0, "max_children": 0}
         self.samples = 0
 
     def sample(self) -> None:
@@ -261,10 +268,13 @@ class MemorySampler(threading.Thread):
         peak = self.peak
         peak["main_rss"] = max(peak["main_rss"], main)
         peak["children_rss"] = max(peak["children_rss"], kids_rss)
-        peak["total_rss"] = max(peak["total_rss"], main + kids_rss)
         peak["max_children"] = max(peak["max_children"], len(kids))
-        if self.with_pss:
-            pss = (_pss_kib(self.pid) + sum(_pss_kib(k) for k in kids)) * 1024
+        if self.with_smaps:
+            rollups = [_rollup_kib(k) for k in kids]
+            kids_uss = sum(r["uss"] for r in rollups) * 1024
+            pss = (_rollup_kib(self.pid)["pss"] + sum(r["pss"] for r in rollups)) * 1024
+            peak["children_uss"] = max(peak["children_uss"], kids_uss)
+            peak["main_rss_plus_children_uss"] = max(peak["main_rss_plus_children_uss"], main + kids_uss)
             peak["total_pss"] = max(peak["total_pss"], pss)
         self.samples += 1
 
@@ -278,6 +288,11 @@ class MemorySampler(threading.Thread):
         self.join()
         self.sample()
         return dict(self.peak, samples=self.samples, interval_s=self.interval)
+
+
+def memory_status() -> dict:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, bytes."""
+    return {k: _status_kib("self", k) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 # -- output ---------------------------------------------------------------------------------------------------
@@ -335,3 +350,13 @@ def write_results(name: str, record: dict, markdown_body: str) -> tuple[Path, Pa
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def library_default_workers(backbone) -> int:
+    """What ``embed_images(num_workers=None)`` resolves to for ``backbone`` (works with either signature)."""
+    from cliplab.features.embed import default_workers
+
+    try:
+        return default_workers(backbone.device)
+    except TypeError:  # older signature without a device argument
+        return default_workers()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,8 +92,8 @@ class FileImageDataset(ImageDataset):
                     return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
             stat = path.stat()
         except OSError:
-            return f"missing:{path.resolve()}"
-        return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+            return f"missing:{os.path.abspath(path)}"
+        return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
 
     def load_image(self, index: int) -> Image.Image:
         return load_image(self.paths[index])
