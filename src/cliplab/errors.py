@@ -24,12 +24,17 @@ class DatasetError(CliplabError):
 
 
 class ImageDecodeError(CliplabError):
-    """One image file could not be decoded; carries the path and the reason."""
+    """One image file could not be decoded; carries the path and the reason.
 
-    def __init__(self, path: str, reason: str):
+    ``permanent`` is True when the file's content is at fault (empty, not an image, truncated, too
+    large): the failure can be remembered until the file changes. Access problems are not permanent.
+    """
+
+    def __init__(self, path: str, reason: str, permanent: bool = True):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.permanent = permanent
 
 
 class LabelError(CliplabError):

@@ -82,7 +82,8 @@ def cifar(root: str | Path, variant: str = "cifar10", split: str = "test"):
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels += list(batch[labels_key])
     source = files[0] if len(files) == 1 else folder
-    return ArrayImageDataset(np.concatenate(images), labels, names, source, variant)
+    return ArrayImageDataset(np.concatenate(images), labels, names, source, variant,
+                             identity_from_source=len(files) == 1)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -110,7 +111,8 @@ def mnist(root: str | Path, split: str = "test", variant: str = "mnist") -> Arra
     images_file = _find(root, f"{prefix}-images-idx3-ubyte")
     labels_file = _find(root, f"{prefix}-labels-idx1-ubyte")
     names = FASHION_MNIST_CLASSES if variant == "fashion_mnist" else MNIST_CLASSES
-    return ArrayImageDataset(read_idx(images_file), read_idx(labels_file), names, images_file, variant)
+    return ArrayImageDataset(read_idx(images_file), read_idx(labels_file), names, images_file, variant,
+                             identity_from_source=True)
 
 
 def _find(root: Path, stem: str) -> Path:

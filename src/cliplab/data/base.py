@@ -54,6 +54,11 @@ class ImageDataset(ABC):
         return {"name": self.name, "size": len(self), "num_classes": len(self.class_names)}
 
 
+def printable(text: str) -> str:
+    """A file name as valid UTF-8: bytes that are not UTF-8 (surrogate-escaped by the OS layer) become ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class FileImageDataset(ImageDataset):
     """Images stored as files under ``root``; identity = path + size + mtime, or content sha256."""
 
@@ -76,13 +81,15 @@ class FileImageDataset(ImageDataset):
         self.name = name
         self.hash_content = hash_content
         self.captions = list(captions) if captions is not None else None
+        self.ignored: list[Path] = []  # files a folder scan left out (no image extension), for reporting
 
     def item_id(self, index: int) -> str:
         path = self.paths[index]
         try:
-            return path.relative_to(self.root).as_posix()
+            text = path.relative_to(self.root).as_posix()
         except ValueError:
-            return path.as_posix()
+            text = path.as_posix()
+        return printable(text)
 
     def identity(self, index: int) -> str:
         path = self.paths[index]
@@ -92,8 +99,8 @@ class FileImageDataset(ImageDataset):
                     return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()
             stat = path.stat()
         except OSError:
-            return f"missing:{os.path.abspath(path)}"
-        return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+            return f"missing:{printable(os.path.abspath(path))}"
+        return f"{printable(os.path.abspath(path))}|{stat.st_size}|{stat.st_mtime_ns}"
 
     def load_image(self, index: int) -> Image.Image:
         return load_image(self.paths[index])
@@ -102,11 +109,13 @@ class FileImageDataset(ImageDataset):
 class ArrayImageDataset(ImageDataset):
     """Images held in a uint8 array (n, H, W[, 3]) read from ``source``.
 
-    Identity = source file path + size + mtime + index (like files); for an array with no source
-    file on disk, the sha1 of each image's pixels.
+    Identity = sha1 of each image's pixels, shape and dtype. Loaders that hold a file's images
+    unchanged and in order (CIFAR, MNIST) pass ``identity_from_source=True``: the identity is then
+    the source file's path + size + mtime + index, which costs nothing to compute.
     """
 
-    def __init__(self, images: np.ndarray, labels, class_names, source: Path, name: str):
+    def __init__(self, images: np.ndarray, labels, class_names, source: Path, name: str,
+                 identity_from_source: bool = False):
         if len(images) == 0:
             raise DatasetError(f"{source}: holds no images")
         if len(images) != len(labels):
@@ -117,7 +126,7 @@ class ArrayImageDataset(ImageDataset):
         self.source = Path(source)
         self.name = name
         self._prefix = None
-        if self.source.is_file():
+        if identity_from_source and self.source.is_file():
             stat = self.source.stat()
             self._prefix = f"{self.source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}#"
 
@@ -127,7 +136,10 @@ class ArrayImageDataset(ImageDataset):
     def identity(self, index: int) -> str:
         if self._prefix is not None:
             return f"{self._prefix}{index}"
-        return "sha1:" + hashlib.sha1(np.ascontiguousarray(self.images[index]).tobytes()).hexdigest()
+        image = np.ascontiguousarray(self.images[index])
+        digest = hashlib.sha1(f"{image.shape}{image.dtype}".encode())
+        digest.update(image.tobytes())
+        return "sha1:" + digest.hexdigest()
 
     def load_image(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index]).convert("RGB")

@@ -13,8 +13,10 @@ from .base import NO_LABEL, FileImageDataset
 from .images import is_image_path
 
 
-def _image_files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p))
+def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Image files under ``folder`` (recursively) and the other non-hidden files that were left out."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [p for p in files if is_image_path(p)], [p for p in files if not is_image_path(p)]
 
 
 def image_folder(root: str | Path, hash_content: bool = False) -> FileImageDataset:
@@ -25,29 +27,37 @@ def image_folder(root: str | Path, hash_content: bool = False) -> FileImageDatas
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DatasetError(f"{root}: no class sub-folders (expected ROOT/<class>/<image>)")
-    paths, labels = [], []
+    paths, labels, ignored = [], [], []
     for label, name in enumerate(classes):
-        found = _image_files_under(root / name)
+        found, others = _scan(root / name)
         paths += found
         labels += [label] * len(found)
-    return FileImageDataset(paths, labels, classes, root, root.name, hash_content)
+        ignored += others
+    dataset = FileImageDataset(paths, labels, classes, root, root.name, hash_content)
+    dataset.ignored = ignored
+    return dataset
 
 
 def image_files(inputs: Iterable[str | Path], hash_content: bool = False) -> FileImageDataset:
     """Unlabelled images: files given directly (any extension) and image files under given folders."""
     paths: list[Path] = []
+    ignored: list[Path] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            paths += _image_files_under(entry)
+            found, others = _scan(entry)
+            paths += found
+            ignored += others
         elif entry.exists():
             paths.append(entry)
         else:
             raise DatasetError(f"{entry}: no such file or folder")
     if not paths:
         raise DatasetError(f"no image files in {', '.join(map(str, inputs))}")
-    paths = [p.resolve() for p in paths]
+    paths = [Path(os.path.abspath(p)) for p in paths]
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    return FileImageDataset(paths, [NO_LABEL] * len(paths), [], root, "images", hash_content)
+    dataset = FileImageDataset(paths, [NO_LABEL] * len(paths), [], root, "images", hash_content)
+    dataset.ignored = ignored
+    return dataset
 
 
 def manifest(path: str | Path, class_names: Sequence[str] | None = None, hash_content: bool = False):

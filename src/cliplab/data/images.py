@@ -10,9 +10,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageDecodeError
 
+_STUB_FORMATS = {"BUFR", "GRIB", "HDF5", "MPEG", "EPS", "WMF", "PDF"}  # need external handlers, or write-only
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
-)
+    ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and fmt not in _STUB_FORMATS
+) | {".jfif"}
 BACKGROUND = (255, 255, 255)
 
 
@@ -37,23 +38,29 @@ def load_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+                return to_rgb(ImageOps.exif_transpose(image) or image)
     except ImageDecodeError:
         raise
     except FileNotFoundError:
-        raise ImageDecodeError(str(path), "file not found") from None
+        raise ImageDecodeError(str(path), "file not found", permanent=False) from None
+    except PermissionError as exc:
+        raise ImageDecodeError(str(path), f"permission denied ({exc.strerror})", permanent=False) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(str(path), "not an image (unrecognised content)") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(str(path), f"too large, refused by the decompression-bomb guard: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(str(path), f"truncated or corrupt: {exc}") from None
+    except OSError as exc:
+        if exc.errno is not None:  # an operating-system error (I/O, too many open files), not the content
+            raise ImageDecodeError(str(path), f"could not read: {exc.strerror}", permanent=False) from None
         raise ImageDecodeError(str(path), f"truncated or corrupt: {exc}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB without clipping high-bit-depth data."""
     if image.mode == "RGB":
-        return image.copy()
+        return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return Image.fromarray(_scale_to_uint8(np.asarray(image), image.mode)).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:

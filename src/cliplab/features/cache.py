@@ -45,7 +45,7 @@ def default_cache_root() -> Path:
 
 def digest(*parts: str) -> str:
     """Short stable hash of strings (joined by newlines)."""
-    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()[:24]
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -102,7 +102,7 @@ class FeatureCache:
             rows = [(identity, shard, row) for row, identity in enumerate(identities)]
         with closing(self._connect()) as db, db:
             db.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?)", rows)
-            db.executemany("INSERT OR REPLACE INTO failures VALUES (?, ?)", list((failures or {}).items()))
+            db.executemany("INSERT OR IGNORE INTO failures VALUES (?, ?)", list((failures or {}).items()))
 
     def _check_dim(self, features: np.ndarray) -> None:
         expected = self.meta.get("dim")

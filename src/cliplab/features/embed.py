@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.base import ImageDataset
-from ..errors import ImageDecodeError
+from ..errors import CliplabError, ImageDecodeError
 from ..models.backbone import Backbone
 from .cache import FeatureCache, default_cache_root, digest
 
@@ -56,21 +56,26 @@ class _Decoded(Dataset):
         try:
             return index, self.preprocess(self.dataset.load_image(index)), None
         except ImageDecodeError as exc:
-            return index, None, exc.reason
-        except Exception as exc:  # one bad file never ends a long run
-            return index, None, f"{type(exc).__name__}: {exc}"
+            return index, None, (exc.reason, exc.permanent)
+        except Exception as exc:  # one bad file never ends a long run; not remembered: may be transient
+            return index, None, (f"{type(exc).__name__}: {exc}", False)
 
 
 def _collate(batch):
     good = [(i, t) for i, t, _ in batch if t is not None]
-    bad = [(i, reason) for i, t, reason in batch if t is None]
+    bad = [(i, failure) for i, t, failure in batch if t is None]
     tensors = torch.stack([t for _, t in good]) if good else None
     return [i for i, _ in good], tensors, bad
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where feature spaces live: ``cache_dir`` as given, else ``<default cache root>/features``."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
+
+
 def image_cache(backbone: Backbone, cache_dir: str | Path | None = None) -> FeatureCache:
     """The cache space for ``backbone``'s image embeddings under its preprocessing."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
+    root = cache_root(cache_dir)
     space = "img-" + digest(backbone.model_id, backbone.preprocess_id)
     meta = {"model_id": backbone.model_id, "preprocess": backbone.preprocess_id, "dim": backbone.embed_dim,
             "modality": "image"}
@@ -104,31 +109,41 @@ def embed_images(
     identities = dataset.identities()
     view_key = digest(*identities)
     view = cache.read_view(view_key)
-    computed = 0
+    computed, transient = 0, {}
     if view is None:
         found, failed = cache.lookup(identities)
         missing = [i for i, ident in enumerate(identities) if ident not in found and ident not in failed]
         if missing:
-            _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress)
+            transient = _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress)
             found, failed = cache.lookup(identities)
         ok = [i for i, ident in enumerate(identities) if ident in found]
-        reasons = {i: failed[ident] for i, ident in enumerate(identities) if ident in failed}
-        view = cache.write_view(view_key, [found[identities[i]] for i in ok], backbone.embed_dim, ok, reasons)
+        reasons = {i: failed[ident] for i, ident in enumerate(identities) if ident in failed and ident not in found}
+        locations = [found[identities[i]] for i in ok]
         computed = len(missing)
+        if transient:  # incomplete: keep it out of the stored views so the next run retries those files
+            out = cache.gather(locations, np.empty((len(ok), backbone.embed_dim), np.float32))
+            view = out, np.asarray(ok, dtype=np.int64), reasons
+        else:
+            view = cache.write_view(view_key, locations, backbone.embed_dim, ok, reasons)
     features, ok, reasons = view
+    reasons = {**reasons, **transient}
     return ImageFeatures(
         features=features,
         labels=dataset.labels[ok],
         item_ids=[dataset.item_id(i) for i in ok],
         indices=ok,
-        failures=[(dataset.item_id(i), reason) for i, reason in reasons.items()],
+        failures=[(dataset.item_id(i), reasons[i]) for i in sorted(reasons)],
         class_names=list(dataset.class_names),
         cache_key=f"{cache.space}/{view_key}",
         computed=computed,
     )
 
 
-def _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress) -> None:
+def _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress) -> dict[int, str]:
+    """Embed items ``missing`` into the cache, a shard at a time; return this run's transient failures.
+
+    Finished work is flushed even when the run is interrupted (Ctrl-C, an error), so a rerun resumes.
+    """
     workers = default_workers(backbone.device) if num_workers is None else num_workers
     if len(missing) <= batch_size:
         workers = 0
@@ -144,19 +159,31 @@ def _compute(backbone, dataset, missing, identities, cache, batch_size, num_work
     pending_ids: list[str] = []
     pending: list[np.ndarray] = []
     pending_failures: dict[str, str] = {}
+    transient: dict[int, str] = {}
     bar = tqdm(total=len(missing), unit="img", desc="embedding", disable=not progress, leave=False)
-    for indices, tensors, bad in loader:
-        if tensors is not None:
-            pending.append(backbone.encode_images(tensors).numpy())
-            pending_ids += [identities[i] for i in indices]
-        for index, reason in bad:
-            pending_failures[identities[index]] = reason
-        bar.update(len(indices) + len(bad))
-        if len(pending_ids) + len(pending_failures) >= shard_items:
-            _flush(cache, pending_ids, pending, pending_failures, backbone.embed_dim)
-            pending_ids, pending, pending_failures = [], [], {}
-    _flush(cache, pending_ids, pending, pending_failures, backbone.embed_dim)
-    bar.close()
+    try:
+        for indices, tensors, bad in loader:
+            if tensors is not None:
+                pending.append(backbone.encode_images(tensors).numpy())
+                pending_ids += [identities[i] for i in indices]
+            for index, (reason, permanent) in bad:
+                if permanent:
+                    pending_failures[identities[index]] = reason
+                else:
+                    transient[index] = reason
+            bar.update(len(indices) + len(bad))
+            if len(pending_ids) + len(pending_failures) >= shard_items:
+                _flush(cache, pending_ids, pending, pending_failures, backbone.embed_dim)
+                pending_ids, pending, pending_failures = [], [], {}
+    except RuntimeError as exc:
+        if "DataLoader worker" in str(exc):
+            raise CliplabError(f"an image-decoding worker process died ({exc}); finished work is cached. "
+                               "Rerun with --workers 0 to decode in the main process") from exc
+        raise
+    finally:
+        _flush(cache, pending_ids, pending, pending_failures, backbone.embed_dim)
+        bar.close()
+    return transient
 
 
 def _flush(cache: FeatureCache, ids, blocks, failures, dim: int) -> None:
@@ -170,8 +197,7 @@ def embed_texts(
 ) -> np.ndarray:
     """Embed strings (L2-normalised float32 (m, d)), caching each string's embedding on disk."""
     texts = list(texts)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
-    cache = FeatureCache(root, "txt-" + digest(backbone.model_id, "text"),
+    cache = FeatureCache(cache_root(cache_dir), "txt-" + digest(backbone.model_id, "text"),
                          {"model_id": backbone.model_id, "dim": backbone.embed_dim, "modality": "text"})
     identity = {t: hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts}
     identities = [identity[t] for t in texts]
