@@ -107,6 +107,9 @@ def test_zeroshot_writes_clip_benchmark_json_and_plots(tmp_path):
     for png in ("confusion", "reliability"):
         path = next((tmp_path / "out").glob(f"*_{png}.png"))
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = _invoke("zeroshot", "--dataset", root, "--model", "tiny", "--seed", "1", "-q", "-o", tmp_path / "out")
+    assert other.exit_code == 0
+    assert len(list((tmp_path / "out").glob("*.json"))) == 2  # another model never overwrites a result
 
 
 def test_embed_exports_npz_and_resumes_from_cache(tmp_path, photos):

@@ -106,3 +106,61 @@ def test_content_hash_identity_survives_a_move(tmp_path, tiny):
                          num_workers=0, progress=False)
     assert first.computed == 14 and again.computed == 0
     np.testing.assert_array_equal(np.asarray(first.features), np.asarray(again.features))
+
+
+def test_non_utf8_file_name_is_embedded_and_reported_printably(tmp_path, tiny):
+    import os
+
+    root = tmp_path / "imgs" / "cls"
+    root.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "ok.png")
+    raw = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    with open(raw, "wb") as handle:
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(handle, "PNG")
+    out = embed_images(tiny, image_folder(tmp_path / "imgs"), tmp_path / "cache", num_workers=0, progress=False)
+    assert len(out) == 2 and not out.failures
+    assert "cls/caf\\xe9.png" in out.item_ids
+
+
+def test_unreadable_file_is_reported_but_not_remembered(tmp_path, tiny, monkeypatch):
+    import cliplab.data.base as base
+    from cliplab.errors import ImageDecodeError
+
+    root = _folder_with_bad_files(tmp_path / "imgs")
+    real = base.load_image
+
+    def flaky(path):
+        if path.name == "0.png" and path.parent.name == "cats":
+            raise ImageDecodeError(str(path), "permission denied", permanent=False)
+        return real(path)
+
+    monkeypatch.setattr(base, "load_image", flaky)
+    first = embed_images(tiny, image_folder(root), tmp_path / "cache", num_workers=0, progress=False)
+    assert ("cats/0.png", "permission denied") in first.failures and len(first) == 11
+    monkeypatch.setattr(base, "load_image", real)
+    second = embed_images(tiny, image_folder(root), tmp_path / "cache", num_workers=0, progress=False)
+    assert second.computed == 1 and len(second) == 12  # retried, and nothing else recomputed
+    assert "cats/0.png" not in {item for item, _ in second.failures}
+
+
+def test_files_without_image_extension_are_listed(tmp_path):
+    root = _folder_with_bad_files(tmp_path / "imgs")
+    (root / "cats" / "notes.txt").write_text("x")
+    Image.new("RGB", (4, 4)).save(root / "cats" / "pic.qoi")
+    data = image_folder(root)
+    assert [p.name for p in data.ignored] == ["notes.txt"]
+    assert "cats/pic.qoi" in data.item_ids()
+
+
+def test_array_subset_does_not_reuse_the_full_arrays_cache(tmp_path, tiny):
+    from cliplab.data import ArrayImageDataset
+
+    source = tmp_path / "arr.bin"
+    source.write_bytes(b"x")
+    images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    full = ArrayImageDataset(images, np.arange(6), [str(i) for i in range(6)], source, "arr")
+    odd = ArrayImageDataset(images[1::2], np.arange(3), ["a", "b", "c"], source, "arr")
+    a = embed_images(tiny, full, tmp_path / "c", num_workers=0, progress=False)
+    b = embed_images(tiny, odd, tmp_path / "c", num_workers=0, progress=False)
+    assert b.computed == 0  # same pixels, same identities
+    np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features)[1::2])

@@ -61,3 +61,11 @@ def test_classification_metrics_keys():
     metrics = classification_metrics(Y, SCORES, probs)
     assert set(metrics) == {"acc1", "acc5", "mean_per_class_recall", "ece"}
     assert metrics["acc5"] == 1.0 and metrics["acc1"] == 0.5
+
+
+def test_ties_follow_argmax_and_nan_rows_are_wrong():
+    scores = np.array([[1.0, 1.0, 0.0], [np.nan, np.nan, np.nan], [0.0, 0.0, 0.0], [0.0, 2.0, 2.0]])
+    y = np.array([1, 1, 0, 2])
+    # argmax picks class 0 on row 0 (wrong), NaN row wrong, class 0 on row 2 (right), class 1 on row 3 (wrong)
+    assert topk_accuracy(y, scores, 1) == 0.25
+    assert topk_accuracy(y, scores, 2) == 0.75  # rows 0, 2 and 3 have the true class within 2

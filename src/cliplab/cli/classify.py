@@ -32,6 +32,7 @@ def classify(
     pretrained: str = common.PretrainedOpt,
     arch: str = common.ArchOpt,
     config: Path = common.ConfigOpt,
+    quick_gelu: bool = common.QuickGeluOpt,
     device: str = common.DeviceOpt,
     cache_dir: Path = common.CacheOpt,
     batch_size: int = common.BatchOpt,
@@ -47,10 +48,10 @@ def classify(
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise CliplabError(f"--output {output}: use a .csv or .json file name")
     dataset = image_files(paths, hash_content)
-    backbone = load_backbone(model, pretrained, arch, config, device, seed, DEFAULT_CLASSIFY_MODEL)
+    backbone = load_backbone(model, pretrained, arch, config, quick_gelu, device, seed, DEFAULT_CLASSIFY_MODEL)
+    head = ZeroShotClassifier(backbone, names, templates, cache_dir=cache_dir).fit()  # bad templates fail fast
     features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
                             progress=not quiet)
-    head = ZeroShotClassifier(backbone, names, templates, cache_dir=cache_dir).fit()
     rows = []
     if len(features):
         order, probs = head.top_k(features.features, top_k)
@@ -60,6 +61,7 @@ def classify(
         ]
     rows += [{"path": item, "predictions": [], "error": reason} for item, reason in features.failures]
     _print(rows, dataset.root, len(features), features.failures)
+    common.report_ignored(dataset)
     if output is not None:
         _write(rows, output, top_k)
         console.print(f"wrote {output}")

@@ -34,6 +34,7 @@ def zeroshot(
     pretrained: str = common.PretrainedOpt,
     arch: str = common.ArchOpt,
     config: Path = common.ConfigOpt,
+    quick_gelu: bool = common.QuickGeluOpt,
     device: str = common.DeviceOpt,
     cache_dir: Path = common.CacheOpt,
     batch_size: int = common.BatchOpt,
@@ -45,7 +46,7 @@ def zeroshot(
     """Zero-shot top-1/top-5/mean per-class recall/ECE; CLIP_benchmark-style JSON + confusion and reliability PNGs."""
     data = load_dataset(dataset, data_root, split, hash_content)
     templates = templates or (data.name if data.name in template_sets() else "imagenet7")
-    backbone = load_backbone(model, pretrained, arch, config, device, seed, DEFAULT_EVAL_MODEL)
+    backbone = load_backbone(model, pretrained, arch, config, quick_gelu, device, seed, DEFAULT_EVAL_MODEL)
     report = evaluate_zeroshot(backbone, data, templates, output_dir, cache_dir, batch_size, workers,
                                progress=not quiet, seed=seed)
     title = f"zero-shot · {data.name} ({split}, {report.record['cliplab']['num_images']} images) · {backbone.model_id}"
@@ -73,6 +74,7 @@ def embed(
     pretrained: str = common.PretrainedOpt,
     arch: str = common.ArchOpt,
     config: Path = common.ConfigOpt,
+    quick_gelu: bool = common.QuickGeluOpt,
     device: str = common.DeviceOpt,
     cache_dir: Path = common.CacheOpt,
     batch_size: int = common.BatchOpt,
@@ -83,7 +85,7 @@ def embed(
 ):
     """Embed a dataset into the feature cache (resumable: rerun after an interruption)."""
     data = load_dataset(dataset, data_root, split, hash_content)
-    backbone = load_backbone(model, pretrained, arch, config, device, seed, DEFAULT_EVAL_MODEL)
+    backbone = load_backbone(model, pretrained, arch, config, quick_gelu, device, seed, DEFAULT_EVAL_MODEL)
     features = embed_images(backbone, data, cache_dir, batch_size=batch_size, num_workers=workers,
                             progress=not quiet)
     console.print(f"{len(features)} features of dimension {features.features.shape[1]} "
@@ -93,7 +95,9 @@ def embed(
         err_console.print(f"[yellow]skipped {len(features.failures)} file(s):[/]")
         for item, reason in features.failures:
             err_console.print(f"  {item}: {reason}", markup=False, highlight=False)
+    common.report_ignored(data)
     if output is not None:
+        output = output if output.suffix == ".npz" else output.with_name(output.name + ".npz")
         np.savez(output, features=np.asarray(features.features), labels=features.labels,
                  item_ids=np.asarray(features.item_ids), class_names=np.asarray(features.class_names))
         console.print(f"wrote {output}")

@@ -9,11 +9,15 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 def topk_accuracy(y_true: np.ndarray, scores: np.ndarray, k: int) -> float:
     """Fraction of samples whose true class is among the ``k`` highest scores (k capped at #classes).
 
-    Ties count in the true class's favour, as ``torch.topk``-based CLIP_benchmark code nearly always does.
+    Ties are broken by class index, as ``argmax`` does, so acc1 equals argmax accuracy; a row with a
+    non-finite score counts as wrong.
     """
-    true_scores = scores[np.arange(len(y_true)), y_true]
-    rank = (scores > true_scores[:, None]).sum(axis=1)  # classes strictly ahead of the true one
-    return float(np.mean(rank < min(k, scores.shape[1])))
+    y_true = np.asarray(y_true)
+    true_scores = scores[np.arange(len(y_true)), y_true][:, None]
+    classes = np.arange(scores.shape[1])[None, :]
+    ahead = (scores > true_scores) | ((scores == true_scores) & (classes < y_true[:, None]))
+    correct = (ahead.sum(axis=1) < min(k, scores.shape[1])) & np.isfinite(scores).all(axis=1)
+    return float(np.mean(correct))
 
 
 def mean_per_class_recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:

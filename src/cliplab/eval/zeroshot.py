@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from ..data.base import ImageDataset
 from ..errors import DatasetError
+from ..features.cache import digest
 from ..features.embed import ImageFeatures, embed_images
 from ..heads.zeroshot import ZeroShotClassifier
 from ..models.backbone import Backbone
@@ -43,15 +45,15 @@ def evaluate_zeroshot(
 ) -> ZeroShotReport:
     """Embed ``dataset``, classify zero-shot, compute metrics; write JSON + PNGs to ``output_dir``."""
     start = time.perf_counter()
+    if not (dataset.labels >= 0).any():
+        raise DatasetError(f"{dataset.name}: no labelled images to evaluate")
+    head = ZeroShotClassifier(backbone, dataset.class_names, templates, cache_dir=cache_dir).fit()
     features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=num_workers,
                             progress=progress)
     labelled = features.labels >= 0
-    if not labelled.any():
-        raise DatasetError(f"{dataset.name}: no labelled images to evaluate")
-    head = ZeroShotClassifier(backbone, dataset.class_names, templates, cache_dir=cache_dir).fit()
     X, y = np.asarray(features.features)[labelled], features.labels[labelled]
     scores = head.decision_function(X)
-    probs = head.predict_proba(X)
+    probs = softmax(scores, axis=1)
     metrics = classification_metrics(y, scores, probs)
     extra = {
         "method": "zeroshot",
@@ -68,12 +70,15 @@ def evaluate_zeroshot(
                             metrics={k: metrics[k] for k in CLIP_BENCHMARK_KEYS}, extra=extra)
     report = ZeroShotReport(metrics, record, features)
     if output_dir is not None:
-        report.files = _write(record, y, scores, probs, dataset, backbone, Path(output_dir))
+        report.files = _write(record, y, scores, probs, dataset, backbone, Path(output_dir), features.cache_key)
     return report
 
 
-def _write(record, y, scores, probs, dataset, backbone, out: Path) -> dict[str, Path]:
-    stem = f"zeroshot_{dataset.name}_{backbone.info.name}".replace("/", "-").replace(":", "-")
+def _write(record, y, scores, probs, dataset, backbone, out: Path, cache_key: str) -> dict[str, Path]:
+    """JSON + PNGs named by dataset, model and a short hash of model id and data, so runs never overwrite."""
+    model = Path(backbone.info.name).name + (f"-{backbone.info.pretrained}" if backbone.info.pretrained else "")
+    tag = digest(backbone.model_id, cache_key)[:8]
+    stem = f"zeroshot_{dataset.name}_{model}_{tag}".replace("/", "-").replace(":", "-")
     title = f"{dataset.name} · {Path(backbone.info.name).name}"
     if backbone.info.random_weights:
         title += " (random weights)"

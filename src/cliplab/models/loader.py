@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import socket
 from dataclasses import asdict
 from pathlib import Path
@@ -173,11 +174,15 @@ def _load_open_clip_dir(path: Path, quick_gelu, device) -> Backbone:
 
 def _load_file(path: Path, arch, config, quick_gelu, device) -> Backbone:
     sha = file_sha256(path)
+    warning = None
     jit = is_torchscript_archive(path)
     openai_release = openai_checkpoint_sha256s().get(sha)
     if quick_gelu is None and (jit or openai_release):
         quick_gelu = True
     state = read_state_dict(path)
+    sibling = path.parent / "open_clip_config.json"
+    if config is None and arch is None and sibling.is_file():
+        config = sibling  # hub downloads keep their config beside the weights
     if config is not None:
         model, arch_label, quick_gelu = _from_config(Path(config), state, quick_gelu)
     elif arch is not None:
@@ -189,6 +194,10 @@ def _load_file(path: Path, arch, config, quick_gelu, device) -> Backbone:
         _load_weights(model, state, path)
         arch_label = arch
     elif has_openai_layout(state):
+        if quick_gelu is None:
+            warning = (f"{path.name}: activation guessed as GELU; if these are OpenAI-trained weights pass "
+                       "--quick-gelu (or --arch ARCH-quickgelu)")
+            log.warning(warning)
         quick_gelu = bool(quick_gelu)
         model = _from_openai_layout(state, quick_gelu, path)
         arch_label = openai_release or "openai-layout"
@@ -197,6 +206,8 @@ def _load_file(path: Path, arch, config, quick_gelu, device) -> Backbone:
     source = "openai-jit" if jit else "local"
     info = BackboneInfo(name=str(path), pretrained=None, source=source, quick_gelu=quick_gelu,
                         extra={"arch": arch_label, "sha256": sha})
+    if warning:
+        info.extra["warning"] = warning
     tokenizer = tokenizer_for(arch, model)
     model_id = f"file:{arch_label}:{sha[:16]}:qgelu{int(quick_gelu)}"
     return OpenClipBackbone(model, transform_for(model), tokenizer, info, model_id, device)
@@ -234,7 +245,8 @@ def _from_config(config: Path, state, quick_gelu):
     size = cfg["vision_cfg"].get("image_size", 224)
     defaults = {**asdict(PreprocessCfg()), **open_clip.get_model_preprocess_cfg(model)}
     open_clip.set_model_preprocess_cfg(model, {**defaults, "size": size, **preprocess_cfg})
-    return model, config.stem, bool(cfg.get("quick_gelu", False))
+    label = f"{config.stem}-{hashlib.sha256(config.read_bytes()).hexdigest()[:8]}"
+    return model, label, bool(cfg.get("quick_gelu", False))
 
 
 def _load_weights(model, state, where) -> None:
@@ -263,17 +275,25 @@ def _offline_if_unreachable():
     """
     from huggingface_hub import constants
 
-    try:
-        socket.create_connection(HUB_HOST, timeout=3).close()
+    if _uses_proxy_or_mirror():  # a direct probe says nothing about a proxy or mirror: let the hub decide
         offline = constants.HF_HUB_OFFLINE
-    except OSError:
-        offline = True
+    else:
+        try:
+            socket.create_connection(HUB_HOST, timeout=3).close()
+            offline = constants.HF_HUB_OFFLINE
+        except OSError:
+            offline = True
     saved = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = offline
     try:
         yield offline
     finally:
         constants.HF_HUB_OFFLINE = saved
+
+
+def _uses_proxy_or_mirror() -> bool:
+    names = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")
+    return any(os.environ.get(name) for name in names)
 
 
 def _weights_error(what: str, offline: bool, exc: Exception) -> ModelLoadError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import open_clip
@@ -40,6 +41,12 @@ class OpenClipBackbone(Backbone):
             images, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
         )
         return out["image_intermediates"][-1] @ proj
+
+    @property
+    def preprocess_id(self) -> str:
+        """The transform's repr plus open_clip's full preprocessing config (fill colour, resize mode...)."""
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        return repr(self.preprocess) + json.dumps(cfg, sort_keys=True, default=str)
 
     @property
     def embed_dim(self) -> int:
