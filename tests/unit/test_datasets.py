@@ -143,3 +143,16 @@ def test_coco_official_layout(tmp_path):
 def test_unknown_dataset_name():
     with pytest.raises(DatasetError, match="cifar10"):
         load_dataset("no-such-dataset")
+
+
+def test_jsonl_row_that_is_not_an_object(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"path": "x.png", "label": "a"}\n["y.png", "b"]\n')
+    with pytest.raises(DatasetError, match="row 2 is not an object"):
+        manifest(tmp_path / "m.jsonl")
+
+
+def test_curated_names_do_not_replace_numeric_folder_names(tmp_path):
+    for i in range(10):
+        _img(tmp_path / "cifar10" / "test" / str(i) / "a.png")
+    data = load_dataset("cifar10", root=tmp_path)
+    assert data.class_names == sorted(str(i) for i in range(10))

@@ -51,7 +51,7 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (CliplabError, FileNotFoundError) as exc:
+        except (CliplabError, OSError) as exc:
             if STATE["debug"]:
                 raise
             err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)

@@ -100,15 +100,21 @@ def _read_manifest_rows(path: Path) -> tuple[list[dict], list[str] | None]:
                 return list(reader), None
         if path.suffix == ".jsonl":
             lines = path.read_text(encoding="utf-8").splitlines()
-            return [json.loads(line) for line in lines if line.strip()], None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: malformed manifest ({exc})") from exc
-    if isinstance(data, list):
-        return data, None
-    if isinstance(data, dict) and isinstance(data.get("images"), list):
-        return data["images"], data.get("classes") or data.get("class_names")
-    raise DatasetError(f"{path}: JSON manifest must be a list of rows or have an 'images' list")
+            rows, classes = [json.loads(line) for line in lines if line.strip()], None
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, list):
+                rows, classes = data, None
+            elif isinstance(data, dict) and isinstance(data.get("images"), list):
+                rows, classes = data["images"], data.get("classes") or data.get("class_names")
+            else:
+                raise DatasetError(f"{path}: JSON manifest must be a list of rows or have an 'images' list")
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise DatasetError(f"{path}: unreadable or malformed manifest ({exc})") from exc
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}: row {number} is not an object with 'path' and 'label'")
+    return rows, classes
 
 
 def _label_index(label, index: dict[str, int], names: list[str], path: Path, line: int) -> int:
@@ -144,6 +150,9 @@ def coco_captions(root: str | Path, annotation: str = "captions.json", split: st
     if split:
         entries = [e for e in entries if e.get("split") == split]
     base = Path(file).parent
+    missing = next((n for n, e in enumerate(entries, 1) if not isinstance(e, dict) or "image" not in e), None)
+    if missing is not None:
+        raise DatasetError(f"{file}: image entry {missing} has no 'image' field")
     paths = [base / e["image"] for e in entries]
     captions = [list(e.get("captions", [])) for e in entries]
     return FileImageDataset(paths, [NO_LABEL] * len(paths), [], base, "coco", captions=captions)

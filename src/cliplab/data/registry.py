@@ -35,6 +35,17 @@ def manifest_split(path: Path, split: str) -> ImageDataset:
     return Subset(dataset, keep)
 
 
+def _same_classes(curated: list[str], found: list[str]) -> bool:
+    """Curated names replace the dataset's only where they are the same classes in the same order
+    (spelling aside: underscores, case); numeric folder names, for example, keep their own names."""
+    if len(curated) != len(found):
+        return False
+    def norm(name: str) -> str:
+        return name.replace("_", " ").replace("-", " ").lower()
+    agree = sum(norm(a) == norm(b) for a, b in zip(curated, found))
+    return agree >= 0.9 * len(found)
+
+
 def dataset_names() -> list[str]:
     """Names ``load_dataset`` knows."""
     return sorted(_NAMED)
@@ -67,7 +78,7 @@ def load_dataset(
             raise DatasetError(f"{key}: data not found under {base} (pass --data-root or set CLIPLAB_DATA)")
         dataset = loader(location, split)
         curated = builtin_class_names(key)
-        if curated and len(curated) == len(dataset.class_names):
+        if curated and _same_classes(curated, dataset.class_names):
             dataset.class_names = curated
         dataset.name = key
         return dataset
