@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import uuid
 from pathlib import Path
 
 from .. import __version__
+from ..features.cache import atomic_write_text
 from ..models.backbone import Backbone
 
 RANDOM_WEIGHTS_NOTE = "random weights: numbers say nothing about real accuracy"
@@ -43,10 +42,7 @@ def results_record(*, dataset: str, backbone: Backbone, task: str, metrics: dict
 def write_json(record: dict, path: Path) -> Path:
     """Write ``record`` atomically (temporary file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_jsonable))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=2, default=_jsonable))
 
 
 def _jsonable(value):

@@ -20,9 +20,10 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -48,14 +49,33 @@ def digest(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
+def temporary_name(path: Path) -> Path:
+    """A hidden sibling of ``path`` unique to this process and call, for write-then-rename."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write`` on a temporary file, fsync it and rename it over ``path``: readers see all or nothing."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write ``array`` (as float32 .npy) to ``path`` atomically."""
+    atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(array, dtype=np.float32)))
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 class FeatureCache:
@@ -80,9 +100,7 @@ class FeatureCache:
         path = self.dir / "meta.json"
         if path.exists() or not meta:
             return
-        tmp = path.with_name(f".meta.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(meta, indent=2))
 
     @property
     def meta(self) -> dict:
@@ -159,11 +177,8 @@ class FeatureCache:
         """
         path = self.view_path(key)
         side = {"indices": [int(i) for i in indices], "failures": {str(i): r for i, r in failures.items()}}
-        sidecar = path.with_suffix(".json")
-        tmp_side = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp_side.write_text(json.dumps(side))
-        os.replace(tmp_side, sidecar)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        atomic_write_text(path.with_suffix(".json"), json.dumps(side))
+        tmp = temporary_name(path)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(locations), dim))
         self.gather(locations, out)
         out.flush()
