@@ -164,3 +164,21 @@ def test_array_subset_does_not_reuse_the_full_arrays_cache(tmp_path, tiny):
     b = embed_images(tiny, odd, tmp_path / "c", num_workers=0, progress=False)
     assert b.computed == 0  # same pixels, same identities
     np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features)[1::2])
+
+
+def test_batches_stored_meanwhile_by_another_process_are_not_recomputed(tmp_path, tiny, monkeypatch):
+    from cliplab.features.embed import _compute
+
+    data = image_folder(_folder_with_bad_files(tmp_path / "imgs"))
+    identities = data.identities()
+    cache = image_cache(tiny, tmp_path / "cache")
+    good = [i for i in range(len(data)) if data.paths[i].name not in ("empty.jpg", "fake.png")]
+    first_batch = [i for i in range(4) if i in good]
+    cache.add([identities[i] for i in first_batch], np.zeros((len(first_batch), tiny.embed_dim), np.float32))
+    calls = []
+    real = tiny.encode_images
+    monkeypatch.setattr(tiny, "encode_images", lambda x: calls.append(len(x)) or real(x))
+    _compute(tiny, data, list(range(len(data))), identities, cache, 4, 0, False)
+    assert sum(calls) == len(good) - len(first_batch)  # the already-stored first batch skipped its forward
+    found, failed = cache.lookup(identities)
+    assert len(found) == len(good) and len(failed) == 2

@@ -163,9 +163,10 @@ def _compute(backbone, dataset, missing, identities, cache, batch_size, num_work
     bar = tqdm(total=len(missing), unit="img", desc="embedding", disable=not progress, leave=False)
     try:
         for indices, tensors, bad in loader:
-            if tensors is not None:
+            batch_ids = [identities[i] for i in indices]
+            if tensors is not None and not _all_stored(cache, batch_ids):  # another process may have done it
                 pending.append(backbone.encode_images(tensors).numpy())
-                pending_ids += [identities[i] for i in indices]
+                pending_ids += batch_ids
             for index, (reason, permanent) in bad:
                 if permanent:
                     pending_failures[identities[index]] = reason
@@ -184,6 +185,12 @@ def _compute(backbone, dataset, missing, identities, cache, batch_size, num_work
         _flush(cache, pending_ids, pending, pending_failures, backbone.embed_dim)
         bar.close()
     return transient
+
+
+def _all_stored(cache: FeatureCache, identities: list[str]) -> bool:
+    """Whether every identity already has features (one small index query per batch)."""
+    found, _ = cache.lookup(identities)
+    return len(found) == len(set(identities))
 
 
 def _flush(cache: FeatureCache, ids, blocks, failures, dim: int) -> None:
