@@ -182,3 +182,33 @@ def test_batches_stored_meanwhile_by_another_process_are_not_recomputed(tmp_path
     assert sum(calls) == len(good) - len(first_batch)  # the already-stored first batch skipped its forward
     found, failed = cache.lookup(identities)
     assert len(found) == len(good) and len(failed) == 2
+
+
+def test_cache_gc_removes_only_old_orphans(tmp_path, tiny):
+    import os
+    import time
+
+    from typer.testing import CliRunner
+
+    from cliplab.cli.app import app
+
+    data = image_folder(_folder_with_bad_files(tmp_path / "imgs"))
+    embed_images(tiny, data, tmp_path / "cache", num_workers=0, progress=False)
+    cache = image_cache(tiny, tmp_path / "cache")
+    shards = cache.dir / "shards"
+    registered = sorted(p.name for p in shards.iterdir())
+    old, fresh, tmp = shards / "orphan.npy", shards / "fresh-orphan.npy", shards / ".x.npy.1.ab.tmp"
+    for path in (old, fresh, tmp):
+        path.write_bytes(b"0" * 100)
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    os.utime(tmp, (past, past))
+    for path in shards.iterdir():
+        if path.name in registered:
+            os.utime(path, (past, past))
+    result = CliRunner().invoke(app, ["cache", "--cache-dir", str(tmp_path / "cache"), "--gc"])
+    assert result.exit_code == 0, result.output
+    assert "removed 2 leftover file(s)" in result.output and "tiny-seed0" in result.output
+    assert sorted(p.name for p in shards.iterdir()) == sorted(registered + ["fresh-orphan.npy"])
+    again = embed_images(tiny, data, tmp_path / "cache", num_workers=0, progress=False)
+    assert again.computed == 0

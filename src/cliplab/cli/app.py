@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from .cache import cache
 from .classify import classify
 from .common import configure_logging
 from .evaluate import embed, zeroshot
@@ -40,6 +41,7 @@ app.command()(models)
 app.command()(methods)
 app.command()(templates)
 app.command()(datasets)
+app.command()(cache)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import closing
@@ -76,6 +77,14 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def cache_spaces(root: str | Path) -> list[FeatureCache]:
+    """Every cache space under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [FeatureCache(root, p.name) for p in sorted(root.iterdir()) if (p / "index.sqlite").is_file()]
 
 
 class FeatureCache:
@@ -200,6 +209,28 @@ class FeatureCache:
         if len(indices) != len(features):
             return None
         return features, indices, {int(i): r for i, r in side["failures"].items()}
+
+    def collect_garbage(self, min_age_seconds: float = 3600.0) -> tuple[int, int]:
+        """Delete shards no index row points to, and leftover temporary files, older than ``min_age_seconds``.
+
+        Such files are what a process killed between writing and registering leaves behind. The age
+        limit keeps files of runs still in progress. Returns (files removed, bytes freed).
+        """
+        with closing(self._connect()) as db:
+            used = {row[0] for row in db.execute("SELECT DISTINCT shard FROM items")}
+        cutoff = time.time() - min_age_seconds
+        removed = freed = 0
+        for path in list((self.dir / "shards").iterdir()) + list((self.dir / "views").glob(".*.tmp")):
+            orphan = path.name.endswith(".tmp") or path.name not in used
+            stat = path.stat()
+            if orphan and stat.st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed, freed = removed + 1, freed + stat.st_size
+        return removed, freed
+
+    def disk_usage(self) -> int:
+        """Bytes used by this space (index, shards, views)."""
+        return sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file())
 
     def __len__(self) -> int:
         with closing(self._connect()) as db:
