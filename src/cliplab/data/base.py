@@ -49,9 +49,6 @@ class ImageDataset(ABC):
     def identities(self) -> list[str]:
         return [self.identity(i) for i in range(len(self))]
 
-    def describe(self) -> dict:
-        """A small summary for results JSON."""
-        return {"name": self.name, "size": len(self), "num_classes": len(self.class_names)}
 
 
 def printable(text: str) -> str:
