@@ -19,6 +19,10 @@ class DenseFeaturesUnavailableError(CliplabError):
     """The backbone has no patch tokens (for example a ResNet image tower)."""
 
 
+class UnsupportedOperationError(CliplabError):
+    """The loaded model cannot do what was asked (e.g. run its text tower from token embeddings)."""
+
+
 class DatasetError(CliplabError):
     """A dataset, manifest or data file is missing, empty or malformed."""
 
@@ -45,8 +49,12 @@ class TemplateError(CliplabError):
     """A prompt-template set is unknown or malformed."""
 
 
-class DimensionMismatchError(CliplabError):
+class DimensionMismatchError(CliplabError, ValueError):
     """Two feature matrices that must share a dimension do not."""
+
+
+class FeatureError(CliplabError, ValueError):
+    """A feature matrix is malformed: not 2-D, empty, or holding NaN/infinite values."""
 
 
 class CacheError(CliplabError):

@@ -121,12 +121,12 @@ def test_embed_exports_npz_and_resumes_from_cache(tmp_path, photos):
     out = tmp_path / "f.npz"
     first = _invoke("embed", root, "--model", "tiny", "-q", "-o", out)
     assert first.exit_code == 0, first.output
-    assert "5 features of dimension 64 (7 computed now" in first.output and "skipped 2 file(s)" in first.output
+    assert "5 features of dimension 64 (5 computed now, 0 from cache)" in first.output and "skipped 2 file(s)" in first.output
     saved = np.load(out)
     assert saved["features"].shape == (5, 64) and sorted(set(saved["labels"].tolist())) == [0, 1]
     assert list(saved["class_names"]) == ["a", "b"]
     second = _invoke("embed", root, "--model", "tiny", "-q")
-    assert "(0 computed now, 7 from cache)" in second.output
+    assert "(0 computed now, 5 from cache)" in second.output
 
 
 def test_listing_commands():

@@ -8,12 +8,12 @@ from .. import __version__
 from .cache import cache
 from .classify import classify
 from .common import configure_logging
-from .evaluate import embed, zeroshot
+from .evaluate import embed, evaluate, zeroshot
 from .listing import datasets, methods, models, templates
 
 app = typer.Typer(
     name="cliplab",
-    help="CLIP models: classify images with your labels, benchmark zero-shot, cache features.",
+    help="CLIP models: classify images with your labels, benchmark zero-shot and other methods, cache features.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -34,14 +34,8 @@ def _main(
     configure_logging(debug)
 
 
-app.command()(classify)
-app.command()(zeroshot)
-app.command()(embed)
-app.command()(models)
-app.command()(methods)
-app.command()(templates)
-app.command()(datasets)
-app.command()(cache)
+for _command in (classify, zeroshot, evaluate, embed, models, methods, templates, datasets, cache):
+    app.command()(_command)
 
 
 def main() -> None:

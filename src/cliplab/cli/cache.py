@@ -7,20 +7,19 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..features.cache import cache_spaces
-from ..features.embed import cache_root
-from . import common
-from .common import console, friendly_errors
+from .common import RUN_OPTIONS, console, friendly_errors
 
 
 @friendly_errors
 def cache(
-    cache_dir: Path = common.CacheOpt,
+    cache_dir: Path = RUN_OPTIONS["cache_dir"],
     gc: bool = typer.Option(False, "--gc", help="Delete unregistered shards and temporary files left by "
                             "killed runs (older than --min-age)."),
     min_age: float = typer.Option(3600.0, "--min-age", help="Seconds a leftover must be old before --gc removes it."),
 ):
     """List cache spaces (model, items, size); with --gc, remove what interrupted runs left behind."""
+    from ..features.cache import cache_root, cache_spaces
+
     root = cache_root(cache_dir)
     spaces = cache_spaces(root)
     table = Table(title=f"feature cache: {root}")

@@ -9,18 +9,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..data import image_files, parse_labels, read_class_names
 from ..errors import CliplabError
-from ..features import embed_images
-from ..heads import ZeroShotClassifier
-from ..models import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from . import common
-from .common import console, err_console, friendly_errors, load_backbone
-
-DEFAULT_CLASSIFY_MODEL = f"{DEFAULT_MODEL}:{DEFAULT_PRETRAINED}"
+from .common import RunOptions, command, console, err_console, report_failures, report_ignored
 
 
-@friendly_errors
+@command
 def classify(
     paths: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     labels: str = typer.Option(None, "--labels", "-l", help='Comma-separated class names, e.g. "cat,dog,car".'),
@@ -28,30 +21,28 @@ def classify(
     top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="Predictions to show per image."),
     output: Path = typer.Option(None, "--output", "-o", help="Write predictions to a .csv or .json file."),
     templates: str = typer.Option("imagenet7", "--templates", "-t", help="Template set name or file."),
-    model: str = common.ModelOpt,
-    pretrained: str = common.PretrainedOpt,
-    arch: str = common.ArchOpt,
-    config: Path = common.ConfigOpt,
-    quick_gelu: bool = common.QuickGeluOpt,
-    device: str = common.DeviceOpt,
-    cache_dir: Path = common.CacheOpt,
-    batch_size: int = common.BatchOpt,
-    workers: int = common.WorkersOpt,
-    seed: int = common.SeedOpt,
-    quiet: bool = common.QuietOpt,
-    hash_content: bool = common.HashOpt,
+    method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (`cliplab methods`)."),
+    run: RunOptions = None,
 ):
     """Classify images into your labels (zero-shot; default model ViT-B-32 LAION-2B, downloaded once)."""
+    from ..data import image_files, parse_labels, read_class_names
+    from ..heads import create_head, head_entry
+
     if (labels is None) == (labels_file is None):
         raise CliplabError("give the class names with exactly one of --labels or --labels-file")
     names = parse_labels(labels) if labels is not None else read_class_names(labels_file)
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise CliplabError(f"--output {output}: use a .csv or .json file name")
-    dataset = image_files(paths, hash_content)
-    backbone = load_backbone(model, pretrained, arch, config, quick_gelu, device, seed, DEFAULT_CLASSIFY_MODEL)
-    head = ZeroShotClassifier(backbone, names, templates, cache_dir=cache_dir).fit()  # bad templates fail fast
-    features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
-                            progress=not quiet)
+    if head_entry(method).needs_train:
+        raise CliplabError(f"--method {method}: needs training data; classify takes zero-shot methods")
+    if top_k > len(names):
+        err_console.print(f"note: --top-k {top_k} capped at the {len(names)} labels given")
+        top_k = len(names)
+    dataset = image_files(paths, run.hash_content)
+    backbone = run.load_backbone()
+    head = create_head(method, backbone=backbone, class_names=names, templates=templates,
+                       cache_dir=run.cache_dir).fit()  # bad templates fail before any image is embedded
+    features = run.embed(backbone, dataset)
     rows = []
     if len(features):
         order, probs = head.top_k(features.features, top_k)
@@ -60,14 +51,15 @@ def classify(
             for item, oi, pi in zip(features.item_ids, order, probs)
         ]
     rows += [{"path": item, "predictions": [], "error": reason} for item, reason in features.failures]
-    _print(rows, dataset.root, len(features), features.failures)
-    common.report_ignored(dataset)
+    _print(rows, dataset.root, len(features))
+    report_failures(features.failures)
+    report_ignored(dataset)
     if output is not None:
         _write(rows, output, top_k)
         console.print(f"wrote {output}")
 
 
-def _print(rows, root, n_ok, failures) -> None:
+def _print(rows, root, n_ok) -> None:
     table = Table(title=f"{n_ok} images classified (paths relative to {root})", show_lines=False)
     table.add_column("image", overflow="fold")
     table.add_column("prediction")
@@ -80,10 +72,6 @@ def _print(rows, root, n_ok, failures) -> None:
         table.add_row(row["path"], best["label"], f"{best['probability']:.3f}",
                       ", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest))
     console.print(table)
-    if failures:
-        err_console.print(f"[yellow]skipped {len(failures)} file(s) that could not be read:[/]")
-        for item, reason in failures:
-            err_console.print(f"  {item}: {reason}", markup=False, highlight=False)
 
 
 def _write(rows, output: Path, top_k: int) -> None:

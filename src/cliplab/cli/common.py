@@ -1,11 +1,14 @@
-"""Shared CLI pieces: options, error handling, model loading with one-line errors."""
+"""Shared CLI pieces: the option groups every command takes (declared once), one-line errors, model loading."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
+import typing
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -17,23 +20,113 @@ from ..errors import CliplabError
 console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
+DEFAULT_MODEL_SPEC = "ViT-B-32:laion2b_s34b_b79k"  # = cliplab.models.DEFAULT_MODEL_SPEC (a test keeps them equal)
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Model: open_clip ARCH[:TAG], hf-hub:ORG/REPO, a weights "
-                        "file or folder, or 'tiny' (random weights, offline try-out).")
-PretrainedOpt = typer.Option(None, "--pretrained", help="open_clip pretrained tag (or 'random').")
-ArchOpt = typer.Option(None, "--arch", help="open_clip architecture of a local weights file.")
-ConfigOpt = typer.Option(None, "--config", help="open_clip model-config JSON of a local weights file.")
-QuickGeluOpt = typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Force the activation (default: chosen "
-                            "from the weights: QuickGELU for OpenAI-trained ones).")
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available).")
-CacheOpt = typer.Option(None, "--cache-dir", help="Feature cache folder (default: $CLIPLAB_CACHE or ~/.cache/cliplab).")
-BatchOpt = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass.")
-WorkersOpt = typer.Option(None, "--workers", "-j", min=0, help="Decoding worker processes (default: a quarter "
-                          "of the cores on CPU, one per core up to 8 on GPU; 0 decodes in the main process).")
-SeedOpt = typer.Option(0, "--seed", help="Random seed (random-weight models, sampling).")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-HashOpt = typer.Option(False, "--hash-content", help="Key the cache by file content (sha256) instead of path, "
-                       "size and modification time.")
+
+@dataclass
+class RunOptions:
+    """Model, device, cache and batch options, shared by every command that runs a model."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    arch: str | None = None
+    config: Path | None = None
+    quick_gelu: bool | None = None
+    device: str | None = None
+    cache_dir: Path | None = None
+    batch_size: int = 64
+    workers: int | None = None
+    seed: int = 0
+    quiet: bool = False
+    hash_content: bool = False
+
+    def load_backbone(self):
+        """``load_model`` with these options; prints notes about random weights or a guessed activation."""
+        from ..models import load_model
+
+        name = self.model or DEFAULT_MODEL_SPEC
+        with console.status(f"loading {name}", spinner="dots"):
+            backbone = load_model(name, self.pretrained, self.device, arch=self.arch, config=self.config,
+                                  quick_gelu=self.quick_gelu, seed=self.seed)
+        if backbone.info.random_weights:
+            err_console.print(Text.assemble(("note: ", "yellow"), f"{name} has random weights; "
+                                            "predictions are meaningless"))
+        if backbone.info.extra.get("warning"):
+            err_console.print(Text.assemble(("warning: ", "yellow"), backbone.info.extra["warning"]))
+        return backbone
+
+    def embed(self, backbone, dataset):
+        """``embed_images`` with these options."""
+        from ..features import embed_images
+
+        return embed_images(backbone, dataset, self.cache_dir, batch_size=self.batch_size, num_workers=self.workers,
+                            progress=not self.quiet)
+
+
+@dataclass
+class DataOptions:
+    """Where named datasets live and which split to read."""
+
+    data_root: Path | None = None
+    split: str | None = None
+
+
+RUN_OPTIONS = {
+    "model": typer.Option(None, "--model", "-m", help="Model: open_clip ARCH[:TAG], hf-hub:ORG/REPO, a weights file "
+                          f"or folder, or 'tiny' (random weights, offline try-out). Default: {DEFAULT_MODEL_SPEC}."),
+    "pretrained": typer.Option(None, "--pretrained", help="open_clip pretrained tag (or 'random')."),
+    "arch": typer.Option(None, "--arch", help="open_clip architecture of a local weights file."),
+    "config": typer.Option(None, "--config", help="open_clip model-config JSON of a local weights file."),
+    "quick_gelu": typer.Option(None, "--quick-gelu/--no-quick-gelu", help="Force the activation (default: chosen "
+                               "from the weights: QuickGELU for OpenAI-trained ones)."),
+    "device": typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)."),
+    "cache_dir": typer.Option(None, "--cache-dir", help="Feature cache folder (default: $CLIPLAB_CACHE/features, "
+                              "else ~/.cache/cliplab/features)."),
+    "batch_size": typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    "workers": typer.Option(None, "--workers", "-j", min=0, help="Decoding worker processes (default: a quarter of "
+                            "the cores on CPU, one per core up to 8 on GPU; 0 decodes in the main process)."),
+    "seed": typer.Option(0, "--seed", help="Random seed (random-weight models, sampling)."),
+    "quiet": typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    "hash_content": typer.Option(False, "--hash-content", help="Key the cache by file content (sha256) instead of "
+                                 "path, size and modification time."),
+}
+DATA_OPTIONS = {
+    "data_root": typer.Option(None, "--data-root", help="Folder holding named datasets (default: $CLIPLAB_DATA or "
+                              "../shared/datasets)."),
+    "split": typer.Option(None, "--split", help="train, val or test (default: test for named datasets; a folder "
+                          "or manifest without splits is read whole). `cliplab datasets` lists each one's splits."),
+}
+_GROUPS = {"run": (RunOptions, RUN_OPTIONS), "data": (DataOptions, DATA_OPTIONS)}
+
+
+def shared_options(command):
+    """Give ``command`` the option groups named by its ``run: RunOptions`` / ``data: DataOptions`` parameters.
+
+    The options are declared once (``RUN_OPTIONS``, ``DATA_OPTIONS``); typer sees them as the command's
+    own keyword parameters, and the command receives them packed into the dataclass.
+    """
+    signature = inspect.signature(command)
+    groups = [name for name in _GROUPS if name in signature.parameters]
+    own = [p for name, p in signature.parameters.items() if name not in groups]
+    added, annotations = [], {k: v for k, v in command.__annotations__.items() if k not in groups}
+    for group in groups:
+        cls, options = _GROUPS[group]
+        types = typing.get_type_hints(cls)
+        for name, option in options.items():
+            annotation = types[name]
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+            annotations[name] = annotation
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        for group in groups:
+            cls, options = _GROUPS[group]
+            kwargs[group] = cls(**{name: kwargs.pop(name) for name in options})
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + added)
+    wrapper.__annotations__ = annotations
+    return wrapper
 
 
 def configure_logging(debug: bool) -> None:
@@ -63,20 +156,20 @@ def friendly_errors(command):
     return wrapper
 
 
-def load_backbone(model, pretrained, arch, config, quick_gelu, device, seed, default: str):
-    """``load_model`` with CLI defaults; prints notes about random weights or a guessed activation."""
-    from ..models import load_model
+def command(function):
+    """A CLI command: shared option groups plus one-line errors."""
+    return friendly_errors(shared_options(function))
 
-    name = model or default
-    with console.status(f"loading {name}", spinner="dots"):
-        backbone = load_model(name, pretrained, device, arch=arch, config=Path(config) if config else None,
-                              quick_gelu=quick_gelu, seed=seed)
-    if backbone.info.random_weights:
-        note = f"{name} has random weights; predictions are meaningless"
-        err_console.print(Text.assemble(("note: ", "yellow"), note))
-    if backbone.info.extra.get("warning"):
-        err_console.print(Text.assemble(("warning: ", "yellow"), backbone.info.extra["warning"]))
-    return backbone
+
+def report_failures(failures, limit: int | None = None) -> None:
+    """List images that could not be read, with their reasons."""
+    if not failures:
+        return
+    err_console.print(f"[yellow]skipped {len(failures)} file(s) that could not be read:[/]")
+    for item, reason in failures[:limit]:
+        err_console.print(f"  {item}: {reason}", markup=False, highlight=False)
+    if limit is not None and len(failures) > limit:
+        err_console.print(f"  ... and {len(failures) - limit} more")
 
 
 def report_ignored(dataset) -> None:

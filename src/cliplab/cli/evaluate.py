@@ -1,101 +1,155 @@
-"""``cliplab zeroshot`` and ``cliplab embed``: benchmark numbers and cached features for a dataset."""
+"""``cliplab zeroshot``, ``cliplab evaluate`` and ``cliplab embed``: benchmark numbers and cached features."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from ..data import load_dataset, template_sets
-from ..eval import evaluate_zeroshot
-from ..features import embed_images
-from . import common
-from .common import console, err_console, friendly_errors, load_backbone
+from ..errors import CliplabError
+from .common import DataOptions, RunOptions, command, console, err_console, report_failures, report_ignored
 
-DEFAULT_EVAL_MODEL = "ViT-B-32:openai"
-DatasetOpt = typer.Option(..., "--dataset", "-d", help="cifar10, cifar100, mnist, fashion_mnist, imagenette, dtd, "
-                          "a class-folder path or a .csv/.jsonl/.json manifest.")
-DataRootOpt = typer.Option(None, "--data-root", help="Folder holding named datasets (default: $CLIPLAB_DATA or "
-                           "../shared/datasets).")
-SplitOpt = typer.Option("test", "--split", help="test or train.")
+DatasetOpt = typer.Option(..., "--dataset", "-d", help="cifar10, cifar100, mnist, fashion_mnist, imagenet, "
+                          "imagenette, dtd, a class-folder path or a .csv/.jsonl/.json manifest.")
+OutputDirOpt = typer.Option(Path("results"), "--output-dir", "-o", help="Where JSON and PNGs go.")
+TemplatesOpt = typer.Option(None, "--templates", "-t", help="Template set or file (default: the dataset's "
+                            "CLIP_benchmark set, else 'imagenet7').")
 
 
-@friendly_errors
-def zeroshot(
-    dataset: str = DatasetOpt,
-    data_root: Path = DataRootOpt,
-    split: str = SplitOpt,
-    templates: str = typer.Option(None, "--templates", "-t", help="Template set or file (default: the dataset's "
-                                  "CLIP_benchmark set, else 'imagenet7')."),
-    output_dir: Path = typer.Option(Path("results"), "--output-dir", "-o", help="Where JSON and PNGs go."),
-    model: str = common.ModelOpt,
-    pretrained: str = common.PretrainedOpt,
-    arch: str = common.ArchOpt,
-    config: Path = common.ConfigOpt,
-    quick_gelu: bool = common.QuickGeluOpt,
-    device: str = common.DeviceOpt,
-    cache_dir: Path = common.CacheOpt,
-    batch_size: int = common.BatchOpt,
-    workers: int = common.WorkersOpt,
-    seed: int = common.SeedOpt,
-    quiet: bool = common.QuietOpt,
-    hash_content: bool = common.HashOpt,
-):
-    """Zero-shot top-1/top-5/mean per-class recall/ECE; CLIP_benchmark-style JSON + confusion and reliability PNGs."""
-    data = load_dataset(dataset, data_root, split, hash_content)
-    templates = templates or (data.name if data.name in template_sets() else "imagenet7")
-    backbone = load_backbone(model, pretrained, arch, config, quick_gelu, device, seed, DEFAULT_EVAL_MODEL)
-    report = evaluate_zeroshot(backbone, data, templates, output_dir, cache_dir, batch_size, workers,
-                               progress=not quiet, seed=seed)
-    title = f"zero-shot · {data.name} ({split}, {report.record['cliplab']['num_images']} images) · {backbone.model_id}"
-    if backbone.info.random_weights:
-        title += " · random weights"
-    table = Table(title=title)
+def _load(dataset: str, data: DataOptions, run: RunOptions, split: str | None = None):
+    from ..data import load_dataset
+
+    return load_dataset(dataset, data.data_root, split or data.split, run.hash_content)
+
+
+def _templates(templates: str | None, dataset_name: str) -> str:
+    from ..data import template_sets
+
+    return templates or (dataset_name if dataset_name in template_sets() else "imagenet7")
+
+
+def _parse_params(params: list[str]) -> dict:
+    """``key=value`` pairs; values read as JSON where they parse (numbers, booleans, lists), else strings."""
+    out = {}
+    for item in params or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliplabError(f"--param {item!r}: write it as NAME=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _print_report(report, title: str) -> None:
+    table = Table(title=title + (" · random weights" if "random" in report.record["cliplab"]["weights"] else ""))
     for column in ("top-1", "top-5", "mean per-class recall", "ECE"):
         table.add_column(column, justify="right")
     m = report.metrics
-    table.add_row(*(f"{100 * m[k]:.2f}%" for k in ("acc1", "acc5", "mean_per_class_recall", "ece")))
+    table.add_row(*(f"{100 * m[k]:.2f}%" if m[k] == m[k] else "n/a (<5 classes)"
+                    for k in ("acc1", "acc5", "mean_per_class_recall", "ece")))
     console.print(table)
-    if report.features.failures:
-        err_console.print(f"[yellow]{len(report.features.failures)} image(s) skipped[/] (listed in the JSON)")
+    failures = report.features.failures
+    if failures:
+        where = report.files.get("json", "the results JSON")
+        err_console.print(f"[yellow]{len(failures)} image(s) skipped[/] (listed in {where})")
     for kind, path in report.files.items():
         console.print(f"{kind}: {path}")
 
 
-@friendly_errors
+@command
+def zeroshot(
+    dataset: str = DatasetOpt,
+    templates: str = TemplatesOpt,
+    method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (`cliplab methods`)."),
+    params: list[str] = typer.Option(None, "--param", help="Method parameter NAME=VALUE (repeatable)."),
+    output_dir: Path = OutputDirOpt,
+    run: RunOptions = None,
+    data: DataOptions = None,
+):
+    """Zero-shot top-1/top-5/mean per-class recall/ECE; CLIP_benchmark-style JSON + confusion and reliability PNGs."""
+    from ..eval import evaluate_zeroshot
+    from ..heads import head_entry
+
+    if head_entry(method).needs_train:
+        raise CliplabError(f"--method {method} needs training data: use `cliplab evaluate --method {method}`")
+    test = _load(dataset, data, run)
+    backbone = run.load_backbone()
+    report = evaluate_zeroshot(backbone, test, _templates(templates, test.name), output_dir, run.cache_dir,
+                               run.batch_size, run.workers, progress=not run.quiet, seed=run.seed, method=method,
+                               **_parse_params(params))
+    _print_report(report, f"{method} · {test.name} ({test.split}, {len(report.features)} images) · "
+                          f"{backbone.model_id}")
+
+
+@command
+def evaluate(
+    method: str = typer.Option(..., "--method", help="Any registered method (`cliplab methods`)."),
+    dataset: str = DatasetOpt,
+    shots: int = typer.Option(None, "--shots", min=1, help="Few-shot: this many training images per class "
+                              "(drawn with --seed from the train split); default: the whole train split."),
+    split_file: Path = typer.Option(None, "--split-file", help="Repeat a saved few-shot split (JSON of item ids)."),
+    templates: str = TemplatesOpt,
+    params: list[str] = typer.Option(None, "--param", help="Method parameter NAME=VALUE (repeatable)."),
+    output_dir: Path = OutputDirOpt,
+    run: RunOptions = None,
+    data: DataOptions = None,
+):
+    """Evaluate any method: fit on the train split (or a few-shot draw of it) when it needs data, test on --split."""
+    from ..eval import evaluate as run_evaluation
+    from ..heads import create_head, head_entry
+
+    entry = head_entry(method)
+    test_data = _load(dataset, data, run)
+    if test_data.split == "train":
+        raise CliplabError("--split train: the test split must not be the training split")
+    backbone = run.load_backbone()
+    kwargs = _parse_params(params)
+    if entry.family == "zeroshot" or "templates" in kwargs:
+        kwargs.setdefault("templates", _templates(templates, test_data.name))
+    if entry.needs_backbone:
+        kwargs.setdefault("cache_dir", run.cache_dir)
+    head = create_head(method, backbone=backbone, class_names=test_data.class_names, **kwargs)
+    train = split_path = None
+    if entry.needs_train:
+        train = run.embed(backbone, _load(dataset, data, run, split="train")).labelled()
+        if split_file is not None:
+            train, split_path = train.apply_split(split_file).train, split_file
+        elif shots is not None:
+            drawn = train.few_shot(shots, seed=run.seed)
+            split_path = Path(output_dir) / f"split_{test_data.name}_{shots}shot_seed{run.seed}.json"
+            drawn.save(split_path)
+            train = drawn.train
+    test = run.embed(backbone, test_data)
+    report = run_evaluation(head, test, train, output_dir=output_dir, seed=run.seed, shots=shots,
+                            split_file=split_path)
+    _print_report(report, f"{method} · {test.dataset} ({test.split}, {len(test)} images)"
+                          + (f" · {shots} shots, seed {run.seed}" if shots else "") + f" · {backbone.model_id}")
+    if split_path is not None:
+        console.print(f"split: {split_path}")
+
+
+@command
 def embed(
     dataset: str = typer.Argument(..., help="Named dataset, class-folder path or manifest."),
-    data_root: Path = DataRootOpt,
-    split: str = SplitOpt,
     output: Path = typer.Option(None, "--output", "-o", help="Also export to this .npz (features, labels, ids)."),
-    model: str = common.ModelOpt,
-    pretrained: str = common.PretrainedOpt,
-    arch: str = common.ArchOpt,
-    config: Path = common.ConfigOpt,
-    quick_gelu: bool = common.QuickGeluOpt,
-    device: str = common.DeviceOpt,
-    cache_dir: Path = common.CacheOpt,
-    batch_size: int = common.BatchOpt,
-    workers: int = common.WorkersOpt,
-    seed: int = common.SeedOpt,
-    quiet: bool = common.QuietOpt,
-    hash_content: bool = common.HashOpt,
+    run: RunOptions = None,
+    data: DataOptions = None,
 ):
     """Embed a dataset into the feature cache (resumable: rerun after an interruption)."""
-    data = load_dataset(dataset, data_root, split, hash_content)
-    backbone = load_backbone(model, pretrained, arch, config, quick_gelu, device, seed, DEFAULT_EVAL_MODEL)
-    features = embed_images(backbone, data, cache_dir, batch_size=batch_size, num_workers=workers,
-                            progress=not quiet)
-    console.print(f"{len(features)} features of dimension {features.features.shape[1]} "
-                  f"({features.computed} computed now, {len(data) - features.computed} from cache); "
+    import numpy as np
+
+    dataset_value = _load(dataset, data, run)
+    backbone = run.load_backbone()
+    features = run.embed(backbone, dataset_value)
+    console.print(f"{len(features)} features of dimension {features.dim} "
+                  f"({features.computed} computed now, {len(features) - features.computed} from cache); "
                   f"cache key {features.cache_key}")
-    if features.failures:
-        err_console.print(f"[yellow]skipped {len(features.failures)} file(s):[/]")
-        for item, reason in features.failures:
-            err_console.print(f"  {item}: {reason}", markup=False, highlight=False)
-    common.report_ignored(data)
+    report_failures(features.failures)
+    report_ignored(dataset_value)
     if output is not None:
         output = output if output.suffix == ".npz" else output.with_name(output.name + ".npz")
         np.savez(output, features=np.asarray(features.features), labels=features.labels,

@@ -29,11 +29,12 @@ def methods(family: str = typer.Option(None, "--family", help="Only this family.
     """Registered heads (methods) with their family and paper number."""
     from ..heads import list_heads
 
-    table = Table(title="methods")
-    for column in ("name", "family", "paper", "summary"):
+    table = Table(title="methods (`cliplab evaluate --method NAME`)")
+    for column in ("name", "family", "paper", "needs", "summary"):
         table.add_column(column)
     for entry in list_heads(family):
-        table.add_row(entry.name, entry.family, str(entry.paper or "-"), entry.summary)
+        needs = ", ".join(n for n, flag in (("train data", entry.needs_train), ("model", entry.needs_backbone)) if flag)
+        table.add_row(entry.name, entry.family, str(entry.paper or "-"), needs or "-", entry.summary)
     console.print(table)
 
 
@@ -50,9 +51,13 @@ def templates(name: str = typer.Argument(None, help="Show the templates of this 
 
 
 def datasets():
-    """Dataset names ``--dataset`` accepts (besides folders and manifests)."""
-    from ..data import dataset_names, default_data_root
+    """Dataset names ``--dataset`` accepts (besides folders and manifests), with their splits."""
+    from ..data import dataset_names, dataset_splits, default_data_root
 
-    console.print(f"data root: {default_data_root()}")
+    table = Table(title=f"datasets (data root: {default_data_root()})")
+    for column in ("name", "split", "what it is"):
+        table.add_column(column)
     for name in dataset_names():
-        console.print(name)
+        for i, (split, description) in enumerate(dataset_splits(name).items()):
+            table.add_row(name if i == 0 else "", split, description)
+    console.print(table)

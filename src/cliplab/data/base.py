@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image
@@ -27,6 +28,8 @@ class ImageDataset(ABC):
     name: str = "dataset"
     class_names: list[str]
     labels: np.ndarray
+    split: str = "all"  # "train", "val", "test", or "all" for data without splits
+    split_info: Mapping = MappingProxyType({"split": "all", "source": "the whole dataset (no splits)"})
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,7 +51,6 @@ class ImageDataset(ABC):
 
     def identities(self) -> list[str]:
         return [self.identity(i) for i in range(len(self))]
-
 
 
 def printable(text: str) -> str:
@@ -78,6 +80,7 @@ class FileImageDataset(ImageDataset):
         self.name = name
         self.hash_content = hash_content
         self.captions = list(captions) if captions is not None else None
+        self.row_splits: list[str | None] | None = None  # a manifest's per-row ``split`` field, if any
         self.ignored: list[Path] = []  # files a folder scan left out (no image extension), for reporting
 
     def item_id(self, index: int) -> str:
@@ -151,6 +154,7 @@ class Subset(ImageDataset):
         self.labels = dataset.labels[self.indices]
         self.class_names = dataset.class_names
         self.name = dataset.name
+        self.split, self.split_info = dataset.split, dataset.split_info
 
     def item_id(self, index: int) -> str:
         return self.dataset.item_id(int(self.indices[index]))

@@ -19,21 +19,46 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
     return [p for p in files if is_image_path(p)], [p for p in files if not is_image_path(p)]
 
 
-def image_folder(root: str | Path, hash_content: bool = False) -> FileImageDataset:
-    """Class = sub-folder name (sorted, as torchvision's ImageFolder); images found recursively."""
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """``{split: folder}`` when every top-level folder of ``root`` is a split (train/, val/, test/), else {}."""
+    names = _subfolders(root) if root.is_dir() else []
+    if not names or not all(name.lower() in SPLIT_FOLDERS for name in names):
+        return {}
+    return {SPLIT_FOLDERS[name.lower()]: root / name for name in names}
+
+
+def image_folder(root: str | Path, hash_content: bool = False, class_names: Sequence[str] | None = None,
+                 name: str | None = None) -> FileImageDataset:
+    """Class = sub-folder name (sorted, as torchvision's ImageFolder); images found recursively.
+
+    ``class_names`` fixes the class order (and so the label of each folder), as splits of one dataset
+    must share it; a folder not in it is an error.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    found_classes = _subfolders(root)
+    if not found_classes:
         raise DatasetError(f"{root}: no class sub-folders (expected ROOT/<class>/<image>)")
+    classes = list(class_names) if class_names is not None else found_classes
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in found_classes if c not in index]
+    if unknown:
+        raise DatasetError(f"{root}: class folder {unknown[0]!r} is not among the dataset's classes")
     paths, labels, ignored = [], [], []
-    for label, name in enumerate(classes):
-        found, others = _scan(root / name)
+    for folder in found_classes:
+        found, others = _scan(root / folder)
         paths += found
-        labels += [label] * len(found)
+        labels += [index[folder]] * len(found)
         ignored += others
-    dataset = FileImageDataset(paths, labels, classes, root, root.name, hash_content)
+    dataset = FileImageDataset(paths, labels, classes, root, name or root.name, hash_content)
     dataset.ignored = ignored
     return dataset
 
@@ -76,7 +101,7 @@ def manifest(path: str | Path, class_names: Sequence[str] | None = None, hash_co
         raise DatasetError(f"{path}: manifest has no rows")
     names = list(class_names or declared or sorted({str(r["label"]) for r in rows if r.get("label") not in (None, "")}))
     index = {name: i for i, name in enumerate(names)}
-    paths, labels, captions = [], [], []
+    paths, labels, captions, splits = [], [], [], []
     for line, row in enumerate(rows, start=2 if path.suffix == ".csv" else 1):
         file = row.get("path") or row.get("image")
         if not file:
@@ -85,9 +110,13 @@ def manifest(path: str | Path, class_names: Sequence[str] | None = None, hash_co
         labels.append(_label_index(row.get("label"), index, names, path, line))
         caption = row.get("caption") or row.get("captions")
         captions.append([caption] if isinstance(caption, str) else list(caption or []))
+        splits.append(str(row["split"]) if row.get("split") not in (None, "") else None)
     has_captions = any(captions)
-    return FileImageDataset(paths, labels, names, path.parent, path.stem, hash_content,
-                            captions if has_captions else None)
+    dataset = FileImageDataset(paths, labels, names, path.parent, path.stem, hash_content,
+                               captions if has_captions else None)
+    if any(s is not None for s in splits):
+        dataset.row_splits = splits
+    return dataset
 
 
 def _read_manifest_rows(path: Path) -> tuple[list[dict], list[str] | None]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
 from ..errors import LabelError, TemplateError
 
 PLACEHOLDER = "{c}"
+# ImageNet-1k index -> (CLIP_benchmark's name, distinct name): the first WordNet lemma of the class's synset,
+# for the one class of each same-named pair whose lemma differs (n04008634 "projectile, missile";
+# n04355933 "sunglass"; their partners n03773504 "missile" and n04356056 "sunglasses" keep their names).
+IMAGENET_DUPLICATES: dict[int, tuple[str, str]] = {744: ("missile", "projectile"), 836: ("sunglasses", "sunglass")}
 
 
 def _builtin(kind: str) -> dict[str, resources.abc.Traversable]:
@@ -113,3 +117,43 @@ def _read_list(path: Path, key: str, error: type[Exception]) -> list[str]:
             raise error(f"{path}: expected a JSON list of strings or an object with '{key}'")
         return data
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def class_prompts(class_names: Sequence[str], prompts: str | Path | Sequence[str] | Mapping[str, Sequence[str]]
+                  ) -> list[list[str]]:
+    """The prompts of each class, in class order: templates x classes, or a class -> prompts mapping.
+
+    ``prompts`` is a template set (name, file or list, see :func:`load_templates`), each template
+    filled with every class name; or a mapping such as CuPL's ``{class: [sentences]}``, which must
+    give at least one prompt for every class.
+    """
+    names = check_class_names(list(class_names), "class names")
+    if isinstance(prompts, Mapping):
+        missing = [name for name in names if not prompts.get(name)]
+        if missing:
+            raise LabelError(f"prompt mapping gives no prompts for class {missing[0]!r}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        return [[str(p) for p in prompts[name]] for name in names]
+    templates = load_templates(prompts)
+    return [[fill_template(t, name) for t in templates] for name in names]
+
+
+def distinct_class_names(names: Sequence[str]) -> list[str]:
+    """A built-in class-name list with duplicates made distinct, for the zero-shot head.
+
+    CLIP_benchmark's ImageNet list (OpenAI's curated names) names two pairs of classes alike; one of
+    each pair gets its WordNet synset's own first lemma (see ``IMAGENET_DUPLICATES``). Any other
+    duplicate gets `` (2)``, `` (3)``... appended. User-given duplicate labels stay an error
+    (:func:`check_class_names`).
+    """
+    out = list(names)
+    for index, replacement in IMAGENET_DUPLICATES.items():
+        if len(out) == 1000 and index < len(out) and out[index] == replacement[0]:
+            out[index] = replacement[1]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(out):
+        key = name.casefold()
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            out[i] = f"{name} ({seen[key]})"
+    return out

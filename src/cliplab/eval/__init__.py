@@ -1,5 +1,6 @@
-"""Metrics (CLIP_benchmark definitions), results JSON and plots."""
+"""Metrics (CLIP_benchmark definitions), one evaluation for every head, results JSON and plots."""
 
+from .evaluate import EvaluationReport, evaluate, head_params
 from .metrics import (
     calibration_bins,
     classification_metrics,
@@ -8,11 +9,13 @@ from .metrics import (
     normalized_confusion,
     topk_accuracy,
 )
-from .results import results_record, write_json
-from .zeroshot import ZeroShotReport, evaluate_zeroshot
+from .results import RANDOM_WEIGHTS_NOTE, results_record, write_json
+from .zeroshot import evaluate_zeroshot
+
+ZeroShotReport = EvaluationReport  # the name before every head shared one evaluation
 
 __all__ = [
-    "ZeroShotReport", "calibration_bins", "classification_metrics", "evaluate_zeroshot",
-    "expected_calibration_error", "mean_per_class_recall", "normalized_confusion", "results_record",
-    "topk_accuracy", "write_json",
+    "RANDOM_WEIGHTS_NOTE", "EvaluationReport", "ZeroShotReport", "calibration_bins", "classification_metrics",
+    "evaluate", "evaluate_zeroshot", "expected_calibration_error", "head_params", "mean_per_class_recall",
+    "normalized_confusion", "results_record", "topk_accuracy", "write_json",
 ]

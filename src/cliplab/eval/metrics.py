@@ -49,12 +49,15 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
 
 
 def classification_metrics(y_true: np.ndarray, scores: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """acc1, acc5, mean_per_class_recall (CLIP_benchmark keys) and ece."""
+    """acc1, acc5, mean_per_class_recall (CLIP_benchmark keys) and ece.
+
+    As CLIP_benchmark, acc5 is NaN with fewer than 5 classes (top-5 would be trivially 1).
+    """
     y_true = np.asarray(y_true)
     y_pred = scores.argmax(axis=1)
     return {
         "acc1": topk_accuracy(y_true, scores, 1),
-        "acc5": topk_accuracy(y_true, scores, 5),
+        "acc5": topk_accuracy(y_true, scores, 5) if scores.shape[1] >= 5 else float("nan"),
         "mean_per_class_recall": mean_per_class_recall(y_true, y_pred),
         "ece": expected_calibration_error(y_true, probs),
     }

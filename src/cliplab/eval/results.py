@@ -7,32 +7,29 @@ import platform
 from pathlib import Path
 
 from .. import __version__
-from ..features.cache import atomic_write_text
-from ..models.backbone import Backbone
+from ..features.embed import RANDOM_WEIGHTS_NOTE
+from ..fileio import atomic_write_text
 
-RANDOM_WEIGHTS_NOTE = "random weights: numbers say nothing about real accuracy"
-
-
-def weights_note(backbone: Backbone) -> str:
-    """"random weights" where the backbone has them, else where the weights came from."""
-    if backbone.info.random_weights:
-        return RANDOM_WEIGHTS_NOTE
-    return f"{backbone.info.source} weights"
+__all__ = ["RANDOM_WEIGHTS_NOTE", "results_record", "write_json"]
 
 
-def results_record(*, dataset: str, backbone: Backbone, task: str, metrics: dict, extra: dict) -> dict:
-    """``{dataset, model, pretrained, task, metrics, language}`` as CLIP_benchmark writes, plus ``cliplab``."""
+def results_record(*, dataset: str, model: dict, task: str, metrics: dict, extra: dict) -> dict:
+    """``{dataset, model, pretrained, task, metrics, language}`` as CLIP_benchmark writes, plus ``cliplab``.
+
+    ``model`` is an ``ImageFeatures.model`` record: CLIP_benchmark's ``model`` and ``pretrained``
+    names, the ``model_id`` and a weights note.
+    """
     return {
         "dataset": dataset,
-        "model": backbone.info.name,
-        "pretrained": backbone.info.pretrained or backbone.model_id,
+        "model": model.get("model", ""),
+        "pretrained": model.get("pretrained", ""),
         "task": task,
         "metrics": metrics,
         "language": "en",
         "cliplab": {
             "version": __version__,
-            "model_id": backbone.model_id,
-            "weights": weights_note(backbone),
+            "model_id": model.get("model_id", ""),
+            "weights": model.get("weights", ""),
             "python": platform.python_version(),
             **extra,
         },

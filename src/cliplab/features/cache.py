@@ -15,20 +15,19 @@ unregistered shard (ignored) and never a registered row without data. SQLite in 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
 from ..errors import CacheError, DimensionMismatchError
+from ..fileio import atomic_save_npy, atomic_write_text, temporary_name
 
 SQL_BATCH = 500
 SCHEMA = """
@@ -45,38 +44,9 @@ def default_cache_root() -> Path:
     return base / "cliplab"
 
 
-def digest(*parts: str) -> str:
-    """Short stable hash of strings (joined by newlines)."""
-    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:24]
-
-
-def temporary_name(path: Path) -> Path:
-    """A hidden sibling of ``path`` unique to this process and call, for write-then-rename."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write`` on a temporary file, fsync it and rename it over ``path``: readers see all or nothing."""
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` (as float32 .npy) to ``path`` atomically."""
-    atomic_write(path, lambda handle: np.save(handle, np.ascontiguousarray(array, dtype=np.float32)))
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where feature spaces live: ``cache_dir`` as given, else ``<default cache root>/features``."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
 
 
 def cache_spaces(root: str | Path) -> list[FeatureCache]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,31 +13,13 @@ from tqdm.auto import tqdm
 
 from ..data.base import ImageDataset
 from ..errors import CliplabError, ImageDecodeError
+from ..fileio import digest
 from ..models.backbone import Backbone
-from .cache import FeatureCache, default_cache_root, digest
+from .cache import FeatureCache, cache_root
+from .values import ImageFeatures
 
 SHARD_ITEMS = 1024
-
-
-@dataclass
-class ImageFeatures:
-    """Embeddings of the decodable images of a dataset, in dataset order.
-
-    ``features[k]`` belongs to dataset item ``indices[k]`` (id ``item_ids[k]``, label ``labels[k]``);
-    ``failures`` lists every item that could not be decoded, as (item id, reason).
-    """
-
-    features: np.ndarray
-    labels: np.ndarray
-    item_ids: list[str]
-    indices: np.ndarray
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    class_names: list[str] = field(default_factory=list)
-    cache_key: str | None = None
-    computed: int = 0
-
-    def __len__(self) -> int:
-        return len(self.features)
+RANDOM_WEIGHTS_NOTE = "random weights: numbers say nothing about real accuracy"
 
 
 class _Decoded(Dataset):
@@ -66,11 +46,6 @@ def _collate(batch):
     bad = [(i, failure) for i, t, failure in batch if t is None]
     tensors = torch.stack([t for _, t in good]) if good else None
     return [i for i, _ in good], tensors, bad
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """Where feature spaces live: ``cache_dir`` as given, else ``<default cache root>/features``."""
-    return Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
 
 
 def image_cache(backbone: Backbone, cache_dir: str | Path | None = None) -> FeatureCache:
@@ -114,12 +89,12 @@ def embed_images(
         found, failed = cache.lookup(identities)
         missing = [i for i, ident in enumerate(identities) if ident not in found and ident not in failed]
         if missing:
-            transient = _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress)
+            transient, computed = _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers,
+                                           progress)
             found, failed = cache.lookup(identities)
         ok = [i for i, ident in enumerate(identities) if ident in found]
         reasons = {i: failed[ident] for i, ident in enumerate(identities) if ident in failed and ident not in found}
         locations = [found[identities[i]] for i in ok]
-        computed = len(missing)
         if transient:  # incomplete: keep it out of the stored views so the next run retries those files
             out = cache.gather(locations, np.empty((len(ok), backbone.embed_dim), np.float32))
             view = out, np.asarray(ok, dtype=np.int64), reasons
@@ -132,15 +107,29 @@ def embed_images(
         labels=dataset.labels[ok],
         item_ids=[dataset.item_id(i) for i in ok],
         indices=ok,
-        failures=[(dataset.item_id(i), reasons[i]) for i in sorted(reasons)],
         class_names=list(dataset.class_names),
+        dataset=dataset.name,
+        split=dataset.split,
+        split_info=dict(dataset.split_info),
+        model_id=backbone.model_id,
+        model=model_record(backbone),
         cache_key=f"{cache.space}/{view_key}",
+        failures=[(dataset.item_id(i), reasons[i]) for i in sorted(reasons)],
         computed=computed,
     )
 
 
-def _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress) -> dict[int, str]:
-    """Embed items ``missing`` into the cache, a shard at a time; return this run's transient failures.
+def model_record(backbone: Backbone) -> dict:
+    """The model as results JSON names it: CLIP_benchmark's ``model``/``pretrained``, id and weights note."""
+    model, pretrained = backbone.benchmark_names()
+    weights = RANDOM_WEIGHTS_NOTE if backbone.info.random_weights else f"{backbone.info.source} weights"
+    return {"model": model, "pretrained": pretrained, "model_id": backbone.model_id, "weights": weights}
+
+
+def _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress
+             ) -> tuple[dict[int, str], int]:
+    """Embed items ``missing`` into the cache, a shard at a time; return this run's transient failures and
+    how many items this process encoded (batches another process stored meanwhile are skipped).
 
     Finished work is flushed even when the run is interrupted (Ctrl-C, an error), so a rerun resumes.
     """
@@ -160,6 +149,7 @@ def _compute(backbone, dataset, missing, identities, cache, batch_size, num_work
     pending: list[np.ndarray] = []
     pending_failures: dict[str, str] = {}
     transient: dict[int, str] = {}
+    encoded = 0
     bar = tqdm(total=len(missing), unit="img", desc="embedding", disable=not progress, leave=False)
     try:
         for indices, tensors, bad in loader:
@@ -167,6 +157,7 @@ def _compute(backbone, dataset, missing, identities, cache, batch_size, num_work
             if tensors is not None and not _all_stored(cache, batch_ids):  # another process may have done it
                 pending.append(backbone.encode_images(tensors).numpy())
                 pending_ids += batch_ids
+                encoded += len(batch_ids)
             for index, (reason, permanent) in bad:
                 if permanent:
                     pending_failures[identities[index]] = reason
@@ -184,7 +175,7 @@ def _compute(backbone, dataset, missing, identities, cache, batch_size, num_work
     finally:
         _flush(cache, pending_ids, pending, pending_failures, backbone.embed_dim)
         bar.close()
-    return transient
+    return transient, encoded
 
 
 def _all_stored(cache: FeatureCache, identities: list[str]) -> bool:
@@ -197,21 +188,3 @@ def _flush(cache: FeatureCache, ids, blocks, failures, dim: int) -> None:
     if ids or failures:
         features = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)
         cache.add(ids, features, failures)
-
-
-def embed_texts(
-    backbone: Backbone, texts: Sequence[str], cache_dir: str | Path | None = None
-) -> np.ndarray:
-    """Embed strings (L2-normalised float32 (m, d)), caching each string's embedding on disk."""
-    texts = list(texts)
-    cache = FeatureCache(cache_root(cache_dir), "txt-" + digest(backbone.model_id, "text"),
-                         {"model_id": backbone.model_id, "dim": backbone.embed_dim, "modality": "text"})
-    identity = {t: hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts}
-    identities = [identity[t] for t in texts]
-    found, _ = cache.lookup(identities)
-    todo = [t for t in identity if identity[t] not in found]
-    if todo:
-        cache.add([identity[t] for t in todo], backbone.encode_texts(todo).numpy())
-        found, _ = cache.lookup(identities)
-    out = np.empty((len(texts), backbone.embed_dim), dtype=np.float32)
-    return cache.gather([found[i] for i in identities], out)

@@ -1,6 +1,17 @@
-"""Classifier heads on cached features (scikit-learn estimators), registered by name."""
+"""Classifier heads on cached features (scikit-learn estimators), registered by name.
 
-from .registry import HeadEntry, get_head, list_heads, register
-from .zeroshot import ZeroShotClassifier, class_weights
+Every module in this package is imported here, so a head registers itself by being a file in it.
+"""
 
-__all__ = ["HeadEntry", "ZeroShotClassifier", "class_weights", "get_head", "list_heads", "register"]
+from .base import ClipHead
+from .registry import HeadEntry, create_head, get_head, head_entry, list_heads, load_all, register
+
+load_all()
+
+from .ncm import NearestClassMean  # noqa: E402
+from .zeroshot import ZeroShotClassifier  # noqa: E402
+
+__all__ = [
+    "ClipHead", "HeadEntry", "NearestClassMean", "ZeroShotClassifier", "create_head", "get_head", "head_entry",
+    "list_heads", "load_all", "register",
+]

@@ -1,46 +1,108 @@
-"""Head registry: methods register by name, the way timm and open_clip register models."""
+"""Head registry: methods register by name when their module is imported, as timm and open_clip register models.
+
+``@register("ncm", family="fewshot", needs_train=True)`` on a head class is all a new method needs:
+the package imports every module in ``cliplab/heads/``, ``create_head`` builds it by name, and the
+generic evaluation, the CLI and ``cliplab methods`` find it.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 from dataclasses import dataclass
 
 from ..errors import CliplabError
 
+NOT_HEADS = {"base", "registry"}
+
 
 @dataclass(frozen=True)
 class HeadEntry:
-    """A registered head class with its family and the paper it implements."""
+    """A registered head class, its family, paper, and what it needs to be built and fitted."""
 
     name: str
     cls: type
     family: str
     paper: int | None
     summary: str
+    needs_train: bool  # fit needs labelled training features
+    needs_backbone: bool  # __init__ takes the Backbone (text encoder, or training through the encoders)
 
 
 _REGISTRY: dict[str, HeadEntry] = {}
+_LOADED = False
 
 
-def register(name: str, family: str, paper: int | None = None):
-    """Class decorator: ``@register("zeroshot", family="zeroshot")``."""
+def register(name: str, family: str, paper: int | None = None, *, needs_train: bool = True,
+             needs_backbone: bool | None = None):
+    """Class decorator: ``@register("zeroshot", family="zeroshot", needs_train=False)``.
+
+    ``needs_backbone`` defaults to whether ``__init__`` takes a ``backbone`` argument.
+    """
 
     def decorate(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name].cls is not cls:
+        if name in _REGISTRY and _REGISTRY[name].cls.__qualname__ != cls.__qualname__:
             raise CliplabError(f"head name {name!r} is already registered by {_REGISTRY[name].cls.__name__}")
+        takes_backbone = "backbone" in inspect.signature(cls.__init__).parameters
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        _REGISTRY[name] = HeadEntry(name, cls, family, paper, summary)
+        _REGISTRY[name] = HeadEntry(name, cls, family, paper, summary, needs_train,
+                                    takes_backbone if needs_backbone is None else needs_backbone)
+        cls._registered_name = name
         return cls
 
     return decorate
 
 
+def load_all() -> None:
+    """Import every module of ``cliplab.heads`` once, so that each registers its heads."""
+    global _LOADED
+    if _LOADED:
+        return
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in NOT_HEADS and not module.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{module.name}")
+    _LOADED = True
+
+
+def head_entry(name_or_head) -> HeadEntry:
+    """The entry of a registered name, head class or head instance."""
+    load_all()
+    if isinstance(name_or_head, str):
+        if name_or_head not in _REGISTRY:
+            raise CliplabError(f"unknown method {name_or_head!r}; known: {', '.join(sorted(_REGISTRY))}")
+        return _REGISTRY[name_or_head]
+    cls = name_or_head if isinstance(name_or_head, type) else type(name_or_head)
+    for entry in _REGISTRY.values():
+        if entry.cls is cls:
+            return entry
+    raise CliplabError(f"{cls.__name__} is not a registered head")
+
+
 def get_head(name: str) -> type:
     """The head class registered as ``name``."""
-    if name not in _REGISTRY:
-        raise CliplabError(f"unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name].cls
+    return head_entry(name).cls
 
 
 def list_heads(family: str | None = None) -> list[HeadEntry]:
     """Registered heads, optionally of one family, sorted by name."""
+    load_all()
     return sorted((e for e in _REGISTRY.values() if family in (None, e.family)), key=lambda e: e.name)
+
+
+def create_head(name: str, *, backbone=None, class_names=None, **params):
+    """Build the head registered as ``name``; ``backbone`` and ``class_names`` go to heads that take them.
+
+    Unknown parameters are an error naming the ones the head takes.
+    """
+    entry = head_entry(name)
+    accepted = [p for p in inspect.signature(entry.cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise CliplabError(f"method {name!r} takes no parameter {unknown[0]!r}; it takes {', '.join(accepted)}")
+    if entry.needs_backbone and backbone is None:
+        raise CliplabError(f"method {name!r} needs a backbone (a loaded model)")
+    given = {"backbone": backbone, "class_names": class_names}
+    params.update({key: value for key, value in given.items() if key in accepted and value is not None})
+    return entry.cls(**params)

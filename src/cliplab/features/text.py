@@ -1,0 +1,65 @@
+"""The text side, below every head: prompt embeddings (cached per model and tokenizer) and their ensembles."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..data.prompts import class_prompts
+from ..fileio import digest
+from ..models.backbone import Backbone
+from .cache import FeatureCache, cache_root
+
+
+def text_cache(backbone: Backbone, cache_dir: str | Path | None = None) -> FeatureCache:
+    """The cache space of ``backbone``'s text embeddings; the tokenizer is part of its key."""
+    meta = {"model_id": backbone.model_id, "tokenizer": backbone.tokenizer_id, "dim": backbone.embed_dim,
+            "modality": "text"}
+    return FeatureCache(cache_root(cache_dir), "txt-" + digest(backbone.model_id, backbone.tokenizer_id), meta)
+
+
+def embed_texts(backbone: Backbone, texts: Sequence[str], cache_dir: str | Path | None = None) -> np.ndarray:
+    """Embed strings (L2-normalised float32 (m, d)), caching each string's embedding on disk."""
+    texts = list(texts)
+    cache = text_cache(backbone, cache_dir)
+    identity = {t: hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest() for t in texts}
+    identities = [identity[t] for t in texts]
+    found, _ = cache.lookup(identities)
+    todo = [t for t in identity if identity[t] not in found]
+    if todo:
+        cache.add([identity[t] for t in todo], backbone.encode_texts(todo).numpy())
+        found, _ = cache.lookup(identities)
+    out = np.empty((len(texts), backbone.embed_dim), dtype=np.float32)
+    return cache.gather([found[i] for i in identities], out)
+
+
+def embed_prompts(backbone: Backbone, prompts: Sequence[Sequence[str]],
+                  cache_dir: str | Path | None = None) -> list[np.ndarray]:
+    """Per-class prompt embeddings: ``prompts[c]`` (n_c strings) -> array (n_c, d), one cached batch for all."""
+    flat = [p for group in prompts for p in group]
+    embedded = embed_texts(backbone, flat, cache_dir)
+    bounds = np.cumsum([0] + [len(group) for group in prompts])
+    return [embedded[bounds[c]:bounds[c + 1]] for c in range(len(prompts))]
+
+
+def ensemble(per_class: Sequence[np.ndarray], renormalize: bool = True) -> np.ndarray:
+    """Class weights (d, C): the mean of each class's (L2-normalised) prompt embeddings.
+
+    ``renormalize=True`` is CLIP's prompt ensembling (the mean scaled back to unit length);
+    ``False`` keeps the plain mean, so ``x @ w_c`` is the mean of the per-prompt similarities, as
+    DCLIP averages descriptor scores.
+    """
+    means = np.stack([np.asarray(group, dtype=np.float64).mean(axis=0) for group in per_class])
+    if renormalize:
+        means /= np.linalg.norm(means, axis=1, keepdims=True)
+    return np.ascontiguousarray(means.T, dtype=np.float32)
+
+
+def class_weights(backbone: Backbone, class_names: Sequence[str],
+                  prompts: str | Path | Sequence[str] | Mapping[str, Sequence[str]],
+                  renormalize: bool = True, cache_dir: str | Path | None = None) -> np.ndarray:
+    """Zero-shot classifier matrix (d, C) from templates x classes or a class -> prompts mapping."""
+    return ensemble(embed_prompts(backbone, class_prompts(class_names, prompts), cache_dir), renormalize)

@@ -1,0 +1,69 @@
+"""What every head shares: scikit-learn's classifier contract on CLIP features, with cliplab's errors.
+
+A head is a scikit-learn classifier over L2-normalised image features. Subclasses implement ``fit``
+(learning state ending in ``_``, ``classes_`` and ``n_features_in_``) and ``logits`` ((n, C), one column
+per class, also for two classes: what OOD scores and ensembles use); this base gives
+``decision_function`` (the logits; for two classes scikit-learn's 1-D margin), ``predict``,
+``predict_proba`` (softmax of the logits), ``top_k`` and ``score``, and validates input with
+scikit-learn's own checks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ..errors import DimensionMismatchError, FeatureError
+
+
+class ClipHead(ClassifierMixin, BaseEstimator):
+    """Base class of cliplab's heads (not registered itself)."""
+
+    def _validate(self, X, y="no_validation", reset: bool = False):
+        """``validate_data`` raising cliplab errors (still ValueErrors, with scikit-learn's message) for the wrong
+        width, NaN/inf, empty or not 2-D input. Pass ``y`` (even None) when fitting a head that needs labels."""
+        try:
+            return validate_data(self, X, y, reset=reset, dtype=np.float32)
+        except (FeatureError, DimensionMismatchError):
+            raise
+        except ValueError as exc:
+            message = " ".join(str(exc).split())
+            if "features, but" in message:
+                raise DimensionMismatchError(
+                    f"{type(self).__name__}: {message} (features from another model?)") from exc
+            raise FeatureError(f"{type(self).__name__}: {message}") from exc
+
+    def _checked(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return self._validate(X)
+
+    def logits(self, X) -> np.ndarray:  # pragma: no cover - every head implements it
+        """Logits (n, C) over ``classes_``."""
+        raise NotImplementedError
+
+    def decision_function(self, X) -> np.ndarray:
+        """The logits; with two classes, scikit-learn's margin ``logit_1 - logit_0`` (n,)."""
+        scores = self.logits(X)
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Softmax of the logits over ``classes_``."""
+        return softmax(self.logits(X), axis=1)
+
+    def predict(self, X) -> np.ndarray:
+        """The highest-scoring class of each row (ties: the lower class index)."""
+        scores = self.logits(X)
+        return self.classes_[np.argmax(scores, axis=1)]
+
+    def top_k(self, X, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most probable classes per row, best first: (column indices (n, k), probabilities (n, k))."""
+        probs = self.predict_proba(X)
+        k = min(k, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(probs, order, axis=1)
+
+    def fit_summary(self) -> dict:
+        """JSON-able facts about the fitted head for results files (e.g. number of prompts); none by default."""
+        return {}
