@@ -198,7 +198,11 @@ def _path_sources(path: Path, hash_content: bool) -> dict[str, SplitSource]:
                           if c.is_dir() and not c.name.startswith(".")})
 
         def load(folder: Path) -> Callable[[], ImageDataset]:
-            return lambda: image_folder(folder, hash_content, class_names=classes, name=path.name)
+            def build() -> ImageDataset:
+                dataset = image_folder(folder, hash_content, class_names=classes, name=path.name)
+                dataset.root = path  # item ids keep the split folder (train/cat/1.png): unique across splits
+                return dataset
+            return build
 
         return {split: SplitSource(f"{folder.name}/ folder", load(folder)) for split, folder in folders.items()}
     if path.is_file() and path.suffix in (".csv", ".jsonl", ".json"):
