@@ -65,10 +65,13 @@ def test_evaluate_a_few_shot_head_and_repeat_its_split(split_folder, tmp_path):
     saved = json.loads(split_file.read_text())
     assert len(saved["train_ids"]) == 4 and all(i.startswith("train/") for i in saved["train_ids"])
     again = _invoke("evaluate", "--method", "ncm", "--dataset", split_folder, "--split-file", split_file,
-                    "--model", "tiny", "-q", "-o", tmp_path / "again", "--workers", "0")
+                    "--seed", "4", "--model", "tiny", "-q", "-o", tmp_path / "again", "--workers", "0")  # tiny-seed4
     assert again.exit_code == 0, again.output
     repeated = json.loads(next((tmp_path / "again").glob("ncm_*.json")).read_text())
-    assert repeated["metrics"] == record["metrics"]
+    assert repeated["cliplab"]["split_file"] == str(split_file)
+    assert repeated["cliplab"]["train_split"]["num_images"] == 4  # the saved 2 shots x 2 classes, not all of train
+    for key in ("acc1", "mean_per_class_recall"):
+        assert repeated["metrics"][key] == record["metrics"][key]
 
 
 def test_evaluate_zero_shot_method_and_parameters(split_folder, tmp_path):
