@@ -93,8 +93,19 @@ def test_different_preprocessing_uses_a_different_cache_space(tmp_path, tiny):
     from cliplab.models import load_model
 
     other = load_model("tiny")
-    other.preprocess = type(tiny.preprocess)(list(tiny.preprocess.transforms)[1:])
+    assert image_cache(tiny, tmp_path).space == image_cache(other, tmp_path).space
+    other.preprocess_config = {**other.preprocess_config, "interpolation": "bilinear"}
     assert image_cache(tiny, tmp_path).space != image_cache(other, tmp_path).space
+
+
+def test_text_cache_is_keyed_by_the_tokenizer(tmp_path, tiny):
+    from cliplab.features import text_cache
+    from cliplab.models import load_model
+
+    other = load_model("tiny")
+    assert text_cache(tiny, tmp_path).space == text_cache(other, tmp_path).space
+    other._tokenizer_id = "another-tokenizer"  # same weights, another tokenizer: other token ids, other embeddings
+    assert text_cache(tiny, tmp_path).space != text_cache(other, tmp_path).space
 
 
 def test_content_hash_identity_survives_a_move(tmp_path, tiny):
@@ -212,3 +223,34 @@ def test_cache_gc_removes_only_old_orphans(tmp_path, tiny):
     assert sorted(p.name for p in shards.iterdir()) == sorted(registered + ["fresh-orphan.npy"])
     again = embed_images(tiny, data, tmp_path / "cache", num_workers=0, progress=False)
     assert again.computed == 0
+
+
+def test_cache_gc_removes_views_unused_for_long_and_they_rebuild_without_recomputing(tmp_path, tiny):
+    import os
+    import time
+
+    first = image_folder(_folder_with_bad_files(tmp_path / "a"))
+    second = image_folder(_folder_with_bad_files(tmp_path / "b"))
+    for data in (first, second):
+        embed_images(tiny, data, tmp_path / "cache", num_workers=0, progress=False)
+    views = image_cache(tiny, tmp_path / "cache").dir / "views"
+    assert len(list(views.glob("*.npy"))) == 2
+    old_key = embed_images(tiny, first, tmp_path / "cache", num_workers=0, progress=False).cache_key.split("/")[1]
+    past = time.time() - 40 * 86400
+    os.utime(views / f"{old_key}.json", (past, past))
+    removed, _ = image_cache(tiny, tmp_path / "cache").collect_garbage()
+    assert removed == 2 and sorted(p.stem for p in views.glob("*.npy")) != [] and not (views / f"{old_key}.npy").exists()
+    assert len(list(views.glob("*.json"))) == 1  # the recently used view is kept
+    again = embed_images(tiny, first, tmp_path / "cache", num_workers=0, progress=False)
+    assert again.computed == 0 and (views / f"{old_key}.npy").exists()  # rebuilt from the shards
+
+
+def test_reading_a_view_marks_it_used(tmp_path, tiny):
+    import os
+
+    data = image_folder(_folder_with_bad_files(tmp_path / "a"))
+    key = embed_images(tiny, data, tmp_path / "cache", num_workers=0, progress=False).cache_key.split("/")[1]
+    side = image_cache(tiny, tmp_path / "cache").dir / "views" / f"{key}.json"
+    os.utime(side, (1_000_000, 1_000_000))
+    embed_images(tiny, data, tmp_path / "cache", num_workers=0, progress=False)
+    assert side.stat().st_mtime > 1_000_000

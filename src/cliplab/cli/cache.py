@@ -14,8 +14,10 @@ from .common import RUN_OPTIONS, console, friendly_errors
 def cache(
     cache_dir: Path = RUN_OPTIONS["cache_dir"],
     gc: bool = typer.Option(False, "--gc", help="Delete unregistered shards and temporary files left by "
-                            "killed runs (older than --min-age)."),
+                            "killed runs (older than --min-age), and stored dataset views unused for --view-days."),
     min_age: float = typer.Option(3600.0, "--min-age", help="Seconds a leftover must be old before --gc removes it."),
+    view_days: float = typer.Option(30.0, "--view-days", help="Days a dataset view may go unused before --gc "
+                                    "removes it (views are rebuilt from the shards without recomputing)."),
 ):
     """List cache spaces (model, items, size); with --gc, remove what interrupted runs left behind."""
     from ..features.cache import cache_root, cache_spaces
@@ -33,6 +35,6 @@ def cache(
     if gc:
         removed = freed = 0
         for space in spaces:
-            files, size = space.collect_garbage(min_age)
+            files, size = space.collect_garbage(min_age, view_days * 86400)
             removed, freed = removed + files, freed + size
         console.print(f"removed {removed} leftover file(s), {freed / 2**20:.1f} MiB")

@@ -15,6 +15,7 @@ unregistered shard (ignored) and never a registered row without data. SQLite in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -30,6 +31,7 @@ from ..errors import CacheError, DimensionMismatchError
 from ..fileio import atomic_save_npy, atomic_write_text, temporary_name
 
 SQL_BATCH = 500
+VIEW_MAX_AGE = 30 * 24 * 3600.0  # stored views unused this long are removed by collect_garbage
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (identity TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (identity TEXT PRIMARY KEY, reason TEXT NOT NULL);
@@ -178,24 +180,38 @@ class FeatureCache:
         indices = np.asarray(side["indices"], dtype=np.int64)
         if len(indices) != len(features):
             return None
+        with contextlib.suppress(OSError):  # the sidecar's mtime is the view's last use, for collect_garbage
+            os.utime(path.with_suffix(".json"))
         return features, indices, {int(i): r for i, r in side["failures"].items()}
 
-    def collect_garbage(self, min_age_seconds: float = 3600.0) -> tuple[int, int]:
-        """Delete shards no index row points to, and leftover temporary files, older than ``min_age_seconds``.
+    def collect_garbage(self, min_age_seconds: float = 3600.0,
+                        view_max_age_seconds: float = VIEW_MAX_AGE) -> tuple[int, int]:
+        """Delete shards no index row points to and leftover temporary files older than ``min_age_seconds``,
+        and stored views not used for ``view_max_age_seconds``.
 
-        Such files are what a process killed between writing and registering leaves behind. The age
-        limit keeps files of runs still in progress. Returns (files removed, bytes freed).
+        Orphan shards and temporary files are what a process killed between writing and registering
+        leaves behind; the age limit keeps files of runs still in progress. Views are derived data (a
+        dataset's rows gathered from the shards): an old one is rebuilt from the shards on next use,
+        without recomputing features. Returns (files removed, bytes freed).
         """
         with closing(self._connect()) as db:
             used = {row[0] for row in db.execute("SELECT DISTINCT shard FROM items")}
         cutoff = time.time() - min_age_seconds
         removed = freed = 0
+        stale: list[Path] = []
         for path in list((self.dir / "shards").iterdir()) + list((self.dir / "views").glob(".*.tmp")):
             orphan = path.name.endswith(".tmp") or path.name not in used
-            stat = path.stat()
-            if orphan and stat.st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed, freed = removed + 1, freed + stat.st_size
+            if orphan and path.stat().st_mtime < cutoff:
+                stale.append(path)
+        view_cutoff = time.time() - view_max_age_seconds
+        for side in (self.dir / "views").glob("*.json"):
+            if side.stat().st_mtime < view_cutoff:
+                stale += [side.with_suffix(".npy"), side]  # the array first: a view never lacks its sidecar
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                path.unlink()
+                removed, freed = removed + 1, freed + size
         return removed, freed
 
     def disk_usage(self) -> int:

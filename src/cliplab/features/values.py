@@ -45,7 +45,7 @@ class ImageFeatures:
     computed: int = 0  # items this call encoded (the rest came from the cache)
 
     def __post_init__(self):
-        object.__setattr__(self, "features", _read_only(np.asarray(self.features)))
+        object.__setattr__(self, "features", _read_only(np.asanyarray(self.features)))
         object.__setattr__(self, "labels", _read_only(np.asarray(self.labels, dtype=np.int64)))
         object.__setattr__(self, "indices", _read_only(np.asarray(self.indices, dtype=np.int64)))
         if not (len(self.features) == len(self.labels) == len(self.item_ids) == len(self.indices)):
