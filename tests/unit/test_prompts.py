@@ -62,3 +62,24 @@ def test_class_name_files(tmp_path):
         read_class_names(tmp_path / "empty.txt")
     with pytest.raises(LabelError, match="not found"):
         read_class_names(tmp_path / "missing.txt")
+
+
+def test_class_prompts_from_templates_or_a_mapping():
+    from cliplab.data import class_prompts
+
+    assert class_prompts(["cat", "dog"], ["a {c}", "the {c}"]) == [["a cat", "the cat"], ["a dog", "the dog"]]
+    mapping = {"aquarium fish": ["a small fish in a tank"], "Maple Tree": ["a maple"]}
+    assert class_prompts(["aquarium_fish", "maple_tree"], mapping) == [["a small fish in a tank"], ["a maple"]]
+
+
+def test_real_cupl_cifar100_prompts_cover_clip_benchmark_names():
+    from pathlib import Path
+
+    from cliplab.data import class_prompts
+
+    path = Path(__file__).resolve().parents[3] / "shared" / "descriptions" / "cupl" / "base_prompts"
+    if not (path / "cifar100_prompts_base.json").is_file():
+        pytest.skip("CuPL files not found")
+    mapping = json.loads((path / "cifar100_prompts_base.json").read_text())
+    prompts = class_prompts(builtin_class_names("cifar100"), mapping)
+    assert len(prompts) == 100 and all(prompts)

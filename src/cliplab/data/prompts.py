@@ -125,17 +125,25 @@ def class_prompts(class_names: Sequence[str], prompts: str | Path | Sequence[str
 
     ``prompts`` is a template set (name, file or list, see :func:`load_templates`), each template
     filled with every class name; or a mapping such as CuPL's ``{class: [sentences]}``, which must
-    give at least one prompt for every class.
+    give at least one prompt for every class. Mapping keys match exactly, else ignoring case and
+    underscores (CuPL writes "aquarium fish" where CLIP_benchmark's CIFAR-100 names say "aquarium_fish").
     """
     names = check_class_names(list(class_names), "class names")
     if isinstance(prompts, Mapping):
-        missing = [name for name in names if not prompts.get(name)]
+        loose = {_loose(key): value for key, value in prompts.items()}
+        found = {name: prompts.get(name) or loose.get(_loose(name)) for name in names}
+        missing = [name for name in names if not found[name]]
         if missing:
             raise LabelError(f"prompt mapping gives no prompts for class {missing[0]!r}"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        return [[str(p) for p in prompts[name]] for name in names]
+        return [[str(p) for p in found[name]] for name in names]
     templates = load_templates(prompts)
     return [[fill_template(t, name) for t in templates] for name in names]
+
+
+def _loose(name: str) -> str:
+    """A class name compared loosely, ignoring case, underscores and repeated spaces ("aquarium_fish")."""
+    return " ".join(str(name).replace("_", " ").split()).casefold()
 
 
 def distinct_class_names(names: Sequence[str]) -> list[str]:
