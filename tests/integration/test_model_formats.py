@@ -60,6 +60,13 @@ def _reference(model: CLIP, images: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return F.normalize(model.encode_image(images), dim=-1), F.normalize(model.encode_text(tokens), dim=-1)
 
 
+def _from_token_embeddings(backbone) -> torch.Tensor:
+    """TEXTS through the text tower from their token embeddings (the prompt-learning path)."""
+    tokens = backbone.tokenize(TEXTS)
+    with torch.no_grad():
+        return backbone.forward_text_embeddings(backbone.token_embeddings(tokens), tokens).cpu()
+
+
 def _embed(backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return backbone.encode_images(images), backbone.encode_texts(TEXTS)
 
@@ -219,10 +226,12 @@ def loaded(files, images):
             "model_id": backbone.model_id,
             "info": backbone.info,
             "embed_dim": backbone.embed_dim,
+            "benchmark": backbone.benchmark_names(),
         }
         if fmt == "safetensors":
             out[fmt]["dense"] = backbone.dense_features(images)
             out[fmt]["preprocess"] = backbone.preprocess
+            out[fmt]["from_token_embeddings"] = _from_token_embeddings(backbone)
         del backbone
     return out
 
@@ -295,7 +304,7 @@ def open_clip_dir(workdir, files) -> Path:
 # 1. open_clip checkpoints with arch
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["pt", "bin", "safetensors", "ddp"])
-def test_open_clip_checkpoint_with_arch_matches_reference(fmt, loaded, ref_out):
+def test_open_clip_checkpoint_with_arch_matches_reference(fmt, loaded, ref_out, files):
     got = loaded[fmt]
     assert got["emb"][0].shape == (2, 512) and got["emb"][1].shape == (3, 512)
     _assert_same(got["emb"], ref_out)
@@ -303,6 +312,12 @@ def test_open_clip_checkpoint_with_arch_matches_reference(fmt, loaded, ref_out):
     assert got["info"].extra["arch"] == ARCH
     assert got["embed_dim"] == 512
     assert got["model_id"].startswith(f"file:{ARCH}:") and got["model_id"].endswith(":qgelu0")
+    assert got["benchmark"] == (ARCH, str(files[fmt]))
+
+
+def test_text_tower_from_token_embeddings_matches_encode_texts(loaded):
+    torch.testing.assert_close(loaded["safetensors"]["from_token_embeddings"], loaded["safetensors"]["emb"][1],
+                               atol=ATOL, rtol=0)
 
 
 def test_all_checkpoint_formats_give_identical_embeddings(loaded):
@@ -359,6 +374,7 @@ def test_openai_torchscript_archive_uses_quickgelu(openai_files, images, qgelu_o
     backbone = _load(openai_files["jit"])
     assert backbone.info.source == "openai-jit"
     assert backbone.info.quick_gelu is True
+    assert backbone.benchmark_names() == (backbone.info.extra["arch"], str(openai_files["jit"]))
     assert backbone.model_id.endswith(":qgelu1")
     assert _activations(backbone.model) == {open_clip.transformer.QuickGELU}
     got = _embed(backbone, images)
@@ -421,12 +437,14 @@ def hf_loaded(hf_dirs, images, workdir):
         if kind != "quick":
             out[kind]["texts"] = backbone.encode_texts(TEXTS)
             out[kind]["dense"] = backbone.dense_features(images)
+            out[kind]["from_token_embeddings"] = _from_token_embeddings(backbone)
+            out[kind]["benchmark"] = backbone.benchmark_names()
         del backbone
     return out
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "bin"])
-def test_hugging_face_folder_matches_open_clip_reference(kind, hf_loaded, ref_out, ref_model, loaded):
+def test_hugging_face_folder_matches_open_clip_reference(kind, hf_loaded, ref_out, ref_model, loaded, hf_dirs):
     got = hf_loaded[kind]
     assert got["info"].source == "hf" and got["info"].quick_gelu is False
     assert got["embed_dim"] == 512
@@ -435,6 +453,8 @@ def test_hugging_face_folder_matches_open_clip_reference(kind, hf_loaded, ref_ou
     assert got["logit_scale"] == pytest.approx(float(ref_model.logit_scale.detach().exp()), rel=1e-6)
     assert got["dense"].shape == (2, 49, 512)
     torch.testing.assert_close(got["dense"], loaded["safetensors"]["dense"], atol=HF_ATOL, rtol=0)
+    torch.testing.assert_close(got["from_token_embeddings"], got["texts"], atol=ATOL, rtol=0)
+    assert got["benchmark"] == (str(hf_dirs[kind]), str(hf_dirs[kind]))
 
 
 def test_hugging_face_hidden_act_from_config_is_applied(hf_loaded, ref_out):
@@ -455,18 +475,20 @@ def open_clip_dir_loaded(open_clip_dir, images):
     out = {}
     for label, kwargs in (("default", {}), ("quick", {"quick_gelu": True})):
         backbone = _load(open_clip_dir, **kwargs)
-        out[label] = {"model_id": backbone.model_id, "acts": _activations(backbone.model)}
+        out[label] = {"model_id": backbone.model_id, "acts": _activations(backbone.model),
+                      "benchmark": backbone.benchmark_names()}
         if label == "default":
             out[label]["emb"] = _embed(backbone, images)
         del backbone
     return out
 
 
-def test_open_clip_folder_matches_reference(open_clip_dir_loaded, ref_out):
+def test_open_clip_folder_matches_reference(open_clip_dir_loaded, ref_out, open_clip_dir):
     got = open_clip_dir_loaded["default"]
     _assert_same(got["emb"], ref_out)
     assert got["acts"] == {torch.nn.GELU}
     assert got["model_id"].startswith("dir:")
+    assert got["benchmark"] == (open_clip_dir.name, str(open_clip_dir))
 
 
 def test_open_clip_folder_quick_gelu_is_applied(open_clip_dir_loaded):

@@ -1,6 +1,22 @@
 """Backbones: ``load_model(name_or_path)`` -> :class:`Backbone` (open_clip, Hugging Face, local, tiny)."""
 
 from .backbone import Backbone, BackboneInfo
-from .loader import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device, load_model
+from .loader import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_SPEC,
+    DEFAULT_PRETRAINED,
+    default_device,
+    load_model,
+    resolve_model_spec,
+)
 
-__all__ = ["Backbone", "BackboneInfo", "DEFAULT_MODEL", "DEFAULT_PRETRAINED", "default_device", "load_model"]
+__all__ = [
+    "Backbone",
+    "BackboneInfo",
+    "DEFAULT_MODEL",
+    "DEFAULT_MODEL_SPEC",
+    "DEFAULT_PRETRAINED",
+    "default_device",
+    "load_model",
+    "resolve_model_spec",
+]

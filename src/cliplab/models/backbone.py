@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import UnsupportedOperationError
+from .fingerprint import config_json, strip_addresses, tokenizer_fingerprint, weights_digest, weights_key
+
 
 @dataclass
 class BackboneInfo:
-    """Where a backbone came from; recorded in results JSON and cache keys."""
+    """Where a backbone came from; recorded in results JSON and cache keys.
+
+    ``benchmark`` is ``(model, pretrained)`` as CLIP_benchmark's results JSON names the model.
+    """
 
     name: str
     pretrained: str | None
@@ -21,13 +31,16 @@ class BackboneInfo:
     quick_gelu: bool | None = None
     random_weights: bool = False
     extra: dict = field(default_factory=dict)
+    benchmark: tuple[str, str] | None = None
 
 
 class Backbone(ABC):
     """A CLIP-style dual encoder.
 
-    ``encode_images`` and ``encode_texts`` return L2-normalised float32 tensors on the CPU;
-    ``model_id`` is a stable string (architecture + weights fingerprint) keying every cache.
+    ``encode_images`` and ``encode_texts`` return L2-normalised float32 tensors on the CPU, without
+    autograd; ``forward_images``/``forward_texts``/``forward_text_embeddings`` are their trainable,
+    on-device counterparts. ``model_id`` is a stable string (architecture + weights fingerprint)
+    keying every cache. Parameters are frozen on load; :meth:`derive` makes a trainable copy.
     """
 
     def __init__(
@@ -38,13 +51,24 @@ class Backbone(ABC):
         model_id: str,
         device: str | torch.device = "cpu",
         text_batch_size: int = 256,
+        *,
+        tokenizer: Any = None,
+        preprocess_config: dict | None = None,
     ):
         self.model = model.eval().to(device)
+        self.model.requires_grad_(False)
         self.preprocess = preprocess
         self.info = info
-        self.model_id = model_id
+        self._model_id = model_id
         self.device = torch.device(device)
         self.text_batch_size = text_batch_size
+        self._tokenizer = tokenizer
+        self._tokenizer_id: str | None = None
+        if preprocess_config is None:  # a custom backbone: describe the transform, memory addresses removed
+            preprocess_config = {"transform": strip_addresses(repr(preprocess))}
+        self.preprocess_config: dict = json.loads(config_json(preprocess_config))  # JSON types only
+        self._derived: tuple[str, str] | None = None  # (parent model_id, tag) for derive()d copies
+        self._digest_memo: tuple[Any, str] | None = None
 
     # -- to implement per source -------------------------------------------------------
     @abstractmethod
@@ -78,16 +102,96 @@ class Backbone(ABC):
     def _logit_scale_param(self) -> torch.Tensor:
         """The model's learned log temperature."""
 
+    def _token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text tower's token-embedding lookup (m, L, width)."""
+        raise self._unsupported("token_embeddings")
+
+    def _text_forward_from_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text embeddings (m, d) from token embeddings (m, L, width)."""
+        raise self._unsupported("forward_text_embeddings")
+
+    def _unsupported(self, what: str, why: str = "") -> UnsupportedOperationError:
+        reason = why or f"{type(self).__name__} does not implement it"
+        return UnsupportedOperationError(f"{self.info.name}: {what} is not available for this model ({reason})")
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        """The cache key of the weights; for a :meth:`derive`d copy ``PARENT+TAG:HASH`` of its current weights."""
+        if self._derived is None:
+            return self._model_id
+        parent, tag = self._derived
+        return f"{parent}+{tag}:{self.weights_digest()}"
+
+    @model_id.setter
+    def model_id(self, value: str) -> None:
+        """Set a fixed id (it no longer follows the weights)."""
+        self._model_id = value
+        self._derived = None
+
+    def weights_digest(self) -> str:
+        """sha256 (16 hex digits) of every parameter and buffer, recomputed only after a tensor changed.
+
+        Changes are seen through each tensor's version counter and storage pointer: in-place updates
+        (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``) and replaced tensors. Writes
+        through ``tensor.data`` bypass the version counter and are not seen.
+        """
+        key = weights_key(self.model)
+        if key is None or self._digest_memo is None or self._digest_memo[0] != key:
+            self._digest_memo = (key, weights_digest(self.model))
+        return self._digest_memo[1]
+
+    @property
+    def preprocess_id(self) -> str:
+        """Stable JSON of ``preprocess_config``: the image preprocessing part of feature cache keys."""
+        return config_json(self.preprocess_config)
+
+    @property
+    def tokenizer_id(self) -> str:
+        """A stable description of the tokenizer (class, context length, vocabulary hash), part of text cache keys."""
+        if self._tokenizer_id is None:
+            self._tokenizer_id = tokenizer_fingerprint(self._tokenizer, self.context_length)
+        return self._tokenizer_id
+
+    def benchmark_names(self) -> tuple[str, str]:
+        """``(model, pretrained)`` as CLIP_benchmark writes them in its results JSON."""
+        if self.info.benchmark is not None:
+            return self.info.benchmark
+        return self.info.name, self.info.pretrained or ""
+
     # -- shared behaviour ----------------------------------------------------------------
     @property
     def logit_scale(self) -> float:
         """exp(learned log temperature), 100 for trained OpenAI models (clamped as CLIP does)."""
         return float(self._logit_scale_param.detach().float().exp().clamp(max=100.0).item())
 
-    @property
-    def preprocess_id(self) -> str:
-        """A stable description of the image preprocessing, part of the feature cache key."""
-        return repr(self.preprocess)
+    def forward_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embed preprocessed images (n, 3, H, W) -> (n, d) on the backbone's device, with autograd."""
+        feats = self._image_forward(images.to(self.device))
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def forward_texts(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embed token ids (m, L) -> (m, d) on the backbone's device, with autograd."""
+        feats = self._text_forward(tokens.to(self.device))
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text tower's token-embedding lookup (m, L) -> (m, L, width): what prompt learning edits."""
+        return self._token_embeddings(tokens.to(self.device))
+
+    def forward_text_embeddings(
+        self, embeddings: torch.Tensor, tokens: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """Run the text tower from token embeddings (m, L, width) -> (m, d), with autograd.
+
+        ``tokens`` (m, L) are the ids the embeddings stand for: they choose the pooled position
+        (end-of-text token) exactly as the model does for ids. ``forward_text_embeddings(
+        token_embeddings(t), t)`` equals ``forward_texts(t)``.
+        """
+        if embeddings.shape[:2] != tokens.shape:
+            raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match tokens {tuple(tokens.shape)}")
+        feats = self._text_forward_from_embeddings(embeddings.to(self.device), tokens.to(self.device))
+        return F.normalize(feats, dim=-1) if normalize else feats
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -123,9 +227,33 @@ class Backbone(ABC):
         self.model.to(self.device)
         return self
 
+    def derive(self, tag: str = "finetune", trainable: bool = True) -> Backbone:
+        """A new backbone over a deep copy of the model, for fine-tuning; this one never changes.
+
+        Its ``model_id`` is ``f"{self.model_id}+{tag}:{weights hash}"`` and follows the copy's
+        weights, so caches never serve features of weights it no longer has. Parameters require
+        grad if ``trainable``.
+        """
+        if not tag or any(c in tag for c in "+:/\\"):
+            raise ValueError(f"derive tag must be non-empty without '+', ':' or slashes; got {tag!r}")
+        clone = copy.copy(self)  # same class and attributes; the model is replaced below
+        clone.model = copy.deepcopy(self.model)
+        clone.model.requires_grad_(trainable)
+        clone.preprocess_config = copy.deepcopy(self.preprocess_config)
+        model, pretrained = self.benchmark_names()
+        clone.info = dataclasses.replace(
+            self.info,
+            extra={**self.info.extra, "derived_from": self.model_id, "derive_tag": tag},
+            benchmark=(model, "+".join(p for p in (pretrained, tag) if p)),
+        )
+        clone._derived = (self.model_id, tag)
+        clone._digest_memo = None
+        return clone
+
     def __deepcopy__(self, memo) -> Backbone:
-        """Backbones are shared, read-only resources: ``sklearn.base.clone`` of a head keeps the same one."""
+        """Backbones are shared resources: ``sklearn.base.clone`` of a head keeps the same one (see :meth:`derive`)."""
         return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_id={self.model_id!r}, embed_dim={self.embed_dim})"
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,9 +37,9 @@ class HFClipBackbone(Backbone):
     as OpenAI CLIP); the text tower pools at the end-of-text token, so padding ids do not matter.
     """
 
-    def __init__(self, model, preprocess, tokenizer, info, model_id, device="cpu"):
-        super().__init__(model, preprocess, info, model_id, device)
-        self._tokenizer = tokenizer
+    def __init__(self, model, preprocess, tokenizer, info, model_id, device="cpu", preprocess_config=None):
+        super().__init__(model, preprocess, info, model_id, device, tokenizer=tokenizer,
+                         preprocess_config=preprocess_config)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         if isinstance(self._tokenizer, open_clip.SimpleTokenizer):
@@ -55,6 +56,31 @@ class HFClipBackbone(Backbone):
 
     def _text_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         pooled = self.model.text_model(input_ids=tokens).pooler_output
+        return self.model.text_projection(pooled)
+
+    def _token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.text_model.embeddings.token_embedding(tokens)
+
+    def _text_forward_from_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """transformers' CLIP text-model forward from ``inputs_embeds``, then the text projection."""
+        text = self.model.text_model
+        hidden = text.embeddings(inputs_embeds=embeddings)
+        if "causal_attention_mask" in inspect.signature(text.encoder.forward).parameters:  # transformers 4.x
+            from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
+
+            causal = _create_4d_causal_attention_mask(tokens.shape, hidden.dtype, device=hidden.device)
+            last = text.encoder(inputs_embeds=hidden, attention_mask=None, causal_attention_mask=causal)[0]
+        else:  # transformers 5.x
+            from transformers.masking_utils import create_causal_mask
+
+            mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+            last = text.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True)[0]
+        last = text.final_layer_norm(last)
+        ids = tokens.to(dtype=torch.int, device=last.device)
+        eos = getattr(text, "eos_token_id", text.config.eos_token_id)
+        # transformers pools at the highest id for configs from before the eos_token_id fix (eos == 2)
+        index = ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)
+        pooled = last[torch.arange(last.shape[0], device=last.device), index]
         return self.model.text_projection(pooled)
 
     def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,22 +101,34 @@ class HFClipBackbone(Backbone):
         return self.model.logit_scale
 
 
-def hf_preprocess(path: Path, image_size: int):
-    """torchvision equivalent of the folder's CLIPImageProcessor: resize shortest side, crop, normalise."""
+def hf_preprocess_config(path: Path, image_size: int) -> dict:
+    """The values of the folder's ``preprocessor_config.json`` that :func:`hf_preprocess` applies."""
     cfg_file = path / "preprocessor_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     size = cfg.get("size", image_size)
     size = size.get("shortest_edge", image_size) if isinstance(size, dict) else size
     crop = cfg.get("crop_size", image_size)
     crop = crop.get("height", image_size) if isinstance(crop, dict) else crop
+    return {
+        "pipeline": "hf-clip",
+        "size": int(size),
+        "crop": int(crop),
+        "mode": "RGB",
+        "mean": [float(v) for v in cfg.get("image_mean", open_clip.OPENAI_DATASET_MEAN)],
+        "std": [float(v) for v in cfg.get("image_std", open_clip.OPENAI_DATASET_STD)],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+def hf_preprocess(config: dict):
+    """torchvision equivalent of a CLIPImageProcessor: resize shortest side, crop, normalise (``config`` values)."""
     return transforms.Compose([
-        transforms.Resize(int(size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(int(crop)),
+        transforms.Resize(config["size"], interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(config["crop"]),
         transforms.Lambda(_to_rgb),
         transforms.ToTensor(),
-        transforms.Normalize(
-            cfg.get("image_mean", open_clip.OPENAI_DATASET_MEAN), cfg.get("image_std", open_clip.OPENAI_DATASET_STD)
-        ),
+        transforms.Normalize(config["mean"], config["std"]),
     ])
 
 
@@ -115,7 +153,7 @@ def hf_model_id(path: Path, weights: Path) -> str:
     return "hf:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def load_hf_dir(path: Path, device: str = "cpu") -> HFClipBackbone:
+def load_hf_dir(path: Path, device: str = "cpu", given: str | None = None) -> HFClipBackbone:
     """Load a transformers CLIPModel folder; weights via safetensors or ``torch.load(weights_only)``."""
     from transformers import CLIPModel
 
@@ -130,10 +168,11 @@ def load_hf_dir(path: Path, device: str = "cpu") -> HFClipBackbone:
     model = model.float()
     image_size = int(model.config.vision_config.image_size)
     context_length = int(model.config.text_config.max_position_embeddings)
+    given = given or str(path)
     info = BackboneInfo(
         name=str(path), pretrained=None, source="hf",
-        quick_gelu=model.config.vision_config.hidden_act == "quick_gelu",
+        quick_gelu=model.config.vision_config.hidden_act == "quick_gelu", benchmark=(given, given),
     )
-    return HFClipBackbone(
-        model, hf_preprocess(path, image_size), _hf_tokenizer(path, context_length), info, model_id, device
-    )
+    preprocess_config = hf_preprocess_config(path, image_size)
+    return HFClipBackbone(model, hf_preprocess(preprocess_config), _hf_tokenizer(path, context_length), info,
+                          model_id, device, preprocess_config=preprocess_config)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import open_clip
 import torch
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.model import CLIP, CustomTextCLIP, build_model_from_openai_state_dict
-from open_clip.transform import PreprocessCfg
+from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from ..errors import ModelLoadError, WeightsUnavailableError
 from .backbone import Backbone, BackboneInfo
@@ -31,6 +34,7 @@ from .tiny import load_tiny
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+DEFAULT_MODEL_SPEC = f"{DEFAULT_MODEL}:{DEFAULT_PRETRAINED}"
 RANDOM = ("random", "none")
 HUB_HOST = ("huggingface.co", 443)
 
@@ -40,11 +44,30 @@ OFFLINE_HINT = (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_model_spec(name: str = DEFAULT_MODEL, pretrained: str | None = None) -> tuple[str, str | None]:
+    """``(arch, tag)`` that :func:`load_model` loads for ``name`` (``ARCH`` or ``ARCH:TAG``); downloads nothing.
+
+    An explicit tag wins (``pretrained`` or the ``:TAG`` suffix); else, for an open_clip architecture,
+    :data:`DEFAULT_PRETRAINED` if open_clip lists it for the architecture, else ``openai`` if listed,
+    else the first listed tag (None when open_clip lists none). ``tiny``, ``hf-hub:`` names and
+    existing paths come back unchanged.
+    """
+    if name == "tiny" or name.startswith("hf-hub:") or Path(name).expanduser().exists():
+        return name, pretrained
+    if ":" in name and pretrained is None:
+        name, pretrained = name.split(":", 1)
+    if pretrained is None and open_clip.get_model_config(name) is not None:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        pretrained = next((tag for tag in (DEFAULT_PRETRAINED, "openai") if tag in tags), tags[0] if tags else None)
+    return name, pretrained
 
 
 def load_model(
@@ -61,25 +84,25 @@ def load_model(
     """Load a CLIP model as a :class:`Backbone`.
 
     ``name`` is one of: ``tiny``; an open_clip architecture (``ViT-B-32``) with ``pretrained`` a tag
-    (``openai``, ``laion2b_s34b_b79k``; default: ``openai`` where it exists, else the first tag) or
-    ``random``; ``ARCH:TAG``; ``hf-hub:ORG/REPO``; or a local path: a weights file (open_clip
-    checkpoint with ``arch`` or ``config``, OpenAI TorchScript or state-dict ``.pt``), a Hugging Face
-    CLIPModel folder, or an open_clip folder with ``open_clip_config.json``.
+    (default: see :func:`resolve_model_spec`; ``load_model()`` is ``ViT-B-32:laion2b_s34b_b79k``), a
+    weights file or ``random``; ``ARCH:TAG``; ``hf-hub:ORG/REPO``; or a local path: a weights file
+    (open_clip checkpoint with ``arch`` or ``config``, OpenAI TorchScript or state-dict ``.pt``), a
+    Hugging Face CLIPModel folder, or an open_clip folder with ``open_clip_config.json``.
 
     QuickGELU is chosen for you: ``quick_gelu`` if given, else on for OpenAI weights (tags whose
     open_clip entry says so, TorchScript archives, files whose sha256 is an OpenAI release), else
-    whatever the architecture or config says.
+    whatever the architecture or config says. When huggingface.co is unreachable, pretrained tags
+    and ``hf-hub:`` names are read from the local Hugging Face cache (process settings untouched).
     """
     device = device or default_device()
     path = Path(name).expanduser()
     if name == "tiny":
         return load_tiny(seed=seed, device=device)
     if path.exists():
-        return _load_path(path, arch, config, quick_gelu, device)
+        return _load_path(path, arch, config, quick_gelu, device, given=name)
     if name.startswith("hf-hub:"):
         return _load_hub(name, quick_gelu, device, cache_dir)
-    if ":" in name and pretrained is None:
-        name, pretrained = name.split(":", 1)
+    name, pretrained = resolve_model_spec(name, pretrained)
     if open_clip.get_model_config(name) is not None:
         return _load_arch(name, pretrained, quick_gelu, device, seed, cache_dir)
     raise ModelLoadError(
@@ -91,26 +114,30 @@ def load_model(
 def _load_arch(arch, pretrained, quick_gelu, device, seed, cache_dir) -> Backbone:
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if pretrained is None:
-        if not tags:
-            raise ModelLoadError(f"{arch}: open_clip knows no pretrained weights; pass pretrained='random' or a path")
-        pretrained = "openai" if "openai" in tags else tags[0]
+        raise ModelLoadError(f"{arch}: open_clip knows no pretrained weights; pass pretrained='random' or a path")
     if pretrained.lower() in RANDOM:
         return _random_arch(arch, quick_gelu, device, seed)
     if pretrained not in tags:
-        if Path(pretrained).is_file():
-            return _load_path(Path(pretrained), arch, None, quick_gelu, device)
+        if Path(pretrained).expanduser().is_file():
+            return _load_path(Path(pretrained).expanduser(), arch, None, quick_gelu, device, given=pretrained)
         raise ModelLoadError(f"{arch}: unknown pretrained tag {pretrained!r}; known: {', '.join(tags) or 'none'}")
     use_quick = pretrained_tag_uses_quick_gelu(arch, pretrained) if quick_gelu is None else quick_gelu
-    with _offline_if_unreachable() as offline:
+    if _hub_unreachable():
+        model = _tag_from_cache(arch, pretrained, use_quick, cache_dir)
+        tokenizer = _offline(f"the tokenizer of {arch}", _tokenizer_offline, arch, open_clip.get_model_config(arch),
+                             cache_dir)
+    else:
         try:
             model = open_clip.create_model(
                 arch, pretrained=pretrained, force_quick_gelu=use_quick, cache_dir=cache_dir
             )
         except Exception as exc:
-            raise _weights_error(f"{arch} ({pretrained})", offline, exc) from exc
-    info = BackboneInfo(name=arch, pretrained=pretrained, source="open_clip", quick_gelu=use_quick)
+            raise ModelLoadError(f"cannot load {arch} ({pretrained}): {exc}") from exc
+        tokenizer = open_clip.get_tokenizer(arch)
+    info = BackboneInfo(name=arch, pretrained=pretrained, source="open_clip", quick_gelu=use_quick,
+                        benchmark=(arch, pretrained))
     model_id = f"open_clip:{arch}:{pretrained}:qgelu{int(use_quick)}"
-    return OpenClipBackbone(model, transform_for(model), open_clip.get_tokenizer(arch), info, model_id, device)
+    return OpenClipBackbone(model, transform_for(model), tokenizer, info, model_id, device)
 
 
 def _random_arch(arch, quick_gelu, device, seed) -> Backbone:
@@ -118,46 +145,51 @@ def _random_arch(arch, quick_gelu, device, seed) -> Backbone:
         torch.manual_seed(seed)
         model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=bool(quick_gelu))
     info = BackboneInfo(name=arch, pretrained="random", source="open_clip", quick_gelu=bool(quick_gelu),
-                        random_weights=True)
+                        random_weights=True, benchmark=(arch, "random"))
     model_id = f"open_clip:{arch}:random-seed{seed}:qgelu{int(bool(quick_gelu))}"
     return OpenClipBackbone(model, transform_for(model), open_clip.get_tokenizer(arch), info, model_id, device)
 
 
 def _load_hub(name, quick_gelu, device, cache_dir) -> Backbone:
-    from open_clip.pretrained import download_pretrained_from_hf
+    repo = name.removeprefix("hf-hub:")
+    if _hub_unreachable():
+        model, tokenizer, weights = _hub_from_cache(name, repo, quick_gelu, cache_dir)
+    else:
+        from open_clip.pretrained import download_pretrained_from_hf
 
-    with _offline_if_unreachable() as offline:
         try:
             model = open_clip.create_model(name, force_quick_gelu=bool(quick_gelu), cache_dir=cache_dir)
             tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
-            weights = Path(download_pretrained_from_hf(name.removeprefix("hf-hub:"), cache_dir=cache_dir))
+            weights = Path(download_pretrained_from_hf(repo, cache_dir=cache_dir))
         except Exception as exc:
-            raise _weights_error(name, offline, exc) from exc
-    info = BackboneInfo(name=name, pretrained=None, source="open_clip", quick_gelu=quick_gelu)
+            raise ModelLoadError(f"cannot load {name}: {exc}") from exc
+    info = BackboneInfo(name=name, pretrained=None, source="open_clip", quick_gelu=quick_gelu, benchmark=(name, ""))
     model_id = f"{name}:{file_sha256(weights)[:16]}:qgelu{int(bool(quick_gelu))}"
     return OpenClipBackbone(model, transform_for(model), tokenizer, info, model_id, device)
 
 
-def _load_path(path: Path, arch, config, quick_gelu, device) -> Backbone:
+def _load_path(path: Path, arch, config, quick_gelu, device, given: str | None = None) -> Backbone:
+    given = given or str(path)
     if path.is_dir():
         if is_hf_clip_dir(path):
-            return load_hf_dir(path, device)
+            return load_hf_dir(path, device, given=given)
         if (path / "open_clip_config.json").is_file():
-            return _load_open_clip_dir(path, quick_gelu, device)
+            return _load_open_clip_dir(path, quick_gelu, device, given)
         raise ModelLoadError(
             f"{path}: folder is neither a Hugging Face CLIPModel (config.json with model_type 'clip') "
             "nor an open_clip model folder (open_clip_config.json)"
         )
-    return _load_file(path, arch, config, quick_gelu, device)
+    return _load_file(path, arch, config, quick_gelu, device, given)
 
 
-def _load_open_clip_dir(path: Path, quick_gelu, device) -> Backbone:
+def _load_open_clip_dir(path: Path, quick_gelu, device, given: str) -> Backbone:
     weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
     if not weights:
         raise ModelLoadError(f"{path}: open_clip folder has no weights (.safetensors, .bin or .pth)")
     config = path / "open_clip_config.json"
     try:
-        model_cfg = json.loads(config.read_text()).get("model_cfg", {})
+        config_json = json.loads(config.read_text())
+        model_cfg = config_json.get("model_cfg", {})
         if quick_gelu is None:
             quick_gelu = bool(model_cfg.get("quick_gelu", False))
         model = open_clip.create_model(f"local-dir:{path}", quick_gelu=quick_gelu)
@@ -167,12 +199,14 @@ def _load_open_clip_dir(path: Path, quick_gelu, device) -> Backbone:
             raise ModelLoadError(f"{path}: weights do not fit open_clip_config.json: {_detail(exc)}") from exc
         raise ModelLoadError(f"{path}: cannot load open_clip folder: {_detail(exc)}") from exc
     digest = hashlib.sha256("".join([config.read_text(), *(file_sha256(p) for p in weights)]).encode()).hexdigest()
-    info = BackboneInfo(name=str(path), pretrained=None, source="local", quick_gelu=quick_gelu)
+    model_name = config_json.get("model_name") or config_json.get("name") or path.name
+    info = BackboneInfo(name=str(path), pretrained=None, source="local", quick_gelu=quick_gelu,
+                        benchmark=(str(model_name), given))
     model_id = f"dir:{digest[:16]}:qgelu{int(quick_gelu)}"
     return OpenClipBackbone(model, transform_for(model), tokenizer, info, model_id, device)
 
 
-def _load_file(path: Path, arch, config, quick_gelu, device) -> Backbone:
+def _load_file(path: Path, arch, config, quick_gelu, device, given: str) -> Backbone:
     sha = file_sha256(path)
     warning = None
     jit = is_torchscript_archive(path)
@@ -205,7 +239,7 @@ def _load_file(path: Path, arch, config, quick_gelu, device) -> Backbone:
         raise ModelLoadError(f"{path}: cannot tell the architecture; pass --arch NAME or --config JSON")
     source = "openai-jit" if jit else "local"
     info = BackboneInfo(name=str(path), pretrained=None, source=source, quick_gelu=quick_gelu,
-                        extra={"arch": arch_label, "sha256": sha})
+                        extra={"arch": arch_label, "sha256": sha}, benchmark=(arch_label, given))
     if warning:
         info.extra["warning"] = warning
     tokenizer = tokenizer_for(arch, model)
@@ -267,28 +301,23 @@ def _detail(exc: Exception) -> str:
     return (informative or lines or [type(exc).__name__])[0][:300]
 
 
-@contextlib.contextmanager
-def _offline_if_unreachable():
-    """Yield True (and make huggingface_hub cache-only) when the hub cannot be reached in 3 s.
+def _hub_unreachable() -> bool:
+    """True when huggingface_hub is set offline or huggingface.co does not answer within 3 s.
 
-    Without this, each download attempt offline retries for close to a minute before failing.
+    Without this probe, each download attempt offline retries for close to a minute before failing.
+    With a proxy or mirror configured a direct probe says nothing: the hub client decides.
     """
     from huggingface_hub import constants
 
-    if _uses_proxy_or_mirror():  # a direct probe says nothing about a proxy or mirror: let the hub decide
-        offline = constants.HF_HUB_OFFLINE
-    else:
-        try:
-            socket.create_connection(HUB_HOST, timeout=3).close()
-            offline = constants.HF_HUB_OFFLINE
-        except OSError:
-            offline = True
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = offline
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if _uses_proxy_or_mirror():
+        return False
     try:
-        yield offline
-    finally:
-        constants.HF_HUB_OFFLINE = saved
+        socket.create_connection(HUB_HOST, timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def _uses_proxy_or_mirror() -> bool:
@@ -296,7 +325,110 @@ def _uses_proxy_or_mirror() -> bool:
     return any(os.environ.get(name) for name in names)
 
 
-def _weights_error(what: str, offline: bool, exc: Exception) -> ModelLoadError:
-    if offline:
-        return WeightsUnavailableError(f"no weights on disk for {what} and no network to download them: {OFFLINE_HINT}")
-    return ModelLoadError(f"cannot load {what}: {exc}")
+def _unavailable(what: str, files: str = "weights") -> WeightsUnavailableError:
+    return WeightsUnavailableError(f"no {files} on disk for {what} and no network to download them: {OFFLINE_HINT}")
+
+
+def _offline(what: str, load: Callable[..., T], *args) -> T:
+    """``load(*args)``, any failure reported as WeightsUnavailableError for ``what``."""
+    try:
+        return load(*args)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # open_clip and transformers raise many types for missing files
+        log.debug("offline load of %s failed: %s", what, exc)
+        raise _unavailable(what, "files") from exc
+
+
+def _cached_hub_file(repo: str, filenames: list[str], cache_dir: str | None) -> Path | None:
+    """The first of ``filenames`` in the local Hugging Face cache of ``repo`` (never the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        try:
+            found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        except ValueError:  # not a valid repo id
+            return None
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _hub_weight_names(filename: str = "") -> list[str]:
+    """The files open_clip's ``download_pretrained_from_hf`` tries for ``filename``, in its order."""
+    filename = filename or HF_WEIGHTS_NAME
+    if filename == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def cached_tag_weights(tag_cfg: dict, cache_dir: str | None = None) -> Path | None:
+    """The weights file of an open_clip pretrained-tag entry if it is on disk: its ``hf_hub`` file in the
+    Hugging Face cache, or its ``url`` download in ``cache_dir`` (default ``~/.cache/clip``); else None."""
+    if tag_cfg.get("file"):
+        local = Path(tag_cfg["file"])
+        return local if local.is_file() else None
+    if tag_cfg.get("hf_hub"):
+        repo, filename = os.path.split(tag_cfg["hf_hub"])
+        found = _cached_hub_file(repo, _hub_weight_names(filename), cache_dir)
+        if found is not None:
+            return found
+    if tag_cfg.get("url"):
+        target = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(tag_cfg["url"])
+        if target.is_file():
+            return target
+    return None
+
+
+def _tag_from_cache(arch: str, tag: str, quick_gelu: bool, cache_dir: str | None) -> torch.nn.Module:
+    """open_clip's model for ``arch:tag`` from weights already on disk, with the tag's preprocessing."""
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
+    weights = cached_tag_weights(tag_cfg, cache_dir)
+    if weights is None:
+        raise _unavailable(f"{arch} ({tag})")
+    try:
+        model = open_clip.create_model(arch, pretrained=str(weights), force_quick_gelu=quick_gelu)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {arch} ({tag}) from {weights}: {exc}") from exc
+    # create_model merges a tag's preprocessing only when given the tag: merge it as it does
+    current = open_clip.get_model_preprocess_cfg(model)
+    merged = merge_preprocess_dict(current, tag_cfg)
+    open_clip.set_model_preprocess_cfg(model, {**merged, "size": current.get("size", merged["size"])})
+    return model
+
+
+def _hub_from_cache(name: str, repo: str, quick_gelu: bool | None, cache_dir: str | None):
+    """(model, tokenizer, weights path) of an ``hf-hub:`` repo from the local Hugging Face cache."""
+    config = _cached_hub_file(repo, [HF_CONFIG_NAME], cache_dir)
+    weights = _cached_hub_file(repo, _hub_weight_names(), cache_dir)
+    if config is None or weights is None:
+        raise _unavailable(name)
+    snapshot = config.parent
+    try:
+        model = open_clip.create_model(f"local-dir:{snapshot}", load_weights=False, pretrained_text=False,
+                                       force_quick_gelu=bool(quick_gelu))
+        open_clip.load_checkpoint(model, str(weights))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {name} from the Hugging Face cache ({snapshot}): {exc}") from exc
+    model_cfg = json.loads(config.read_text()).get("model_cfg", {})
+    tokenizer = _offline(f"the tokenizer of {name}", _tokenizer_offline, f"local-dir:{snapshot}", model_cfg,
+                         cache_dir)
+    return model.eval(), tokenizer, weights
+
+
+def _tokenizer_offline(name: str, model_cfg: dict | None, cache_dir: str | None):
+    """open_clip's tokenizer for ``name``; a Hugging Face tokenizer is read from the local cache only."""
+    text_cfg = (model_cfg or {}).get("text_cfg", {})
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    if not hf_name:
+        return open_clip.get_tokenizer(name)
+    return HFTokenizer(
+        hf_name,
+        context_length=text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH),
+        cache_dir=cache_dir,
+        tokenizer_mode=text_cfg.get("tokenizer_mode"),
+        local_files_only=True,
+        **text_cfg.get("tokenizer_kwargs", {}),
+    )

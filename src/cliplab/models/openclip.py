@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from dataclasses import asdict, fields
 
 import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import TextTransformer, text_global_pool
 
 from ..errors import DenseFeaturesUnavailableError
 from .backbone import Backbone, BackboneInfo
 
+_PREPROCESS_KEYS = {f.name for f in fields(PreprocessCfg)}
+
 
 class OpenClipBackbone(Backbone):
-    """Wraps an ``open_clip`` CLIP / CustomTextCLIP model with its tokenizer and transform."""
+    """Wraps an ``open_clip`` CLIP / CustomTextCLIP model with its tokenizer and transform.
 
-    def __init__(self, model, preprocess, tokenizer, info: BackboneInfo, model_id: str, device="cpu"):
-        super().__init__(model, preprocess, info, model_id, device)
-        self._tokenizer = tokenizer
+    ``preprocess_config`` defaults to the preprocessing config open_clip attached to the model.
+    """
+
+    def __init__(self, model, preprocess, tokenizer, info: BackboneInfo, model_id: str, device="cpu",
+                 preprocess_config: dict | None = None):
+        if preprocess_config is None:
+            preprocess_config = preprocess_config_for(model)
+        super().__init__(model, preprocess, info, model_id, device, tokenizer=tokenizer,
+                         preprocess_config=preprocess_config)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self._tokenizer(list(texts))
@@ -28,6 +37,33 @@ class OpenClipBackbone(Backbone):
 
     def _text_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens)
+
+    def _text_tower(self) -> torch.nn.Module:
+        """The module holding the text transformer: the CLIP itself, or CustomTextCLIP's open_clip ``text``."""
+        model = self.model
+        if isinstance(model, torch.jit.ScriptModule):
+            raise self._unsupported("prompt learning", "a TorchScript model")
+        text = getattr(model, "text", None)
+        if text is None and hasattr(model, "token_embedding") and hasattr(model, "attn_mask"):
+            return model
+        if isinstance(text, TextTransformer):
+            return text
+        kind = type(text).__name__ if text is not None else type(model).__name__
+        raise self._unsupported("prompt learning", f"its text tower is {kind}, not open_clip's TextTransformer")
+
+    def _token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._text_tower().token_embedding(tokens)
+
+    def _text_forward_from_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        tower = self._text_tower()
+        if tower is self.model:  # mirrors open_clip CLIP.encode_text
+            cast_dtype = tower.transformer.get_cast_dtype()
+            x = embeddings.to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
+            x = tower.transformer(x, attn_mask=tower.attn_mask)
+            x = tower.ln_final(x)
+            x = text_global_pool(x, tokens, tower.text_pool_type, eos_token_id=getattr(tower, "text_eos_id", None))
+            return _project(x, tower.text_projection)
+        return _text_transformer_from_embeddings(tower, embeddings, tokens)
 
     def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual
@@ -41,12 +77,6 @@ class OpenClipBackbone(Backbone):
             images, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
         )
         return out["image_intermediates"][-1] @ proj
-
-    @property
-    def preprocess_id(self) -> str:
-        """The transform's repr plus open_clip's full preprocessing config (fill colour, resize mode...)."""
-        cfg = open_clip.get_model_preprocess_cfg(self.model)
-        return repr(self.preprocess) + json.dumps(cfg, sort_keys=True, default=str)
 
     @property
     def embed_dim(self) -> int:
@@ -63,6 +93,43 @@ class OpenClipBackbone(Backbone):
     @property
     def _logit_scale_param(self) -> torch.Tensor:
         return self.model.logit_scale
+
+
+def _project(x: torch.Tensor, projection) -> torch.Tensor:
+    if projection is None:
+        return x
+    if isinstance(projection, torch.nn.Linear):
+        return projection(x)
+    return x @ projection
+
+
+def _text_transformer_from_embeddings(text: TextTransformer, embeddings: torch.Tensor,
+                                      tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip ``TextTransformer.forward`` (with ``_embeds``) starting from token embeddings."""
+    cast_dtype = text.transformer.get_cast_dtype()
+    x = embeddings.to(cast_dtype)
+    seq_len = tokens.shape[1]
+    if text.cls_emb is not None:
+        x = torch.cat([x, text.cls_emb.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)], 1)
+        seq_len += 1
+    attn_mask = text.attn_mask
+    if text.use_pad_mask or text.cls_emb is not None:
+        add_mask = text._build_additive_mask(tokens, seq_len, x.dtype)
+        attn_mask = add_mask if attn_mask is None else attn_mask[:seq_len, :seq_len].unsqueeze(0) + add_mask
+    x = x + text.positional_embedding[:seq_len].to(cast_dtype)
+    x = text.transformer(x, attn_mask=attn_mask)
+    if text.cls_emb is not None:  # CoCa: the appended class token, normed after pooling
+        pooled = text.ln_final(text_global_pool(x, pool_type="last"))
+    else:
+        x = text.ln_final(x)
+        pooled = text_global_pool(x, tokens, pool_type=text.pool_type, eos_token_id=getattr(text, "eos_id", None))
+    return _project(pooled, text.text_projection)
+
+
+def preprocess_config_for(model: torch.nn.Module) -> dict:
+    """The full evaluation preprocessing config open_clip attached to ``model`` (defaults filled in)."""
+    cfg = {k: v for k, v in open_clip.get_model_preprocess_cfg(model).items() if k in _PREPROCESS_KEYS}
+    return {"pipeline": "open_clip", **asdict(PreprocessCfg(**cfg))}
 
 
 def pretrained_tag_uses_quick_gelu(arch: str, tag: str) -> bool:
@@ -98,5 +165,5 @@ def tokenizer_for(arch: str | None, model: torch.nn.Module):
 
 def transform_for(model: torch.nn.Module):
     """Evaluation transform from the preprocessing config open_clip attached to the model."""
-    cfg = open_clip.get_model_preprocess_cfg(model)
+    cfg = {k: v for k, v in open_clip.get_model_preprocess_cfg(model).items() if k in _PREPROCESS_KEYS}
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)

@@ -38,6 +38,7 @@ _OPENAI_NORM = {
 def load_tiny(seed: int = 0, device: str = "cpu") -> OpenClipBackbone:
     """The tiny backbone; its ``model_id`` is ``tiny-seed{seed}``, its weights random."""
     model = build_tiny_model(seed)
-    info = BackboneInfo(name="tiny", pretrained=None, source="tiny", quick_gelu=False, random_weights=True)
+    info = BackboneInfo(name="tiny", pretrained=None, source="tiny", quick_gelu=False, random_weights=True,
+                        benchmark=("tiny", "random"))
     tokenizer = open_clip.SimpleTokenizer(context_length=TINY_CONFIG["text_cfg"]["context_length"])
     return OpenClipBackbone(model, transform_for(model), tokenizer, info, f"tiny-seed{seed}", device)
