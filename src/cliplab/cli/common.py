@@ -59,8 +59,11 @@ class RunOptions:
         """``embed_images`` with these options."""
         from ..features import embed_images
 
-        return embed_images(backbone, dataset, self.cache_dir, batch_size=self.batch_size, num_workers=self.workers,
-                            progress=not self.quiet)
+        features = embed_images(backbone, dataset, self.cache_dir, batch_size=self.batch_size,
+                                num_workers=self.workers, progress=not self.quiet)
+        for line in features.repairs:
+            err_console.print(Text.assemble(("warning: ", "yellow"), f"repaired the feature cache: {line}"))
+        return features
 
 
 @dataclass

@@ -2,40 +2,71 @@
 
 Layout of one cache space (one model + one preprocessing)::
 
-    <root>/<space>/meta.json          model id, preprocessing, dimension
-    <root>/<space>/index.sqlite       identity -> (shard, row); identity -> failure reason
-    <root>/<space>/shards/<uuid>.npy  float32 (k, d) blocks, each written once, atomically
-    <root>/<space>/views/<key>.npy    a dataset's features in dataset order, read memory-mapped
-    <root>/<space>/views/<key>.json   which dataset items those rows are, and which items failed
+    <root>/<space>/meta.json           model id, preprocessing, dimension
+    <root>/<space>/index.sqlite        identity -> (shard, row); identity -> failure reason; shard checksums
+    <root>/<space>/shards/<uuid>.npy   float32 (k, d) blocks, each written once, atomically
+    <root>/<space>/shards/<uuid>.json  the block's identities, size and sha256 (to verify it, rebuild the index)
+    <root>/<space>/views/<key>.npy     a dataset's features in dataset order, read memory-mapped
+    <root>/<space>/views/<key>.json    which dataset items those rows are, and which items failed
 
-A shard is renamed into place before its rows are registered, so a crash leaves at worst an
-unregistered shard (ignored) and never a registered row without data. SQLite in WAL mode with
+A shard and its sidecar are renamed into place before its rows are registered, so a crash leaves at
+worst an unregistered shard (ignored) and never a registered row without data. SQLite in WAL mode with
 ``INSERT OR IGNORE`` lets several processes fill one space at once.
+
+The cache repairs itself: a damaged index database is rebuilt from the shard sidecars, a missing or
+truncated shard is dropped from the index (its items are recomputed by the run that found it), and a
+damaged view is deleted and rebuilt. Each repair is logged and listed in ``repairs``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import io
 import json
+import logging
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import CacheError, DimensionMismatchError
-from ..fileio import atomic_save_npy, atomic_write_text, temporary_name
+from ..fileio import atomic_write, atomic_write_text, temporary_name
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SQL_BATCH = 500
 VIEW_MAX_AGE = 30 * 24 * 3600.0  # stored views unused this long are removed by collect_garbage
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (identity TEXT PRIMARY KEY, shard TEXT NOT NULL, row INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (identity TEXT PRIMARY KEY, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL, bytes INTEGER NOT NULL,
+                                   sha256 TEXT NOT NULL);
 """
+NOT_WRITABLE = ("readonly", "read-only", "unable to open")
+
+
+class DamagedShardsError(CacheError):
+    """Registered shards were missing or unreadable; they have been dropped from the index."""
+
+    def __init__(self, shards: list[str], message: str):
+        super().__init__(message)
+        self.shards = shards
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a float32 .npy file."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
+    return buffer.getvalue()
 
 
 def default_cache_root() -> Path:
@@ -51,31 +82,145 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
 
 
-def cache_spaces(root: str | Path) -> list[FeatureCache]:
-    """Every cache space under ``root``."""
+def cache_spaces(root: str | Path, repair: bool = False) -> list[FeatureCache]:
+    """Every cache space under ``root``; without ``repair`` a damaged index is reported (``damaged``), not rebuilt."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return [FeatureCache(root, p.name) for p in sorted(root.iterdir()) if (p / "index.sqlite").is_file()]
+    return [FeatureCache(root, p.name, repair=repair) for p in sorted(root.iterdir())
+            if (p / "index.sqlite").is_file() or (p / "meta.json").is_file()]
 
 
 class FeatureCache:
-    """One cache space, keyed by ``space`` (derived from model id + preprocessing or modality)."""
+    """One cache space, keyed by ``space`` (derived from model id + preprocessing or modality).
 
-    def __init__(self, root: str | Path, space: str, meta: dict | None = None):
+    ``repairs`` lists what this object repaired (one line each). With ``repair=False`` a damaged
+    index is not rebuilt: ``damaged`` says what is wrong and reads raise CacheError.
+    """
+
+    def __init__(self, root: str | Path, space: str, meta: dict | None = None, repair: bool = True):
         self.dir = Path(root) / space
         self.space = space
-        (self.dir / "shards").mkdir(parents=True, exist_ok=True)
-        (self.dir / "views").mkdir(exist_ok=True)
-        self._write_meta(meta or {})
-        with closing(self._connect()) as db, db:
-            db.executescript(SCHEMA)
+        self.repairs: list[str] = []
+        self.damaged: str | None = None
+        self._repair = repair
+        try:
+            (self.dir / "shards").mkdir(parents=True, exist_ok=True)
+            (self.dir / "views").mkdir(exist_ok=True)
+            self._write_meta(meta or {})
+        except OSError as exc:
+            raise self._not_writable(exc) from exc
+        try:
+            self._run(lambda db: db.executescript(SCHEMA), write=True)
+        except CacheError as exc:
+            if repair:
+                raise
+            self.damaged = str(exc)
+
+    def _not_writable(self, exc: Exception) -> CacheError:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return CacheError(f"{self.dir}: cache folder is not writable ({reason}); pass --cache-dir DIR or set "
+                          "CLIPLAB_CACHE to a writable folder")
+
+    @property
+    def index_path(self) -> Path:
+        return self.dir / "index.sqlite"
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.dir / "index.sqlite", timeout=60)
+        db = sqlite3.connect(self.index_path, timeout=60)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         return db
+
+    def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
+        """Run ``work`` on a connection (in a transaction if ``write``); a damaged index is rebuilt once."""
+        for attempt in (1, 2):
+            try:
+                with closing(self._connect()) as db:
+                    if not write:
+                        return work(db)
+                    with db:
+                        return work(db)
+            except sqlite3.DatabaseError as exc:
+                message = str(exc).lower()
+                if isinstance(exc, sqlite3.OperationalError) and "locked" in message:
+                    raise CacheError(f"{self.index_path}: the cache index is locked by another process ({exc})") \
+                        from exc
+                if isinstance(exc, sqlite3.OperationalError) and any(w in message for w in NOT_WRITABLE):
+                    raise self._not_writable(exc) from exc
+                if attempt == 2 or not self._repair:
+                    raise CacheError(f"{self.index_path}: damaged cache index ({exc}); run `cliplab cache "
+                                     "--repair`") from exc
+                self.rebuild_index(f"{exc}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _note(self, message: str) -> None:
+        self.repairs.append(message)
+        log.warning("cache repaired: %s", message)
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """A lock file serialising repairs between processes."""
+        with open(self.dir / ".repair.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _index_healthy(self) -> bool:
+        try:
+            with closing(self._connect()) as db:
+                return db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.DatabaseError:
+            return False
+
+    def rebuild_index(self, why: str, force: bool = False) -> int:
+        """Replace a damaged index database by one rebuilt from the shard sidecars; returns items recovered.
+
+        Shards whose sidecar is missing or whose file does not match it are dropped (their items are
+        recomputed). Known decoding failures are forgotten (those files are retried).
+        """
+        with self._exclusive():
+            if not force and self._index_healthy():  # another process repaired it meanwhile
+                return 0
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.index_path}{suffix}").unlink(missing_ok=True)
+            items, shards, dropped = [], [], 0
+            for side in sorted((self.dir / "shards").glob("*.json")):
+                record = read_shard_record(side)
+                shard = side.with_suffix(".npy")
+                if record is None or not shard.is_file() or shard.stat().st_size != record["bytes"]:
+                    dropped += 1
+                    shard.unlink(missing_ok=True)
+                    side.unlink(missing_ok=True)
+                    continue
+                shards.append((shard.name, record["rows"], record["bytes"], record["sha256"]))
+                items += [(identity, shard.name, row) for row, identity in enumerate(record["identities"])]
+            with closing(self._connect()) as db, db:
+                db.executescript(SCHEMA)
+                db.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?)", items)
+                db.executemany("INSERT OR IGNORE INTO shards VALUES (?, ?, ?, ?)", shards)
+        self._note(f"{self.index_path}: damaged index database ({why}) rebuilt from {len(shards)} shard(s), "
+                   f"{len(items)} item(s) kept" + (f", {dropped} unusable shard(s) dropped" if dropped else ""))
+        return len(items)
+
+    def drop_shards(self, shards: Sequence[str], why: str) -> int:
+        """Forget damaged shards (index rows, files); their items will be recomputed. Returns items dropped."""
+        marks = ",".join("?" * len(shards))
+
+        def forget(db: sqlite3.Connection) -> int:
+            count = db.execute(f"SELECT COUNT(*) FROM items WHERE shard IN ({marks})", list(shards)).fetchone()[0]
+            db.execute(f"DELETE FROM items WHERE shard IN ({marks})", list(shards))
+            db.execute(f"DELETE FROM shards WHERE name IN ({marks})", list(shards))
+            return int(count)
+
+        dropped = self._run(forget, write=True)
+        for shard in shards:
+            (self.dir / "shards" / shard).unlink(missing_ok=True)
+            (self.dir / "shards" / shard).with_suffix(".json").unlink(missing_ok=True)
+        self._note(f"{len(shards)} damaged shard(s) dropped ({why}): {dropped} item(s) will be recomputed")
+        return dropped
 
     def _write_meta(self, meta: dict) -> None:
         path = self.dir / "meta.json"
@@ -86,7 +231,10 @@ class FeatureCache:
     @property
     def meta(self) -> dict:
         path = self.dir / "meta.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            return {}
 
     # -- writing -------------------------------------------------------------------------
     def add(self, identities: Sequence[str], features: np.ndarray, failures: dict[str, str] | None = None) -> None:
@@ -94,14 +242,26 @@ class FeatureCache:
         if len(identities) != len(features):
             raise CacheError(f"{len(identities)} identities for {len(features)} feature rows")
         self._check_dim(features)
-        rows = []
+        rows, shard_rows = [], []
         if len(identities):
             shard = f"{uuid.uuid4().hex}.npy"
-            atomic_save_npy(self.dir / "shards" / shard, features)
+            payload = npy_bytes(features)
+            record = {"identities": list(identities), "rows": len(identities), "bytes": len(payload),
+                      "sha256": hashlib.sha256(payload).hexdigest()}
+            try:
+                atomic_write_text((self.dir / "shards" / shard).with_suffix(".json"), json.dumps(record))
+                atomic_write(self.dir / "shards" / shard, lambda handle: handle.write(payload))
+            except OSError as exc:
+                raise self._not_writable(exc) from exc
             rows = [(identity, shard, row) for row, identity in enumerate(identities)]
-        with closing(self._connect()) as db, db:
+            shard_rows = [(shard, record["rows"], record["bytes"], record["sha256"])]
+
+        def register(db: sqlite3.Connection) -> None:
             db.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?)", rows)
+            db.executemany("INSERT OR IGNORE INTO shards VALUES (?, ?, ?, ?)", shard_rows)
             db.executemany("INSERT OR IGNORE INTO failures VALUES (?, ?)", list((failures or {}).items()))
+
+        self._run(register, write=True)
 
     def _check_dim(self, features: np.ndarray) -> None:
         expected = self.meta.get("dim")
@@ -114,9 +274,10 @@ class FeatureCache:
     def lookup(self, identities: Sequence[str]) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
         """Which identities are stored (-> shard, row) and which are known failures (-> reason)."""
         unique = list(dict.fromkeys(identities))
-        found: dict[str, tuple[str, int]] = {}
-        failed: dict[str, str] = {}
-        with closing(self._connect()) as db:
+
+        def query(db: sqlite3.Connection) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+            found: dict[str, tuple[str, int]] = {}
+            failed: dict[str, str] = {}
             for start in range(0, len(unique), SQL_BATCH):
                 chunk = unique[start : start + SQL_BATCH]
                 marks = ",".join("?" * len(chunk))
@@ -128,20 +289,34 @@ class FeatureCache:
                     f"SELECT identity, reason FROM failures WHERE identity IN ({marks})", chunk
                 ):
                     failed[identity] = reason
-        return found, failed
+            return found, failed
+
+        return self._run(query)
 
     def gather(self, locations: Sequence[tuple[str, int]], out: np.ndarray) -> np.ndarray:
-        """Fill ``out[i]`` with the stored row at ``locations[i]``, reading shards memory-mapped."""
+        """Fill ``out[i]`` with the stored row at ``locations[i]``, reading shards memory-mapped.
+
+        Shards that are missing, truncated or too short are dropped from the index and reported with
+        DamagedShardsError after every healthy row is copied; the caller recomputes their items.
+        """
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for position, (shard, row) in enumerate(locations):
             by_shard.setdefault(shard, []).append((position, row))
+        damaged: dict[str, str] = {}
         for shard, pairs in by_shard.items():
+            positions, rows = zip(*pairs)
             try:
                 block = np.load(self.dir / "shards" / shard, mmap_mode="r")
+                if block.ndim != 2 or block.shape[1] != out.shape[1] or max(rows) >= len(block):
+                    raise ValueError(f"shape {block.shape} does not hold row {max(rows)} of width {out.shape[1]}")
+                out[list(positions)] = block[list(rows)]
             except (OSError, ValueError) as exc:
-                raise CacheError(f"{self.dir / 'shards' / shard}: unreadable cache shard ({exc})") from exc
-            positions, rows = zip(*pairs)
-            out[list(positions)] = block[list(rows)]
+                damaged[shard] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if damaged:
+            first = next(iter(damaged.items()))
+            why = f"{first[0]}: {first[1]}"
+            self.drop_shards(list(damaged), why)
+            raise DamagedShardsError(list(damaged), f"{len(damaged)} damaged cache shard(s) dropped ({why})")
         return out
 
     def view_path(self, key: str) -> Path:
@@ -158,31 +333,49 @@ class FeatureCache:
         """
         path = self.view_path(key)
         side = {"indices": [int(i) for i in indices], "failures": {str(i): r for i, r in failures.items()}}
-        atomic_write_text(path.with_suffix(".json"), json.dumps(side))
         tmp = temporary_name(path)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(locations), dim))
-        self.gather(locations, out)
-        out.flush()
-        del out
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            atomic_write_text(path.with_suffix(".json"), json.dumps(side))
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(locations), dim))
+            try:
+                self.gather(locations, out)
+            finally:
+                out.flush()
+                del out
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise self._not_writable(exc) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
         return self.read_view(key)
 
     def read_view(self, key: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]] | None:
-        """(features memory-mapped, item indices, {index: failure reason}) of a stored view, or None."""
-        path = self.view_path(key)
-        try:
-            side = json.loads(path.with_suffix(".json").read_text())
-            features = np.load(path, mmap_mode="r")
-        except (OSError, ValueError):
+        """(features memory-mapped, item indices, {index: failure reason}) of a stored view, or None.
+
+        A damaged view (unreadable, truncated, or not matching its sidecar) is deleted and reported;
+        the caller rebuilds it from the shards.
+        """
+        path, side_path = self.view_path(key), self.view_path(key).with_suffix(".json")
+        if not path.exists():
             return None
-        indices = np.asarray(side["indices"], dtype=np.int64)
-        if len(indices) != len(features):
+        try:
+            side = json.loads(side_path.read_text())
+            features = np.load(path, mmap_mode="r")
+            indices = np.asarray(side["indices"], dtype=np.int64)
+            failures = {int(i): str(r) for i, r in side["failures"].items()}
+            if features.ndim != 2 or len(indices) != len(features):
+                raise ValueError(f"{len(features)} rows for {len(indices)} items")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            for stale in (path, side_path):
+                stale.unlink(missing_ok=True)
+            self._note(f"damaged view {path.name} deleted ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                       "rebuilt from the shards")
             return None
         with contextlib.suppress(OSError):  # the sidecar's mtime is the view's last use, for collect_garbage
-            os.utime(path.with_suffix(".json"))
-        return features, indices, {int(i): r for i, r in side["failures"].items()}
+            os.utime(side_path)
+        return features, indices, failures
 
     def collect_garbage(self, min_age_seconds: float = 3600.0,
                         view_max_age_seconds: float = VIEW_MAX_AGE) -> tuple[int, int]:
@@ -194,13 +387,12 @@ class FeatureCache:
         dataset's rows gathered from the shards): an old one is rebuilt from the shards on next use,
         without recomputing features. Returns (files removed, bytes freed).
         """
-        with closing(self._connect()) as db:
-            used = {row[0] for row in db.execute("SELECT DISTINCT shard FROM items")}
+        used = self._run(lambda db: {row[0] for row in db.execute("SELECT DISTINCT shard FROM items")})
         cutoff = time.time() - min_age_seconds
         removed = freed = 0
         stale: list[Path] = []
         for path in list((self.dir / "shards").iterdir()) + list((self.dir / "views").glob(".*.tmp")):
-            orphan = path.name.endswith(".tmp") or path.name not in used
+            orphan = path.name.endswith(".tmp") or path.with_suffix(".npy").name not in used
             if orphan and path.stat().st_mtime < cutoff:
                 stale.append(path)
         view_cutoff = time.time() - view_max_age_seconds
@@ -219,5 +411,15 @@ class FeatureCache:
         return sum(p.stat().st_size for p in self.dir.rglob("*") if p.is_file())
 
     def __len__(self) -> int:
-        with closing(self._connect()) as db:
-            return int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+        return int(self._run(lambda db: db.execute("SELECT COUNT(*) FROM items").fetchone()[0]))
+
+
+def read_shard_record(path: Path) -> dict | None:
+    """A shard's sidecar (identities, rows, bytes, sha256), or None when it is unreadable or inconsistent."""
+    try:
+        record = json.loads(path.read_text())
+        ok = (isinstance(record.get("identities"), list) and record.get("rows") == len(record["identities"])
+              and isinstance(record.get("bytes"), int) and isinstance(record.get("sha256"), str))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if ok else None

@@ -15,7 +15,7 @@ from ..data.base import ImageDataset
 from ..errors import CliplabError, ImageDecodeError
 from ..fileio import digest
 from ..models.backbone import Backbone
-from .cache import FeatureCache, cache_root
+from .cache import DamagedShardsError, FeatureCache, cache_root
 from .values import ImageFeatures
 
 SHARD_ITEMS = 1024
@@ -78,28 +78,37 @@ def embed_images(
     """Embed every image of ``dataset``; L2-normalised float32 (n, d), read memory-mapped from the cache.
 
     Only items missing from the cache are computed (an interrupted run resumes); images that cannot
-    be decoded are skipped, remembered and reported in ``failures``, never dropped silently.
+    be decoded are skipped, remembered and reported in ``failures``, never dropped silently. A damaged
+    cache is repaired on the way (``repairs`` says what): features lost with a damaged shard are
+    recomputed in the same call.
     """
     cache = image_cache(backbone, cache_dir)
     identities = dataset.identities()
     view_key = digest(*identities)
     view = cache.read_view(view_key)
     computed, transient = 0, {}
-    if view is None:
+    for attempt in range(3):
+        if view is not None:
+            break
         found, failed = cache.lookup(identities)
-        missing = [i for i, ident in enumerate(identities) if ident not in found and ident not in failed]
+        missing = [i for i, ident in enumerate(identities)
+                   if ident not in found and ident not in failed and i not in transient]
         if missing:
-            transient, computed = _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers,
-                                           progress)
+            more, count = _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress)
+            transient, computed = {**transient, **more}, computed + count
             found, failed = cache.lookup(identities)
         ok = [i for i, ident in enumerate(identities) if ident in found]
         reasons = {i: failed[ident] for i, ident in enumerate(identities) if ident in failed and ident not in found}
         locations = [found[identities[i]] for i in ok]
-        if transient:  # incomplete: keep it out of the stored views so the next run retries those files
-            out = cache.gather(locations, np.empty((len(ok), backbone.embed_dim), np.float32))
-            view = out, np.asarray(ok, dtype=np.int64), reasons
-        else:
-            view = cache.write_view(view_key, locations, backbone.embed_dim, ok, reasons)
+        try:
+            if transient:  # incomplete: keep it out of the stored views so the next run retries those files
+                out = cache.gather(locations, np.empty((len(ok), backbone.embed_dim), np.float32))
+                view = out, np.asarray(ok, dtype=np.int64), reasons
+            else:
+                view = cache.write_view(view_key, locations, backbone.embed_dim, ok, reasons)
+        except DamagedShardsError:
+            if attempt == 2:
+                raise
     features, ok, reasons = view
     reasons = {**reasons, **transient}
     return ImageFeatures(
@@ -116,6 +125,7 @@ def embed_images(
         cache_key=f"{cache.space}/{view_key}",
         failures=[(dataset.item_id(i), reasons[i]) for i in sorted(reasons)],
         computed=computed,
+        repairs=list(cache.repairs),
     )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from ..data.prompts import class_prompts
 from ..fileio import digest
 from ..models.backbone import Backbone
-from .cache import FeatureCache, cache_root
+from .cache import DamagedShardsError, FeatureCache, cache_root
 
 
 def text_cache(backbone: Backbone, cache_dir: str | Path | None = None) -> FeatureCache:
@@ -27,13 +27,19 @@ def embed_texts(backbone: Backbone, texts: Sequence[str], cache_dir: str | Path 
     cache = text_cache(backbone, cache_dir)
     identity = {t: hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest() for t in texts}
     identities = [identity[t] for t in texts]
-    found, _ = cache.lookup(identities)
-    todo = [t for t in identity if identity[t] not in found]
-    if todo:
-        cache.add([identity[t] for t in todo], backbone.encode_texts(todo).numpy())
-        found, _ = cache.lookup(identities)
     out = np.empty((len(texts), backbone.embed_dim), dtype=np.float32)
-    return cache.gather([found[i] for i in identities], out)
+    for attempt in range(3):
+        found, _ = cache.lookup(identities)
+        todo = [t for t in identity if identity[t] not in found]
+        if todo:
+            cache.add([identity[t] for t in todo], backbone.encode_texts(todo).numpy())
+            found, _ = cache.lookup(identities)
+        try:
+            return cache.gather([found[i] for i in identities], out)
+        except DamagedShardsError:  # dropped from the index: recomputed on the next pass
+            if attempt == 2:
+                raise
+    return out  # pragma: no cover
 
 
 def embed_prompts(backbone: Backbone, prompts: Sequence[Sequence[str]],

@@ -43,6 +43,7 @@ class ImageFeatures:
     cache_key: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
     computed: int = 0  # items this call encoded (the rest came from the cache)
+    repairs: list[str] = field(default_factory=list)  # what the cache repaired on the way (one line each)
 
     def __post_init__(self):
         object.__setattr__(self, "features", _read_only(np.asanyarray(self.features)))
@@ -64,7 +65,7 @@ class ImageFeatures:
         positions = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
         return replace(self, features=np.asarray(self.features[positions]), labels=self.labels[positions],
                        item_ids=[self.item_ids[i] for i in positions], indices=self.indices[positions],
-                       failures=[], computed=0)
+                       failures=[], computed=0, repairs=[])
 
     def labelled(self) -> ImageFeatures:
         """Only the rows with a label (the list of failed items is kept)."""
