@@ -15,6 +15,10 @@ class WeightsUnavailableError(ModelLoadError):
     """Pretrained weights are not on disk and cannot be downloaded (offline)."""
 
 
+class DeviceError(CliplabError):
+    """The requested device does not exist or is not available on this machine."""
+
+
 class DenseFeaturesUnavailableError(CliplabError):
     """The backbone has no patch tokens (for example a ResNet image tower)."""
 

@@ -18,7 +18,7 @@ def classify(
     paths: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     labels: str = typer.Option(None, "--labels", "-l", help='Comma-separated class names, e.g. "cat,dog,car".'),
     labels_file: Path = typer.Option(None, "--labels-file", help="Class names, one per line (or JSON list)."),
-    top_k: int = typer.Option(3, "--top-k", "-k", min=1, help="Predictions to show per image."),
+    top_k: int = typer.Option(None, "--top-k", "-k", min=1, help="Predictions to show per image (default 3)."),
     output: Path = typer.Option(None, "--output", "-o", help="Write predictions to a .csv or .json file."),
     templates: str = typer.Option("imagenet7", "--templates", "-t", help="Template set name or file."),
     method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (`cliplab methods`)."),
@@ -35,9 +35,9 @@ def classify(
         raise CliplabError(f"--output {output}: use a .csv or .json file name")
     if head_entry(method).needs_train:
         raise CliplabError(f"--method {method}: needs training data; classify takes zero-shot methods")
-    if top_k > len(names):
+    if top_k is not None and top_k > len(names):
         err_console.print(f"note: --top-k {top_k} capped at the {len(names)} labels given")
-        top_k = len(names)
+    top_k = min(top_k or 3, len(names))
     dataset = image_files(paths, run.hash_content)
     backbone = run.load_backbone()
     head = create_head(method, backbone=backbone, class_names=names, templates=templates,

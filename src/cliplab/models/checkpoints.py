@@ -51,7 +51,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or unsafe files surface as many exception types
-        raise ModelLoadError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from exc
+        raise ModelLoadError(f"{path}: not a readable weights file ({_first_line(exc)}); cliplab reads safetensors, "
+                             "TorchScript and tensor-only torch checkpoints, and never unpickles objects") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:
@@ -61,6 +62,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         state.pop(key, None)
     return state
+
+
+def _first_line(exc: Exception) -> str:
+    """torch's load errors span many lines and end in advice to load with weights_only=False, which would
+    run arbitrary code: keep only the first informative line."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        line = line.split("(Could this error message be improved")[0].strip()
+        if line and "weights_only" not in line and not line.lower().startswith(("please", "(1)", "(2)", "check")):
+            return f"{type(exc).__name__}: {line[:200]}"
+    return type(exc).__name__
 
 
 def has_openai_layout(state: dict[str, torch.Tensor]) -> bool:

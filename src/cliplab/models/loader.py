@@ -19,7 +19,7 @@ from open_clip.model import CLIP, CustomTextCLIP, build_model_from_openai_state_
 from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-from ..errors import ModelLoadError, WeightsUnavailableError
+from ..errors import DeviceError, ModelLoadError, WeightsUnavailableError
 from .backbone import Backbone, BackboneInfo
 from .checkpoints import file_sha256, has_openai_layout, is_torchscript_archive, read_state_dict
 from .hf import is_hf_clip_dir, load_hf_dir
@@ -50,6 +50,27 @@ T = TypeVar("T")
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """``device`` (default: :func:`default_device`) if this machine has it, else a DeviceError saying why."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"--device {device!r}: not a device name (use cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceError(f"--device {device}: only {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"--device {device}: cliplab runs on cpu, cuda or mps")
+    return str(parsed)
 
 
 def resolve_model_spec(name: str = DEFAULT_MODEL, pretrained: str | None = None) -> tuple[str, str | None]:
@@ -94,7 +115,7 @@ def load_model(
     whatever the architecture or config says. When huggingface.co is unreachable, pretrained tags
     and ``hf-hub:`` names are read from the local Hugging Face cache (process settings untouched).
     """
-    device = device or default_device()
+    device = check_device(device)
     path = Path(name).expanduser()
     if name == "tiny":
         return load_tiny(seed=seed, device=device)
