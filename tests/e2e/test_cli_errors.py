@@ -49,3 +49,18 @@ def test_a_garbage_weights_file_is_one_line_without_unsafe_advice(photos, tmp_pa
 def test_default_top_k_says_nothing_when_fewer_labels(photos):
     result = runner.invoke(app, ["classify", str(photos), "--labels", "a,b", "--model", "tiny", "-q"])
     assert result.exit_code == 0 and "capped" not in result.output
+
+
+def test_a_dataset_without_labels_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import json
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "imgs" / "x.png")
+    (tmp_path / "m.json").write_text(json.dumps([{"path": "imgs/x.png"}]))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("cliplab.models.load_model", no_model)
+    result = runner.invoke(app, ["zeroshot", "--dataset", str(tmp_path / "m.json"), "--model", "tiny"])
+    _one_line_error(result, "has no labels")

@@ -18,10 +18,15 @@ TemplatesOpt = typer.Option(None, "--templates", "-t", help="Template set or fil
                             "CLIP_benchmark set, else 'imagenet7').")
 
 
-def _load(dataset: str, data: DataOptions, run: RunOptions, split: str | None = None):
+def _load(dataset: str, data: DataOptions, run: RunOptions, split: str | None = None, labelled: bool = False):
+    """The dataset; with ``labelled``, one without labels is refused before any model is loaded."""
     from ..data import load_dataset
 
-    return load_dataset(dataset, data.data_root, split or data.split, run.hash_content)
+    value = load_dataset(dataset, data.data_root, split or data.split, run.hash_content)
+    if labelled and not (value.labels >= 0).any():
+        raise CliplabError(f"{dataset}: has no labels to evaluate against (an unlabelled folder?); use "
+                           "cliplab classify --labels ... or cliplab embed for unlabelled images")
+    return value
 
 
 def _templates(templates: str | None, dataset_name: str) -> str:
@@ -76,7 +81,7 @@ def zeroshot(
 
     if head_entry(method).needs_train:
         raise CliplabError(f"--method {method} needs training data: use `cliplab evaluate --method {method}`")
-    test = _load(dataset, data, run)
+    test = _load(dataset, data, run, labelled=True)
     backbone = run.load_backbone()
     report = evaluate_zeroshot(backbone, test, _templates(templates, test.name), output_dir, run.cache_dir,
                                run.batch_size, run.workers, progress=not run.quiet, seed=run.seed, method=method,
@@ -103,7 +108,7 @@ def evaluate(
     from ..heads import create_head, head_entry
 
     entry = head_entry(method)
-    test_data = _load(dataset, data, run)
+    test_data = _load(dataset, data, run, labelled=True)
     if test_data.split == "train":
         raise CliplabError("--split train: the test split must not be the training split")
     backbone = run.load_backbone()
@@ -115,7 +120,7 @@ def evaluate(
     head = create_head(method, backbone=backbone, class_names=test_data.class_names, **kwargs)
     train = split_path = None
     if entry.needs_train:
-        train = run.embed(backbone, _load(dataset, data, run, split="train")).labelled()
+        train = run.embed(backbone, _load(dataset, data, run, split="train", labelled=True)).labelled()
         if split_file is not None:
             train, split_path = train.apply_split(split_file).train, split_file
         elif shots is not None:
