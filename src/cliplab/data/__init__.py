@@ -1,7 +1,7 @@
 """Datasets, safe image decoding, class names and prompt templates."""
 
 from .archives import cifar, mnist, read_idx, safe_unpickle
-from .base import NO_LABEL, ArrayImageDataset, FileImageDataset, ImageDataset, Subset
+from .base import NO_LABEL, ArrayImageDataset, FileImageDataset, ImageDataset, Subset, has_labels, printable
 from .folders import coco_captions, image_files, image_folder, manifest
 from .images import load_image, to_rgb
 from .prompts import (
@@ -22,7 +22,7 @@ __all__ = [
     "NO_LABEL", "ArrayImageDataset", "FileImageDataset", "ImageDataset", "Subset",
     "HOLDOUT_FRACTION", "HOLDOUT_SEED", "builtin_class_names", "check_class_names", "class_prompts",
     "dataset_splits", "distinct_class_names", "imagenet_wnids", "stratified_holdout", "cifar", "coco_captions",
-    "dataset_names", "default_data_root",
+    "dataset_names", "default_data_root", "has_labels", "printable",
     "fill_template", "image_files", "image_folder", "load_dataset", "load_image", "load_templates", "manifest",
     "mnist", "parse_labels", "read_class_names", "read_idx", "safe_unpickle", "template_sets", "to_rgb",
 ]

@@ -16,6 +16,7 @@ from ..errors import DatasetError
 from .images import load_image
 
 NO_LABEL = -1
+NO_IMAGE_EXTENSION = "no image extension"  # the ``skipped`` reason of a file left out for its name
 
 
 class ImageDataset(ABC):
@@ -30,6 +31,12 @@ class ImageDataset(ABC):
     labels: np.ndarray
     split: str = "all"  # "train", "val", "test", or "all" for data without splits
     split_info: Mapping = MappingProxyType({"split": "all", "source": "the whole dataset (no splits)"})
+    skipped: Sequence[tuple[Path, str]] = ()  # (path, reason) for each thing a folder scan left out
+
+    @property
+    def ignored(self) -> list[Path]:
+        """Files a folder scan left out for having no image extension (a subset of ``skipped``)."""
+        return [path for path, reason in self.skipped if reason == NO_IMAGE_EXTENSION]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,9 +60,22 @@ class ImageDataset(ABC):
         return [self.identity(i) for i in range(len(self))]
 
 
+def has_labels(dataset: ImageDataset) -> bool:
+    """True when ``dataset`` has class names and at least one labelled item (a label other than ``NO_LABEL``)."""
+    return bool(len(dataset.class_names)) and bool((np.asarray(dataset.labels) != NO_LABEL).any())
+
+
 def printable(text: str) -> str:
-    """A file name as valid UTF-8: bytes that are not UTF-8 (surrogate-escaped by the OS layer) become ``\\xNN``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``text`` as valid UTF-8: bytes that are not UTF-8 (surrogate-escaped by the OS) become ``\\xNN``.
+
+    ``printable(os.fsdecode(b"caf\\xe9"))`` is ``"caf\\\\xe9"`` (a backslash, then ``xe9``); any other
+    lone surrogate becomes ``\\uXXXX``. Valid text is returned unchanged.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate outside the surrogate-escape range
+        return "".join(printable(c) if not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF
+                       else f"\\u{ord(c):04x}" for c in text)
 
 
 class FileImageDataset(ImageDataset):
@@ -81,7 +101,7 @@ class FileImageDataset(ImageDataset):
         self.hash_content = hash_content
         self.captions = list(captions) if captions is not None else None
         self.row_splits: list[str | None] | None = None  # a manifest's per-row ``split`` field, if any
-        self.ignored: list[Path] = []  # files a folder scan left out (no image extension), for reporting
+        self.skipped: list[tuple[Path, str]] = []  # what a folder scan left out, with reasons, for reporting
 
     def item_id(self, index: int) -> str:
         path = self.paths[index]
@@ -155,6 +175,11 @@ class Subset(ImageDataset):
         self.class_names = dataset.class_names
         self.name = dataset.name
         self.split, self.split_info = dataset.split, dataset.split_info
+
+    @property
+    def skipped(self) -> Sequence[tuple[Path, str]]:
+        """What the scan of the whole dataset left out."""
+        return self.dataset.skipped
 
     def item_id(self, index: int) -> str:
         return self.dataset.item_id(int(self.indices[index]))

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import LabelError, TemplateError
+from .base import printable
 
 PLACEHOLDER = "{c}"
 # ImageNet-1k index -> (CLIP_benchmark's name, distinct name): the first WordNet lemma of the class's synset,
@@ -79,13 +80,18 @@ def read_class_names(path: str | Path) -> list[str]:
 
 
 def parse_labels(text: str) -> list[str]:
-    """Comma-separated labels from the command line."""
+    """Comma-separated labels from the command line (checked and made valid text by :func:`check_class_names`)."""
     return check_class_names([part.strip() for part in text.split(",")], "--labels")
 
 
 def check_class_names(names: list[str], source: str) -> list[str]:
-    """Reject an empty list, empty names and duplicates (case-insensitive), naming the culprit."""
-    names = [str(n).strip() for n in names]
+    """Names stripped and made valid text; reject an empty list, empty names and duplicates (case-insensitive).
+
+    A name that is not valid UTF-8 (surrogate escapes from the OS, as a command-line argument in another
+    encoding gives) gets ``\\xNN`` for each such byte: ``"caf\\udce9"`` becomes ``"caf\\\\xe9"``, the
+    name shown and embedded, so the text encoder never meets an unencodable string.
+    """
+    names = [printable(str(n).strip()) for n in names]
     if not names or not any(names):
         raise LabelError(f"{source}: no class names given")
     if "" in names:

@@ -11,8 +11,17 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .archives import cifar, mnist
-from .base import FileImageDataset, ImageDataset, Subset
-from .folders import coco_captions, image_folder, manifest, split_folders
+from .base import NO_IMAGE_EXTENSION, FileImageDataset, ImageDataset, Subset, printable
+from .folders import (
+    coco_captions,
+    folder_layout,
+    image_files,
+    image_folder,
+    left_out,
+    manifest,
+    split_folders,
+    stray_images_error,
+)
 from .prompts import builtin_class_names, distinct_class_names
 from .splits import SplitSource, available_splits, select_split
 
@@ -90,7 +99,7 @@ def imagenet_folder(folder: Path) -> ImageDataset:
     wnids = imagenet_wnids()
     names = distinct_class_names(builtin_class_names("imagenet") or [])
     by_wnid = dict(zip(wnids, names))
-    present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    present = [printable(name) for name, _ in folder_layout(folder).folders]
     unknown = [w for w in present if w not in by_wnid]
     if unknown:
         raise DatasetError(f"{folder}: {unknown[0]!r} is not an ImageNet-1k synset id")
@@ -151,8 +160,10 @@ def load_dataset(
 
     ``split`` is ``train``, ``val`` or ``test`` (default: ``test`` for named datasets, the whole data
     for paths without splits); see :func:`dataset_splits`. Paths: a folder of class sub-folders
-    (ImageFolder), a folder whose top level is ``train/``, ``val/``, ``test/`` class folders, or a
-    ``.csv``/``.jsonl``/``.json`` manifest (rows may carry a ``split`` field). Named datasets use
+    (ImageFolder), a folder whose top level is ``train/``, ``val/``, ``test/`` class folders, a flat
+    folder of images (unlabelled: labels ``NO_LABEL``, no class names), or a ``.csv``/``.jsonl``/``.json``
+    manifest (rows may carry a ``split`` field). Images beside class or split folders are an error;
+    what folder scans leave out is in ``dataset.skipped`` with reasons. Named datasets use
     CLIP_benchmark's class names where cliplab ships them. The split is kept on the dataset
     (``dataset.split``, ``dataset.split_info``).
     """
@@ -171,6 +182,8 @@ def load_dataset(
         dataset.name = key
         return dataset
     path = Path(name_or_path)
+    if os.path.islink(path) and not path.exists():
+        raise DatasetError(f"{printable(str(path))}: a symlink that leads nowhere (dangling, or a loop)")
     if not (path.is_dir() or (path.is_file() and path.suffix in (".csv", ".jsonl", ".json"))):
         raise DatasetError(f"unknown dataset {str(name_or_path)!r}: not a folder or manifest, and not one of "
                            f"{', '.join(dataset_names())}")
@@ -181,7 +194,26 @@ def load_dataset(
     if split not in (None, "all"):
         raise DatasetError(f"{path}: has no splits (no train/ val/ test/ folders, no 'split' field); it is read "
                            f"whole: leave out --split {split}")
-    return image_folder(path, hash_content) if path.is_dir() else manifest(path, hash_content=hash_content)
+    return user_folder(path, hash_content) if path.is_dir() else manifest(path, hash_content=hash_content)
+
+
+def user_folder(path: Path, hash_content: bool = False) -> FileImageDataset:
+    """A folder without splits: class sub-folders (:func:`image_folder`), or a flat folder of images read
+    unlabelled (ids relative to the folder). An empty folder, or one with no image files, is a DatasetError."""
+    layout = folder_layout(path)
+    if layout.folders:
+        return image_folder(path, hash_content)
+    if not layout.images:
+        if not layout.others and not layout.skipped:
+            raise DatasetError(f"{printable(str(path))}: empty folder (expected images, or class sub-folders "
+                               "ROOT/<class>/<image>)")
+        raise DatasetError(f"{printable(str(path))}: no image files"
+                           + left_out(sorted(layout.skipped + [(p, NO_IMAGE_EXTENSION) for p in layout.others])))
+    dataset = image_files(layout.images, hash_content)
+    dataset.root = Path(os.path.abspath(path))
+    dataset.name = printable(dataset.root.name)
+    dataset.skipped = sorted(layout.skipped + [(p, NO_IMAGE_EXTENSION) for p in layout.others])
+    return dataset
 
 
 def _bind(loader: Callable[[Path], ImageDataset], location: Path) -> Callable[[], ImageDataset]:
@@ -194,13 +226,19 @@ def _path_sources(path: Path, hash_content: bool) -> dict[str, SplitSource]:
         folders = split_folders(path)
         if not folders:
             return {}
-        classes = sorted({c.name for f in folders.values() for c in f.iterdir()
-                          if c.is_dir() and not c.name.startswith(".")})
+        top = folder_layout(path)
+        if top.images:
+            raise stray_images_error(top, "split")
+        outside = sorted(top.skipped + [(p, "not inside a split folder") for p in top.others])
+        raw = sorted({name for folder in folders.values() for name, _ in folder_layout(folder).folders})
+        classes = [printable(name) for name in raw]
+        name = printable(Path(os.path.abspath(path)).name)
 
         def load(folder: Path) -> Callable[[], ImageDataset]:
             def build() -> ImageDataset:
-                dataset = image_folder(folder, hash_content, class_names=classes, name=path.name)
+                dataset = image_folder(folder, hash_content, class_names=classes, name=name)
                 dataset.root = path  # item ids keep the split folder (train/cat/1.png): unique across splits
+                dataset.skipped = sorted(outside + dataset.skipped)
                 return dataset
             return build
 
