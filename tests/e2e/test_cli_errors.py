@@ -64,3 +64,17 @@ def test_a_dataset_without_labels_is_refused_before_the_model_loads(tmp_path, mo
     monkeypatch.setattr("cliplab.models.load_model", no_model)
     result = runner.invoke(app, ["zeroshot", "--dataset", str(tmp_path / "m.json"), "--model", "tiny"])
     _one_line_error(result, "has no labels")
+
+
+def test_embed_accepts_a_flat_folder_and_exports_ids(tmp_path):
+    (tmp_path / "flat").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "flat" / f"p{i}.png")
+    (tmp_path / "flat" / "notes.txt").write_text("x")
+    out = tmp_path / "f.npz"
+    result = runner.invoke(app, ["embed", str(tmp_path / "flat"), "--model", "tiny", "-q", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "notes.txt: no image extension" in result.output
+    saved = np.load(out)
+    assert list(saved["item_ids"]) == ["p0.png", "p1.png", "p2.png"] and saved["features"].shape == (3, 64)
+    assert (saved["labels"] == -1).all()

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import RunOptions, command, console, err_console, report_failures, report_ignored
+from .common import RunOptions, command, console, err_console, report_failures, report_skipped
 
 
 @command
@@ -53,7 +53,7 @@ def classify(
     rows += [{"path": item, "predictions": [], "error": reason} for item, reason in features.failures]
     _print(rows, dataset.root, len(features))
     report_failures(features.failures)
-    report_ignored(dataset)
+    report_skipped(dataset)
     if output is not None:
         _write(rows, output, top_k)
         console.print(f"wrote {output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -170,15 +171,25 @@ def report_failures(failures, limit: int | None = None) -> None:
         return
     err_console.print(f"[yellow]skipped {len(failures)} file(s) that could not be read:[/]")
     for item, reason in failures[:limit]:
-        err_console.print(f"  {item}: {reason}", markup=False, highlight=False)
+        err_console.print(f"  {item}: {reason}", markup=False, highlight=False, soft_wrap=True)
     if limit is not None and len(failures) > limit:
         err_console.print(f"  ... and {len(failures) - limit} more")
 
 
-def report_ignored(dataset) -> None:
-    """Say which files a folder scan left out because they have no image extension."""
-    ignored = getattr(dataset, "ignored", [])
-    if ignored:
-        shown = ", ".join(p.name for p in ignored[:5]) + (" ..." if len(ignored) > 5 else "")
-        err_console.print(Text.assemble(("note: ", "yellow"),
-                                        f"{len(ignored)} file(s) without an image extension left out: {shown}"))
+def report_skipped(dataset, limit: int = 10) -> None:
+    """List what a folder scan left out (no image extension, dangling links, loops, unreadable folders...)."""
+    from ..data import printable
+
+    skipped = list(getattr(dataset, "skipped", ()))
+    if not skipped:
+        return
+    err_console.print(Text.assemble(("note: ", "yellow"), f"{len(skipped)} path(s) left out of the scan:"))
+    root = getattr(dataset, "root", None)
+    for path, reason in skipped[:limit]:
+        shown = path
+        if root is not None:
+            with contextlib.suppress(ValueError):
+                shown = Path(path).relative_to(root)
+        err_console.print(f"  {printable(str(shown))}: {reason}", markup=False, highlight=False, soft_wrap=True)
+    if len(skipped) > limit:
+        err_console.print(f"  ... and {len(skipped) - limit} more")

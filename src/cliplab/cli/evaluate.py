@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import DataOptions, RunOptions, command, console, err_console, report_failures, report_ignored
+from .common import DataOptions, RunOptions, command, console, err_console, report_failures, report_skipped
 
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="cifar10, cifar100, mnist, fashion_mnist, imagenet, "
                           "imagenette, dtd, a class-folder path or a .csv/.jsonl/.json manifest.")
@@ -20,10 +20,11 @@ TemplatesOpt = typer.Option(None, "--templates", "-t", help="Template set or fil
 
 def _load(dataset: str, data: DataOptions, run: RunOptions, split: str | None = None, labelled: bool = False):
     """The dataset; with ``labelled``, one without labels is refused before any model is loaded."""
-    from ..data import load_dataset
+    from ..data import has_labels, load_dataset
 
     value = load_dataset(dataset, data.data_root, split or data.split, run.hash_content)
-    if labelled and not (value.labels >= 0).any():
+    report_skipped(value)
+    if labelled and not has_labels(value):
         raise CliplabError(f"{dataset}: has no labels to evaluate against (an unlabelled folder?); use "
                            "cliplab classify --labels ... or cliplab embed for unlabelled images")
     return value
@@ -111,6 +112,7 @@ def evaluate(
     test_data = _load(dataset, data, run, labelled=True)
     if test_data.split == "train":
         raise CliplabError("--split train: the test split must not be the training split")
+    train_data = _load(dataset, data, run, split="train", labelled=True) if entry.needs_train else None
     backbone = run.load_backbone()
     kwargs = _parse_params(params)
     if entry.family == "zeroshot" or "templates" in kwargs:
@@ -120,7 +122,7 @@ def evaluate(
     head = create_head(method, backbone=backbone, class_names=test_data.class_names, **kwargs)
     train = split_path = None
     if entry.needs_train:
-        train = run.embed(backbone, _load(dataset, data, run, split="train", labelled=True)).labelled()
+        train = run.embed(backbone, train_data).labelled()
         if split_file is not None:
             train, split_path = train.apply_split(split_file).train, split_file
         elif shots is not None:
@@ -154,7 +156,6 @@ def embed(
                   f"({features.computed} computed now, {len(features) - features.computed} from cache); "
                   f"cache key {features.cache_key}")
     report_failures(features.failures)
-    report_ignored(dataset_value)
     if output is not None:
         output = output if output.suffix == ".npz" else output.with_name(output.name + ".npz")
         np.savez(output, features=np.asarray(features.features), labels=features.labels,

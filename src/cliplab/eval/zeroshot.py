@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.base import ImageDataset
+from ..data.base import ImageDataset, has_labels
 from ..errors import DatasetError
 from ..features.embed import embed_images
 from ..heads.registry import create_head
@@ -26,7 +26,7 @@ def evaluate_zeroshot(
     **params,
 ) -> EvaluationReport:
     """Embed ``dataset``, classify it with a zero-shot ``method``, compute metrics; write JSON + PNGs."""
-    if not (dataset.labels >= 0).any():
+    if not has_labels(dataset):
         raise DatasetError(f"{dataset.name}: no labelled images to evaluate")
     head = create_head(method, backbone=backbone, class_names=dataset.class_names, templates=templates,
                        cache_dir=cache_dir, **params)
