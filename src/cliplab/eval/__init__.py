@@ -1,6 +1,6 @@
 """Metrics (CLIP_benchmark definitions), one evaluation for every head, results JSON and plots."""
 
-from .evaluate import EvaluationReport, evaluate, head_params
+from .evaluate import EvaluationReport, evaluate, fit_head, head_params
 from .metrics import (
     calibration_bins,
     classification_metrics,
@@ -16,6 +16,6 @@ ZeroShotReport = EvaluationReport  # the name before every head shared one evalu
 
 __all__ = [
     "RANDOM_WEIGHTS_NOTE", "EvaluationReport", "ZeroShotReport", "calibration_bins", "classification_metrics",
-    "evaluate", "evaluate_zeroshot", "expected_calibration_error", "head_params", "mean_per_class_recall",
+    "evaluate", "evaluate_zeroshot", "fit_head", "expected_calibration_error", "head_params", "mean_per_class_recall",
     "normalized_confusion", "results_record", "topk_accuracy", "write_json",
 ]

@@ -3,6 +3,7 @@ write the results JSON (CLIP_benchmark layout) and plots."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,36 +48,57 @@ def head_params(head) -> dict:
     return out
 
 
+def _check_disjoint(test: ImageFeatures, other: ImageFeatures, role: str) -> None:
+    if other.dataset == test.dataset:
+        shared = set(other.item_ids) & set(test.item_ids)
+        if shared:
+            raise DatasetError(f"{test.dataset}: test item {next(iter(shared))!r} is also a {role} item; "
+                               "test data must never reach fitting or tuning")
+
+
+def fit_head(head, train: ImageFeatures | None = None, val: ImageFeatures | None = None, **fit_params):
+    """Fit ``head`` as its registry entry says: without data, or on ``train`` (with ``val`` as ``X_val``/``y_val``
+    and any ``fit_params`` its ``fit`` accepts, e.g. augmented ``views``)."""
+    entry = head_entry(head)
+    if entry.needs_train and train is None:
+        raise CliplabError(f"method {entry.name!r} needs training features (pass train=...)")
+    if train is None:
+        return head.fit()
+    accepted = inspect.signature(head.fit).parameters
+    extra = {key: value for key, value in fit_params.items() if key in accepted and value is not None}
+    if val is not None and "X_val" in accepted:
+        extra.update(X_val=val.features, y_val=val.labels)
+    return head.fit(train.features, train.labels, **extra)
+
+
 def evaluate(
     head,
     test: ImageFeatures,
     train: ImageFeatures | None = None,
     *,
+    val: ImageFeatures | None = None,
+    fit_params: dict | None = None,
     output_dir: str | Path | None = None,
     seed: int = 0,
     shots: int | None = None,
     split_file: str | Path | None = None,
 ) -> EvaluationReport:
-    """Fit ``head`` (on ``train``'s labelled rows if it needs training data, else without data), score the
-    labelled rows of ``test``, and write ``<method>_<dataset>_<model>_<hash>.json`` plus confusion and
-    reliability PNGs to ``output_dir``. Test rows never reach ``fit``: sharing an item with ``train`` is an error.
+    """Fit ``head`` (on ``train``'s labelled rows if it needs training data, tuning on ``val`` if its ``fit``
+    takes ``X_val``; else without data), score the labelled rows of ``test``, and write
+    ``<method>_<dataset>_<split>_<model>_<hash>.json`` plus confusion and reliability PNGs to ``output_dir``.
+    Test rows never reach fitting or tuning: sharing an item with ``train`` or ``val`` is an error.
     """
     start = time.perf_counter()
     entry = head_entry(head)
     test = test.labelled()
     if len(test) == 0:
         raise DatasetError(f"{test.dataset} ({test.split}): no labelled images to evaluate")
-    if entry.needs_train and train is None:
-        raise CliplabError(f"method {entry.name!r} needs training features (pass train=...)")
-    if train is not None:
-        train = train.labelled()
-        if train.dataset == test.dataset and set(train.item_ids) & set(test.item_ids):
-            shared = next(iter(set(train.item_ids) & set(test.item_ids)))
-            raise DatasetError(f"{test.dataset}: test item {shared!r} is also a training item; "
-                               "test data must never reach fit")
-        head.fit(train.features, train.labels)
-    else:
-        head.fit()
+    train = train.labelled() if train is not None else None
+    val = val.labelled() if val is not None else None
+    for other, role in ((train, "training"), (val, "validation")):
+        if other is not None:
+            _check_disjoint(test, other, role)
+    fit_head(head, train, val, **(fit_params or {}))
     scores = _scores_per_class(head, test)
     probs = softmax(scores, axis=1)
     metrics = classification_metrics(test.labels, scores, probs)
@@ -91,6 +113,7 @@ def evaluate(
         "split": test.split,
         "split_info": test.split_info,
         "train_split": None if train is None else {"split": train.split, "num_images": len(train)},
+        "val_split": None if val is None else {"split": val.split, "num_images": len(val)},
         "split_file": None if split_file is None else str(split_file),
         "num_images": len(test),
         "failed_images": [{"item": item, "reason": reason} for item, reason in test.failures],

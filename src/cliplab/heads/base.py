@@ -67,3 +67,41 @@ class ClipHead(ClassifierMixin, BaseEstimator):
     def fit_summary(self) -> dict:
         """JSON-able facts about the fitted head for results files (e.g. number of prompts); none by default."""
         return {}
+
+
+class ZeroShotLogitsMixin:
+    """For heads that add to CLIP's zero-shot logits: ``backbone``, ``class_names``, ``templates`` (or a class
+    -> prompts mapping) and ``cache_dir`` parameters give ``_zeroshot_weights()`` (d, C), the same class
+    weights as the zero-shot head (text API in ``features.text``; heads never import other heads)."""
+
+    def _zeroshot_weights(self) -> np.ndarray:
+        from ..features.text import class_weights
+
+        return class_weights(self.backbone, self.class_names, self.templates, cache_dir=self.cache_dir)
+
+    def _check_labels(self, y) -> np.ndarray:
+        """Labels as class indices 0..C-1 into ``class_names`` (what the cache values and text weights index)."""
+        from ..errors import LabelError
+
+        y = np.asarray(y)
+        n_classes = len(self.class_names)
+        if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= n_classes)):
+            raise LabelError(f"{type(self).__name__}: labels must be class indices 0..{n_classes - 1} into "
+                             "class_names")
+        return y.astype(np.int64)
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of ``logits`` (n, C) against class indices ``y`` (ties: the lower class, as argmax)."""
+    return float(np.mean(np.argmax(logits, axis=1) == np.asarray(y))) if len(y) else 0.0
+
+
+def best_on_validation(candidates, score) -> tuple:
+    """The first candidate with the highest ``score(candidate)`` (strictly better replaces; ties keep the
+    earlier one, as the authors' search loops do), with its score."""
+    best, best_score = None, -np.inf
+    for candidate in candidates:
+        value = score(candidate)
+        if value > best_score:
+            best, best_score = candidate, value
+    return best, best_score
