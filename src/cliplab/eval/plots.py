@@ -63,3 +63,25 @@ def plot_reliability(y_true, probs, path: Path, title: str, n_bins: int = 15) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_fewshot_curve(table: dict[str, dict[int, tuple[float, float]]], path: Path, title: str) -> Path:
+    """Top-1 against shots per class (log scale), one line per method with ± std over seeds."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, by_k in table.items():
+        ks = sorted(by_k)
+        means = np.array([by_k[k][0] for k in ks]) * 100
+        stds = np.array([by_k[k][1] for k in ks]) * 100
+        ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    all_k = sorted({k for by_k in table.values() for k in by_k})
+    ax.set_xticks(all_k, [str(k) for k in all_k])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

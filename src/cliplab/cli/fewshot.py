@@ -1,0 +1,79 @@
+"""``cliplab fewshot``: every few-shot method on one protocol, several shot counts and seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..errors import CliplabError
+from .common import DataOptions, RunOptions, command, console, report_skipped
+
+DEFAULT_METHODS = "zeroshot,ncm,linear-probe,tip-adapter,tip-adapter-f,gda,caps-adapter"
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CliplabError(f"{option} {text!r}: give comma-separated whole numbers, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise CliplabError(f"{option} {text!r}: give positive whole numbers")
+    return values
+
+
+@command
+def fewshot(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Named dataset, folder with train/ and test/, or a "
+                                "manifest with a split field."),
+    methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="Comma-separated registered methods "
+                                "(cliplab methods)."),
+    shots: str = typer.Option("1,2,4,8,16", "--shots", help="Shots per class, comma-separated."),
+    seeds: str = typer.Option("1,2,3", "--seeds", help="Seeds of the shot draws, comma-separated."),
+    views: int = typer.Option(10, "--views", min=1, help="Augmented views per training image for the methods "
+                              "that use them (cached)."),
+    templates: str = typer.Option(None, "--templates", "-t", help="Template set or file for the zero-shot term "
+                                  "(default: the dataset's CLIP_benchmark set, else 'imagenet7')."),
+    output_dir: Path = typer.Option(Path("results/fewshot"), "--output-dir", "-o", help="Where JSON, splits and "
+                                    "the curve go."),
+    run: RunOptions = None,
+    data: DataOptions = None,
+):
+    """Few-shot adaptation: mean ± std top-1 per method and shot count over seeds, a curve, a JSON per run."""
+    from ..data import has_labels, load_dataset, template_sets
+    from ..eval.fewshot import run_fewshot
+    from ..heads import head_entry
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        head_entry(name)  # unknown methods fail before any work
+    shot_list, seed_list = _ints(shots, "--shots"), _ints(seeds, "--seeds")
+    test = load_dataset(dataset, data.data_root, data.split or "test", run.hash_content)
+    train = load_dataset(dataset, data.data_root, "train", run.hash_content)
+    for part in (train, test):
+        report_skipped(part)
+        if not has_labels(part):
+            raise CliplabError(f"{dataset} ({part.split}): has no labels")
+    backbone = run.load_backbone()
+    chosen = templates or (test.name if test.name in template_sets() else "imagenet7")
+
+    def progress(record: dict) -> None:
+        if not run.quiet:
+            console.print(f"{record['method']:>14} {record['shots']:>3} shots seed {record['seed']}: "
+                          f"top-1 {100 * record['acc1']:.2f}%  {record['chosen'] or ''}", markup=False)
+
+    result = run_fewshot(backbone, train, test, names, shot_list, seed_list, templates=chosen, views=views,
+                         output_dir=output_dir, cache_dir=run.cache_dir, batch_size=run.batch_size,
+                         workers=run.workers, progress=not run.quiet, on_run=progress)
+    weights = " · random weights" if backbone.info.random_weights else ""
+    table = Table(title=f"few-shot top-1 (mean ± std over seeds {seeds}) · {test.name} · {backbone.model_id}{weights}")
+    table.add_column("method")
+    for k in shot_list:
+        table.add_column(f"{k} shot{'s' if k > 1 else ''}", justify="right")
+    for name in names:
+        table.add_row(name, *(f"{100 * result.table[name][k][0]:.2f} ± {100 * result.table[name][k][1]:.2f}"
+                              for k in shot_list))
+    console.print(table)
+    for kind, path in result.files.items():
+        console.print(f"{kind}: {path}")
