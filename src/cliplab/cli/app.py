@@ -1,6 +1,14 @@
-"""The ``cliplab`` command: typer app wiring the command modules together."""
+"""The ``cliplab`` command: typer app wiring the command modules together.
+
+Help is plain text (click's formatter, not rich panels): flags show as flags, long words wrap instead of
+being cut with an ellipsis, and the width follows the terminal up to ``HELP_WIDTH`` columns (80 when the
+output is not a terminal and ``COLUMNS`` is unset).
+"""
 
 from __future__ import annotations
+
+import inspect
+import re
 
 import typer
 
@@ -11,12 +19,17 @@ from .common import configure_logging
 from .evaluate import embed, evaluate, zeroshot
 from .listing import datasets, methods, models, templates
 
+HELP_WIDTH = 100
+_LITERAL = re.compile(r"``?([^`]+)``?")
+
 app = typer.Typer(
     name="cliplab",
     help="CLIP models: classify images with your labels, benchmark zero-shot and other methods, cache features.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": HELP_WIDTH},
 )
 
 
@@ -34,8 +47,26 @@ def _main(
     configure_logging(debug)
 
 
+def plain(text: str | None) -> str | None:
+    """Help text as the terminal shows it: reStructuredText/markdown literals (``x``, `x`) lose their backticks."""
+    return _LITERAL.sub(r"\1", text) if text else text
+
+
+def _register(command) -> None:
+    """Add ``command`` with plain-text help: its docstring, and the help of every option and argument it takes.
+
+    The short help in the command list is the docstring's whole first line (click would cut it at the width).
+    """
+    for parameter in inspect.signature(command).parameters.values():
+        info = parameter.default
+        if isinstance(info, typer.models.ParameterInfo):
+            info.help = plain(info.help)
+    doc = plain(inspect.getdoc(command))
+    app.command(help=doc, short_help=doc.splitlines()[0] if doc else None)(command)
+
+
 for _command in (classify, zeroshot, evaluate, embed, models, methods, templates, datasets, cache):
-    app.command()(_command)
+    _register(_command)
 
 
 def main() -> None:

@@ -1,44 +1,77 @@
-"""``cliplab models|methods|templates|datasets``: what cliplab knows."""
+"""``cliplab models|methods|templates|datasets``: what cliplab knows.
+
+Each starts without torch except ``models``, which lists open_clip's own registry.
+"""
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from .common import console
+from ..errors import CliplabError
+from .common import DATA_OPTIONS, console, friendly_errors
 
 
-def models(arch: str = typer.Argument(None, help="Only this architecture.")):
-    """open_clip architectures and pretrained tags (plus 'tiny', hf-hub: names and local paths)."""
+@friendly_errors
+def models(arch: str = typer.Argument(None, help="Only this architecture, or those whose name contains it "
+                                                 "(case-insensitive), e.g. ViT-B-32 or convnext.")):
+    """open_clip architectures and their pretrained tags (also: 'tiny', hf-hub:ORG/REPO, local paths)."""
     import open_clip
 
-    table = Table(title="models: ARCH[:TAG], 'tiny', hf-hub:ORG/REPO, or a local path")
-    table.add_column("architecture")
-    table.add_column("pretrained tags")
     tags: dict[str, list[str]] = {}
     for name, tag in open_clip.list_pretrained():
         tags.setdefault(name, []).append(tag)
-    for name in open_clip.list_models():
-        if arch is None or name == arch:
-            table.add_row(name, ", ".join(tags.get(name, [])) or "(random only)")
-    table.add_row("tiny", "random weights, built in-process (tests and try-outs)")
+    rows = {name: ", ".join(tags.get(name, [])) or "(random only)" for name in open_clip.list_models()}
+    rows["tiny"] = "random weights, built in-process (tests and try-outs)"
+    chosen = _matching(list(rows), arch)
+    if not chosen:
+        close = difflib.get_close_matches(arch, list(rows), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; cliplab models lists them all"
+        raise CliplabError(f"no architecture matches {arch!r}{hint}")
+    table = Table(title="models: ARCH[:TAG], 'tiny', hf-hub:ORG/REPO, or a local path")
+    table.add_column("architecture")
+    table.add_column("pretrained tags")
+    for name in chosen:
+        table.add_row(name, rows[name])
     console.print(table)
 
 
-def methods(family: str = typer.Option(None, "--family", help="Only this family.")):
-    """Registered heads (methods) with their family and paper number."""
-    from ..heads import list_heads
+def _matching(names: list[str], pattern: str | None) -> list[str]:
+    """All names; else the one equal to ``pattern`` (ignoring case); else those containing it."""
+    if pattern is None:
+        return names
+    wanted = pattern.lower()
+    exact = [n for n in names if n.lower() == wanted]
+    return exact or [n for n in names if wanted in n.lower()]
 
-    table = Table(title="methods (`cliplab evaluate --method NAME`)")
+
+@friendly_errors
+def methods(family: str = typer.Option(None, "--family", help="Only this family (zeroshot, fewshot, ...).")):
+    """Registered methods (heads): family, paper number, what they need."""
+    from ..heads import describe_heads
+
+    heads = describe_heads()
+    families = sorted({h.family for h in heads})
+    if family is not None and family not in families:
+        raise CliplabError(f"no methods of family {family!r}; families: {', '.join(families)}")
+    table = Table(title="methods (run one: cliplab evaluate --method NAME)")
     for column in ("name", "family", "paper", "needs", "summary"):
         table.add_column(column)
-    for entry in list_heads(family):
+    for entry in heads:
+        if family not in (None, entry.family):
+            continue
         needs = ", ".join(n for n, flag in (("train data", entry.needs_train), ("model", entry.needs_backbone)) if flag)
         table.add_row(entry.name, entry.family, str(entry.paper or "-"), needs or "-", entry.summary)
     console.print(table)
 
 
-def templates(name: str = typer.Argument(None, help="Show the templates of this set.")):
+@friendly_errors
+def templates(name: str = typer.Argument(None, help="Show the templates of this set (a built-in name or a "
+                                                    "JSON/text file).")):
     """Built-in prompt-template sets, or the templates of one."""
     from ..data import load_templates, template_sets
 
@@ -50,14 +83,27 @@ def templates(name: str = typer.Argument(None, help="Show the templates of this 
         console.print(f"{set_name} ({len(load_templates(set_name))} templates)")
 
 
-def datasets():
-    """Dataset names ``--dataset`` accepts (besides folders and manifests), with their splits."""
+@friendly_errors
+def datasets(data_root: Path = DATA_OPTIONS["data_root"]):
+    """Named datasets found under the data root, with their splits; names the known ones not found there."""
     from ..data import dataset_names, dataset_splits, default_data_root
+    from ..data.registry import named_dataset_folder
 
-    table = Table(title=f"datasets (data root: {default_data_root()})")
-    for column in ("name", "split", "what it is"):
-        table.add_column(column)
-    for name in dataset_names():
-        for i, (split, description) in enumerate(dataset_splits(name).items()):
-            table.add_row(name if i == 0 else "", split, description)
-    console.print(table)
+    if data_root is not None and not data_root.is_dir():
+        raise CliplabError(f"--data-root {data_root}: no such folder")
+    root = data_root if data_root is not None else default_data_root()
+    found = [n for n in dataset_names() if (root / named_dataset_folder(n)).exists()]
+    missing = [n for n in dataset_names() if n not in found]
+    if found:
+        table = Table(title=f"datasets under {root} (names for --dataset)")
+        for column in ("name", "folder", "split", "what it is"):
+            table.add_column(column)
+        for name in found:
+            for i, (split, description) in enumerate(dataset_splits(name).items()):
+                table.add_row(name if i == 0 else "", f"{named_dataset_folder(name)}/" if i == 0 else "", split,
+                              description)
+        console.print(table)
+    if missing:
+        where = f"{root}" + ("" if root.is_dir() else " (no such folder; pass --data-root or set CLIPLAB_DATA)")
+        console.print(Text.assemble(("not found under ", "yellow"), where, ": ", ", ".join(missing)),
+                      soft_wrap=True)

@@ -1,17 +1,52 @@
 """Classifier heads on cached features (scikit-learn estimators), registered by name.
 
-Every module in this package is imported here, so a head registers itself by being a file in it.
+Every module in this package is a head: the registry imports them all (``load_all``) the first time a head
+is looked up, listed or built, so a head registers itself by being a file here. The head classes and
+``ClipHead`` are imported on first use (PEP 562), so ``cliplab.heads`` and the registry load without
+scikit-learn or torch; ``describe_heads`` lists the package's heads without importing them.
 """
 
-from .base import ClipHead
-from .registry import HeadEntry, create_head, get_head, head_entry, list_heads, load_all, register
+from __future__ import annotations
 
-load_all()
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
 
-from .ncm import NearestClassMean  # noqa: E402
-from .zeroshot import ZeroShotClassifier  # noqa: E402
+from .registry import (
+    HeadEntry,
+    HeadSummary,
+    create_head,
+    describe_heads,
+    get_head,
+    head_entry,
+    list_heads,
+    load_all,
+    register,
+)
+
+_LAZY = {"ClipHead": "base", "NearestClassMean": "ncm", "ZeroShotClassifier": "zeroshot"}
 
 __all__ = [
-    "ClipHead", "HeadEntry", "NearestClassMean", "ZeroShotClassifier", "create_head", "get_head", "head_entry",
-    "list_heads", "load_all", "register",
+    "ClipHead", "HeadEntry", "HeadSummary", "NearestClassMean", "ZeroShotClassifier", "create_head",
+    "describe_heads", "get_head", "head_entry", "list_heads", "load_all", "register",
 ]
+
+if TYPE_CHECKING:
+    from .base import ClipHead
+    from .ncm import NearestClassMean
+    from .zeroshot import ZeroShotClassifier
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # a submodule, as when this package imported it
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
