@@ -17,6 +17,7 @@ from .cache import cache
 from .classify import classify
 from .common import configure_logging
 from .evaluate import embed, evaluate, zeroshot
+from .fewshot import fewshot
 from .listing import datasets, methods, models, templates
 
 HELP_WIDTH = 100
@@ -65,7 +66,7 @@ def _register(command) -> None:
     app.command(help=doc, short_help=doc.splitlines()[0] if doc else None)(command)
 
 
-for _command in (classify, zeroshot, evaluate, embed, models, methods, templates, datasets, cache):
+for _command in (classify, zeroshot, evaluate, fewshot, embed, models, methods, templates, datasets, cache):
     _register(_command)
 
 

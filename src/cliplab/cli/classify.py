@@ -21,7 +21,7 @@ def classify(
     top_k: int = typer.Option(None, "--top-k", "-k", min=1, help="Predictions to show per image (default 3)."),
     output: Path = typer.Option(None, "--output", "-o", help="Write predictions to a .csv or .json file."),
     templates: str = typer.Option("imagenet7", "--templates", "-t", help="Template set name or file."),
-    method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (`cliplab methods`)."),
+    method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (see: cliplab methods)."),
     run: RunOptions = None,
 ):
     """Classify images into your labels (zero-shot; default model ViT-B-32 LAION-2B, downloaded once)."""

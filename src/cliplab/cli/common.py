@@ -98,7 +98,7 @@ DATA_OPTIONS = {
     "data_root": typer.Option(None, "--data-root", help="Folder holding named datasets (default: $CLIPLAB_DATA or "
                               "../shared/datasets)."),
     "split": typer.Option(None, "--split", help="train, val or test (default: test for named datasets; a folder "
-                          "or manifest without splits is read whole). `cliplab datasets` lists each one's splits."),
+                          "or manifest without splits is read whole). cliplab datasets lists each one's splits."),
 }
 _GROUPS = {"run": (RunOptions, RUN_OPTIONS), "data": (DataOptions, DATA_OPTIONS)}
 

@@ -70,7 +70,7 @@ def _print_report(report, title: str) -> None:
 def zeroshot(
     dataset: str = DatasetOpt,
     templates: str = TemplatesOpt,
-    method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (`cliplab methods`)."),
+    method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (see: cliplab methods)."),
     params: list[str] = typer.Option(None, "--param", help="Method parameter NAME=VALUE (repeatable)."),
     output_dir: Path = OutputDirOpt,
     run: RunOptions = None,
@@ -81,7 +81,7 @@ def zeroshot(
     from ..heads import head_entry
 
     if head_entry(method).needs_train:
-        raise CliplabError(f"--method {method} needs training data: use `cliplab evaluate --method {method}`")
+        raise CliplabError(f"--method {method} needs training data: use cliplab evaluate --method {method}")
     test = _load(dataset, data, run, labelled=True)
     backbone = run.load_backbone()
     report = evaluate_zeroshot(backbone, test, _templates(templates, test.name), output_dir, run.cache_dir,
@@ -93,7 +93,7 @@ def zeroshot(
 
 @command
 def evaluate(
-    method: str = typer.Option(..., "--method", help="Any registered method (`cliplab methods`)."),
+    method: str = typer.Option(..., "--method", help="Any registered method (see: cliplab methods)."),
     dataset: str = DatasetOpt,
     shots: int = typer.Option(None, "--shots", min=1, help="Few-shot: this many training images per class "
                               "(drawn with --seed from the train split); default: the whole train split."),

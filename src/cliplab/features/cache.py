@@ -149,8 +149,8 @@ class FeatureCache:
                 if isinstance(exc, sqlite3.OperationalError) and any(w in message for w in NOT_WRITABLE):
                     raise self._not_writable(exc) from exc
                 if attempt == 2 or not self._repair:
-                    raise CacheError(f"{self.index_path}: damaged cache index ({exc}); run `cliplab cache "
-                                     "--repair`") from exc
+                    raise CacheError(f"{self.index_path}: damaged cache index ({exc}); run: cliplab cache "
+                                     "--repair") from exc
                 self.rebuild_index(f"{exc}")
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import CliplabError
 
-NOT_HEADS = {"base", "registry"}
+NOT_HEADS = {"base", "registry", "saving"}
 
 
 @dataclass(frozen=True)

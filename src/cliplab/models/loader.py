@@ -127,7 +127,7 @@ def load_model(
     if open_clip.get_model_config(name) is not None:
         return _load_arch(name, pretrained, quick_gelu, device, seed, cache_dir)
     raise ModelLoadError(
-        f"unknown model {name!r}: not a file or folder, an open_clip architecture (see `cliplab models`), "
+        f"unknown model {name!r}: not a file or folder, an open_clip architecture (see: cliplab models), "
         "'hf-hub:ORG/REPO' or 'tiny'"
     )
 
@@ -242,7 +242,7 @@ def _load_file(path: Path, arch, config, quick_gelu, device, given: str) -> Back
         model, arch_label, quick_gelu = _from_config(Path(config), state, quick_gelu)
     elif arch is not None:
         if open_clip.get_model_config(arch) is None:
-            raise ModelLoadError(f"--arch {arch!r} is not an open_clip architecture (see `cliplab models`)")
+            raise ModelLoadError(f"--arch {arch!r} is not an open_clip architecture (see: cliplab models)")
         if quick_gelu is None:
             quick_gelu = bool(open_clip.get_model_config(arch).get("quick_gelu", False))
         model = open_clip.create_model(arch, pretrained=None, quick_gelu=quick_gelu)
