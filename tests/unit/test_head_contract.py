@@ -30,6 +30,12 @@ ZEROSHOT_SKIPS = {name: FIXED_WIDTH for name in (
     "check_classifiers_regression_target": "zero-shot ignores y (it needs no training labels)",
 }
 SKIPS = {"zeroshot": ZEROSHOT_SKIPS}
+# GDA adds CLIP's zero-shot logits (text weights fixed at the model's width) and takes labels as class indices
+# into class_names, like the zero-shot head.
+LABELS_ARE_INDICES = "labels are integer class indices into class_names; the check fits on float or string labels"
+SKIPS["gda"] = {name: FIXED_WIDTH for name in ZEROSHOT_SKIPS if name not in (
+    "check_classifiers_regression_target", "check_requires_y_none")} | {name: LABELS_ARE_INDICES for name in (
+    "check_classifiers_one_label", "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")}
 
 
 def _build(entry):
