@@ -23,6 +23,25 @@ def _ints(text: str, option: str) -> list[int]:
     return values
 
 
+def _method_params(items: list[str] | None, methods: list[str]) -> dict[str, dict]:
+    """``METHOD.NAME=VALUE`` pairs by method; values read as JSON where they parse, else strings."""
+    import json
+
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.rpartition(".")
+        if not sep or not dot or not name:
+            raise CliplabError(f"--param {item!r}: write it as METHOD.NAME=VALUE")
+        if method not in methods:
+            raise CliplabError(f"--param {item!r}: {method!r} is not among --methods")
+        try:
+            out.setdefault(method, {})[name] = json.loads(value)
+        except ValueError:
+            out.setdefault(method, {})[name] = value
+    return out
+
+
 @command
 def fewshot(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Named dataset, folder with train/ and test/, or a "
@@ -35,6 +54,8 @@ def fewshot(
                               "that use them (cached)."),
     templates: str = typer.Option(None, "--templates", "-t", help="Template set or file for the zero-shot term "
                                   "(default: the dataset's CLIP_benchmark set, else 'imagenet7')."),
+    params: list[str] = typer.Option(None, "--param", help="A method's parameter, METHOD.NAME=VALUE (repeatable), "
+                                     "e.g. amu.aux_model=ViT-S-32:openai or tip-adapter.beta_max=12."),
     output_dir: Path = typer.Option(Path("results/fewshot"), "--output-dir", "-o", help="Where JSON, splits and "
                                     "the curve go."),
     run: RunOptions = None,
@@ -64,6 +85,7 @@ def fewshot(
                           f"top-1 {100 * record['acc1']:.2f}%  {record['chosen'] or ''}", markup=False)
 
     result = run_fewshot(backbone, train, test, names, shot_list, seed_list, templates=chosen, views=views,
+                         params=_method_params(params, names),
                          output_dir=output_dir, cache_dir=run.cache_dir, batch_size=run.batch_size,
                          workers=run.workers, progress=not run.quiet, on_run=progress)
     weights = " · random weights" if backbone.info.random_weights else ""

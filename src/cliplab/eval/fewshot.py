@@ -69,6 +69,19 @@ def caption_features(backbone: Backbone, train: ImageDataset, split: FewShotSpli
     return embed_texts(backbone, texts, cache_dir)
 
 
+def with_aux(features: ImageFeatures, aux: ImageFeatures) -> ImageFeatures:
+    """``features`` with ``aux``'s features of the same items appended column-wise (items in both only)."""
+    from dataclasses import replace
+
+    position = {item: i for i, item in enumerate(aux.item_ids)}
+    keep = [i for i, item in enumerate(features.item_ids) if item in position]
+    rows = features.subset(keep)
+    extra = np.asarray(aux.features)[[position[features.item_ids[i]] for i in keep]]
+    return replace(rows, features=np.hstack([np.asarray(rows.features), extra]).astype(np.float32),
+                   failures=features.failures + [f for f in aux.failures if f not in features.failures],
+                   model_id=f"{features.model_id}+aux:{aux.model_id}")
+
+
 def run_fewshot(
     backbone: Backbone,
     train: ImageDataset,
@@ -96,6 +109,19 @@ def run_fewshot(
                               progress=progress).labelled()
     result = FewShotResult()
     zeroshot_reports: dict[str, dict] = {}
+    aux_cache: dict[str, tuple[ImageFeatures, ImageFeatures]] = {}
+
+    def aux_features(name: str) -> tuple[ImageFeatures, ImageFeatures]:
+        """Train and test features with a second model's embeddings appended (AMU-Tuning's auxiliary branch)."""
+        if name not in aux_cache:
+            from ..models import load_model
+
+            aux = load_model(name, device=str(backbone.device))
+            embed = [embed_images(aux, data, cache_dir, batch_size=batch_size, num_workers=workers,
+                                  progress=progress).labelled() for data in (train, test)]
+            aux_cache[name] = with_aux(train_feats, embed[0]), with_aux(test_feats, embed[1])
+        return aux_cache[name]
+
     for seed in seeds:
         for k in shots:
             split = train_feats.few_shot(k, seed=seed)
@@ -110,7 +136,12 @@ def run_fewshot(
                 if not entry.needs_train and method in zeroshot_reports:
                     run = {**zeroshot_reports[method], "shots": k, "seed": seed}
                 else:
-                    run = _run_one(entry, backbone, test_feats, split, extra, templates, (params or {}).get(method, {}),
+                    method_params = (params or {}).get(method, {})
+                    method_test, method_split = test_feats, split
+                    if method_params.get("aux_model"):
+                        aux_train, method_test = aux_features(method_params["aux_model"])
+                        method_split = aux_train.apply_split(split.record)
+                    run = _run_one(entry, backbone, method_test, method_split, extra, templates, method_params,
                                    cache_dir, out, seed, k, split_file)
                     if not entry.needs_train:
                         zeroshot_reports[method] = run
