@@ -107,3 +107,19 @@ def test_classify_caps_top_k_at_the_number_of_labels(split_folder, tmp_path):
 def test_datasets_lists_splits():
     result = _invoke("datasets")
     assert result.exit_code == 0 and "hold-out" in result.output and "imagenet" in result.output
+
+
+def test_save_a_fitted_head_and_classify_with_it(split_folder, tmp_path):
+    head = tmp_path / "ncm-head"
+    fitted = _invoke("evaluate", "--method", "ncm", "--dataset", split_folder, "--shots", "2", "--model", "tiny",
+                     "-q", "-o", tmp_path / "out", "--workers", "0", "--save-head", head)
+    assert fitted.exit_code == 0, fitted.output
+    out = tmp_path / "p.json"
+    result = _invoke("classify", split_folder / "test", "--head", head, "--model", "tiny", "-q", "-o", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and {r["predictions"][0]["label"] for r in rows} <= {"apple", "pear"}
+    other = _invoke("classify", split_folder / "test", "--head", head, "--model", "tiny", "--seed", "1", "-q")
+    assert other.exit_code == 2 and "fitted on features of model tiny-seed0" in other.output
+    both = _invoke("classify", split_folder / "test", "--head", head, "--labels", "a,b", "--model", "tiny")
+    assert both.exit_code == 2 and "brings its own classes" in both.output

@@ -22,32 +22,45 @@ def classify(
     output: Path = typer.Option(None, "--output", "-o", help="Write predictions to a .csv or .json file."),
     templates: str = typer.Option("imagenet7", "--templates", "-t", help="Template set name or file."),
     method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (see: cliplab methods)."),
+    head_dir: Path = typer.Option(None, "--head", help="A fitted head saved by cliplab evaluate --save-head (its "
+                                  "classes replace --labels; the model must be the one it was fitted with)."),
     run: RunOptions = None,
 ):
     """Classify images into your labels (zero-shot; default model ViT-B-32 LAION-2B, downloaded once)."""
     from ..data import image_files, parse_labels, read_class_names
     from ..heads import create_head, head_entry
+    from ..heads.saving import load_head, saved_class_names
 
-    if (labels is None) == (labels_file is None):
-        raise CliplabError("give the class names with exactly one of --labels or --labels-file")
-    names = parse_labels(labels) if labels is not None else read_class_names(labels_file)
+    if head_dir is not None:
+        if labels is not None or labels_file is not None:
+            raise CliplabError("--head brings its own classes: leave out --labels and --labels-file")
+        names = saved_class_names(head_dir)
+    elif (labels is None) == (labels_file is None):
+        raise CliplabError("give the class names with exactly one of --labels or --labels-file (or a saved --head)")
+    else:
+        names = parse_labels(labels) if labels is not None else read_class_names(labels_file)
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise CliplabError(f"--output {output}: use a .csv or .json file name")
-    if head_entry(method).needs_train:
-        raise CliplabError(f"--method {method}: needs training data; classify takes zero-shot methods")
+    if head_dir is None and head_entry(method).needs_train:
+        raise CliplabError(f"--method {method}: needs training data; fit it with cliplab evaluate --save-head DIR "
+                           "and pass --head DIR")
     if top_k is not None and top_k > len(names):
         err_console.print(f"note: --top-k {top_k} capped at the {len(names)} labels given")
     top_k = min(top_k or 3, len(names))
     dataset = image_files(paths, run.hash_content)
     backbone = run.load_backbone()
-    head = create_head(method, backbone=backbone, class_names=names, templates=templates,
-                       cache_dir=run.cache_dir).fit()  # bad templates fail before any image is embedded
+    if head_dir is not None:
+        head = load_head(head_dir, backbone=backbone)
+    else:  # bad templates fail before any image is embedded
+        head = create_head(method, backbone=backbone, class_names=names, templates=templates,
+                           cache_dir=run.cache_dir).fit()
     features = run.embed(backbone, dataset)
     rows = []
     if len(features):
         order, probs = head.top_k(features.features, top_k)
+        columns = [_label(head.classes_[c], names) for c in range(len(head.classes_))]
         rows = [
-            {"path": item, "predictions": [{"label": names[c], "probability": float(p)} for c, p in zip(oi, pi)]}
+            {"path": item, "predictions": [{"label": columns[c], "probability": float(p)} for c, p in zip(oi, pi)]}
             for item, oi, pi in zip(features.item_ids, order, probs)
         ]
     rows += [{"path": item, "predictions": [], "error": reason} for item, reason in features.failures]
@@ -57,6 +70,13 @@ def classify(
     if output is not None:
         _write(rows, output, top_k)
         console.print(f"wrote {output}")
+
+
+def _label(cls, names: list[str]) -> str:
+    """A logit column's class: an index into ``names``, or the label itself."""
+    if isinstance(cls, (int,)) or getattr(cls, "dtype", None) is not None and cls.dtype.kind in "iu":
+        return names[int(cls)]
+    return str(cls)
 
 
 def _print(rows, root, n_ok) -> None:

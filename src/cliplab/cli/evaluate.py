@@ -101,6 +101,8 @@ def evaluate(
     templates: str = TemplatesOpt,
     params: list[str] = typer.Option(None, "--param", help="Method parameter NAME=VALUE (repeatable)."),
     output_dir: Path = OutputDirOpt,
+    save_head: Path = typer.Option(None, "--save-head", help="Save the fitted head to this folder (safetensors + "
+                                   "JSON) for cliplab classify --head."),
     run: RunOptions = None,
     data: DataOptions = None,
 ):
@@ -137,6 +139,11 @@ def evaluate(
                           + (f" · {shots} shots, seed {run.seed}" if shots else "") + f" · {backbone.model_id}")
     if split_path is not None:
         console.print(f"split: {split_path}")
+    if save_head is not None:
+        from ..heads.saving import save_head as write_head
+
+        write_head(head, save_head, model_id=backbone.model_id, class_names=list(test.class_names))
+        console.print(f"head: {save_head}")
 
 
 @command

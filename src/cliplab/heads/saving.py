@@ -30,9 +30,9 @@ def _jsonable(value) -> bool:
     return False
 
 
-def save_head(head, path: str | Path, model_id: str | None = None) -> Path:
+def save_head(head, path: str | Path, model_id: str | None = None, class_names: list[str] | None = None) -> Path:
     """Write a fitted ``head`` to the folder ``path``; ``model_id`` is that of the features it was fitted on
-    (default: its backbone's)."""
+    (default: its backbone's); ``class_names`` name its classes (default: the head's own ``class_names``)."""
     from safetensors.numpy import save
 
     entry = head_entry(head)
@@ -47,7 +47,8 @@ def save_head(head, path: str | Path, model_id: str | None = None) -> Path:
     if bad:
         raise CliplabError(f"{entry.name}: cannot save {bad[0]!r} (not an array or JSON value)")
     backbone = getattr(head, "backbone", None)
-    record = {"format": FORMAT, "method": entry.name, "params": params, "fitted": scalars,
+    names = list(class_names or getattr(head, "class_names", None) or [])
+    record = {"format": FORMAT, "method": entry.name, "params": params, "fitted": scalars, "class_names": names,
               "model_id": model_id or (backbone.model_id if backbone is not None else None)}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -55,6 +56,17 @@ def save_head(head, path: str | Path, model_id: str | None = None) -> Path:
     atomic_write(path / "arrays.safetensors", lambda handle: handle.write(payload))
     atomic_write_text(path / "head.json", json.dumps(record, indent=1))
     return path
+
+
+def saved_class_names(path: str | Path) -> list[str]:
+    """The class names a saved head predicts (one per column of its logits)."""
+    try:
+        names = json.loads((Path(path) / "head.json").read_text()).get("class_names") or []
+    except (OSError, ValueError) as exc:
+        raise CliplabError(f"{path}: not a saved cliplab head ({exc})") from exc
+    if not names:
+        raise CliplabError(f"{path}: the saved head records no class names")
+    return [str(n) for n in names]
 
 
 def load_head(path: str | Path, backbone=None, model_id: str | None = None):
