@@ -1,0 +1,181 @@
+"""Linear probe: L2-regularised multinomial logistic regression on CLIP image features (CoOp's lpclip protocol)."""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import column_or_1d
+
+from ..errors import FeatureError, LabelError
+from .base import ClipHead
+from .registry import register
+
+#: scikit-learn's default ``tol``, which CoOp used; see ``LinearProbe.tol``.
+SKLEARN_TOL = 1e-4
+#: CoOp's coarse sweep of C (lpclip/linear_probe.py), in its loop order: the first best wins (``np.argmax``).
+SEARCH_LIST = (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6)
+
+
+@register("linear-probe", family="fewshot", paper=None, needs_train=True)
+class LinearProbe(ClipHead):
+    """Linear probe: logistic regression on the image features, logits = x W^T + b, C searched on validation.
+
+    The CLIP paper's linear-probe baseline (Radford et al. 2021, App. A.3; not in ../shared/papers.md, hence
+    ``paper=None``) as the few-shot papers run it: the protocol is CoOp's ``lpclip/linear_probe.py`` (paper 50,
+    "Learning to Prompt for Vision-Language Models", @ff61507).
+
+    Model: scikit-learn ``LogisticRegression(solver="lbfgs", max_iter=1000, C=C, tol=tol_)`` with an L2 penalty and an
+    unpenalised intercept, i.e. W, b minimise ``0.5 * |W|_F^2 + C * sum_i -log softmax(x_i W^T + b)[y_i]``
+    (multinomial; for two classes scikit-learn's binary model ``0.5 |w|^2 + C sum_i log(1 + exp(-s_i (x_i.w + b)))``).
+    ``coef_`` (K, d) and ``intercept_`` (K,) are scikit-learn's arrays (K = 1 for two classes), and
+    ``logits(X) = X @ coef_.T + intercept_``; for two classes, with z that one column, the logits are
+    ``[-z/2, z/2]``, so that ``softmax`` is scikit-learn's ``predict_proba`` ``[1 - sigmoid(z), sigmoid(z)]``
+    and ``decision_function`` is its margin z.
+
+    Choosing C (CoOp's search, on ``X_val, y_val`` only, val accuracy = fraction of ``predict`` correct):
+    1. coarse sweep over C in [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]; c_peak = the first best (``np.argmax``);
+    2. ``c_left, c_right = 0.1 * c_peak, 10 * c_peak``; then ``num_steps`` (8) times: fit at both ends and
+       score them; if acc_left < acc_right: C = c_right and the next range is [10^m, c_right], else (ties go
+       left) C = c_left and the next range is [c_left, 10^m], with m = (log10 c_left + log10 c_right) / 2 (the
+       ends pass through ``10 ** log10(.)`` exactly as in CoOp's code);
+    3. the final C is the last step's winner, and the head is that step's fit, on the training features only
+       (CoOp's ``clf_final``; validation items are never fitted on).
+    Without validation data (or with ``search=False``) the head is one fit at the ``C`` hyperparameter.
+
+    Hyperparameters: ``C`` (0.316, used without validation data: the value of the linear-probe example in the
+    CLIP authors' README, github.com/openai/CLIP; small C shrinks the probe towards a class-centroid classifier,
+    the safe side with few shots), ``num_steps`` (8, CoOp's ``--num_step``), ``search`` (True: search C when
+    validation data is given), ``max_iter`` (1000, CoOp's), ``tol`` (None: 1e-4 / n_train, see below; a number
+    is passed to scikit-learn as is). L-BFGS is deterministic: no seed.
+
+    Departures from CoOp's code, and why:
+    - The features are cliplab's L2-normalised CLIP features, used as given; CoOp fits on raw
+      ``clip_model.visual`` outputs. Scaling the features by s is the same as scaling C by s^2, so a searched
+      C differs by that factor but the search range (12 decades) covers it; the fixed default does not adapt.
+    - The features are fitted in float64 (CoOp's ``.npz`` features are float64 too; cliplab's cache is float32).
+    - The L-BFGS stopping tolerance is 1e-4 / n_train instead of scikit-learn's 1e-4. scikit-learn >= 1.4 (PR
+      #26721) minimises the objective above divided by C * n_train, so its ``tol`` (a bound on the largest
+      gradient entry) became n_train times looser than in the versions CoOp ran (2021: gradient of the summed
+      loss). With many classes the averaged gradient at the zero start is below 1e-4: on 1000 classes x 16 shots
+      of 512-d unit features scikit-learn 1.9 stops after 0 iterations at every C (chance accuracy). 1e-4 / n
+      restores CoOp's gradient criterion (scipy's relative ``ftol`` is not reachable through scikit-learn:
+      modern scikit-learn's is tighter, so fits may iterate longer than CoOp's, up to ``max_iter``).
+    - ``penalty="l2"`` is written as scikit-learn >= 1.8's default ``l1_ratio=0`` (``penalty`` is deprecated);
+      the model is the same.
+    - Fits at a C already fitted during the search are reused instead of refitted (same data, same C,
+      deterministic solver: the same result).
+    - ``num_steps=0`` gives C = c_peak (CoOp's loop would have no final classifier).
+    - Convergence warnings of the search fits are silenced; one is raised if the final fit did not converge.
+    - Labels may be any class labels (``classes_ = np.unique(y)``), as in scikit-learn.
+    """
+
+    def __init__(self, C: float = 0.316, num_steps: int = 8, search: bool = True, max_iter: int = 1000,
+                 tol: float | None = None):
+        self.C = C
+        self.num_steps = num_steps
+        self.search = search
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def _check_params(self) -> None:
+        if not isinstance(self.C, Real) or isinstance(self.C, bool) or not np.isfinite(self.C) or self.C <= 0:
+            raise ValueError(f"LinearProbe: C must be a positive finite number, got {self.C!r}")
+        if not isinstance(self.num_steps, Integral) or isinstance(self.num_steps, bool) or self.num_steps < 0:
+            raise ValueError(f"LinearProbe: num_steps must be an integer >= 0, got {self.num_steps!r}")
+        if not isinstance(self.max_iter, Integral) or isinstance(self.max_iter, bool) or self.max_iter < 1:
+            raise ValueError(f"LinearProbe: max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.tol is not None and (not isinstance(self.tol, Real) or isinstance(self.tol, bool) or
+                                     not np.isfinite(self.tol) or self.tol <= 0):
+            raise ValueError(f"LinearProbe: tol must be a positive number or None, got {self.tol!r}")
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Fit on ``X, y``; with ``X_val, y_val`` choose C by CoOp's search on them first."""
+        self._check_params()
+        X, y = self._validate(X, y, reset=True)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        X64 = X.astype(np.float64)
+        self.tol_ = float(SKLEARN_TOL / len(X) if self.tol is None else self.tol)
+        fits: dict[float, tuple[np.ndarray, np.ndarray, int]] = {}
+
+        def fit_at(c: float):
+            key = float(c)
+            if key not in fits:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    clf = LogisticRegression(solver="lbfgs", max_iter=self.max_iter, C=key, tol=self.tol_)
+                    clf.fit(X64, y)
+                fits[key] = (clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64), int(np.max(clf.n_iter_)))
+            return fits[key]
+
+        if (X_val is None) != (y_val is None):
+            raise FeatureError("LinearProbe: pass both X_val and y_val, or neither")
+        searched = bool(self.search) and X_val is not None
+        if searched:
+            X_val = self._validate(X_val).astype(np.float64)
+            y_val = column_or_1d(np.asarray(y_val), warn=True)
+            if len(y_val) != len(X_val):
+                raise FeatureError(f"LinearProbe: X_val has {len(X_val)} rows but y_val has {len(y_val)} labels")
+            if not np.isin(y_val, self.classes_).any():
+                raise LabelError("LinearProbe: no validation label is a training class; C cannot be chosen")
+
+            def val_accuracy(c: float) -> float:
+                coef, intercept, _ = fit_at(c)
+                pred = self.classes_[self._argmax(X_val @ coef.T + intercept)]
+                return np.count_nonzero(pred == y_val) / len(y_val)
+
+            chosen, self.search_path_ = self._coop_search(val_accuracy)
+        else:
+            chosen, self.search_path_ = float(self.C), []
+
+        self.C_ = float(chosen)
+        coef, intercept, n_iter = fit_at(chosen)
+        self.coef_, self.intercept_, self.n_iter_ = coef, intercept, n_iter
+        self.searched_ = searched
+        if n_iter >= self.max_iter:
+            warnings.warn(f"LinearProbe: L-BFGS did not converge in max_iter={self.max_iter} iterations at "
+                          f"C={self.C_:g}", ConvergenceWarning, stacklevel=2)
+        return self
+
+    def _coop_search(self, val_accuracy) -> tuple[float, list]:
+        """CoOp's coarse sweep plus ``num_steps`` interval-halving steps; returns (C, [[C, val acc], ...])."""
+        path = []
+        acc_list = []
+        for c in SEARCH_LIST:
+            acc_list.append(val_accuracy(c))
+            path.append([float(c), float(acc_list[-1])])
+        c_peak = SEARCH_LIST[int(np.argmax(acc_list))]
+        c_final = c_peak
+        c_left, c_right = 1e-1 * c_peak, 1e1 * c_peak
+        for _ in range(self.num_steps):
+            acc_left, acc_right = val_accuracy(c_left), val_accuracy(c_right)
+            path += [[float(c_left), float(acc_left)], [float(c_right), float(acc_right)]]
+            if acc_left < acc_right:
+                c_final = c_right
+                c_left = 0.5 * (np.log10(c_right) + np.log10(c_left))
+                c_right = np.log10(c_right)
+            else:
+                c_final = c_left
+                c_right = 0.5 * (np.log10(c_right) + np.log10(c_left))
+                c_left = np.log10(c_left)
+            c_left, c_right = np.power(10, c_left), np.power(10, c_right)
+        return float(c_final), path
+
+    @staticmethod
+    def _argmax(z: np.ndarray) -> np.ndarray:
+        """scikit-learn's ``predict`` on decision values: binary (n, 1) -> z > 0, else the first max."""
+        return (z[:, 0] > 0).astype(int) if z.shape[1] == 1 else np.argmax(z, axis=1)
+
+    def logits(self, X) -> np.ndarray:
+        """Logits (n, K) over ``classes_``: ``X @ coef_.T + intercept_`` (two classes: ``[-z/2, z/2]``)."""
+        X = self._checked(X)
+        z = X.astype(np.float64) @ self.coef_.T + self.intercept_
+        return np.hstack([-z / 2, z / 2]) if len(self.classes_) == 2 else z
+
+    def fit_summary(self) -> dict:
+        return {"C": self.C_, "searched": self.searched_, "n_iter": self.n_iter_, "tol": self.tol_}
