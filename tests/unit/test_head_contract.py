@@ -3,6 +3,7 @@
 import tempfile
 
 import numpy as np
+from sklearn.base import clone
 import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -37,6 +38,29 @@ SKIPS["gda"] = {name: FIXED_WIDTH for name in ZEROSHOT_SKIPS if name not in (
     "check_classifiers_regression_target", "check_requires_y_none")} | {name: LABELS_ARE_INDICES for name in (
     "check_classifiers_one_label", "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")}
 
+# CapS-Adapter adds CLIP's zero-shot logits (fixed width), takes labels as class indices, scores every class of
+# class_names, and min-max rescales its KL term over all rows scored together (transductive, as the authors' code).
+SKIPS["caps-adapter"] = {name: FIXED_WIDTH for name in ZEROSHOT_SKIPS if name not in (
+    "check_classifiers_regression_target", "check_requires_y_none")} | {name: LABELS_ARE_INDICES for name in (
+    "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")} | {
+    "check_classifiers_one_label": "classes_ are all of class_names (the zero-shot logits score every class)",
+    "check_methods_subset_invariance": "the KL term is min-max rescaled over all rows scored together (the "
+                                       "method's transductive scaling, as in the authors' code)",
+}
+
+# Tip-Adapter(-F) add CLIP's zero-shot logits (fixed width) and take labels as class indices into class_names.
+SKIPS["tip-adapter"] = SKIPS["tip-adapter-f"] = {name: FIXED_WIDTH for name in ZEROSHOT_SKIPS if name not in (
+    "check_classifiers_regression_target", "check_requires_y_none")} | {name: LABELS_ARE_INDICES for name in (
+    "check_classifiers_one_label", "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")}
+
+
+# AMU-Tuning takes [CLIP | auxiliary] features: wider than the model's embeddings (the CLIP block is fixed by the
+# text weights, an auxiliary block must follow), and labels as class indices into class_names.
+AUX_BLOCK = "features are [CLIP | auxiliary]: wider than the model's 64-d embeddings; the check feeds 1-10 features"
+SKIPS["amu"] = {name: AUX_BLOCK for name in ZEROSHOT_SKIPS if name not in (
+    "check_classifiers_regression_target", "check_requires_y_none")} | {name: LABELS_ARE_INDICES for name in (
+    "check_classifiers_one_label", "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")}
+
 
 def _build(entry):
     extra = {"cache_dir": CACHE, "templates": ["a photo of a {c}."]} if entry.needs_backbone else {}
@@ -64,8 +88,8 @@ def test_every_registered_head_is_checked():
 def test_two_classes_give_a_margin_and_full_logits(head):
     X = np.eye(TINY.embed_dim, dtype=np.float32)[:8]
     y = np.array([0, 1] * 4)
-    if head._registered_name == "zeroshot":
-        head = create_head("zeroshot", backbone=TINY, class_names=["a", "b"], cache_dir=CACHE, templates=["{c}"])
+    if "class_names" in head.get_params():  # a head over named classes: two of them here
+        head = clone(head).set_params(class_names=["a", "b"], templates=["{c}"])
     head.fit(X, y)
     logits = head.logits(X)
     assert logits.shape == (8, 2)
