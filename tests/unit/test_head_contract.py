@@ -3,8 +3,8 @@
 import tempfile
 
 import numpy as np
-from sklearn.base import clone
 import pytest
+from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from cliplab.heads import create_head, list_heads
