@@ -90,6 +90,8 @@ def test_two_classes_give_a_margin_and_full_logits(head):
     y = np.array([0, 1] * 4)
     if "class_names" in head.get_params():  # a head over named classes: two of them here
         head = clone(head).set_params(class_names=["a", "b"], templates=["{c}"])
+    if "aux_model" in head.get_params():  # AMU-Tuning: CLIP features followed by an auxiliary model's
+        X = np.hstack([X, X])
     head.fit(X, y)
     logits = head.logits(X)
     assert logits.shape == (8, 2)
