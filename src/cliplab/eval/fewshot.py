@@ -138,11 +138,13 @@ def run_fewshot(
                 else:
                     method_params = (params or {}).get(method, {})
                     method_test, method_split = test_feats, split
-                    if method_params.get("aux_model"):
+                    method_extra = extra
+                    if method_params.get("aux_model"):  # views are of the CLIP model only: train on the shots
                         aux_train, method_test = aux_features(method_params["aux_model"])
                         method_split = aux_train.apply_split(split.record)
-                    run = _run_one(entry, backbone, method_test, method_split, extra, templates, method_params,
-                                   cache_dir, out, seed, k, split_file)
+                        method_extra = {key: value for key, value in extra.items() if key != "views"}
+                    run = _run_one(entry, backbone, method_test, method_split, method_extra, templates,
+                                   method_params, cache_dir, out, seed, k, split_file)
                     if not entry.needs_train:
                         zeroshot_reports[method] = run
                 result.runs.append(run)
