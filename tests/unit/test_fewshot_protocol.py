@@ -62,3 +62,19 @@ def test_views_are_cached_aligned_and_reproducible(tiny, folder, tmp_path):
     one = AugmentedViews(Subset(train, split.train.indices[2:3]), 3, seed=0, augmentation=Augmentation(size=32))
     alone = stack_views(embed_images(tiny, one, tmp_path / "c2", num_workers=0, progress=False), 3)
     np.testing.assert_allclose(alone[:, 0], first[:, 2], atol=1e-6)
+
+
+def test_auxiliary_model_features_are_appended_for_amu(tiny, folder, tmp_path):
+    train, test = load_dataset(folder, split="train"), load_dataset(folder, split="test")
+    result = run_fewshot(tiny, train, test, ["amu"], [2], [1], templates=["a {c}"], views=2,
+                         params={"amu": {"aux_model": "tiny", "epochs": 3}}, output_dir=tmp_path / "out",
+                         cache_dir=tmp_path / "cache", workers=0, progress=False)
+    record = json.loads(Path(result.runs[0]["json"]).read_text())
+    assert record["cliplab"]["params"]["aux_model"] == "tiny"
+    assert result.runs[0]["chosen"]["epochs"] == 3 and 0.0 <= result.runs[0]["acc1"] <= 1.0
+    from cliplab.eval.fewshot import with_aux
+
+    feats = embed_images(tiny, test, tmp_path / "cache", num_workers=0, progress=False)
+    joined = with_aux(feats, feats.subset([2, 0]))  # only items in both, aux rows matched by item id
+    assert joined.item_ids == [feats.item_ids[0], feats.item_ids[2]] and joined.dim == 2 * feats.dim
+    np.testing.assert_array_equal(joined.features[1, feats.dim:], feats.features[2])
