@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
 
-from ..errors import CliplabError, DimensionMismatchError, FeatureError, LabelError
+from ..errors import CliplabError, DimensionMismatchError, FeatureError
 from ..models.backbone import Backbone
 from .base import ClipHead, ZeroShotLogitsMixin, accuracy, best_on_validation
 from .registry import register
@@ -224,12 +224,7 @@ class AMUTuning(ZeroShotLogitsMixin, ClipHead):
         self.aux_weights_, self.training_loss_ = self._train(self.initial_weights_, samples, y)
         self.alpha_, self.searched_ = float(self.alpha), False
         if X_val is not None:
-            if y_val is None:
-                raise LabelError(f"{type(self).__name__}: X_val needs y_val")
-            X_val = self._validate(X_val)
-            y_val = self._check_labels(y_val)
-            if len(y_val) != len(X_val):
-                raise LabelError(f"{type(self).__name__}: {len(X_val)} validation rows but {len(y_val)} labels")
+            X_val, y_val = self._validation_set(X_val, y_val)
             self.alpha_ = self._search_alpha(X_val, y_val)
             self.searched_ = True
         return self

@@ -90,6 +90,40 @@ class ZeroShotLogitsMixin:
                              "class_names")
         return y.astype(np.int64)
 
+    def _validation_set(self, X_val, y_val) -> tuple[np.ndarray, np.ndarray]:
+        """The validation features (checked like ``X``) and their labels (class indices), of equal length."""
+        from ..errors import LabelError
+
+        if y_val is None:
+            raise LabelError(f"{type(self).__name__}: X_val needs y_val")
+        X_val = self._validate(X_val)
+        y_val = self._check_labels(y_val)
+        if len(y_val) != len(X_val):
+            raise LabelError(f"{type(self).__name__}: {len(X_val)} validation rows but {len(y_val)} labels")
+        return X_val, y_val
+
+    def _checked_views(self, views, X: np.ndarray) -> np.ndarray:
+        """``views`` as a finite float32 array (V, n, d) of the same items and width as ``X``."""
+        from ..errors import FeatureError
+
+        views = np.asarray(views)
+        if views.ndim != 3 or views.shape[1:] != X.shape or views.shape[0] == 0:
+            raise FeatureError(f"{type(self).__name__}: views must have shape (V, {X.shape[0]}, {X.shape[1]}) like "
+                               f"X with V >= 1, got {views.shape}")
+        return self._validate(views.reshape(-1, X.shape[1])).reshape(views.shape)  # row v*n + i: view v of item i
+
+    def _view_mean_keys(self, X: np.ndarray, views) -> np.ndarray:
+        """Tip-Adapter's cache keys: the L2-normalised mean of each item's views (``X`` itself without views)."""
+        if views is None:
+            return X
+        from ..errors import FeatureError
+
+        mean = self._checked_views(views, X).astype(np.float64).mean(axis=0)
+        norms = np.linalg.norm(mean, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise FeatureError(f"{type(self).__name__}: the views of item {int(np.argmin(norms))} average to zero")
+        return (mean / norms).astype(np.float32)
+
 
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of ``logits`` (n, C) against class indices ``y`` (ties: the lower class, as argmax)."""

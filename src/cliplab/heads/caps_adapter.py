@@ -9,7 +9,7 @@ import numpy as np
 from scipy.special import log_softmax
 from sklearn.utils.multiclass import check_classification_targets
 
-from ..errors import CliplabError, DimensionMismatchError, FeatureError, LabelError
+from ..errors import CliplabError, DimensionMismatchError
 from ..models.backbone import Backbone
 from .base import ClipHead, ZeroShotLogitsMixin
 from .registry import register
@@ -147,7 +147,7 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
         if text.shape[0] != d:
             raise DimensionMismatchError(f"{name}: features have width {d} but the text weights are "
                                          f"{text.shape[0]}-d (features from another model?)")
-        keys = self._image_keys(X, views)
+        keys = self._view_mean_keys(X, views)
         captions = self._caption_keys(caption_features, n, d)
         if captions is None and self.delta not in (None, 0, 0.0):
             raise CliplabError(f"{name}: delta={self.delta} weighs caption similarities but no caption_features were "
@@ -163,32 +163,12 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
         grids = self._grids(X_val is not None)
         searched = X_val is not None and any(len(values) > 1 for values in grids.values())
         if X_val is not None:
-            if y_val is None:
-                raise LabelError(f"{name}: X_val needs y_val")
-            X_val = self._validate(X_val)
-            y_val = self._check_labels(y_val)
-            if len(y_val) != len(X_val):
-                raise LabelError(f"{name}: {len(X_val)} validation rows but {len(y_val)} labels")
+            X_val, y_val = self._validation_set(X_val, y_val)
         chosen = self._search(X_val, y_val, grids) if searched else {k: v[0] for k, v in grids.items()}
         self.alpha_, self.beta_, self.gamma_, self.delta_ = (float(chosen[k]) for k in ("alpha", "beta", "gamma",
                                                                                          "delta"))
         self.searched_ = bool(searched)
         return self
-
-    def _image_keys(self, X: np.ndarray, views) -> np.ndarray:
-        """Rows of ``X``, or the L2-normalised mean of the views of each item (Tip-Adapter's cache keys)."""
-        if views is None:
-            return X
-        views = np.asarray(views)
-        if views.ndim != 3 or views.shape[1:] != X.shape or views.shape[0] == 0:
-            raise FeatureError(f"{type(self).__name__}: views must have shape (V, {X.shape[0]}, {X.shape[1]}) with "
-                               f"V >= 1 like X, got {views.shape}")
-        flat = self._validate(views.reshape(-1, X.shape[1]))
-        mean = flat.reshape(views.shape).astype(np.float64).mean(axis=0)
-        norms = np.linalg.norm(mean, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise FeatureError(f"{type(self).__name__}: the views of item {int(np.argmin(norms))} average to zero")
-        return (mean / norms).astype(np.float32)
 
     def _caption_keys(self, caption_features, n: int, d: int) -> np.ndarray | None:
         if caption_features is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
 
-from ..errors import DimensionMismatchError, FeatureError, LabelError
+from ..errors import DimensionMismatchError
 from ..models.backbone import Backbone
 from .base import ClipHead, ZeroShotLogitsMixin, accuracy, best_on_validation
 from .registry import register
@@ -100,12 +100,7 @@ class GaussianDiscriminant(ZeroShotLogitsMixin, ClipHead):
         self.n_samples_ = int(len(labels))
         self.alpha_, self.searched_ = float(self.alpha), False
         if X_val is not None:
-            if y_val is None:
-                raise LabelError(f"{type(self).__name__}: X_val needs y_val")
-            X_val = self._validate(X_val)
-            y_val = self._check_labels(y_val)
-            if len(y_val) != len(X_val):
-                raise LabelError(f"{type(self).__name__}: {len(X_val)} validation rows but {len(y_val)} labels")
+            X_val, y_val = self._validation_set(X_val, y_val)
             self.alpha_ = self._search_alpha(X_val, y_val)
             self.searched_ = True
         return self
@@ -114,14 +109,8 @@ class GaussianDiscriminant(ZeroShotLogitsMixin, ClipHead):
         """The estimation samples: every view of every item (labels tiled), or ``X`` without views."""
         if views is None:
             return X, y
-        views = np.asarray(views)
-        if views.ndim != 3 or views.shape[1:] != X.shape:
-            raise FeatureError(f"{type(self).__name__}: views must have shape (V, {X.shape[0]}, {X.shape[1]}) "
-                               f"like X, got {views.shape}")
-        if views.shape[0] == 0:
-            raise FeatureError(f"{type(self).__name__}: views has no view")
-        flat = self._validate(views.reshape(-1, X.shape[1]))  # row v*n + i = view v of item i
-        return flat, np.tile(y, views.shape[0])
+        views = self._checked_views(views, X)
+        return views.reshape(-1, X.shape[1]), np.tile(y, views.shape[0])  # row v*n + i = view v of item i
 
     def _gaussian(self, samples: np.ndarray, labels: np.ndarray, n_classes: int):
         """W (C, d) and b (C,) of the shared-covariance Gaussian classifier with the KS precision (float64)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
 
-from ..errors import CliplabError, DimensionMismatchError, FeatureError, LabelError
+from ..errors import CliplabError, DimensionMismatchError
 from ..models.backbone import Backbone
 from .base import ClipHead, ZeroShotLogitsMixin
 from .registry import register
@@ -252,21 +252,6 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
             if not math.isfinite(float(getattr(self, key))):
                 raise CliplabError(f"{name}: {key} must be finite")
 
-    def _initial_keys(self, X: np.ndarray, views) -> np.ndarray:
-        """Cache keys: L2-normalised mean of the views of each item, or ``X`` without views."""
-        if views is None:
-            return X
-        views = np.asarray(views)
-        if views.ndim != 3 or views.shape[1:] != X.shape or views.shape[0] == 0:
-            raise FeatureError(f"{type(self).__name__}: views must have shape (V, {X.shape[0]}, {X.shape[1]}) "
-                               f"like X with V >= 1, got {views.shape}")
-        flat = self._validate(views.reshape(-1, X.shape[1]))  # finite float32; row v*n + i = view v of item i
-        mean = flat.reshape(views.shape).astype(np.float64).mean(axis=0)
-        norms = np.linalg.norm(mean, axis=1, keepdims=True)
-        if (norms == 0).any():
-            raise FeatureError(f"{type(self).__name__}: the views of item {int(np.argmin(norms))} average to zero")
-        return (mean / norms).astype(np.float32)
-
     def _prepare(self, X, y, views):
         """Validated X, labels, text weights and the initial cache (keys sorted by class, stable)."""
         self._check_params()
@@ -278,20 +263,11 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         if text.shape != (d, n_classes):
             raise DimensionMismatchError(f"{type(self).__name__}: features have width {d} but the text weights are "
                                          f"{text.shape[0]}-d (features from another model?)")
-        keys = self._initial_keys(X, views)
+        keys = self._view_mean_keys(X, views)
         order = np.argsort(y, kind="stable")
         self.text_weights_ = text
         self.classes_ = np.arange(n_classes)
         return X, y, np.ascontiguousarray(keys[order], dtype=np.float32), y[order]
-
-    def _validation(self, X_val, y_val):
-        if y_val is None:
-            raise LabelError(f"{type(self).__name__}: X_val needs y_val")
-        X_val = self._validate(X_val)
-        y_val = self._check_labels(y_val)
-        if len(y_val) != len(X_val):
-            raise LabelError(f"{type(self).__name__}: {len(X_val)} validation rows but {len(y_val)} labels")
-        return X_val, y_val
 
     def _search(self, X_val, y_val):
         """The authors' search on validation: beta outer, alpha inner, strictly better accuracy replaces,
@@ -313,7 +289,7 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         self.alpha_, self.beta_, self.searched_ = float(self.init_alpha), float(self.init_beta), False
         self.search_accuracy_ = np.zeros((0, 0))
         if X_val is not None and self.search_hp:
-            X_val, y_val = self._validation(X_val, y_val)
+            X_val, y_val = self._validation_set(X_val, y_val)
             self.alpha_, self.beta_ = self._search(X_val, y_val)
             self.searched_ = True
 
