@@ -123,3 +123,11 @@ def test_save_a_fitted_head_and_classify_with_it(split_folder, tmp_path):
     assert other.exit_code == 2 and "fitted on features of model tiny-seed0" in other.output
     both = _invoke("classify", split_folder / "test", "--head", head, "--labels", "a,b", "--model", "tiny")
     assert both.exit_code == 2 and "brings its own classes" in both.output
+
+
+def test_evaluate_a_head_that_tunes_on_validation_and_uses_views(split_folder, tmp_path):
+    result = _invoke("evaluate", "--method", "tip-adapter", "--dataset", split_folder, "--shots", "2", "--model",
+                     "tiny", "-q", "-o", tmp_path, "--workers", "0", "--param", "search_step=[10, 4]")
+    assert result.exit_code == 0, result.output
+    block = json.loads(next(tmp_path.glob("tip-adapter_*.json")).read_text())["cliplab"]
+    assert block["fit"]["searched"] is True and block["val_split"]["num_images"] == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -122,19 +123,31 @@ def evaluate(
     if entry.needs_backbone:
         kwargs.setdefault("cache_dir", run.cache_dir)
     head = create_head(method, backbone=backbone, class_names=test_data.class_names, **kwargs)
-    train = split_path = None
+    train = val = split_path = None
+    fit_params: dict = {}
     if entry.needs_train:
         train = run.embed(backbone, train_data).labelled()
+        drawn = None
         if split_file is not None:
-            train, split_path = train.apply_split(split_file).train, split_file
+            drawn, split_path = train.apply_split(split_file), split_file
         elif shots is not None:
             drawn = train.few_shot(shots, seed=run.seed)
             split_path = Path(output_dir) / f"split_{test_data.name}_{shots}shot_seed{run.seed}.json"
             drawn.save(split_path)
-            train = drawn.train
+        if drawn is not None:  # the protocol's validation part tunes the head; views and captions where it uses them
+            from ..eval.fewshot import caption_features, shot_views
+            from ..features.views import DEFAULT_VIEWS
+
+            train, val = drawn.train, drawn.val
+            accepted = inspect.signature(head.fit).parameters
+            if "views" in accepted:
+                fit_params["views"] = shot_views(backbone, train_data, drawn, DEFAULT_VIEWS, run.cache_dir,
+                                                 run.batch_size, run.workers, not run.quiet)
+            if "caption_features" in accepted:
+                fit_params["caption_features"] = caption_features(backbone, train_data, drawn, run.cache_dir)
     test = run.embed(backbone, test_data)
-    report = run_evaluation(head, test, train, output_dir=output_dir, seed=run.seed, shots=shots,
-                            split_file=split_path)
+    report = run_evaluation(head, test, train, val=val, fit_params=fit_params, output_dir=output_dir, seed=run.seed,
+                            shots=shots, split_file=split_path)
     _print_report(report, f"{method} · {test.dataset} ({test.split}, {len(test)} images)"
                           + (f" · {shots} shots, seed {run.seed}" if shots else "") + f" · {backbone.model_id}")
     if split_path is not None:
