@@ -1,0 +1,114 @@
+"""OpenOOD's metrics for OOD detection from scores where higher = more in-distribution.
+
+AUROC, AUPR-in and AUPR-out follow OpenOOD (``openood/evaluators/metrics.py``): AUPR is the trapezoidal area
+under scikit-learn's precision-recall curve (``auc(recall, precision)``), with ID as positive (in) or OOD as
+positive on negated scores (out). Average precision (scikit-learn's step-wise AUPR, what the MCM code reports)
+is given beside it as ``ap_in``/``ap_out``. FPR@95%TPR has two conventions, named in the result:
+
+- ``"id-positive"`` (MCM and the CLIP OOD literature; ../shared/DESIGN.md): ID is positive; the fraction of
+  OOD scored at or above the threshold that keeps 95% of ID.
+- ``"ood-positive"`` (OpenOOD's current code): OOD is positive on negated scores; the fraction of ID scored at
+  or below the threshold that catches 95% of OOD.
+
+Both equal scikit-learn's ``roc_curve(..., drop_intermediate=False)`` read at the first point with TPR >= 0.95.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import numpy as np
+from scipy.stats import rankdata
+
+from ..errors import CliplabError, FeatureError
+
+FPR_CONVENTIONS = ("id-positive", "ood-positive")
+
+
+def _scores(name: str, values) -> np.ndarray:
+    """``values`` as a finite, non-empty 1-D float64 array, else a FeatureError naming ``name``."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise FeatureError(f"{name} must be a non-empty 1-D array of scores, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise FeatureError(f"{name} holds NaN or infinite values")
+    return array
+
+
+def _n_kept(n: int, tpr: float) -> int:
+    """The smallest k with k / n >= tpr, compared in floating point as scikit-learn's ``tpr >= 0.95`` is."""
+    k = min(max(int(np.ceil(tpr * n)), 1), n)
+    while k > 1 and (k - 1) / n >= tpr:
+        k -= 1
+    while k < n and k / n < tpr:
+        k += 1
+    return k
+
+
+def threshold_at_tpr(id_scores, tpr: float = 0.95) -> float:
+    """The highest score threshold ``t`` with at least ``tpr`` of ``id_scores >= t``: the ceil(tpr * n)-th
+    highest ID score (with ties at ``t``, more than that are kept)."""
+    if not (isinstance(tpr, Real) and 0 < tpr < 1):
+        raise CliplabError(f"tpr must be strictly between 0 and 1, got {tpr!r}")
+    scores = _scores("id_scores", id_scores)
+    return float(np.sort(scores)[::-1][_n_kept(scores.size, tpr) - 1])
+
+
+def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, convention: str = "id-positive") -> float:
+    """False-positive rate at ``tpr`` true-positive rate under ``convention`` (see the module docstring)."""
+    id_s, ood_s = _scores("id_scores", id_scores), _scores("ood_scores", ood_scores)
+    if convention == "id-positive":
+        return float(np.mean(ood_s >= threshold_at_tpr(id_s, tpr)))
+    if convention == "ood-positive":
+        return float(np.mean(-id_s >= threshold_at_tpr(-ood_s, tpr)))
+    raise CliplabError(f"unknown FPR convention {convention!r}; known: {', '.join(FPR_CONVENTIONS)}")
+
+
+def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(positive > negative) + 0.5 P(tie): the Mann-Whitney U statistic, equal to the ROC area."""
+    ranks = rankdata(np.concatenate([positive, negative]))
+    u = ranks[: positive.size].sum() - positive.size * (positive.size + 1) / 2
+    return float(u / (positive.size * negative.size))
+
+
+def _precision_recall(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's precision-recall points at each distinct threshold, highest threshold first."""
+    scores = np.concatenate([positive, negative])
+    labels = np.concatenate([np.ones(positive.size), np.zeros(negative.size)])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # last index of each distinct score
+    tps = np.cumsum(labels)[last]
+    precision = tps / (last + 1)
+    recall = tps / positive.size
+    return precision, recall
+
+
+def _aupr(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
+    """(trapezoidal AUPR as OpenOOD, average precision as scikit-learn) with ``positive`` as the positive class."""
+    precision, recall = _precision_recall(positive, negative)
+    r = np.r_[0.0, recall]
+    p = np.r_[1.0, precision]
+    trapezoid = float(np.sum(np.diff(r) * (p[1:] + p[:-1]) / 2))
+    average_precision = float(np.sum(np.diff(r) * p[1:]))
+    return trapezoid, average_precision
+
+
+def ood_metrics(id_scores, ood_scores, fpr_convention: str = "id-positive") -> dict:
+    """AUROC, FPR@95%TPR, AUPR-in and AUPR-out (OpenOOD) plus average precision, for scores where higher =
+    more in-distribution. ``fpr95_convention`` in the result says which FPR@95 convention was used."""
+    id_s, ood_s = _scores("id_scores", id_scores), _scores("ood_scores", ood_scores)
+    fpr95 = fpr_at_tpr(id_s, ood_s, 0.95, fpr_convention)
+    aupr_in, ap_in = _aupr(id_s, ood_s)
+    aupr_out, ap_out = _aupr(-ood_s, -id_s)
+    return {
+        "auroc": _auroc(id_s, ood_s),
+        "fpr95": fpr95,
+        "fpr95_convention": fpr_convention,
+        "aupr_in": aupr_in,
+        "aupr_out": aupr_out,
+        "ap_in": ap_in,
+        "ap_out": ap_out,
+        "n_id": int(id_s.size),
+        "n_ood": int(ood_s.size),
+    }
