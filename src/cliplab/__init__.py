@@ -5,7 +5,7 @@ Names are imported on first use (PEP 562), so ``import cliplab`` and the command
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -17,17 +17,7 @@ _LAZY = {
     "evaluate": "eval", "evaluate_zeroshot": "eval",
     "load_dataset": "data",
 }
-_SUBMODULES = {"datasets", "data", "models", "features", "heads", "eval", "errors"}
-
 __all__ = ["__version__", *sorted(_LAZY), "datasets"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'cliplab' has no attribute {name!r}")
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

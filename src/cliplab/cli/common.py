@@ -133,6 +133,23 @@ def shared_options(command):
     return wrapper
 
 
+def param_value(text: str):
+    """A --param value: JSON where it parses (numbers, booleans, lists), else the string itself."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def default_templates(templates: str | None, dataset_name: str) -> str:
+    """--templates as given, else the dataset's CLIP_benchmark template set, else 'imagenet7'."""
+    from ..data import template_sets
+
+    return templates or (dataset_name if dataset_name in template_sets() else "imagenet7")
+
+
 def configure_logging(debug: bool) -> None:
     """Third-party chatter (open_clip's root logger, warnings) only with --debug."""
     STATE["debug"] = debug

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import DataOptions, RunOptions, command, console, err_console, report_failures, report_skipped
+from .common import (
+    DataOptions,
+    RunOptions,
+    command,
+    console,
+    default_templates,
+    err_console,
+    param_value,
+    report_failures,
+    report_skipped,
+)
 
 DatasetOpt = typer.Option(..., "--dataset", "-d", help="cifar10, cifar100, mnist, fashion_mnist, imagenet, "
                           "imagenette, dtd, a class-folder path or a .csv/.jsonl/.json manifest.")
@@ -31,23 +40,14 @@ def _load(dataset: str, data: DataOptions, run: RunOptions, split: str | None = 
     return value
 
 
-def _templates(templates: str | None, dataset_name: str) -> str:
-    from ..data import template_sets
-
-    return templates or (dataset_name if dataset_name in template_sets() else "imagenet7")
-
-
 def _parse_params(params: list[str]) -> dict:
-    """``key=value`` pairs; values read as JSON where they parse (numbers, booleans, lists), else strings."""
+    """``key=value`` pairs (values: :func:`param_value`)."""
     out = {}
     for item in params or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CliplabError(f"--param {item!r}: write it as NAME=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
+        out[key] = param_value(value)
     return out
 
 
@@ -85,7 +85,7 @@ def zeroshot(
         raise CliplabError(f"--method {method} needs training data: use cliplab evaluate --method {method}")
     test = _load(dataset, data, run, labelled=True)
     backbone = run.load_backbone()
-    report = evaluate_zeroshot(backbone, test, _templates(templates, test.name), output_dir, run.cache_dir,
+    report = evaluate_zeroshot(backbone, test, default_templates(templates, test.name), output_dir, run.cache_dir,
                                run.batch_size, run.workers, progress=not run.quiet, seed=run.seed, method=method,
                                **_parse_params(params))
     _print_report(report, f"{method} · {test.name} ({test.split}, {len(report.features)} images) · "
@@ -116,10 +116,14 @@ def evaluate(
     if test_data.split == "train":
         raise CliplabError("--split train: the test split must not be the training split")
     train_data = _load(dataset, data, run, split="train", labelled=True) if entry.needs_train else None
+    if train_data is not None and shots is not None:  # before the model loads and anything is embedded
+        from ..features.values import check_shot_counts
+
+        check_shot_counts(train_data.labels, train_data.class_names, shots, where=f"{train_data.name} (train)")
     backbone = run.load_backbone()
     kwargs = _parse_params(params)
     if entry.family == "zeroshot" or "templates" in kwargs:
-        kwargs.setdefault("templates", _templates(templates, test_data.name))
+        kwargs.setdefault("templates", default_templates(templates, test_data.name))
     if entry.needs_backbone:
         kwargs.setdefault("cache_dir", run.cache_dir)
     head = create_head(method, backbone=backbone, class_names=test_data.class_names, **kwargs)

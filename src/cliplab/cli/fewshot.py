@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import DataOptions, RunOptions, command, console, report_skipped
+from .common import DataOptions, RunOptions, command, console, default_templates, param_value, report_skipped
 
 DEFAULT_METHODS = "zeroshot,ncm,linear-probe,tip-adapter,tip-adapter-f,gda,caps-adapter"
 
@@ -24,9 +24,7 @@ def _ints(text: str, option: str) -> list[int]:
 
 
 def _method_params(items: list[str] | None, methods: list[str]) -> dict[str, dict]:
-    """``METHOD.NAME=VALUE`` pairs by method; values read as JSON where they parse, else strings."""
-    import json
-
+    """``METHOD.NAME=VALUE`` pairs by method (values: :func:`param_value`)."""
     out: dict[str, dict] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -35,10 +33,7 @@ def _method_params(items: list[str] | None, methods: list[str]) -> dict[str, dic
             raise CliplabError(f"--param {item!r}: write it as METHOD.NAME=VALUE")
         if method not in methods:
             raise CliplabError(f"--param {item!r}: {method!r} is not among --methods")
-        try:
-            out.setdefault(method, {})[name] = json.loads(value)
-        except ValueError:
-            out.setdefault(method, {})[name] = value
+        out.setdefault(method, {})[name] = param_value(value)
     return out
 
 
@@ -62,22 +57,25 @@ def fewshot(
     data: DataOptions = None,
 ):
     """Few-shot adaptation: mean ± std top-1 per method and shot count over seeds, a curve, a JSON per run."""
-    from ..data import has_labels, load_dataset, template_sets
+    from ..data import has_labels, load_dataset
     from ..eval.fewshot import run_fewshot
+    from ..features.values import check_shot_counts
     from ..heads import head_entry
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
         head_entry(name)  # unknown methods fail before any work
     shot_list, seed_list = _ints(shots, "--shots"), _ints(seeds, "--seeds")
+    method_params = _method_params(params, names)
     test = load_dataset(dataset, data.data_root, data.split or "test", run.hash_content)
     train = load_dataset(dataset, data.data_root, "train", run.hash_content)
     for part in (train, test):
         report_skipped(part)
         if not has_labels(part):
             raise CliplabError(f"{dataset} ({part.split}): has no labels")
+    check_shot_counts(train.labels, train.class_names, max(shot_list), where=f"{train.name} (train)")
     backbone = run.load_backbone()
-    chosen = templates or (test.name if test.name in template_sets() else "imagenet7")
+    chosen = default_templates(templates, test.name)
 
     def progress(record: dict) -> None:
         if not run.quiet:
@@ -85,7 +83,7 @@ def fewshot(
                           f"top-1 {100 * record['acc1']:.2f}%  {record['chosen'] or ''}", markup=False)
 
     result = run_fewshot(backbone, train, test, names, shot_list, seed_list, templates=chosen, views=views,
-                         params=_method_params(params, names),
+                         params=method_params,
                          output_dir=output_dir, cache_dir=run.cache_dir, batch_size=run.batch_size,
                          workers=run.workers, progress=not run.quiet, on_run=progress)
     weights = " · random weights" if backbone.info.random_weights else ""

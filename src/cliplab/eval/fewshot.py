@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.base import ImageDataset, Subset
-from ..features.embed import embed_images
+from ..features.embed import embed_images, model_record
 from ..features.text import embed_texts
 from ..features.values import FewShotSplit, ImageFeatures
 from ..features.views import DEFAULT_VIEWS, Augmentation, AugmentedViews, stack_views
@@ -190,11 +190,9 @@ def _table(runs: list[dict]) -> dict[str, dict[int, tuple[float, float]]]:
 def _write_summary(result: FewShotResult, out: Path, dataset: str, backbone: Backbone, methods, shots, seeds,
                    views) -> dict[str, Path]:
     from .plots import plot_fewshot_curve
-    from .results import RANDOM_WEIGHTS_NOTE
-
     out.mkdir(parents=True, exist_ok=True)
-    weights = RANDOM_WEIGHTS_NOTE if backbone.info.random_weights else f"{backbone.info.source} weights"
-    model, pretrained = backbone.benchmark_names()
+    record = model_record(backbone)
+    model, pretrained, weights = record["model"], record["pretrained"], record["weights"]
     summary = {"dataset": dataset, "model": model, "pretrained": pretrained, "model_id": backbone.model_id,
                "weights": weights, "methods": methods, "shots": shots, "seeds": seeds, "views": views,
                "table_acc1_mean_std": {m: {str(k): v for k, v in by_k.items()} for m, by_k in result.table.items()},

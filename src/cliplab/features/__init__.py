@@ -6,9 +6,9 @@ Names are imported on first use (PEP 562): ``cliplab.features.cache`` (what ``cl
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 _LAZY = {
     "FeatureCache": "cache", "cache_root": "cache", "default_cache_root": "cache",
@@ -30,16 +30,4 @@ if TYPE_CHECKING:
     from .values import FewShotSplit, ImageFeatures, load_split
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f".{name}", __name__)  # a submodule, as when this package imported it
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -87,18 +87,10 @@ class ImageFeatures:
         protocol draws shots per class; shots and validation never share an item. A class with too few
         items is an error naming it and the largest ``k`` that would work.
         """
-        if k < 1:
-            raise LabelError(f"shots must be at least 1, got {k}")
-        val_k = min(k, 4) if val_k is None else val_k
+        val_k = check_shot_counts(self.labels, self.class_names, k, val_k, f"{self.dataset} ({self.split})")
         shots, val = [], []
         for label in range(len(self.class_names)) if self.class_names else np.unique(self.labels[self.labels >= 0]):
             rows = np.flatnonzero(self.labels == label)
-            if len(rows) < k + val_k:
-                name = self.class_names[label] if self.class_names else str(label)
-                room = max(0, len(rows) - min(val_k, max(0, len(rows) - 1)))
-                raise LabelError(
-                    f"class {name!r} has {len(rows)} image(s) in {self.dataset} ({self.split}); {k} shots + {val_k} "
-                    f"validation need {k + val_k}" + (f": use at most {room} shots" if room else ""))
             rows = np.random.default_rng([seed, int(label)]).permutation(rows)
             shots += rows[:k].tolist()
             val += rows[k:k + val_k].tolist()
@@ -113,6 +105,23 @@ class ImageFeatures:
         if record.get("dataset") not in (None, self.dataset):
             raise DatasetError(f"split file is for dataset {record['dataset']!r}, these features are {self.dataset!r}")
         return FewShotSplit(self.take(record["train_ids"]), self.take(record["val_ids"]), record)
+
+
+def check_shot_counts(labels, class_names, k: int, val_k: int | None = None, where: str = "the data") -> int:
+    """``val_k`` (default ``min(k, 4)``) after checking every class has ``k + val_k`` labelled items; a class with
+    too few is an error naming it and the largest ``k`` that would work. Cheap: callers check before embedding."""
+    if k < 1:
+        raise LabelError(f"shots must be at least 1, got {k}")
+    val_k = min(k, 4) if val_k is None else val_k
+    labels = np.asarray(labels)
+    for label in range(len(class_names)) if len(class_names) else np.unique(labels[labels >= 0]):
+        count = int(np.sum(labels == label))
+        if count < k + val_k:
+            name = class_names[label] if len(class_names) else str(label)
+            room = max(0, count - min(val_k, max(0, count - 1)))
+            raise LabelError(f"class {name!r} has {count} image(s) in {where}; {k} shots + {val_k} validation "
+                             f"need {k + val_k}" + (f": use at most {room} shots" if room else ""))
+    return val_k
 
 
 @dataclass(frozen=True)

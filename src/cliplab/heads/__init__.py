@@ -8,10 +8,9 @@ scikit-learn or torch; ``describe_heads`` lists the package's heads without impo
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from .registry import (
     HeadEntry,
     HeadSummary,
@@ -37,16 +36,4 @@ if TYPE_CHECKING:
     from .zeroshot import ZeroShotClassifier
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f".{name}", __name__)  # a submodule, as when this package imported it
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

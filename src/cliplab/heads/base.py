@@ -15,7 +15,7 @@ from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..errors import DimensionMismatchError, FeatureError
+from ..errors import DimensionMismatchError, FeatureError, LabelError
 
 
 class ClipHead(ClassifierMixin, BaseEstimator):
@@ -81,7 +81,6 @@ class ZeroShotLogitsMixin:
 
     def _check_labels(self, y) -> np.ndarray:
         """Labels as class indices 0..C-1 into ``class_names`` (what the cache values and text weights index)."""
-        from ..errors import LabelError
 
         y = np.asarray(y)
         n_classes = len(self.class_names)
@@ -92,7 +91,6 @@ class ZeroShotLogitsMixin:
 
     def _validation_set(self, X_val, y_val) -> tuple[np.ndarray, np.ndarray]:
         """The validation features (checked like ``X``) and their labels (class indices), of equal length."""
-        from ..errors import LabelError
 
         if y_val is None:
             raise LabelError(f"{type(self).__name__}: X_val needs y_val")
@@ -104,7 +102,6 @@ class ZeroShotLogitsMixin:
 
     def _checked_views(self, views, X: np.ndarray) -> np.ndarray:
         """``views`` as a finite float32 array (V, n, d) of the same items and width as ``X``."""
-        from ..errors import FeatureError
 
         views = np.asarray(views)
         if views.ndim != 3 or views.shape[1:] != X.shape or views.shape[0] == 0:
@@ -116,7 +113,6 @@ class ZeroShotLogitsMixin:
         """Tip-Adapter's cache keys: the L2-normalised mean of each item's views (``X`` itself without views)."""
         if views is None:
             return X
-        from ..errors import FeatureError
 
         mean = self._checked_views(views, X).astype(np.float64).mean(axis=0)
         norms = np.linalg.norm(mean, axis=1, keepdims=True)
