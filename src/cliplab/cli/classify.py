@@ -74,9 +74,9 @@ def classify(
 
 def _label(cls, names: list[str]) -> str:
     """A logit column's class: an index into ``names``, or the label itself."""
-    if isinstance(cls, (int,)) or getattr(cls, "dtype", None) is not None and cls.dtype.kind in "iu":
-        return names[int(cls)]
-    return str(cls)
+    import numpy as np
+
+    return names[int(cls)] if isinstance(cls, (int, np.integer)) else str(cls)
 
 
 def _print(rows, root, n_ok) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.base import ImageDataset, Subset
+from ..errors import DatasetError
 from ..features.embed import embed_images, model_record
 from ..features.text import embed_texts
 from ..features.values import FewShotSplit, ImageFeatures
@@ -48,7 +49,7 @@ def shot_views(backbone: Backbone, train: ImageDataset, split: FewShotSplit, vie
     feats = embed_images(backbone, augmented, cache_dir, batch_size=batch_size, num_workers=workers,
                          progress=progress)
     if feats.failures:
-        raise ValueError(f"{len(feats.failures)} augmented view(s) failed to decode: {feats.failures[0]}")
+        raise DatasetError(f"{len(feats.failures)} augmented view(s) failed to decode: {feats.failures[0]}")
     return stack_views(feats, views)
 
 
