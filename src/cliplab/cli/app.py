@@ -16,9 +16,11 @@ from .. import __version__
 from .cache import cache
 from .classify import classify
 from .common import configure_logging
+from .curate import curate
 from .evaluate import embed, evaluate, zeroshot
 from .fewshot import fewshot
 from .listing import datasets, methods, models, templates
+from .pretrain import pretrain
 
 HELP_WIDTH = 100
 _LITERAL = re.compile(r"``?([^`]+)``?")
@@ -66,7 +68,8 @@ def _register(command) -> None:
     app.command(help=doc, short_help=doc.splitlines()[0] if doc else None)(command)
 
 
-for _command in (classify, zeroshot, evaluate, fewshot, embed, models, methods, templates, datasets, cache):
+for _command in (classify, zeroshot, evaluate, fewshot, embed, pretrain, curate, models, methods, templates, datasets,
+                 cache):
     _register(_command)
 
 

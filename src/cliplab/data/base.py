@@ -32,6 +32,7 @@ class ImageDataset(ABC):
     split: str = "all"  # "train", "val", "test", or "all" for data without splits
     split_info: Mapping = MappingProxyType({"split": "all", "source": "the whole dataset (no splits)"})
     skipped: Sequence[tuple[Path, str]] = ()  # (path, reason) for each thing a folder scan left out
+    captions: list[list[str]] | None = None  # per item, for image-caption sources (manifests, COCO)
 
     @property
     def ignored(self) -> list[Path]:
@@ -175,6 +176,8 @@ class Subset(ImageDataset):
         self.class_names = dataset.class_names
         self.name = dataset.name
         self.split, self.split_info = dataset.split, dataset.split_info
+        if dataset.captions is not None:
+            self.captions = [dataset.captions[i] for i in self.indices]
 
     @property
     def skipped(self) -> Sequence[tuple[Path, str]]:

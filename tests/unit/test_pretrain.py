@@ -1,0 +1,221 @@
+"""cliplab pretrain: the loss falls and held-out zero-shot beats chance, resume repeats a run exactly,
+the folder round-trips through load_model, bad captions and images are skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cliplab.cli.app import app
+from cliplab.errors import CliplabError, DatasetError
+from cliplab.models import load_model
+from cliplab.train import PretrainConfig, PretrainOptionError, pretrain
+from cliplab.train.augment import random_resized_crop
+from cliplab.train.loop import STATE_DIR, WEIGHTS, batch_indices, learning_rate, read_checkpoint
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+MODEL = {"embed_dim": 32,
+         "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "head_width": 16},
+         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    """train/ and val/ folders of noisy single-colour images, one class folder per colour."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("val", 10)):
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "micro.json"
+    path.write_text(json.dumps(MODEL))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def template_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("templates") / "one.json"
+    path.write_text(json.dumps(["a photo of a {c}."]))
+    return str(path)
+
+
+@pytest.fixture
+def cfg(colour_data, model_json, template_file):
+    """A PretrainConfig factory: micro model, colour folders, one template; keyword options override."""
+
+    def make(source=None, **overrides) -> PretrainConfig:
+        options = {"source": str(source or colour_data), "model": model_json, "templates": template_file,
+                   "steps": 6, "batch_size": 16, "lr": 2e-3, "warmup": 2, "eval_every": 3, "checkpoint_every": 2}
+        return PretrainConfig(**{**options, **overrides})
+
+    return make
+
+
+def test_learning_rate_is_open_clip_warmup_then_cosine():
+    cfg = PretrainConfig(source="x", steps=100, warmup=10, lr=1.0)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(55, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert learning_rate(99, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_batches_are_seeded_permutations_per_epoch():
+    n, batch = 10, 3  # 3 full batches an epoch, the last item of each epoch's order unused
+    epoch = np.concatenate([batch_indices(s, n, batch, seed=4) for s in range(3)])
+    assert len(set(epoch.tolist())) == 9
+    again = np.concatenate([batch_indices(s, n, batch, seed=4) for s in range(3)])
+    assert np.array_equal(epoch, again)
+    assert not np.array_equal(epoch, np.concatenate([batch_indices(s, n, batch, seed=5) for s in range(3)]))
+    with pytest.raises(PretrainOptionError, match="larger than"):
+        batch_indices(0, 2, 3, 0)
+
+
+def test_full_crop_without_flip_is_the_identity():
+    images = torch.rand(4, 3, 8, 8)
+    out = random_resized_crop(images, torch.Generator().manual_seed(0), scale=1.0, ratio=(1.0, 1.0), flip=False)
+    assert torch.allclose(out, images, atol=1e-5)
+    a = random_resized_crop(images, torch.Generator().manual_seed(1), scale=0.3)
+    b = random_resized_crop(images, torch.Generator().manual_seed(1), scale=0.3)
+    assert torch.equal(a, b) and not torch.allclose(a, images)
+
+
+def test_training_lowers_the_loss_and_beats_chance_on_held_out(cfg, colour_data, tmp_path):
+    config = cfg(steps=30, warmup=3, eval_every=10, checkpoint_every=30)
+    losses = []
+    result = pretrain(config, tmp_path / "m", progress=False, callback=lambda step, loss: losses.append(loss))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    assert result.final_metric["zeroshot_top1"] >= 0.6  # 4 classes: chance is 0.25
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    assert card["data"]["pairs"] == 96 and card["held_out"]["zeroshot_top1"] == result.final_metric["zeroshot_top1"]
+    assert card["steps"] == 30 and card["seed"] == 0 and len(card["history"]) == 3
+
+
+def test_folder_round_trips_through_load_model(cfg, colour_data, tmp_path):
+    from cliplab.train.loop import build_model
+
+    pretrain(cfg(steps=2, eval_split=None), tmp_path / "m", progress=False)
+    backbone = load_model(str(tmp_path / "m"))
+    state = read_checkpoint(tmp_path / "m" / STATE_DIR / "checkpoint.pt")
+    model = build_model(MODEL, 0, "clip")
+    model.load_state_dict(state["model"])
+    model.eval()
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
+    assert torch.allclose(backbone.encode_images(x), expected, atol=1e-5)
+    assert backbone.embed_dim == 32 and backbone.context_length == 16
+
+
+def test_resume_after_a_kill_gives_the_same_weights(cfg, colour_data, tmp_path):
+    config = cfg()
+    pretrain(config, tmp_path / "whole", progress=False)
+
+    def kill(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config, tmp_path / "killed", progress=False, callback=kill)
+    assert read_checkpoint(tmp_path / "killed" / STATE_DIR / "checkpoint.pt")["step"] == 2
+    result = pretrain(config, tmp_path / "killed", progress=False)
+    assert result.resumed_from == 2
+    whole = read_checkpoint(tmp_path / "whole" / STATE_DIR / "checkpoint.pt")
+    resumed = read_checkpoint(tmp_path / "killed" / STATE_DIR / "checkpoint.pt")
+    for key, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert (tmp_path / "killed" / WEIGHTS).read_bytes() == (tmp_path / "whole" / WEIGHTS).read_bytes()
+
+
+def test_resume_with_other_options_is_refused_naming_them(cfg, colour_data, tmp_path):
+    pretrain(cfg(steps=2), tmp_path / "m", progress=False)
+    with pytest.raises(PretrainOptionError, match=r"--lr 0\.002 -> 0\.001"):
+        pretrain(cfg(steps=2, lr=1e-3), tmp_path / "m", progress=False)
+    # options that do not change the weights may differ
+    pretrain(cfg(steps=2, eval_every=1), tmp_path / "m", progress=False)
+
+
+def test_caption_manifest_skips_empty_captions_and_broken_images(cfg, colour_data, tmp_path):
+    rows = []
+    for name in COLOURS:
+        for i in range(6):
+            rows.append({"image": str(colour_data / "train" / name / f"{i}.png"), "caption": f"a {name} square"})
+    rows.append({"image": str(colour_data / "train" / "red" / "7.png"), "caption": "   "})
+    rows.append({"image": str(colour_data / "train" / "red" / "8.png"), "captions": [3, ""]})
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    rows.append({"image": str(broken), "caption": "a broken file"})
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    config = cfg(tmp_path / "pairs.jsonl", steps=4, eval_split=None, batch_size=8)
+    result = pretrain(config, tmp_path / "m", progress=False)
+    card = json.loads((tmp_path / "m" / "model_card.json").read_text())
+    # 3 bad captions (blank, a number, empty), the 2 items they leave without a caption, 1 undecodable image
+    assert card["data"]["pairs"] == 24 and result.skipped == 6
+    reasons = " ".join(r for _, r in card["data"]["skipped_examples"])
+    assert "empty" in reasons and "not text" in reasons and "broken" in " ".join(i for i, _ in
+                                                                              card["data"]["skipped_examples"])
+
+
+def test_caption_sources_are_checked_by_image_to_text_recall(cfg, colour_data, tmp_path):
+    rows = [{"image": str(p), "caption": f"a {p.parent.name} square", "split": split}
+            for split in ("train", "val") for p in sorted((colour_data / split).rglob("*.png"))]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = pretrain(cfg(tmp_path / "pairs.jsonl", steps=3, eval_every=3), tmp_path / "m",
+                      progress=False)
+    assert set(result.final_metric) == {"i2t_recall@1"}
+
+
+def test_siglip_loss_trains(cfg, colour_data, tmp_path):
+    result = pretrain(cfg(steps=3, loss="siglip", eval_split=None), tmp_path / "m",
+                      progress=False)
+    assert result.steps_done == 3 and "logit_bias" in load_model(str(tmp_path / "m")).model.state_dict()
+
+
+def test_bad_options_and_sources_are_one_line_errors(cfg, colour_data, tmp_path):
+    with pytest.raises(PretrainOptionError, match="--loss"):
+        cfg(loss="triplet")
+    with pytest.raises(PretrainOptionError, match="not a built-in config"):
+        pretrain(cfg(model="no-such-arch"), tmp_path / "a", progress=False)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (16, 16)).save(flat / "a.png")
+    with pytest.raises(DatasetError, match="neither captions nor class labels"):
+        pretrain(cfg(flat, eval_split=None), tmp_path / "b", progress=False)
+    (tmp_path / "c" / STATE_DIR).mkdir(parents=True)
+    (tmp_path / "c" / STATE_DIR / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(CliplabError, match="unreadable training checkpoint"):
+        pretrain(cfg(), tmp_path / "c", progress=False)
+
+
+def test_cli_pretrain_writes_a_model_other_commands_read(model_json, colour_data, tmp_path):
+    runner = CliRunner()
+    templates = tmp_path / "t.json"
+    templates.write_text(json.dumps(["a photo of a {c}."]))
+    out = tmp_path / "m"
+    result = runner.invoke(app, ["pretrain", str(colour_data), "--model", model_json, "--output", str(out),
+                                 "--steps", "4", "--batch-size", "16", "--warmup", "1", "--templates", str(templates),
+                                 "--eval-every", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "held-out zeroshot_top1" in result.output
+    classify = runner.invoke(app, ["classify", str(colour_data / "val" / "red"), "--model", str(out), "--labels",
+                                   "red,green,blue,yellow", "--quiet"])
+    assert classify.exit_code == 0, classify.output
+    bad = runner.invoke(app, ["pretrain", str(colour_data), "--model", model_json, "--output", str(out),
+                              "--steps", "4", "--batch-size", "16", "--lr", "0.5", "--templates", str(templates)])
+    assert bad.exit_code != 0 and "cannot resume with different options" in bad.output
