@@ -101,6 +101,26 @@ def git_revision() -> str | None:
         return None
 
 
+def benchmark_model(spec: str):
+    """(backbone, weights note): ``recipe:NAME`` is a cliplab recipe model (trained on first use), else load_model."""
+    from cliplab.models import load_model
+
+    if spec.startswith("recipe:"):
+        from cliplab.train.recipes import recipe_model
+
+        name = spec.split(":", 1)[1]
+        folder = recipe_model(name, DATA_ROOT)
+        card = json.loads((folder / "model_card.json").read_text())
+        held = card["held_out"].get("zeroshot_top1")
+        note = (f"trained here by the cliplab recipe {name} ({card['data']['pairs']} {card['data']['source']} "
+                f"train images with template captions, val zero-shot {100 * held:.1f}%): weights that carry "
+                "signal, but a small model that has seen these classes, not a general CLIP")
+        return load_model(str(folder)), note
+    backbone = load_model(spec, device="cpu")
+    return backbone, ("random weights: the numbers say nothing about which method helps"
+                      if backbone.info.random_weights else "trained weights")
+
+
 def model_info(backbone) -> dict:
     info = backbone.info
     return {

@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def default_cache_root() -> Path:
+    """``$CLIPLAB_CACHE``, else ``$XDG_CACHE_HOME/cliplab``, else ``~/.cache/cliplab``: features, models, onnx."""
+    if os.environ.get("CLIPLAB_CACHE"):
+        return Path(os.environ["CLIPLAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cliplab"
+
+
 def digest(*parts: str) -> str:
     """Short stable hash of strings (joined by newlines)."""
     return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:24]

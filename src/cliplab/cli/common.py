@@ -21,6 +21,7 @@ from ..errors import CliplabError
 console = Console()
 err_console = Console(stderr=True)
 STATE = {"debug": False}
+RECIPE_PREFIX = "recipe:"
 DEFAULT_MODEL_SPEC = "ViT-B-32:laion2b_s34b_b79k"  # = cliplab.models.DEFAULT_MODEL_SPEC (a test keeps them equal)
 
 
@@ -40,15 +41,22 @@ class RunOptions:
     seed: int = 0
     quiet: bool = False
     hash_content: bool = False
+    precision: str | None = None
+    runtime: str | None = None
 
     def load_backbone(self):
         """``load_model`` with these options; prints notes about random weights or a guessed activation."""
         from ..models import load_model
 
         name = self.model or DEFAULT_MODEL_SPEC
+        if name.startswith(RECIPE_PREFIX):  # a cliplab pretraining recipe: trained on first use, then cached
+            from ..train.recipes import recipe_model
+
+            name = str(recipe_model(name[len(RECIPE_PREFIX):], progress=not self.quiet))
         with console.status(f"loading {name}", spinner="dots"):
             backbone = load_model(name, self.pretrained, self.device, arch=self.arch, config=self.config,
-                                  quick_gelu=self.quick_gelu, seed=self.seed)
+                                  quick_gelu=self.quick_gelu, seed=self.seed, precision=self.precision,
+                                  runtime=self.runtime)
         if backbone.info.random_weights:
             err_console.print(Text.assemble(("note: ", "yellow"), f"{name} has random weights; "
                                             "predictions are meaningless"))
@@ -77,7 +85,8 @@ class DataOptions:
 
 RUN_OPTIONS = {
     "model": typer.Option(None, "--model", "-m", help="Model: open_clip ARCH[:TAG], hf-hub:ORG/REPO, a weights file "
-                          f"or folder, or 'tiny' (random weights, offline try-out). Default: {DEFAULT_MODEL_SPEC}."),
+                          "or folder, recipe:NAME (a model cliplab trains here, see cliplab pretrain --recipe), or "
+                          f"'tiny' (random weights, offline try-out). Default: {DEFAULT_MODEL_SPEC}."),
     "pretrained": typer.Option(None, "--pretrained", help="open_clip pretrained tag (or 'random')."),
     "arch": typer.Option(None, "--arch", help="open_clip architecture of a local weights file."),
     "config": typer.Option(None, "--config", help="open_clip model-config JSON of a local weights file."),
@@ -93,6 +102,11 @@ RUN_OPTIONS = {
     "quiet": typer.Option(False, "--quiet", "-q", help="No progress bars."),
     "hash_content": typer.Option(False, "--hash-content", help="Key the cache by file content (sha256) instead of "
                                  "path, size and modification time."),
+    "precision": typer.Option(None, "--precision", help="Inference precision: fp32, bf16 (autocast, CPU or GPU) or "
+                              "fp16 (CUDA only). Default: DEFAULT_PRECISION in cliplab.models.runtime (fp32 now)."),
+    "runtime": typer.Option(None, "--runtime", help="Inference runtime: torch, onnx (onnxruntime on the CPU; needs "
+                            "pip install 'cliplab[onnx]'; exported once per model) or int8 (dynamic quantisation, "
+                            "CPU). Default: DEFAULT_RUNTIME in cliplab.models.runtime (torch now)."),
 }
 DATA_OPTIONS = {
     "data_root": typer.Option(None, "--data-root", help="Folder holding named datasets (default: $CLIPLAB_DATA or "

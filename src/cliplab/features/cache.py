@@ -38,7 +38,7 @@ from typing import TypeVar
 import numpy as np
 
 from ..errors import CacheError, DimensionMismatchError
-from ..fileio import atomic_write, atomic_write_text, temporary_name
+from ..fileio import atomic_write, atomic_write_text, default_cache_root, temporary_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,14 +67,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
     return buffer.getvalue()
-
-
-def default_cache_root() -> Path:
-    """``$CLIPLAB_CACHE``, else ``$XDG_CACHE_HOME/cliplab``, else ``~/.cache/cliplab``."""
-    if os.environ.get("CLIPLAB_CACHE"):
-        return Path(os.environ["CLIPLAB_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "cliplab"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:

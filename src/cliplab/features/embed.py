@@ -15,6 +15,7 @@ from ..data.base import ImageDataset
 from ..errors import CliplabError, ImageDecodeError
 from ..fileio import digest
 from ..models.backbone import Backbone
+from ..models.runtime import BASELINE, encoding_key
 from .cache import DamagedShardsError, FeatureCache, cache_root
 from .values import ImageFeatures
 
@@ -49,11 +50,13 @@ def _collate(batch):
 
 
 def image_cache(backbone: Backbone, cache_dir: str | Path | None = None) -> FeatureCache:
-    """The cache space for ``backbone``'s image embeddings under its preprocessing."""
+    """The cache space for ``backbone``'s image embeddings under its preprocessing, precision and runtime
+    (fp32 torch keeps the key it had before those options existed)."""
     root = cache_root(cache_dir)
-    space = "img-" + digest(backbone.model_id, backbone.preprocess_id)
+    encoding = encoding_key(backbone, "image")
+    space = "img-" + digest(backbone.model_id, backbone.preprocess_id, *encoding)
     meta = {"model_id": backbone.model_id, "preprocess": backbone.preprocess_id, "dim": backbone.embed_dim,
-            "modality": "image"}
+            "modality": "image", "encoding": encoding[0] if encoding else BASELINE}
     return FeatureCache(root, space, meta)
 
 

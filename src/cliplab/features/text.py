@@ -11,14 +11,18 @@ import numpy as np
 from ..data.prompts import class_prompts
 from ..fileio import digest
 from ..models.backbone import Backbone
+from ..models.runtime import BASELINE, encoding_key
 from .cache import DamagedShardsError, FeatureCache, cache_root
 
 
 def text_cache(backbone: Backbone, cache_dir: str | Path | None = None) -> FeatureCache:
-    """The cache space of ``backbone``'s text embeddings; the tokenizer is part of its key."""
+    """The cache space of ``backbone``'s text embeddings; the tokenizer, precision and runtime are part of its key
+    (fp32 torch keeps the key it had before those options existed)."""
+    encoding = encoding_key(backbone, "text")
     meta = {"model_id": backbone.model_id, "tokenizer": backbone.tokenizer_id, "dim": backbone.embed_dim,
-            "modality": "text"}
-    return FeatureCache(cache_root(cache_dir), "txt-" + digest(backbone.model_id, backbone.tokenizer_id), meta)
+            "modality": "text", "encoding": encoding[0] if encoding else BASELINE}
+    space = "txt-" + digest(backbone.model_id, backbone.tokenizer_id, *encoding)
+    return FeatureCache(cache_root(cache_dir), space, meta)
 
 
 def embed_texts(backbone: Backbone, texts: Sequence[str], cache_dir: str | Path | None = None) -> np.ndarray:

@@ -9,13 +9,18 @@ from .loader import (
     load_model,
     resolve_model_spec,
 )
+from .runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, PRECISIONS, RUNTIMES
 
 __all__ = [
     "Backbone",
     "BackboneInfo",
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_SPEC",
+    "DEFAULT_PRECISION",
     "DEFAULT_PRETRAINED",
+    "DEFAULT_RUNTIME",
+    "PRECISIONS",
+    "RUNTIMES",
     "default_device",
     "load_model",
     "resolve_model_spec",

@@ -8,6 +8,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from PIL import Image
 
 from ..errors import UnsupportedOperationError
 from .fingerprint import config_json, strip_addresses, tokenizer_fingerprint, weights_digest, weights_key
+from .runtime import Engine, check_options
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Backbone(ABC):
     autograd; ``forward_images``/``forward_texts``/``forward_text_embeddings`` are their trainable,
     on-device counterparts. ``model_id`` is a stable string (architecture + weights fingerprint)
     keying every cache. Parameters are frozen on load; :meth:`derive` makes a trainable copy.
+    The encoders run in the precision and runtime set by :meth:`set_inference` (``models/runtime.py``);
+    ``encoding_id`` and ``text_encoding_id`` name them in the feature cache keys.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class Backbone(ABC):
         self.preprocess_config: dict = json.loads(config_json(preprocess_config))  # JSON types only
         self._derived: tuple[str, str] | None = None  # (parent model_id, tag) for derive()d copies
         self._digest_memo: tuple[Any, str] | None = None
+        self.engine = Engine()  # inference precision and runtime: set_inference()
 
     # -- to implement per source -------------------------------------------------------
     @abstractmethod
@@ -153,6 +158,25 @@ class Backbone(ABC):
             self._tokenizer_id = tokenizer_fingerprint(self._tokenizer, self.context_length)
         return self._tokenizer_id
 
+    @property
+    def encoding_id(self) -> str:
+        """``PRECISION-RUNTIME`` the image tower runs with for inference (``fp32-torch``, ``bf16-torch``,
+        ``fp32-onnx``...), after any fallback; part of image cache keys."""
+        return self.engine.encoding_id(self, "image")
+
+    @property
+    def text_encoding_id(self) -> str:
+        """``PRECISION-RUNTIME`` the text tower runs with for inference; part of text cache keys."""
+        return self.engine.encoding_id(self, "text")
+
+    def set_inference(self, precision: str | None = None, runtime: str | None = None, *,
+                      onnx_dir: str | Path | None = None) -> Backbone:
+        """Run ``encode_images``/``encode_texts`` in ``precision`` (fp32, bf16, fp16 on CUDA) with ``runtime``
+        (torch, onnx, int8); None means the default (``models/runtime.py``). Returns self."""
+        precision, runtime = check_options(precision, runtime, self.device)
+        self.engine = Engine(precision, runtime, onnx_dir)
+        return self
+
     def benchmark_names(self) -> tuple[str, str]:
         """``(model, pretrained)`` as CLIP_benchmark writes them in its results JSON."""
         if self.info.benchmark is not None:
@@ -196,7 +220,7 @@ class Backbone(ABC):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Embed a batch of preprocessed images (n, 3, H, W) -> (n, d) L2-normalised float32."""
-        feats = self._image_forward(images.to(self.device))
+        feats = self.engine.forward(self, "image", images)
         return F.normalize(feats.float(), dim=-1).cpu()
 
     @torch.no_grad()
@@ -207,8 +231,8 @@ class Backbone(ABC):
             return torch.zeros((0, self.embed_dim), dtype=torch.float32)
         chunks = []
         for start in range(0, len(texts), self.text_batch_size):
-            tokens = self.tokenize(texts[start : start + self.text_batch_size]).to(self.device)
-            chunks.append(F.normalize(self._text_forward(tokens).float(), dim=-1).cpu())
+            tokens = self.tokenize(texts[start : start + self.text_batch_size])
+            chunks.append(F.normalize(self.engine.forward(self, "text", tokens).float(), dim=-1).cpu())
         return torch.cat(chunks)
 
     @torch.no_grad()
@@ -248,6 +272,7 @@ class Backbone(ABC):
         )
         clone._derived = (self.model_id, tag)
         clone._digest_memo = None
+        clone.engine = self.engine.fresh()
         return clone
 
     def __deepcopy__(self, memo) -> Backbone:

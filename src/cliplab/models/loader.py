@@ -30,6 +30,7 @@ from .openclip import (
     tokenizer_for,
     transform_for,
 )
+from .runtime import DEFAULT_PRECISION, DEFAULT_RUNTIME, check_options
 from .tiny import load_tiny
 
 DEFAULT_MODEL = "ViT-B-32"
@@ -101,6 +102,9 @@ def load_model(
     quick_gelu: bool | None = None,
     seed: int = 0,
     cache_dir: str | None = None,
+    precision: str | None = None,
+    runtime: str | None = None,
+    onnx_dir: str | Path | None = None,
 ) -> Backbone:
     """Load a CLIP model as a :class:`Backbone`.
 
@@ -114,8 +118,20 @@ def load_model(
     open_clip entry says so, TorchScript archives, files whose sha256 is an OpenAI release), else
     whatever the architecture or config says. When huggingface.co is unreachable, pretrained tags
     and ``hf-hub:`` names are read from the local Hugging Face cache (process settings untouched).
+
+    ``precision`` (fp32, bf16, fp16 on CUDA) and ``runtime`` (torch, onnx, int8) set how
+    ``encode_images``/``encode_texts`` run (default: ``models/runtime.py`` ``DEFAULT_PRECISION``,
+    ``DEFAULT_RUNTIME``); ONNX exports are kept in ``onnx_dir`` (default ``<cache root>/onnx``).
     """
     device = check_device(device)
+    precision, runtime = check_options(precision, runtime, device)
+    backbone = _load_any(name, pretrained, device, arch, config, quick_gelu, seed, cache_dir)
+    if (precision, runtime, onnx_dir) != (DEFAULT_PRECISION, DEFAULT_RUNTIME, None):  # else its engine has them
+        backbone.set_inference(precision, runtime, onnx_dir=onnx_dir)
+    return backbone
+
+
+def _load_any(name, pretrained, device, arch, config, quick_gelu, seed, cache_dir) -> Backbone:
     path = Path(name).expanduser()
     if name == "tiny":
         return load_tiny(seed=seed, device=device)

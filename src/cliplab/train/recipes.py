@@ -12,15 +12,15 @@ import fcntl
 import json
 from pathlib import Path
 
-from ..features.cache import default_cache_root
+from ..fileio import default_cache_root
 from .config import PretrainConfig, PretrainOptionError, resolve_model_config
 from .export import CARD_JSON
 from .loop import WEIGHTS, pretrain
 
 RECIPES: dict[str, dict] = {
-    "cifar10-signal": {"source": "cifar10", "model": "cliplab-rn-32px", "templates": "cifar10", "steps": 600,
-                       "batch_size": 256, "lr": 2e-3, "warmup": 60, "crop_scale": 0.5, "eval_every": 100,
-                       "checkpoint_every": 50},
+    "cifar10-signal": {"source": "cifar10", "model": "cliplab-rn-32px", "templates": "cifar10", "steps": 1600,
+                       "batch_size": 256, "lr": 2e-3, "warmup": 100, "crop_scale": 0.5, "eval_every": 200,
+                       "checkpoint_every": 100},
     "cifar10-ci": {"source": "cifar10", "model": "cliplab-rn-32px", "templates": "cifar10", "steps": 40,
                    "batch_size": 128, "lr": 2e-3, "warmup": 5, "crop_scale": 0.5, "eval_every": 20,
                    "checkpoint_every": 20},
