@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved chunks per batch size (default 4)")
     parser.add_argument("--no-clip-benchmark", action="store_true", help="skip CLIP_benchmark's loop")
+    parser.add_argument("--name", default=NAME, help=f"results file name (default {NAME})")
     args = parser.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
@@ -264,7 +265,7 @@ def main() -> None:
     record.update(variants=variants, runs=runs, clip_benchmark=clip_benchmark, default_variant=DEFAULT_VARIANT,
                   rule={"min_cosine": MIN_COSINE, "min_agreement": MIN_AGREEMENT, "target_speedup": TARGET_SPEEDUP},
                   load_average_end=load_average())
-    write_results(NAME, record, markdown(record, args.model, random_weights, runs, clip_benchmark))
+    write_results(args.name, record, markdown(record, args.model, random_weights, runs, clip_benchmark))
 
 
 def markdown(record, model: str, random_weights: bool, runs, clip_benchmark) -> str:

@@ -54,6 +54,12 @@ SKIPS["tip-adapter"] = SKIPS["tip-adapter-f"] = {name: FIXED_WIDTH for name in Z
     "check_classifiers_one_label", "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")}
 
 
+# COOkeD averages CLIP's zero-shot probabilities (fixed width) and takes labels as class indices into class_names.
+SKIPS["cooked"] = {name: FIXED_WIDTH for name in ZEROSHOT_SKIPS if name not in (
+    "check_classifiers_regression_target", "check_requires_y_none")} | {name: LABELS_ARE_INDICES for name in (
+    "check_classifiers_one_label", "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")} | {
+    "check_non_transformer_estimators_n_iter": FIXED_WIDTH}
+
 # AMU-Tuning takes [CLIP | auxiliary] features: wider than the model's embeddings (the CLIP block is fixed by the
 # text weights, an auxiliary block must follow), and labels as class indices into class_names.
 AUX_BLOCK = "features are [CLIP | auxiliary]: wider than the model's 64-d embeddings; the check feeds 1-10 features"

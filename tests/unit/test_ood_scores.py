@@ -49,7 +49,7 @@ def test_mcm_is_max_softmax_of_cosines_and_ignores_class_order():
 
 
 def test_registry_and_score(logits):
-    assert set(SCORES) == {"msp", "max-logit", "energy", "mcm"}
+    assert set(SCORES) == {"msp", "max-logit", "energy", "mcm", "glmcm"}
     np.testing.assert_array_equal(score("energy", logits, temperature=2.0), energy(logits, 2.0))
     np.testing.assert_array_equal(score("max-logit", logits), max_logit(logits))
     with pytest.raises(CliplabError, match="unknown OOD score 'odin'"):
@@ -154,3 +154,11 @@ def test_bad_score_arrays_raise(bad):
         ood_metrics([0.0, 1.0], bad)
     with pytest.raises(FeatureError):
         threshold_at_tpr(bad)
+
+
+def test_the_methods_catalog_lists_every_score():
+    from cliplab.eval.ood import OOD_SCORES
+    from cliplab.ood.catalog import OOD_SCORE_CATALOG
+
+    assert set(SCORES) | set(OOD_SCORES) <= set(OOD_SCORE_CATALOG)
+    assert {"clipn-ctw", "clipn-atd"} <= set(OOD_SCORE_CATALOG)

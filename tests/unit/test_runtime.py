@@ -4,6 +4,7 @@ embeddings, int8 agrees, caches never mix precisions or runtimes, bad options an
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -154,6 +155,29 @@ def test_int8_quantises_a_copy_and_agrees(vit_b32, b32_images, b32_reference, re
     quantized = [m for m in shadow.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert len(quantized) >= 48  # 12 image + 12 text blocks, two MLP layers each
     assert not any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in vit_b32.model.modules())
+
+
+def test_int8_runs_a_modified_resnet_whose_attention_pool_stays_float(tmp_path):
+    """ModifiedResNet's attention pool reads its projections as tensors: they must not be quantised."""
+    from open_clip.model import CLIP
+
+    from cliplab.models.runtime import _quantizable_linears
+
+    model = CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+                 text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
+    names = _quantizable_linears(model)
+    assert not any(name.startswith("visual.attnpool.") for name in names)
+    assert "transformer.resblocks.0.mlp.c_fc" in names and "transformer.resblocks.0.attn.out_proj" not in names
+    torch.save(model.state_dict(), tmp_path / "rn.pt")
+    config = tmp_path / "rn.json"
+    config.write_text(json.dumps({"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+                                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                                               "layers": 1}}))
+    fp32 = load_model(str(tmp_path / "rn.pt"), config=config)
+    int8 = load_model(str(tmp_path / "rn.pt"), config=config, runtime="int8")
+    images = _images(4, 32)
+    assert int8.encoding_id == "fp32-int8"
+    assert _cosines(fp32.encode_images(images), int8.encode_images(images)).min() > 0.99
 
 
 def test_int8_follows_changed_weights(tiny):

@@ -20,7 +20,9 @@ from .curate import curate
 from .evaluate import embed, evaluate, zeroshot
 from .fewshot import fewshot
 from .listing import datasets, methods, models, templates
+from .ood import ood
 from .pretrain import pretrain
+from .robustness import robustness
 
 HELP_WIDTH = 100
 _LITERAL = re.compile(r"``?([^`]+)``?")
@@ -68,8 +70,8 @@ def _register(command) -> None:
     app.command(help=doc, short_help=doc.splitlines()[0] if doc else None)(command)
 
 
-for _command in (classify, zeroshot, evaluate, fewshot, embed, pretrain, curate, models, methods, templates, datasets,
-                 cache):
+for _command in (classify, zeroshot, evaluate, fewshot, embed, pretrain, curate, ood, models, methods, templates,
+                 datasets, cache, robustness):
     _register(_command)
 
 

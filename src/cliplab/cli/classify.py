@@ -24,6 +24,12 @@ def classify(
     method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (see: cliplab methods)."),
     head_dir: Path = typer.Option(None, "--head", help="A fitted head saved by cliplab evaluate --save-head (its "
                                   "classes replace --labels; the model must be the one it was fitted with)."),
+    reject: bool = typer.Option(False, "--reject", help="Open set: label 'unknown' the images whose --reject-score is "
+                                "below the threshold kept by --reject-tpr of the --reject-calibration images."),
+    reject_score: str = typer.Option("mcm", "--reject-score", help="msp, energy or mcm (mcm: zero-shot heads)."),
+    reject_tpr: float = typer.Option(0.95, "--reject-tpr", help="Fraction of calibration images kept (0 < TPR < 1)."),
+    reject_calibration: str = typer.Option(None, "--reject-calibration", help="Images known to belong to the classes "
+                                           "(a folder, manifest or named dataset's test split) to set the threshold."),
     run: RunOptions = None,
 ):
     """Classify images into your labels (zero-shot; default model ViT-B-32 LAION-2B, downloaded once)."""
@@ -47,6 +53,8 @@ def classify(
     if top_k is not None and top_k > len(names):
         err_console.print(f"note: --top-k {top_k} capped at the {len(names)} labels given")
     top_k = min(top_k or 3, len(names))
+    if reject:
+        _check_reject(reject_score, reject_tpr, reject_calibration)
     dataset = image_files(paths, run.hash_content)
     backbone = run.load_backbone()
     if head_dir is not None:
@@ -54,6 +62,7 @@ def classify(
     else:  # bad templates fail before any image is embedded
         head = create_head(method, backbone=backbone, class_names=names, templates=templates,
                            cache_dir=run.cache_dir).fit()
+    threshold = _reject_threshold(head, run, backbone, reject_score, reject_tpr, reject_calibration) if reject else None
     features = run.embed(backbone, dataset)
     rows = []
     if len(features):
@@ -63,13 +72,54 @@ def classify(
             {"path": item, "predictions": [{"label": columns[c], "probability": float(p)} for c, p in zip(oi, pi)]}
             for item, oi, pi in zip(features.item_ids, order, probs)
         ]
+        if reject:
+            for row, value in zip(rows, _reject_scores(head, features.features, reject_score)):
+                known = bool(value >= threshold)
+                row.update(prediction=row["predictions"][0]["label"] if known else "unknown", score=float(value),
+                           reject_score=reject_score, threshold=threshold, tpr=reject_tpr)
     rows += [{"path": item, "predictions": [], "error": reason} for item, reason in features.failures]
     _print(rows, dataset.root, len(features))
+    if reject:
+        unknown = sum(row.get("prediction") == "unknown" for row in rows)
+        console.print(f"open set: {unknown} of {len(features)} image(s) unknown ({reject_score} < {threshold:.6g}, "
+                      f"the threshold keeping {100 * reject_tpr:g}% of {reject_calibration})")
     report_failures(features.failures)
     report_skipped(dataset)
     if output is not None:
-        _write(rows, output, top_k)
+        _write(rows, output, top_k, reject)
         console.print(f"wrote {output}")
+
+
+def _check_reject(score: str, tpr: float, calibration: str | None) -> None:
+    if score not in ("msp", "energy", "mcm"):
+        raise CliplabError(f"--reject-score {score!r}: use msp, energy or mcm")
+    if not 0 < tpr < 1:
+        raise CliplabError(f"--reject-tpr {tpr}: must be strictly between 0 and 1")
+    if calibration is None:
+        raise CliplabError("--reject needs --reject-calibration PATH_OR_DATASET: images known to belong to the "
+                           "classes, to set the rejection threshold")
+
+
+def _reject_scores(head, X, score: str):
+    """Open-set scores (higher = known): msp/energy on the head's logits, MCM on the features and class weights."""
+    from ..ood import energy, mcm, msp
+
+    if score == "mcm":
+        if getattr(head, "weights_", None) is None:
+            raise CliplabError("--reject-score mcm needs a zero-shot head's class text weights; use msp or energy")
+        return mcm(X, head.weights_)
+    return (msp if score == "msp" else energy)(head.logits(X))
+
+
+def _reject_threshold(head, run: RunOptions, backbone, score: str, tpr: float, calibration: str) -> float:
+    """``threshold_at_tpr`` of the calibration images' scores."""
+    from ..data import load_dataset
+    from ..ood import threshold_at_tpr
+
+    features = run.embed(backbone, load_dataset(calibration, hash_content=run.hash_content))
+    if not len(features):
+        raise CliplabError(f"--reject-calibration {calibration}: no image could be embedded")
+    return threshold_at_tpr(_reject_scores(head, features.features, score), tpr)
 
 
 def _label(cls, names: list[str]) -> str:
@@ -85,27 +135,35 @@ def _print(rows, root, n_ok) -> None:
     table.add_column("prediction")
     table.add_column("p", justify="right")
     table.add_column("runners-up")
+    scored = [row for row in rows if "score" in row]
+    if scored:
+        first = scored[0]
+        table.title += f" · open set: {first['reject_score']} >= {first['threshold']:.6g} (TPR {first['tpr']:g})"
+        table.add_column(first["reject_score"], justify="right")
     for row in rows:
         if "error" in row:
             continue
         best, rest = row["predictions"][0], row["predictions"][1:]
-        table.add_row(row["path"], best["label"], f"{best['probability']:.3f}",
-                      ", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest))
+        shown = best["label"] if row.get("prediction", best["label"]) != "unknown" else f"unknown ({best['label']})"
+        table.add_row(row["path"], shown, f"{best['probability']:.3f}",
+                      ", ".join(f"{p['label']} {p['probability']:.3f}" for p in rest),
+                      *([f"{row['score']:.4f}"] if scored else []))
     console.print(table)
 
 
-def _write(rows, output: Path, top_k: int) -> None:
+def _write(rows, output: Path, top_k: int, reject: bool = False) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".json":
         output.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
         return
     header = ["path"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("label", "probability")] + ["error"]
+    extra = ["prediction", "score", "reject_score", "threshold", "tpr"] if reject else []
     with open(output, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(header)
+        writer.writerow(header + extra)
         for row in rows:
             cells = [row["path"]]
             for i in range(top_k):
                 pred = row["predictions"][i] if i < len(row["predictions"]) else None
                 cells += [pred["label"], f"{pred['probability']:.6f}"] if pred else ["", ""]
-            writer.writerow(cells + [row.get("error", "")])
+            writer.writerow(cells + [row.get("error", "")] + [row.get(key, "") for key in extra])

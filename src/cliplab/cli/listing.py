@@ -67,6 +67,15 @@ def methods(family: str = typer.Option(None, "--family", help="Only this family 
         needs = ", ".join(n for n, flag in (("train data", entry.needs_train), ("model", entry.needs_backbone)) if flag)
         table.add_row(entry.name, entry.family, str(entry.paper or "-"), needs or "-", entry.summary)
     console.print(table)
+    if family in (None, "ood"):
+        from ..ood.catalog import OOD_SCORE_CATALOG
+
+        scores = Table(title="open-set scores (higher = more in-distribution; run: cliplab ood --scores NAMES)")
+        for column in ("name", "paper", "where", "summary"):
+            scores.add_column(column)
+        for name, (paper, where, summary) in OOD_SCORE_CATALOG.items():
+            scores.add_row(name, paper, where, summary)
+        console.print(scores)
 
 
 @friendly_errors

@@ -85,3 +85,81 @@ def plot_fewshot_curve(table: dict[str, dict[int, tuple[float, float]]], path: P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_ood_roc(scores: dict[str, dict[str, np.ndarray]], id_name: str, path: Path, title: str) -> Path:
+    """ROC curves (ID positive; true-positive rate of ID against false-positive rate of OOD), one per score per OOD
+    set; ``scores`` maps score name -> dataset name -> scores (higher = more in-distribution), ``id_name`` the ID
+    set."""
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for score_name, per_set in scores.items():
+        for set_name, values in per_set.items():
+            if set_name == id_name:
+                continue
+            labels = np.r_[np.ones(len(per_set[id_name])), np.zeros(len(values))]
+            fpr, tpr, _ = roc_curve(labels, np.r_[per_set[id_name], values], drop_intermediate=False)
+            ax.plot(fpr, tpr, label=f"{score_name} · {set_name}")
+    ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    ax.axhline(0.95, color="gray", linestyle="--", linewidth=0.8, label="TPR 95%")
+    ax.set_xlabel("false-positive rate (OOD accepted)")
+    ax.set_ylabel(f"true-positive rate ({id_name} accepted)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ood_histograms(scores: dict[str, dict[str, np.ndarray]], id_name: str, path: Path, title: str,
+                        bins: int = 40) -> Path:
+    """One panel per score: density histograms of the ID scores and of each OOD set's scores."""
+    fig, axes = plt.subplots(len(scores), 1, figsize=(6.5, 2.6 * len(scores) + 0.6), squeeze=False)
+    for ax, (score_name, per_set) in zip(axes[:, 0], scores.items()):
+        everything = np.concatenate(list(per_set.values()))
+        edges = np.histogram_bin_edges(everything, bins=bins)
+        for set_name, values in per_set.items():
+            ax.hist(values, bins=edges, density=True, alpha=0.45 if set_name != id_name else 0.6,
+                    label=f"{set_name} (ID)" if set_name == id_name else set_name)
+        ax.set_title(score_name, fontsize=9)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("score (higher = more in-distribution)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_robustness(rows: Sequence[dict], path: Path, title: str) -> Path:
+    """Top-1 and ECE (and OOD AUROC when measured) against corruption severity, one line per corruption.
+
+    ``rows`` are :func:`cliplab.eval.robustness.evaluate_robustness` cells; the clean cell (severity 0) starts
+    every line.
+    """
+    clean = next((r for r in rows if r["corruption"] == "clean"), None)
+    names = list(dict.fromkeys(r["corruption"] for r in rows if r["corruption"] != "clean"))
+    keys = [("acc1", "top-1 accuracy (%)"), ("ece", "ECE (%)")]
+    if any(r.get("auroc") is not None for r in rows):
+        keys.append(("auroc", "OOD AUROC, MCM (%)"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4.2))
+    for ax, (key, label) in zip(np.atleast_1d(axes), keys, strict=True):
+        for name in names:
+            cells = sorted((r for r in rows if r["corruption"] == name), key=lambda r: r["severity"])
+            if clean is not None:
+                cells = [clean, *cells]
+            ax.plot([r["severity"] for r in cells], [100 * r[key] for r in cells], marker="o", label=name)
+        ax.set_xlabel("severity (0 = clean)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

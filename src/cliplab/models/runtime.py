@@ -11,7 +11,8 @@ Only ``encode_images`` and ``encode_texts`` go through an :class:`Engine`; the t
   provider using torch's thread count. fp32 only.
 - ``int8``: torch dynamic quantisation of the ``nn.Linear`` layers of a copy of the model
   (``torch.ao.quantization.quantize_dynamic``, weights int8, activations quantised per batch); CPU,
-  fp32 activations. open_clip's attention projections are not ``nn.Linear`` and stay fp32.
+  fp32 activations. open_clip's attention projections are not ``nn.Linear`` and stay fp32, as do the
+  projections of ModifiedResNet's attention pool (it reads them as tensors).
 
 When onnxruntime is missing or a tower cannot be exported (or quantised), one warning line on
 stderr names why and that tower runs in torch fp32; :meth:`Engine.encoding_id` then says ``fp32-torch``,
@@ -220,12 +221,25 @@ class Engine:
 
 
 # -- int8 ----------------------------------------------------------------------------------
+# Modules that read their Linear children's ``weight``/``bias`` as tensors (F.multi_head_attention_forward):
+# their projections must stay float (open_clip's ModifiedResNet attention pool).
+_READS_CHILD_TENSORS = ("AttentionPool2d",)
+
+
+def _quantizable_linears(model: torch.nn.Module) -> set[str]:
+    """Names of the ``nn.Linear`` layers that dynamic quantisation may replace: exact ``nn.Linear`` (not
+    ``MultiheadAttention``'s ``out_proj``, which it reads as a tensor), outside ``_READS_CHILD_TENSORS``."""
+    keep = [name for name, m in model.named_modules() if type(m).__name__ in _READS_CHILD_TENSORS]
+    return {name for name, m in model.named_modules()
+            if type(m) is torch.nn.Linear and not any(name.startswith(p + ".") for p in keep)}
+
+
 def quantized_copy(backbone: Backbone) -> Backbone:
     """A shallow copy of ``backbone`` over an int8 dynamically quantised copy of its model (CPU)."""
     model = copy.deepcopy(backbone.model).cpu().eval()
     with warnings.catch_warnings():  # torch.ao.quantization's deprecation notices
         warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        quantized = torch.ao.quantization.quantize_dynamic(model, _quantizable_linears(model), dtype=torch.qint8)
     for module in quantized.modules():  # open_clip reads its compute dtype from an MLP weight, or from this
         if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
             module.int8_original_dtype = torch.float32

@@ -13,6 +13,7 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from ..errors import CliplabError, DimensionMismatchError, FeatureError
+from .glmcm import glmcm
 
 
 def _matrix(name: str, values) -> np.ndarray:
@@ -75,6 +76,7 @@ SCORES: dict[str, Callable[..., np.ndarray]] = {
     "max-logit": max_logit,
     "energy": energy,
     "mcm": mcm,
+    "glmcm": glmcm,
 }
 
 
