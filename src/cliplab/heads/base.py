@@ -10,9 +10,14 @@ scikit-learn's own checks.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import numpy as np
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import DimensionMismatchError, FeatureError, LabelError
@@ -135,3 +140,44 @@ def best_on_validation(candidates, score) -> tuple:
         if value > best_score:
             best, best_score = candidate, value
     return best, best_score
+
+
+# CoOp's coarse sweep of the L2 strength C for linear probes (CoOp's lpclip/linear_probe.py).
+COOP_SEARCH_LIST = (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6)
+
+
+def logistic_fits(X: np.ndarray, y: np.ndarray, max_iter: int, tol: float
+                  ) -> Callable[[float], tuple[np.ndarray, np.ndarray, int]]:
+    """``fit_at(C) -> (coef, intercept, n_iter)``: scikit-learn's L-BFGS logistic regression on ``X, y``, memoised."""
+    X64 = np.asarray(X, dtype=np.float64)
+    fits: dict[float, tuple[np.ndarray, np.ndarray, int]] = {}
+
+    def fit_at(c: float) -> tuple[np.ndarray, np.ndarray, int]:
+        key = float(c)
+        if key not in fits:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf = LogisticRegression(solver="lbfgs", max_iter=max_iter, C=key, tol=tol).fit(X64, y)
+            fits[key] = (clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64), int(np.max(clf.n_iter_)))
+        return fits[key]
+
+    return fit_at
+
+
+def coop_c_search(val_accuracy: Callable[[float], float], num_steps: int) -> tuple[float, list]:
+    """CoOp's C search: the coarse sweep, then ``num_steps`` halvings of the log-interval around the best
+    (ties go left, as theirs); returns (C, [[C, val accuracy], ...])."""
+    path = [[float(c), float(val_accuracy(c))] for c in COOP_SEARCH_LIST]
+    c_final = COOP_SEARCH_LIST[int(np.argmax([acc for _, acc in path]))]
+    c_left, c_right = 1e-1 * c_final, 1e1 * c_final
+    for _ in range(num_steps):
+        acc_left, acc_right = float(val_accuracy(c_left)), float(val_accuracy(c_right))
+        path += [[float(c_left), acc_left], [float(c_right), acc_right]]
+        middle = 0.5 * (np.log10(c_left) + np.log10(c_right))
+        if acc_left < acc_right:
+            c_final, c_left, c_right = c_right, middle, np.log10(c_right)
+        else:
+            c_final, c_left, c_right = c_left, np.log10(c_left), middle
+        c_left, c_right = np.power(10, c_left), np.power(10, c_right)
+    return float(c_final), path
+

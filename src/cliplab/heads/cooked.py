@@ -4,24 +4,21 @@ zero-shot CLIP"; authors' code github.com/glhr/COOkeD @217223b, ``eval.py:ood_ev
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 from scipy.special import softmax
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import check_classification_targets
 
 from ..errors import FeatureError, LabelError
 from ..models.backbone import Backbone
-from .base import ClipHead, ZeroShotLogitsMixin
+from .base import COOP_SEARCH_LIST, ClipHead, ZeroShotLogitsMixin, coop_c_search, logistic_fits
 from .registry import register
 
 #: CoOp's coarse sweep of C, as cliplab's linear probe (heads/linear_probe.py) searches it.
-SEARCH_LIST = (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6)
+SEARCH_LIST = COOP_SEARCH_LIST
 #: The authors' CLIP temperature: ``logits_clip_t100 = 100 * text_sim`` (eval.py), whatever the model's scale.
 AUTHORS_CLIP_SCALE = 100.0
 _TINY = 1e-12  # floor of the ensemble probability before its log (a class no member gives any mass)
@@ -116,17 +113,7 @@ class COOkeD(ZeroShotLogitsMixin, ClipHead):
             raise LabelError("COOkeD: the linear probe needs at least two classes in y")
         self.clip_scale_ = float(self.clip_scale if self.clip_scale is not None else self.backbone.logit_scale)
         self.tol_ = float(1e-4 / len(X) if self.tol is None else self.tol)
-        X64 = X.astype(np.float64)
-        fits: dict[float, tuple[np.ndarray, np.ndarray, int]] = {}
-
-        def fit_at(c: float):
-            key = float(c)
-            if key not in fits:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    clf = LogisticRegression(solver="lbfgs", max_iter=self.max_iter, C=key, tol=self.tol_).fit(X64, y)
-                fits[key] = (clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64), int(np.max(clf.n_iter_)))
-            return fits[key]
+        fit_at = logistic_fits(X, y, self.max_iter, self.tol_)
 
         searched = bool(self.search) and X_val is not None
         if searched:
@@ -138,29 +125,13 @@ class COOkeD(ZeroShotLogitsMixin, ClipHead):
                 pred = self.probe_classes_[np.argmax(self._probe_logits(X_val, coef, intercept), axis=1)]
                 return float(np.mean(pred == y_val))
 
-            chosen, self.search_path_ = self._coop_search(val_accuracy)
+            chosen, self.search_path_ = coop_c_search(val_accuracy, self.num_steps)
         else:
             chosen, self.search_path_ = float(self.C), []
         self.C_ = float(chosen)
         self.coef_, self.intercept_, self.n_iter_ = fit_at(self.C_)
         self.searched_ = searched
         return self
-
-    def _coop_search(self, val_accuracy) -> tuple[float, list]:
-        """CoOp's coarse sweep, then ``num_steps`` halvings of the log-interval around the best (ties go left)."""
-        path = [[float(c), val_accuracy(c)] for c in SEARCH_LIST]
-        c_final = SEARCH_LIST[int(np.argmax([acc for _, acc in path]))]
-        c_left, c_right = 1e-1 * c_final, 1e1 * c_final
-        for _ in range(self.num_steps):
-            acc_left, acc_right = val_accuracy(c_left), val_accuracy(c_right)
-            path += [[float(c_left), acc_left], [float(c_right), acc_right]]
-            middle = 0.5 * (np.log10(c_left) + np.log10(c_right))
-            if acc_left < acc_right:
-                c_final, c_left, c_right = c_right, middle, np.log10(c_right)
-            else:
-                c_final, c_left, c_right = c_left, np.log10(c_left), middle
-            c_left, c_right = np.power(10, c_left), np.power(10, c_right)
-        return float(c_final), path
 
     @staticmethod
     def _probe_logits(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:

@@ -7,18 +7,17 @@ from numbers import Integral, Real
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 
 from ..errors import FeatureError, LabelError
-from .base import ClipHead
+from .base import COOP_SEARCH_LIST, ClipHead, coop_c_search, logistic_fits
 from .registry import register
 
 #: scikit-learn's default ``tol``, which CoOp used; see ``LinearProbe.tol``.
 SKLEARN_TOL = 1e-4
 #: CoOp's coarse sweep of C (lpclip/linear_probe.py), in its loop order: the first best wins (``np.argmax``).
-SEARCH_LIST = (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6)
+SEARCH_LIST = COOP_SEARCH_LIST
 
 
 @register("linear-probe", family="fewshot", paper=None, needs_train=True)
@@ -99,19 +98,8 @@ class LinearProbe(ClipHead):
         X, y = self._validate(X, y, reset=True)
         check_classification_targets(y)
         self.classes_ = np.unique(y)
-        X64 = X.astype(np.float64)
         self.tol_ = float(SKLEARN_TOL / len(X) if self.tol is None else self.tol)
-        fits: dict[float, tuple[np.ndarray, np.ndarray, int]] = {}
-
-        def fit_at(c: float):
-            key = float(c)
-            if key not in fits:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    clf = LogisticRegression(solver="lbfgs", max_iter=self.max_iter, C=key, tol=self.tol_)
-                    clf.fit(X64, y)
-                fits[key] = (clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64), int(np.max(clf.n_iter_)))
-            return fits[key]
+        fit_at = logistic_fits(X, y, self.max_iter, self.tol_)
 
         if (X_val is None) != (y_val is None):
             raise FeatureError("LinearProbe: pass both X_val and y_val, or neither")
@@ -129,7 +117,7 @@ class LinearProbe(ClipHead):
                 pred = self.classes_[self._argmax(X_val @ coef.T + intercept)]
                 return np.count_nonzero(pred == y_val) / len(y_val)
 
-            chosen, self.search_path_ = self._coop_search(val_accuracy)
+            chosen, self.search_path_ = coop_c_search(val_accuracy, self.num_steps)
         else:
             chosen, self.search_path_ = float(self.C), []
 
@@ -141,30 +129,6 @@ class LinearProbe(ClipHead):
             warnings.warn(f"LinearProbe: L-BFGS did not converge in max_iter={self.max_iter} iterations at "
                           f"C={self.C_:g}", ConvergenceWarning, stacklevel=2)
         return self
-
-    def _coop_search(self, val_accuracy) -> tuple[float, list]:
-        """CoOp's coarse sweep plus ``num_steps`` interval-halving steps; returns (C, [[C, val acc], ...])."""
-        path = []
-        acc_list = []
-        for c in SEARCH_LIST:
-            acc_list.append(val_accuracy(c))
-            path.append([float(c), float(acc_list[-1])])
-        c_peak = SEARCH_LIST[int(np.argmax(acc_list))]
-        c_final = c_peak
-        c_left, c_right = 1e-1 * c_peak, 1e1 * c_peak
-        for _ in range(self.num_steps):
-            acc_left, acc_right = val_accuracy(c_left), val_accuracy(c_right)
-            path += [[float(c_left), float(acc_left)], [float(c_right), float(acc_right)]]
-            if acc_left < acc_right:
-                c_final = c_right
-                c_left = 0.5 * (np.log10(c_right) + np.log10(c_left))
-                c_right = np.log10(c_right)
-            else:
-                c_final = c_left
-                c_right = 0.5 * (np.log10(c_right) + np.log10(c_left))
-                c_left = np.log10(c_left)
-            c_left, c_right = np.power(10, c_left), np.power(10, c_right)
-        return float(c_final), path
 
     @staticmethod
     def _argmax(z: np.ndarray) -> np.ndarray:
