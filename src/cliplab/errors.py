@@ -63,3 +63,11 @@ class FeatureError(CliplabError, ValueError):
 
 class CacheError(CliplabError):
     """The feature cache is unreadable or inconsistent."""
+
+
+class LLMError(CliplabError):
+    """A language-model backend gave no usable answer (down, slow, malformed JSON, refusal, replay miss)."""
+
+
+class DescriptionError(CliplabError):
+    """A class-description set (CuPL sentences, DCLIP descriptors) is unreadable, malformed or mismatches the labels."""

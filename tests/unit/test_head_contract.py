@@ -67,6 +67,9 @@ SKIPS["amu"] = {name: AUX_BLOCK for name in ZEROSHOT_SKIPS if name not in (
     "check_classifiers_regression_target", "check_requires_y_none")} | {name: LABELS_ARE_INDICES for name in (
     "check_classifiers_one_label", "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")}
 
+# DCLIP and CuPL are zero-shot heads (class weights from descriptions or templates): the zero-shot head's skips.
+SKIPS["dclip"] = SKIPS["cupl"] = ZEROSHOT_SKIPS
+
 
 def _build(entry):
     extra = {"cache_dir": CACHE, "templates": ["a photo of a {c}."]} if entry.needs_backbone else {}

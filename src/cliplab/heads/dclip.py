@@ -1,0 +1,142 @@
+"""Classification by description (DCLIP; Menon & Vondrick, paper 7 in ../shared/papers.md)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..data.descriptions import load_descriptions
+from ..data.prompts import check_class_names, fill_template, load_templates
+from ..errors import LabelError
+from ..features.text import embed_prompts, ensemble
+from ..models.backbone import Backbone
+from .base import ClipHead
+from .registry import register
+
+# First word -> how the descriptor joins the class name (the authors' ``make_descriptor_sentence``).
+_WHICH_IS = ("a", "an", "used")
+_WHICH = ("has", "often", "typically", "may", "can")
+_FIRST_WORD = re.compile(r"[^\W\d_]+")
+
+
+def descriptor_clause(descriptor: str) -> str:
+    """The relative clause for one descriptor, after the authors' ``make_descriptor_sentence``.
+
+    "a"/"an"/"used ..." -> "which is ...", "has/often/typically/may/can ..." -> "which ...", else
+    "which has ...". Departure from their code: the rules match the descriptor's whole first word, not
+    a prefix of the string. Their ``startswith('a')`` turns "antennae" into "which is antennae" (and
+    "aircraft", "almond-shaped eyes" alike), ``startswith('can')``/``('may')`` turn "candles",
+    "mayonnaise" into "which candles", "which mayonnaise"; here those get "which has ...".
+    The empty descriptor gives no clause (see :func:`descriptor_sentence`).
+    """
+    if not descriptor:
+        return ""
+    match = _FIRST_WORD.match(descriptor)
+    first = match.group(0) if match else ""
+    if first in _WHICH_IS:
+        return f"which is {descriptor}"
+    if first in _WHICH:
+        return f"which {descriptor}"
+    return f"which has {descriptor}"
+
+
+def descriptor_sentence(template: str, class_name: str, descriptor: str, phrase: bool = True,
+                        suffix: str = "") -> str:
+    """"{template filled with the class name}, {clause}{suffix}" (their ``prepend`` mode, ``between_text=', '``).
+
+    ``phrase=False`` uses the descriptor as it stands (their ``apply_descriptor_modification=False``).
+    Departure: an empty descriptor gives the filled template alone (plus ``suffix``), so a set of one ""
+    per class is exactly the template classifier; their code would embed "cat, which has ".
+    """
+    head = fill_template(template, class_name)
+    clause = descriptor_clause(descriptor) if phrase else descriptor
+    return f"{head}, {clause}{suffix}" if clause else f"{head}{suffix}"
+
+
+@register("dclip", family="zeroshot", paper=7, needs_train=False)
+class DescriptionClassifier(ClipHead):
+    """DCLIP: class score = mean over the class's descriptors d of cos(x, "{c}, which (is/has) {d}").
+
+    As the authors' ``classify_by_description`` code: each descriptor becomes a sentence
+    (:func:`descriptor_sentence`), every sentence is embedded and L2-normalised, and the class score is the
+    plain mean of the per-sentence similarities, i.e. ``x . mean_d e_d`` (``features.text.ensemble`` with
+    ``renormalize=False``; no renormalisation, unlike CLIP's ensembling). ``descriptions`` is a file
+    (``.json``/``.json.gz``, ``{class: [descriptors]}``) or a mapping, matched to ``class_names`` loosely;
+    ``subset`` lets the file describe more classes than ``class_names``. None means one "" descriptor per
+    class: the template classifier. ``templates`` give the class-name part (their ``label_before_text`` +
+    class name); with several, the mean runs over templates x descriptors. ``suffix`` is their ``after_text``
+    ("." for ImageNet).
+
+    Departures from the authors' code: descriptor phrasing matches whole first words (see
+    :func:`descriptor_clause`); an empty descriptor adds no clause; the class name is the label as given
+    (theirs is the file's key with "_" -> " "); a class without descriptors is an error (they use [""]);
+    logits are ``logit_scale`` times the mean similarity (theirs are unscaled; the argmax is the same).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        class_names: Sequence[str],
+        descriptions: str | Path | Mapping[str, Sequence[str]] | None = None,
+        templates: str | Sequence[str] = ("{c}",),
+        phrase: bool = True,
+        suffix: str = "",
+        subset: bool = False,
+        logit_scale: float | None = None,
+        cache_dir: str | Path | None = None,
+    ):
+        self.backbone = backbone
+        self.class_names = class_names
+        self.descriptions = descriptions
+        self.templates = templates
+        self.phrase = phrase
+        self.suffix = suffix
+        self.subset = subset
+        self.logit_scale = logit_scale
+        self.cache_dir = cache_dir
+
+    def sentences(self) -> list[list[str]]:
+        """Per class (in ``class_names`` order), the sentences that are embedded."""
+        names = check_class_names(list(self.class_names), "class names")
+        templates = load_templates(self.templates)
+        if self.descriptions is None:
+            per_class = {name: [""] for name in names}
+        else:
+            per_class = load_descriptions(self.descriptions, names, subset=self.subset)
+        return [[descriptor_sentence(t, name, d, self.phrase, self.suffix) for t in templates for d in per_class[name]]
+                for name in names]
+
+    def fit(self, X=None, y=None):
+        """Embed every class's sentences; ``weights_`` (d, C) is each class's plain mean sentence embedding."""
+        sentences = self.sentences()
+        embedded = embed_prompts(self.backbone, sentences, self.cache_dir)
+        self.weights_ = ensemble(embedded, renormalize=False)
+        self.sentences_ = sentences
+        self.sentence_embeddings_ = np.concatenate(embedded).astype(np.float32)
+        self.sentence_class_ = np.repeat(np.arange(len(sentences)), [len(s) for s in sentences])
+        self.classes_ = np.arange(len(sentences))
+        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
+        self.n_features_in_ = self.weights_.shape[0]
+        if X is not None:
+            self._validate(X)
+        if y is not None and len(np.asarray(y)) and not np.isin(np.asarray(y), self.classes_).all():
+            raise LabelError(f"labels must be class indices 0..{len(self.classes_) - 1} into class_names")
+        return self
+
+    def logits(self, X) -> np.ndarray:
+        """Logits (n, C): ``logit_scale_`` times each class's mean sentence similarity."""
+        X = self._checked(X)
+        return self.logit_scale_ * (X @ self.weights_)
+
+    def sentence_scores(self, X, c: int) -> np.ndarray:
+        """(n, m_c) similarities of ``X`` to class ``c``'s sentences (``sentences_[c]``): the explanation data;
+        their mean is ``logits[:, c] / logit_scale_``."""
+        X = self._checked(X)
+        return X @ self.sentence_embeddings_[self.sentence_class_ == c].T
+
+    def fit_summary(self) -> dict:
+        counts = sorted({len(s) for s in self.sentences_})
+        return {"sentences_per_class": [counts[0], counts[-1]], "logit_scale": self.logit_scale_}

@@ -1,0 +1,168 @@
+"""The language-model interface behind the description methods (papers 7, 10, 21, 30, 36 in ../shared/papers.md).
+
+One call, ``LLM.complete(prompt, system=, json_schema=)``, returns the answer's text or, when JSON is asked
+for, the parsed JSON. Every backend shares the on-disk answer cache, the retries and the error reporting
+written here; a backend only implements ``_request`` (one attempt, raw text out).
+
+Departures from the authors' code, which calls the OpenAI client directly: answers are cached on disk
+(one JSON file per answer, so nothing paid for is lost when a run stops), JSON answers wrapped in a
+Markdown code fence or surrounded by prose are accepted, and a ``json_schema`` dict is only checked for its
+top-level type (object / array / string) and is part of the cache key; it is not sent to the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import LLMError
+from ..fileio import atomic_write_text, default_cache_root
+
+JSON_SYSTEM = "Answer with valid JSON only, no prose and no code fences."
+_JSON_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "boolean": bool}
+
+
+class RetryableError(Exception):
+    """Raised by a backend's ``_request`` for a failure worth another attempt (timeout, 5xx, refusal)."""
+
+
+def cache_key(backend_id: str, model: str, prompt: str, system: str | None, json_schema: Any) -> str:
+    """sha256 of backend id, model, prompt, system prompt and the JSON request (False, True or the schema)."""
+    payload = json.dumps([backend_id, model, prompt, system, _json_flag(json_schema)], sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _json_flag(json_schema: Any) -> Any:
+    return False if json_schema is None or json_schema is False else json_schema
+
+
+def parse_json(text: str) -> Any:
+    """The JSON value in ``text``: the whole text, a fenced ```json block, or its outermost {...} / [...] span."""
+    stripped = text.strip()
+    candidates = [stripped]
+    if stripped.startswith("```"):
+        inner = stripped.split("\n", 1)[1] if "\n" in stripped else ""
+        candidates.append(inner.rsplit("```", 1)[0])
+    for open_, close in ("{}", "[]"):
+        start, end = stripped.find(open_), stripped.rfind(close)
+        if 0 <= start < end:
+            candidates.append(stripped[start : end + 1])
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except ValueError:
+            continue
+    raise ValueError(f"malformed JSON answer: {_clip(stripped)!r}")
+
+
+def _check_schema(value: Any, json_schema: Any) -> None:
+    if isinstance(json_schema, dict) and json_schema.get("type") in _JSON_TYPES:
+        expected = _JSON_TYPES[json_schema["type"]]
+        if not isinstance(value, expected) or (json_schema["type"] == "number" and isinstance(value, bool)):
+            raise ValueError(f"JSON answer is a {type(value).__name__}, the schema asks for {json_schema['type']}")
+
+
+def _clip(text: str, width: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+class LLM:
+    """Prompt in, text or parsed JSON out; cached, retried, failures raised as one-line ``LLMError``s.
+
+    ``attempts`` tries per call, waiting ``backoff * 2**i`` seconds after failed try ``i``. ``cache``: True
+    for ``<cache root>/llm``, a folder, or False for none. ``requests`` counts the attempts actually made.
+    """
+
+    backend = "llm"
+
+    def __init__(self, model: str, *, attempts: int = 3, backoff: float = 0.5, cache: bool | str | Path = True):
+        if attempts < 1:
+            raise LLMError(f"{self.backend}: attempts must be at least 1, got {attempts}")
+        self.model = model
+        self.attempts = attempts
+        self.backoff = backoff
+        self.cache_dir: Path | None = (
+            (default_cache_root() / "llm") if cache is True else (Path(cache) if cache else None)
+        )
+        self.requests = 0
+        self.cache_hits = 0
+
+    @property
+    def backend_id(self) -> str:
+        """Identifies where answers come from (part of the cache key); subclasses add their endpoint."""
+        return self.backend
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.backend_id!r}, model={self.model!r})"
+
+    def _request(self, prompt: str, system: str | None, json_mode: bool) -> str:
+        """One attempt: the raw answer text. Raise RetryableError to retry, LLMError to give up at once."""
+        raise NotImplementedError
+
+    def _cache_path(self, key: str) -> Path | None:
+        return self.cache_dir / f"{key}.json" if self.cache_dir is not None else None
+
+    def _cached(self, path: Path | None, json_schema: Any) -> tuple[bool, Any]:
+        if path is None or not path.is_file():
+            return False, None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))["answer"]
+            value = parse_json(raw) if _json_flag(json_schema) is not False else raw
+            _check_schema(value, json_schema)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False, None  # an unreadable entry is a miss; the fresh answer overwrites it
+        return True, value
+
+    def complete(self, prompt: str, *, system: str | None = None, json_schema: Any = None) -> str | Any:
+        """The answer to ``prompt``: text, or parsed JSON when ``json_schema`` is True or a schema dict."""
+        want_json = _json_flag(json_schema) is not False
+        key = cache_key(self.backend_id, self.model, prompt, system, json_schema)
+        path = self._cache_path(key)
+        hit, value = self._cached(path, json_schema)
+        if hit:
+            self.cache_hits += 1
+            return value
+        reason = "no attempt made"
+        for attempt in range(self.attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            self.requests += 1
+            try:
+                raw = self._request(prompt, system, want_json)
+                if not raw or not raw.strip():
+                    raise RetryableError("empty answer")
+                value = parse_json(raw) if want_json else raw
+                _check_schema(value, json_schema)
+            except LLMError:
+                raise
+            except (RetryableError, ValueError) as error:
+                reason = str(error)
+                continue
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                record = {"backend": self.backend_id, "model": self.model, "system": system, "prompt": prompt,
+                          "json": _json_flag(json_schema), "answer": raw}
+                atomic_write_text(path, json.dumps(record, ensure_ascii=False, indent=1))
+            return value
+        raise LLMError(f"{self.backend_id} ({self.model}): {reason} after {self.attempts} attempt(s) "
+                       f"for prompt {_clip(prompt)!r}")
+
+
+def ask_each(llm: LLM, items: dict[str, str], json: Any = True, system: str | None = None
+             ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Ask every prompt of ``items`` (key -> prompt, e.g. one per class); never stop at a failure.
+
+    Returns ``(answers, failures)``: key -> answer for those that worked, key -> one-line reason for the rest.
+    """
+    answers: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+    for key, prompt in items.items():
+        try:
+            answers[key] = llm.complete(prompt, system=system, json_schema=json if json else None)
+        except LLMError as error:
+            failures[key] = str(error)
+    return answers, failures
