@@ -74,6 +74,31 @@ class ClipHead(ClassifierMixin, BaseEstimator):
         return {}
 
 
+class TextWeightsHead(ClipHead):
+    """A training-free head whose logits are ``logit_scale_ * X @ weights_``, the (d, C) class weights ensembled
+    from per-class prompt embeddings (zero-shot templates, CuPL sentences, DCLIP descriptors). Subclasses call
+    ``_fit_weights`` from ``fit`` with the embedded prompts; ``y``, if given, must be class indices."""
+
+    def _fit_weights(self, embedded: list[np.ndarray], renormalize: bool, X=None, y=None):
+        from ..features.text import ensemble
+
+        self.weights_ = ensemble(embedded, renormalize)
+        self.classes_ = np.arange(len(embedded))
+        self.prompts_per_class_ = [len(group) for group in embedded]
+        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
+        self.n_features_in_ = self.weights_.shape[0]
+        if X is not None:
+            self._validate(X)
+        if y is not None and len(np.asarray(y)) and not np.isin(np.asarray(y), self.classes_).all():
+            raise LabelError(f"labels must be class indices 0..{len(self.classes_) - 1} into class_names")
+        return self
+
+    def logits(self, X) -> np.ndarray:
+        """Logits (n, C): ``logit_scale_ * X @ weights_``."""
+        X = self._checked(X)
+        return self.logit_scale_ * (X @ self.weights_)
+
+
 class ZeroShotLogitsMixin:
     """For heads that add to CLIP's zero-shot logits: ``backbone``, ``class_names``, ``templates`` (or a class
     -> prompts mapping) and ``cache_dir`` parameters give ``_zeroshot_weights()`` (d, C), the same class

@@ -8,19 +8,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from ..data.descriptions import load_descriptions
 from ..data.prompts import check_class_names, fill_template, load_templates
-from ..errors import LabelError
-from ..features.text import embed_prompts, ensemble
+from ..features.text import embed_prompts
 from ..models.backbone import Backbone
-from .base import ClipHead
+from .base import TextWeightsHead
 from .registry import register
 
 
 @register("cupl", family="zeroshot", needs_train=False)
-class CuPLClassifier(ClipHead):
+class CuPLClassifier(TextWeightsHead):
     """CuPL: w_c = the renormalised mean of the embeddings of class c's LLM-written sentences (CLIP's ensembling).
 
     ``descriptions`` is a CuPL file (``.json``/``.json.gz``, ``{class: [full sentences]}``) or a mapping, matched
@@ -60,22 +57,7 @@ class CuPLClassifier(ClipHead):
 
     def fit(self, X=None, y=None):
         """Embed the prompts and build ``weights_`` (d, C)."""
-        prompts = self.sentences()
-        self.weights_ = ensemble(embed_prompts(self.backbone, prompts, self.cache_dir), renormalize=True)
-        self.classes_ = np.arange(len(prompts))
-        self.prompts_per_class_ = [len(group) for group in prompts]
-        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
-        self.n_features_in_ = self.weights_.shape[0]
-        if X is not None:
-            self._validate(X)
-        if y is not None and len(np.asarray(y)) and not np.isin(np.asarray(y), self.classes_).all():
-            raise LabelError(f"labels must be class indices 0..{len(self.classes_) - 1} into class_names")
-        return self
-
-    def logits(self, X) -> np.ndarray:
-        """Logits (n, C): ``logit_scale_ * X @ weights_``."""
-        X = self._checked(X)
-        return self.logit_scale_ * (X @ self.weights_)
+        return self._fit_weights(embed_prompts(self.backbone, self.sentences(), self.cache_dir), True, X, y)
 
     def fit_summary(self) -> dict:
         counts = sorted(set(self.prompts_per_class_))

@@ -10,10 +10,9 @@ import numpy as np
 
 from ..data.descriptions import load_descriptions
 from ..data.prompts import check_class_names, fill_template, load_templates
-from ..errors import LabelError
-from ..features.text import embed_prompts, ensemble
+from ..features.text import embed_prompts
 from ..models.backbone import Backbone
-from .base import ClipHead
+from .base import TextWeightsHead
 from .registry import register
 
 # First word -> how the descriptor joins the class name (the authors' ``make_descriptor_sentence``).
@@ -57,7 +56,7 @@ def descriptor_sentence(template: str, class_name: str, descriptor: str, phrase:
 
 
 @register("dclip", family="zeroshot", paper=7, needs_train=False)
-class DescriptionClassifier(ClipHead):
+class DescriptionClassifier(TextWeightsHead):
     """DCLIP: class score = mean over the class's descriptors d of cos(x, "{c}, which (is/has) {d}").
 
     As the authors' ``classify_by_description`` code: each descriptor becomes a sentence
@@ -113,23 +112,10 @@ class DescriptionClassifier(ClipHead):
         """Embed every class's sentences; ``weights_`` (d, C) is each class's plain mean sentence embedding."""
         sentences = self.sentences()
         embedded = embed_prompts(self.backbone, sentences, self.cache_dir)
-        self.weights_ = ensemble(embedded, renormalize=False)
         self.sentences_ = sentences
         self.sentence_embeddings_ = np.concatenate(embedded).astype(np.float32)
         self.sentence_class_ = np.repeat(np.arange(len(sentences)), [len(s) for s in sentences])
-        self.classes_ = np.arange(len(sentences))
-        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
-        self.n_features_in_ = self.weights_.shape[0]
-        if X is not None:
-            self._validate(X)
-        if y is not None and len(np.asarray(y)) and not np.isin(np.asarray(y), self.classes_).all():
-            raise LabelError(f"labels must be class indices 0..{len(self.classes_) - 1} into class_names")
-        return self
-
-    def logits(self, X) -> np.ndarray:
-        """Logits (n, C): ``logit_scale_`` times each class's mean sentence similarity."""
-        X = self._checked(X)
-        return self.logit_scale_ * (X @ self.weights_)
+        return self._fit_weights(embedded, False, X, y)  # DCLIP: the plain mean of per-sentence similarities
 
     def sentence_scores(self, X, c: int) -> np.ndarray:
         """(n, m_c) similarities of ``X`` to class ``c``'s sentences (``sentences_[c]``): the explanation data;

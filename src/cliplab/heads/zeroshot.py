@@ -5,18 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from ..data.prompts import class_prompts
-from ..errors import LabelError
-from ..features.text import embed_prompts, ensemble
+from ..features.text import embed_prompts
 from ..models.backbone import Backbone
-from .base import ClipHead
+from .base import TextWeightsHead
 from .registry import register
 
 
 @register("zeroshot", family="zeroshot", needs_train=False)
-class ZeroShotClassifier(ClipHead):
+class ZeroShotClassifier(TextWeightsHead):
     """Zero-shot CLIP: logits = logit_scale * x . w_c, w_c the ensembled prompt embedding of class c.
 
     ``templates`` is a template set (name, file or list, filled with each class name) or a class ->
@@ -46,21 +43,7 @@ class ZeroShotClassifier(ClipHead):
     def fit(self, X=None, y=None):
         """Embed the prompts and build ``weights_`` (d, C)."""
         prompts = class_prompts(self.class_names, self.templates)
-        self.weights_ = ensemble(embed_prompts(self.backbone, prompts, self.cache_dir), self.renormalize)
-        self.classes_ = np.arange(len(prompts))
-        self.prompts_per_class_ = [len(group) for group in prompts]
-        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
-        self.n_features_in_ = self.weights_.shape[0]
-        if X is not None:
-            self._validate(X)
-        if y is not None and len(np.asarray(y)) and not np.isin(np.asarray(y), self.classes_).all():
-            raise LabelError(f"labels must be class indices 0..{len(self.classes_) - 1} into class_names")
-        return self
-
-    def logits(self, X) -> np.ndarray:
-        """Logits (n, C): ``logit_scale_ * X @ weights_``."""
-        X = self._checked(X)
-        return self.logit_scale_ * (X @ self.weights_)
+        return self._fit_weights(embed_prompts(self.backbone, prompts, self.cache_dir), self.renormalize, X, y)
 
     def fit_summary(self) -> dict:
         return {"prompts_per_class": sorted(set(self.prompts_per_class_)), "logit_scale": self.logit_scale_}
