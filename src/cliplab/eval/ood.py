@@ -25,6 +25,11 @@ from ..ood import FPR_CONVENTIONS, atd_score, ctw_score, energy, glmcm, max_logi
 from .plots import plot_ood_histograms, plot_ood_roc
 from .results import results_record, write_json
 
+NEEDS_FIT_DATA = ("score 'cooked' fits a linear probe: it needs the ID dataset's train and val splits (pass "
+                  "fit_datasets, or use a named dataset / a folder with train/ and val/)")
+NEEDS_CLIPN = ("the clipn scores need a trained CLIPN: pass --clipn FOLDER "
+               "(cliplab.train.clipn.train_clipn(...).save(FOLDER))")
+
 
 @dataclass
 class OODPart:
@@ -85,8 +90,7 @@ def _cooked(context: OODContext, part: OODPart) -> np.ndarray:
     """COOkeD's headline score (minus the entropy of the probe + zero-shot CLIP ensemble)."""
     if "cooked" not in context.memo:
         if context.fit_data is None:
-            raise CliplabError("score 'cooked' fits a linear probe: it needs the ID dataset's train and val splits "
-                               "(pass fit_datasets, or use a named dataset / a folder with train/ and val/)")
+            raise CliplabError(NEEDS_FIT_DATA)
         train, val = context.fit_data
         head = create_head("cooked", backbone=context.backbone, class_names=context.class_names)
         context.memo["cooked"] = head.fit(train.features, train.labels, X_val=val.features, y_val=val.labels)
@@ -100,8 +104,7 @@ def _clipn(rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[[OO
         from ..train.clipn import clipn_probabilities
 
         if context.clipn is None:
-            raise CliplabError("the clipn scores need a trained CLIPN: pass --clipn FOLDER "
-                               "(cliplab.train.clipn.train_clipn(...).save(FOLDER))")
+            raise CliplabError(NEEDS_CLIPN)
         key = ("clipn", part.name)
         if key not in context.memo:
             context.memo[key] = clipn_probabilities(context.clipn, part.features.features, context.class_names,
@@ -121,6 +124,17 @@ OOD_SCORES: dict[str, Callable[[OODContext, OODPart], np.ndarray]] = {
     "clipn-ctw": _clipn(ctw_score),
     "clipn-atd": _clipn(atd_score),
 }
+
+
+def _check_inputs(context: OODContext, scores: Sequence[str], id_dataset: ImageDataset,
+                  fit_datasets) -> None:
+    """Fail before any image is embedded when a score lacks what it needs."""
+    if any(OOD_SCORES[s] is _cooked for s in scores) and fit_datasets is None:
+        raise CliplabError(NEEDS_FIT_DATA)
+    if any(s.startswith("clipn-") for s in scores) and context.clipn is None:
+        raise CliplabError(NEEDS_CLIPN)
+    if "glmcm" in scores:  # patch tokens: one image tells whether this model has them
+        dense_features(context.backbone, id_dataset, [0], 1)
 
 
 @dataclass
@@ -155,6 +169,7 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
     weights = class_weights(backbone, class_names, templates, cache_dir=cache_dir)
     context = OODContext(backbone, class_names, templates, head, weights, cache_dir, batch_size, temperature,
                          lambda_local, clipn=clipn)
+    _check_inputs(context, scores, id_dataset, fit_datasets)
 
     def part(dataset: ImageDataset, name: str) -> OODPart:
         features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
