@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CliplabError
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write
 from .augment import random_resized_crop, to_model_input
 from .config import PretrainConfig, PretrainOptionError, resolve_model_config
 from .pairs import PairBank, load_bank
@@ -320,6 +320,3 @@ def _check_disjoint(bank: PairBank, eval_bank: PairBank, config: PretrainConfig)
                                   f"--split {config.split!r} (e.g. {sorted(shared)[0]}); a held-out check needs "
                                   "disjoint splits")
 
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

@@ -77,7 +77,6 @@ def build_bank(dataset: ImageDataset, image_size: int, templates: str | Sequence
     """Decode every image once (skipping and recording failures) and attach its captions."""
     per_item, kind = caption_lists(dataset, templates) if need_captions else ([[]] * len(dataset), "none")
     images, caption_ids, labels, item_ids, skipped = [], [], [], [], []
-    captions: list[str] = []
     index: dict[str, int] = {}
     for i in tqdm(range(len(dataset)), desc=f"decoding {dataset.name}", disable=not progress, leave=False):
         item = dataset.item_id(i)
