@@ -10,7 +10,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[2] / "src" / "cliplab"
 # Data flows down these ranks; a module may import from its own layer and the ranks before it.
 RANK = {"errors": 0, "fileio": 0, "llm": 0, "models": 1, "data": 2, "datasets": 2, "features": 3, "train": 4,
-        "heads": 4, "ood": 4, "eval": 5, "cli": 6}
+        "heads": 4, "ood": 4, "search": 4, "eval": 5,
+        "service": 6, "cli": 6}
 
 
 def _layer(path: Path) -> str | None:

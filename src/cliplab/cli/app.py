@@ -17,7 +17,8 @@ from .cache import cache
 from .classify import classify
 from .common import configure_logging
 from .curate import curate
-from .evaluate import embed, evaluate, zeroshot
+from .embed import embed
+from .evaluate import evaluate, zeroshot
 from .fewshot import fewshot
 from .listing import datasets, methods, models, templates
 from .ood import ood

@@ -1,4 +1,4 @@
-"""``cliplab zeroshot``, ``cliplab evaluate`` and ``cliplab embed``: benchmark numbers and cached features."""
+"""``cliplab zeroshot`` and ``cliplab evaluate``: benchmark numbers."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from .common import (
     default_templates,
     err_console,
     param_value,
-    report_failures,
     report_skipped,
 )
 
@@ -161,27 +160,3 @@ def evaluate(
 
         write_head(head, save_head, model_id=backbone.model_id, class_names=list(test.class_names))
         console.print(f"head: {save_head}")
-
-
-@command
-def embed(
-    dataset: str = typer.Argument(..., help="Named dataset, class-folder path or manifest."),
-    output: Path = typer.Option(None, "--output", "-o", help="Also export to this .npz (features, labels, ids)."),
-    run: RunOptions = None,
-    data: DataOptions = None,
-):
-    """Embed a dataset into the feature cache (resumable: rerun after an interruption)."""
-    import numpy as np
-
-    dataset_value = _load(dataset, data, run)
-    backbone = run.load_backbone()
-    features = run.embed(backbone, dataset_value)
-    console.print(f"{len(features)} features of dimension {features.dim} "
-                  f"({features.computed} computed now, {len(features) - features.computed} from cache); "
-                  f"cache key {features.cache_key}")
-    report_failures(features.failures)
-    if output is not None:
-        output = output if output.suffix == ".npz" else output.with_name(output.name + ".npz")
-        np.savez(output, features=np.asarray(features.features), labels=features.labels,
-                 item_ids=np.asarray(features.item_ids), class_names=np.asarray(features.class_names))
-        console.print(f"wrote {output}")
