@@ -45,6 +45,10 @@ class ImageDecodeError(CliplabError):
         self.permanent = permanent
 
 
+class ShardsError(DatasetError):
+    """A parquet shards folder (``cliplab embed --engine ray``) is incomplete, malformed or of another model."""
+
+
 class LabelError(CliplabError):
     """Class names or labels are empty, duplicated or inconsistent."""
 
@@ -67,6 +71,22 @@ class CacheError(CliplabError):
 
 class LLMError(CliplabError):
     """A language-model backend gave no usable answer (down, slow, malformed JSON, refusal, replay miss)."""
+
+
+class SearchIndexError(CliplabError):
+    """A search index folder is missing, half-written or damaged (the message says to rebuild it)."""
+
+
+class ModelMismatchError(CliplabError):
+    """Query vectors would come from another model than the one that built the index."""
+
+
+class UnknownItemError(CliplabError, LookupError):
+    """An item id that the search index does not hold."""
+
+
+class TextTooLongError(CliplabError, ValueError):
+    """A text has more tokens than the model's context and the long-text policy is 'error'."""
 
 
 class DescriptionError(CliplabError):

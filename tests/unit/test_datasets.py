@@ -156,3 +156,15 @@ def test_curated_names_do_not_replace_numeric_folder_names(tmp_path):
         _img(tmp_path / "cifar10" / "test" / str(i) / "a.png")
     data = load_dataset("cifar10", root=tmp_path)
     assert data.class_names == sorted(str(i) for i in range(10))
+
+
+def test_manifest_with_only_nonstandard_split_names_asks_for_one(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / name)
+    rows = [{"image": "a.png", "caption": "x", "split": "val2017"}, {"image": "b.png", "caption": "y", "split": "tr"}]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DatasetError, match="splits tr, val2017 .*--split NAME"):
+        load_dataset(path)
+    chosen = load_dataset(path, split="val2017")
+    assert len(chosen) == 1 and chosen.split == "val2017"

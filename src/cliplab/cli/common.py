@@ -43,6 +43,7 @@ class RunOptions:
     hash_content: bool = False
     precision: str | None = None
     runtime: str | None = None
+    long_text: str | None = None
 
     def load_backbone(self):
         """``load_model`` with these options; prints notes about random weights or a guessed activation."""
@@ -56,7 +57,7 @@ class RunOptions:
         with console.status(f"loading {name}", spinner="dots"):
             backbone = load_model(name, self.pretrained, self.device, arch=self.arch, config=self.config,
                                   quick_gelu=self.quick_gelu, seed=self.seed, precision=self.precision,
-                                  runtime=self.runtime)
+                                  runtime=self.runtime, long_text=self.long_text)
         if backbone.info.random_weights:
             err_console.print(Text.assemble(("note: ", "yellow"), f"{name} has random weights; "
                                             "predictions are meaningless"))
@@ -107,6 +108,9 @@ RUN_OPTIONS = {
     "runtime": typer.Option(None, "--runtime", help="Inference runtime: torch, onnx (onnxruntime on the CPU; needs "
                             "pip install 'cliplab[onnx]'; exported once per model) or int8 (dynamic quantisation, "
                             "CPU). Default: DEFAULT_RUNTIME in cliplab.models.runtime (torch now)."),
+    "long_text": typer.Option(None, "--long-text", metavar="[truncate|chunk|error]",
+                              help="Texts longer than the model's context: truncate (default; end-of-text token "
+                              "kept, a warning counts them), chunk (embed context-sized pieces and average) or error."),
 }
 DATA_OPTIONS = {
     "data_root": typer.Option(None, "--data-root", help="Folder holding named datasets (default: $CLIPLAB_DATA or "
@@ -162,6 +166,18 @@ def default_templates(templates: str | None, dataset_name: str) -> str:
     from ..data import template_sets
 
     return templates or (dataset_name if dataset_name in template_sets() else "imagenet7")
+
+
+def description_method(method: str | None, descriptions: Path | None) -> str:
+    """The head for ``--descriptions``: ``--method`` if it takes descriptions (zeroshot means DCLIP), else DCLIP."""
+    if descriptions is None:
+        return method or "zeroshot"
+    method = "dclip" if method in (None, "zeroshot") else method
+    from ..heads import head_entry
+
+    if "descriptions" not in inspect.signature(head_entry(method).cls.__init__).parameters:
+        raise CliplabError(f"--method {method} takes no --descriptions (description methods: dclip, cupl, ...)")
+    return method
 
 
 def configure_logging(debug: bool) -> None:

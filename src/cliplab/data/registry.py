@@ -189,7 +189,10 @@ def load_dataset(
                            f"{', '.join(dataset_names())}")
     sources = _path_sources(path, hash_content)
     if sources:
-        default = next(s for s in ("test", "val", "train") if s in available_splits(sources))
+        default = next((s for s in ("test", "val", "train") if s in available_splits(sources)), None)
+        if split is None and default is None:
+            raise DatasetError(f"{printable(str(path))}: its rows name the splits {', '.join(sorted(sources))} "
+                               "(none is test, val or train): choose one with --split NAME")
         return select_split(str(path), sources, split or default)
     if split not in (None, "all"):
         raise DatasetError(f"{path}: has no splits (no train/ val/ test/ folders, no 'split' field); it is read "

@@ -15,20 +15,26 @@ from ..models.runtime import BASELINE, encoding_key
 from .cache import DamagedShardsError, FeatureCache, cache_root
 
 
-def text_cache(backbone: Backbone, cache_dir: str | Path | None = None) -> FeatureCache:
-    """The cache space of ``backbone``'s text embeddings; the tokenizer, precision and runtime are part of its key
-    (fp32 torch keeps the key it had before those options existed)."""
+def text_cache(backbone: Backbone, cache_dir: str | Path | None = None, long_text: str | None = None) -> FeatureCache:
+    """The cache space of ``backbone``'s text embeddings; the tokenizer, precision, runtime and a long-text policy
+    other than truncate are part of its key (fp32 torch truncating keeps the key it had before those options)."""
     encoding = encoding_key(backbone, "text")
+    policy = long_text or backbone.long_text
+    extra = () if policy == "truncate" else (f"long_text={policy}",)
     meta = {"model_id": backbone.model_id, "tokenizer": backbone.tokenizer_id, "dim": backbone.embed_dim,
-            "modality": "text", "encoding": encoding[0] if encoding else BASELINE}
-    space = "txt-" + digest(backbone.model_id, backbone.tokenizer_id, *encoding)
+            "modality": "text", "encoding": encoding[0] if encoding else BASELINE, "long_text": policy}
+    space = "txt-" + digest(backbone.model_id, backbone.tokenizer_id, *encoding, *extra)
     return FeatureCache(cache_root(cache_dir), space, meta)
 
 
-def embed_texts(backbone: Backbone, texts: Sequence[str], cache_dir: str | Path | None = None) -> np.ndarray:
-    """Embed strings (L2-normalised float32 (m, d)), caching each string's embedding on disk."""
+def embed_texts(backbone: Backbone, texts: Sequence[str], cache_dir: str | Path | None = None,
+                long_text: str | None = None) -> np.ndarray:
+    """Embed strings (L2-normalised float32 (m, d)), caching each string's embedding on disk.
+
+    ``long_text`` (default ``backbone.long_text``): what to do with texts over the context, see
+    ``Backbone.encode_texts``."""
     texts = list(texts)
-    cache = text_cache(backbone, cache_dir)
+    cache = text_cache(backbone, cache_dir, long_text)
     identity = {t: hashlib.sha256(t.encode("utf-8", "surrogatepass")).hexdigest() for t in texts}
     identities = [identity[t] for t in texts]
     out = np.empty((len(texts), backbone.embed_dim), dtype=np.float32)
@@ -36,7 +42,7 @@ def embed_texts(backbone: Backbone, texts: Sequence[str], cache_dir: str | Path 
         found, _ = cache.lookup(identities)
         todo = [t for t in identity if identity[t] not in found]
         if todo:
-            cache.add([identity[t] for t in todo], backbone.encode_texts(todo).numpy())
+            cache.add([identity[t] for t in todo], backbone.encode_texts(todo, long_text).numpy())
             found, _ = cache.lookup(identities)
         try:
             return cache.gather([found[i] for i in identities], out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import UnsupportedOperationError
+from ..errors import TextTooLongError, UnsupportedOperationError
 from .fingerprint import config_json, strip_addresses, tokenizer_fingerprint, weights_digest, weights_key
 from .runtime import Engine, check_options
+
+
+class TextTruncatedWarning(UserWarning):
+    """Texts longer than the model's context were cut (end-of-text token kept)."""
+
+
+LONG_TEXT_POLICIES = ("truncate", "chunk", "error")
+
+
+def check_long_text(policy: str) -> str:
+    """``policy`` if it is one of :data:`LONG_TEXT_POLICIES`, else a ValueError naming them."""
+    if policy not in LONG_TEXT_POLICIES:
+        raise ValueError(f"long_text must be one of {', '.join(LONG_TEXT_POLICIES)}; got {policy!r}")
+    return policy
 
 
 @dataclass
@@ -44,7 +59,8 @@ class Backbone(ABC):
     on-device counterparts. ``model_id`` is a stable string (architecture + weights fingerprint)
     keying every cache. Parameters are frozen on load; :meth:`derive` makes a trainable copy.
     The encoders run in the precision and runtime set by :meth:`set_inference` (``models/runtime.py``);
-    ``encoding_id`` and ``text_encoding_id`` name them in the feature cache keys.
+    ``encoding_id`` and ``text_encoding_id`` name them in the feature cache keys. ``long_text`` is the
+    default policy of :meth:`encode_texts` for texts longer than ``context_length``.
     """
 
     def __init__(
@@ -74,6 +90,7 @@ class Backbone(ABC):
         self._derived: tuple[str, str] | None = None  # (parent model_id, tag) for derive()d copies
         self._digest_memo: tuple[Any, str] | None = None
         self.engine = Engine()  # inference precision and runtime: set_inference()
+        self.long_text = "truncate"  # encode_texts' policy for texts over the context: truncate, chunk, error
 
     # -- to implement per source -------------------------------------------------------
     @abstractmethod
@@ -114,6 +131,14 @@ class Backbone(ABC):
     def _text_forward_from_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Unnormalised text embeddings (m, d) from token embeddings (m, L, width)."""
         raise self._unsupported("forward_text_embeddings")
+
+    def _token_sequences(self, texts: Sequence[str]) -> list[list[int]] | None:
+        """Untruncated token ids per text, start and end tokens included; None where the tokenizer cannot say."""
+        return None
+
+    def _special_ids(self) -> tuple[int, int, int]:
+        """``(start, end, pad)`` token ids."""
+        raise self._unsupported("long_text='chunk'", "its tokenizer's special tokens are unknown")
 
     def _unsupported(self, what: str, why: str = "") -> UnsupportedOperationError:
         reason = why or f"{type(self).__name__} does not implement it"
@@ -223,16 +248,82 @@ class Backbone(ABC):
         feats = self.engine.forward(self, "image", images)
         return F.normalize(feats.float(), dim=-1).cpu()
 
+    def text_lengths(self, texts: Sequence[str]) -> list[int] | None:
+        """Untruncated token counts (start and end tokens included), None where the tokenizer cannot say."""
+        sequences = self._token_sequences(list(texts))
+        return None if sequences is None else [len(seq) for seq in sequences]
+
+    def pack_tokens(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Token ids (m, context_length) from id sequences: a longer one is cut with its end-of-text token
+        moved to the last position (the pooled position of argmax/EOT pooling), shorter ones padded."""
+        _, eot, pad = self._special_ids()
+        n = self.context_length
+        out = torch.full((len(sequences), n), pad, dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            seq = list(seq)
+            if len(seq) > n:
+                seq = seq[: n - 1] + [eot]
+            out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return out
+
+    def chunk_tokens(self, sequence: Sequence[int]) -> list[list[int]]:
+        """Split one id sequence (start ... end) into context-sized pieces, each with its own start and end."""
+        sot, eot, _ = self._special_ids()
+        body = list(sequence)
+        if body and body[0] == sot:
+            body = body[1:]
+        if body and body[-1] == eot:
+            body = body[:-1]
+        step = self.context_length - 2
+        return [[sot, *body[i : i + step], eot] for i in range(0, max(len(body), 1), step)]
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = [F.normalize(self.engine.forward(self, "text", tokens[i : i + self.text_batch_size]).float(), dim=-1)
+               for i in range(0, len(tokens), self.text_batch_size)]
+        return torch.cat(out).cpu()
+
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embed strings -> (m, d) L2-normalised float32, in batches of ``text_batch_size``."""
+    def encode_texts(self, texts: Sequence[str], long_text: str | None = None) -> torch.Tensor:
+        """Embed strings -> (m, d) L2-normalised float32, in batches of ``text_batch_size``.
+
+        Texts longer than ``context_length`` tokens follow ``long_text`` (default ``self.long_text``):
+        ``truncate`` cuts them keeping the end-of-text token last, with one :class:`TextTruncatedWarning`
+        naming how many were cut; ``chunk`` embeds context-sized pieces (each with start/end tokens) and
+        returns their renormalised mean; ``error`` raises :class:`TextTooLongError`.
+        """
+        policy = check_long_text(long_text or self.long_text)
         texts = list(texts)
         if not texts:
             return torch.zeros((0, self.embed_dim), dtype=torch.float32)
+        sequences = self._token_sequences(texts)
+        if sequences is None and policy == "chunk":
+            raise self._unsupported("long_text='chunk'", "its tokenizer does not give untruncated token ids")
+        n = self.context_length
+        long = [] if sequences is None else [i for i, seq in enumerate(sequences) if len(seq) > n]
+        if long and policy == "error":
+            raise TextTooLongError(f"{len(long)} text(s) exceed the {n}-token context of {self.info.name} "
+                                   f"(the first has {len(sequences[long[0]])} tokens); use long_text='truncate' "
+                                   "or 'chunk'")
+        if long and policy == "chunk":
+            pieces, owner = [], []
+            for i, seq in enumerate(sequences):
+                parts = self.chunk_tokens(seq) if len(seq) > n else [seq]
+                pieces += parts
+                owner += [i] * len(parts)
+            feats = self._encode_tokens(self.pack_tokens(pieces))
+            sums = torch.zeros((len(texts), feats.shape[1]), dtype=torch.float32)
+            sums.index_add_(0, torch.tensor(owner), feats)
+            return F.normalize(sums, dim=-1)
         chunks = []
         for start in range(0, len(texts), self.text_batch_size):
             tokens = self.tokenize(texts[start : start + self.text_batch_size])
+            for i in (i for i in long if start <= i < start + self.text_batch_size):
+                tokens[i - start] = self.pack_tokens([sequences[i]])[0]  # cut with end-of-text last
             chunks.append(F.normalize(self.engine.forward(self, "text", tokens).float(), dim=-1).cpu())
+        if long:
+            warnings.warn(f"{len(long)} of {len(texts)} text(s) exceed the {n}-token context of {self.info.name} "
+                          "and were truncated (end-of-text token kept); use long_text='chunk' to embed them whole",
+                          TextTruncatedWarning, stacklevel=2)
         return torch.cat(chunks)
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ from torchvision import transforms
 from ..errors import ModelLoadError
 from .backbone import Backbone, BackboneInfo
 from .checkpoints import file_sha256
+from .openclip import simple_token_sequences
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -49,6 +50,20 @@ class HFClipBackbone(Backbone):
             max_length=self.context_length, return_tensors="pt",
         )
         return out["input_ids"]
+
+    def _token_sequences(self, texts: Sequence[str]) -> list[list[int]] | None:
+        if isinstance(self._tokenizer, open_clip.SimpleTokenizer):
+            return simple_token_sequences(self._tokenizer, texts)
+        if self._tokenizer.bos_token_id is None or self._tokenizer.eos_token_id is None:
+            return None
+        return [list(ids) for ids in self._tokenizer(list(texts), truncation=False)["input_ids"]]
+
+    def _special_ids(self) -> tuple[int, int, int]:
+        tok = self._tokenizer
+        if isinstance(tok, open_clip.SimpleTokenizer):
+            return tok.sot_token_id, tok.eot_token_id, 0
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return tok.bos_token_id, tok.eos_token_id, pad
 
     def _image_forward(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.model.vision_model(pixel_values=images).pooler_output

@@ -20,9 +20,10 @@ from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from ..errors import DeviceError, ModelLoadError, WeightsUnavailableError
-from .backbone import Backbone, BackboneInfo
+from .backbone import LONG_TEXT_POLICIES, Backbone, BackboneInfo, check_long_text
 from .checkpoints import file_sha256, has_openai_layout, is_torchscript_archive, read_state_dict
 from .hf import is_hf_clip_dir, load_hf_dir
+from .longtext import merge_longclip_state
 from .openclip import (
     OpenClipBackbone,
     openai_checkpoint_sha256s,
@@ -105,6 +106,8 @@ def load_model(
     precision: str | None = None,
     runtime: str | None = None,
     onnx_dir: str | Path | None = None,
+    long_text: str | None = None,
+    long_text_positions: bool = False,
 ) -> Backbone:
     """Load a CLIP model as a :class:`Backbone`.
 
@@ -122,10 +125,23 @@ def load_model(
     ``precision`` (fp32, bf16, fp16 on CUDA) and ``runtime`` (torch, onnx, int8) set how
     ``encode_images``/``encode_texts`` run (default: ``models/runtime.py`` ``DEFAULT_PRECISION``,
     ``DEFAULT_RUNTIME``); ONNX exports are kept in ``onnx_dir`` (default ``<cache root>/onnx``).
+
+    ``long_text`` (truncate, chunk, error; default truncate) sets what ``encode_texts`` does with texts
+    longer than the context. ``long_text_positions=True`` stretches the text positional embedding as
+    Long-CLIP does (``models/longtext.py``: 77 -> 248 tokens, new ``model_id``); a Long-CLIP checkpoint
+    needs no option: its 248 positions load as they are.
     """
     device = check_device(device)
     precision, runtime = check_options(precision, runtime, device)
+    if long_text is not None and long_text not in LONG_TEXT_POLICIES:
+        raise ModelLoadError(f"long text {long_text!r}: use one of {', '.join(LONG_TEXT_POLICIES)}")
     backbone = _load_any(name, pretrained, device, arch, config, quick_gelu, seed, cache_dir)
+    if long_text_positions:
+        from .longtext import stretch_positional_embedding
+
+        backbone = stretch_positional_embedding(backbone, inplace=True)
+    if long_text is not None:
+        backbone.long_text = check_long_text(long_text)
     if (precision, runtime, onnx_dir) != (DEFAULT_PRECISION, DEFAULT_RUNTIME, None):  # else its engine has them
         backbone.set_inference(precision, runtime, onnx_dir=onnx_dir)
     return backbone
@@ -250,7 +266,7 @@ def _load_file(path: Path, arch, config, quick_gelu, device, given: str) -> Back
     openai_release = openai_checkpoint_sha256s().get(sha)
     if quick_gelu is None and (jit or openai_release):
         quick_gelu = True
-    state = read_state_dict(path)
+    state = merge_longclip_state(read_state_dict(path))  # a Long-CLIP checkpoint: 248 positions, loaded as is
     sibling = path.parent / "open_clip_config.json"
     if config is None and arch is None and sibling.is_file():
         config = sibling  # hub downloads keep their config beside the weights
@@ -261,7 +277,9 @@ def _load_file(path: Path, arch, config, quick_gelu, device, given: str) -> Back
             raise ModelLoadError(f"--arch {arch!r} is not an open_clip architecture (see: cliplab models)")
         if quick_gelu is None:
             quick_gelu = bool(open_clip.get_model_config(arch).get("quick_gelu", False))
-        model = open_clip.create_model(arch, pretrained=None, quick_gelu=quick_gelu)
+        positions = state.get("positional_embedding")
+        context = None if positions is None else int(positions.shape[0])  # 248 for Long-CLIP weights
+        model = open_clip.create_model(arch, pretrained=None, quick_gelu=quick_gelu, force_context_length=context)
         _load_weights(model, state, path)
         arch_label = arch
     elif has_openai_layout(state):

@@ -32,6 +32,14 @@ class OpenClipBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self._tokenizer(list(texts))
 
+    def _token_sequences(self, texts: Sequence[str]) -> list[list[int]] | None:
+        return simple_token_sequences(self._tokenizer, texts)
+
+    def _special_ids(self) -> tuple[int, int, int]:
+        if not _is_plain_simple_tokenizer(self._tokenizer):
+            return super()._special_ids()
+        return self._tokenizer.sot_token_id, self._tokenizer.eot_token_id, 0
+
     def _image_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
 
@@ -93,6 +101,18 @@ class OpenClipBackbone(Backbone):
     @property
     def _logit_scale_param(self) -> torch.Tensor:
         return self.model.logit_scale
+
+
+def _is_plain_simple_tokenizer(tokenizer) -> bool:
+    """open_clip's CLIP BPE tokenizer that truncates (no reduction strategy): ids = start, text, end, zeros."""
+    return isinstance(tokenizer, open_clip.SimpleTokenizer) and getattr(tokenizer, "reduction_fn", None) is None
+
+
+def simple_token_sequences(tokenizer, texts: Sequence[str]) -> list[list[int]] | None:
+    """Untruncated ids (start + text + end) from a plain SimpleTokenizer, else None."""
+    if not _is_plain_simple_tokenizer(tokenizer):
+        return None
+    return [[tokenizer.sot_token_id, *tokenizer.encode(text), tokenizer.eot_token_id] for text in texts]
 
 
 def _project(x: torch.Tensor, projection) -> torch.Tensor:
@@ -157,9 +177,9 @@ def openai_checkpoint_sha256s() -> dict[str, str]:
 
 def tokenizer_for(arch: str | None, model: torch.nn.Module):
     """open_clip's tokenizer for a built-in architecture, else CLIP's BPE at the model's length."""
+    context_length = int(getattr(model, "context_length", 77))  # a Long-CLIP checkpoint: 248
     if arch and open_clip.get_model_config(arch) is not None:
-        return open_clip.get_tokenizer(arch)
-    context_length = int(getattr(model, "context_length", 77))
+        return open_clip.get_tokenizer(arch, context_length=context_length)
     return open_clip.SimpleTokenizer(context_length=context_length)
 
 

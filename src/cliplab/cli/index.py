@@ -1,0 +1,92 @@
+"""``cliplab index build|update``: a FAISS + SQLite search index of a folder's image embeddings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import typer
+
+from .common import RunOptions, command, console, err_console, report_failures
+
+index_app = typer.Typer(
+    name="index",
+    help="Build or update a search index of image embeddings.\n\nThe index folder is what cliplab search and cliplab "
+    "serve read.",
+    short_help="Build or update a search index of image embeddings.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+INDEX_DIR = typer.Option(..., "--index-dir", "-o", help="The index folder (written atomically: a killed build "
+                         "leaves the previous index, or none, never a half-written one).")
+
+
+def with_index_model(run: RunOptions, index_dir: Path) -> RunOptions:
+    """``run`` with the model the index was built with, when --model was not given."""
+    if run.model is not None:
+        return run
+    try:
+        spec = json.loads((Path(index_dir) / "manifest.json").read_text()).get("model_spec")
+    except (OSError, ValueError, AttributeError):
+        spec = None
+    return dataclasses.replace(run, model=spec) if spec else run
+
+
+def _print(report, verb: str) -> None:
+    console.print(f"{verb} {report.index_dir}: {report.count} images, index {report.index_type} "
+                  f"({report.added} added, {report.changed} changed, {report.removed} removed, {report.unchanged} "
+                  f"unchanged; {report.computed} embedded now; {report.captions} captions) in {report.seconds:.1f} s",
+                  soft_wrap=True, highlight=False, markup=False)
+    report_failures(report.failures, limit=20)
+    if report.skipped:
+        err_console.print(f"[yellow]note:[/] {len(report.skipped)} path(s) left out of the scan")
+
+
+@index_app.command("build", short_help="Embed a folder or dataset and write a search index.")
+@command
+def build(
+    source: str = typer.Argument(..., help="Folder of images (scanned recursively), manifest (.csv/.jsonl/.json, "
+                                 "captions are indexed too), named dataset, or a parquet-shards folder from "
+                                 "cliplab embed --engine ray."),
+    index_dir: Path = INDEX_DIR,
+    index_type: str = typer.Option("auto", "--index-type", help="auto (exact below 50,000 images, IVF above), flat, "
+                                   "ivf, ivfpq, hnsw, or a FAISS factory string such as IVF1024,Flat."),
+    run: RunOptions = None,
+):
+    """Embed a folder or dataset and write a search index (replaces an existing or damaged one)."""
+    from ..models import DEFAULT_MODEL_SPEC
+    from ..search import build_index
+    from ..search.index import check_target
+
+    check_target(index_dir)  # before the model loads
+    backbone = run.load_backbone()
+    spec = run.model or DEFAULT_MODEL_SPEC
+    if run.pretrained and ":" not in spec:
+        spec = f"{spec}:{run.pretrained}"
+    report = build_index(backbone, source, index_dir, cache_dir=run.cache_dir, index_type=index_type,
+                         batch_size=run.batch_size, workers=run.workers, progress=not run.quiet,
+                         hash_content=run.hash_content, model_spec=spec)
+    _print(report, "built")
+
+
+@index_app.command("update", short_help="Embed only new and changed images, drop deleted ones.")
+@command
+def update(
+    index_dir: Path = INDEX_DIR,
+    source: str = typer.Argument(None, help="Where the images are now (default: the source the index was built "
+                                 "from)."),
+    index_type: str = typer.Option(None, "--index-type", help="Change the index type (default: keep it)."),
+    run: RunOptions = None,
+):
+    """Embed only new and changed images, drop deleted ones (model: the index's, unless --model is given)."""
+    from ..search import update_index
+
+    run = with_index_model(run, index_dir)
+    backbone = run.load_backbone()
+    report = update_index(backbone, index_dir, source, cache_dir=run.cache_dir, index_type=index_type,
+                          batch_size=run.batch_size, workers=run.workers, progress=not run.quiet,
+                          hash_content=run.hash_content or None)
+    _print(report, "updated")

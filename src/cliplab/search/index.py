@@ -1,0 +1,699 @@
+"""Text-to-image and image-to-image search: a FAISS index plus SQLite metadata in one folder.
+
+Layout of an index folder (every file is listed, with size and sha256, in ``manifest.json``, written last):
+
+- ``index.faiss``: an ``IndexIDMap2`` over the chosen index, inner-product metric (cosine: vectors are
+  L2-normalised); ids are the stable int64 row ids of ``items.sqlite``.
+- ``vectors.npy`` / ``ids.npy``: the embeddings and their ids, so an update or a change of index type never
+  needs the images or the feature cache again.
+- ``items.sqlite``: path, size, mtime, cache identity, caption and extra fields of each id; caption rows.
+- ``captions.npy``: the embedded captions (image-to-text search), when the source has captions.
+
+A build writes into a hidden folder beside the target and renames it into place, so a killed build never
+leaves a half-written index where a reader looks; ``SearchIndex.open`` refuses a folder whose manifest is
+missing or whose files do not match it.
+
+Index types (``index_type``): ``flat`` (exact), ``ivf`` (IVF, nlist ~ 4 sqrt(n)), ``ivfpq`` (IVF with
+product quantisation, ~d/8 bytes a vector, lossy), ``hnsw`` (HNSW32 graph), any FAISS factory string, or
+``auto``: exact below ``EXACT_MAX`` vectors, IVF above. The modality gap: text embeddings sit far from
+image embeddings (cosine ~0.3 to their best images, clip-retrieval issue 76), so a text query's nearest
+images are spread over many IVF cells and HNSW neighbourhoods. The default ``nprobe`` (nlist/8, at least
+32) and ``efSearch`` (128) are therefore far more generous than image-to-image search needs; they are recorded
+in the manifest and can be overridden at build (``search_params``) or open time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.base import FileImageDataset, ImageDataset, Subset
+from ..errors import CliplabError, ModelMismatchError, SearchIndexError, UnknownItemError
+from ..fileio import atomic_write_text
+from .store import ItemRow, Store, write_store
+
+FORMAT_VERSION = 1
+EXACT_MAX = 50_000  # "auto": exact search below this many vectors, IVF above
+HNSW_EF_SEARCH = 128
+HNSW_EF_CONSTRUCTION = 80
+MANIFEST = "manifest.json"
+REBUILD = "run cliplab index build again"
+_OURS = {MANIFEST, "index.faiss", "vectors.npy", "ids.npy", "items.sqlite", "captions.npy"}
+
+
+@dataclass
+class Hit:
+    """One search result: the item id, its cosine score, file path, first caption and extra fields."""
+
+    id: int
+    score: float
+    path: str
+    caption: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CaptionHit:
+    """One image-to-text result: the caption row, its text, score, and the item it describes."""
+
+    id: int
+    score: float
+    text: str
+    item: int
+    path: str
+
+
+@dataclass
+class IndexReport:
+    """What a build or update did."""
+
+    index_dir: Path
+    count: int
+    index_type: str
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    computed: int = 0  # images this call encoded (the rest came from the feature cache)
+    captions: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    rebuilt: bool = True  # False when an update added to and removed from the trained index in place
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------- index types
+
+def index_spec(index_type: str, n: int, dim: int) -> tuple[str, str, dict]:
+    """(kind, FAISS factory string, search parameters) for ``index_type`` and ``n`` vectors of ``dim``."""
+    kind = (index_type or "auto").strip()
+    if kind.lower() == "auto":
+        kind = "flat" if n < EXACT_MAX else "ivf"
+    lowered = kind.lower()
+    nlist = max(1, min(round(4 * math.sqrt(max(n, 1))), n // 39 if n >= 39 else 1))
+    nprobe = min(nlist, max(32, nlist // 8))
+    if lowered == "flat":
+        return "flat", "Flat", {}
+    if lowered == "ivf":
+        return "ivf", f"IVF{nlist},Flat", {"nprobe": nprobe}
+    if lowered == "ivfpq":
+        m = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if m >= 1 and dim % m == 0)
+        bits = 8 if n >= 256 * 39 else 4
+        return "ivfpq", f"IVF{nlist},PQ{m}x{bits}", {"nprobe": nprobe}
+    if lowered == "hnsw":
+        return "hnsw", "HNSW32,Flat", {"efSearch": HNSW_EF_SEARCH}
+    if re.match(r"^(IVF|HNSW|PQ|OPQ|PCA|Flat|LSH|SQ|RR|NSG|IDMap)", kind):
+        params = {"nprobe": nprobe} if "IVF" in kind else {"efSearch": HNSW_EF_SEARCH} if "HNSW" in kind else {}
+        return "factory", kind, params
+    raise CliplabError(f"index type {index_type!r}: use auto, flat, ivf, ivfpq, hnsw or a FAISS factory string")
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def _make_index(factory: str, vectors: np.ndarray, ids: np.ndarray, seed: int = 0):
+    """A trained ``IndexIDMap2(factory)`` holding ``vectors`` under ``ids``."""
+    faiss = _faiss()
+    dim = vectors.shape[1]
+    try:
+        inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise CliplabError(f"FAISS cannot build index type {factory!r}: {str(exc).splitlines()[0]}") from exc
+    if hasattr(inner, "hnsw"):
+        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    if not inner.is_trained:
+        ivf = faiss.try_extract_index_ivf(inner)
+        want = (ivf.nlist if ivf is not None else 256) * 256
+        sample = vectors
+        if ivf is not None and len(vectors) < 39 * ivf.nlist:  # a small collection: no FAISS warning about it
+            ivf.cp.min_points_per_centroid = 1
+        if len(vectors) > want:
+            sample = vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), want, replace=False))]
+        if len(sample) == 0:
+            raise CliplabError(f"index type {factory!r} needs training vectors; the source has none")
+        inner.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index = faiss.IndexIDMap2(inner)
+    _add(index, vectors, ids)
+    return index
+
+
+def _add(index, vectors: np.ndarray, ids: np.ndarray, chunk: int = 65536) -> None:
+    for start in range(0, len(ids), chunk):
+        index.add_with_ids(np.ascontiguousarray(vectors[start:start + chunk], dtype=np.float32),
+                           np.ascontiguousarray(ids[start:start + chunk], dtype=np.int64))
+
+
+def _apply_params(index, params: dict) -> None:
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    if "nprobe" in params:
+        ivf = faiss.try_extract_index_ivf(inner)
+        if ivf is not None:
+            ivf.nprobe = int(params["nprobe"])
+    if "efSearch" in params and hasattr(inner, "hnsw"):
+        inner.hnsw.efSearch = int(params["efSearch"])
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+@dataclass
+class _Source:
+    dataset: ImageDataset | None
+    record: dict  # how to find it again (manifest "source")
+    shards: str | None = None
+
+
+def _resolve(source, hash_content: bool) -> _Source:
+    """A folder (recursive scan), a manifest or named dataset, an ImageDataset, or a parquet-shards folder."""
+    from ..data import image_files, load_dataset
+
+    if isinstance(source, ImageDataset):
+        root = getattr(source, "root", None)
+        return _Source(source, {"kind": "dataset-object", "location": str(root) if root else None})
+    text = str(source)
+    path = Path(text)
+    if path.is_dir() and (path / "shards.json").is_file():
+        return _Source(None, {"kind": "shards", "location": str(path.resolve())}, str(path.resolve()))
+    if path.is_dir():
+        return _Source(image_files([path], hash_content), {"kind": "folder", "location": str(path.resolve())})
+    if path.is_file():
+        return _Source(load_dataset(path, hash_content=hash_content),
+                       {"kind": "dataset", "location": str(path.resolve())})
+    return _Source(load_dataset(text, hash_content=hash_content), {"kind": "named", "location": text})
+
+
+def _rows(dataset: ImageDataset, indices: Sequence[int], ids: Sequence[int]) -> list[ItemRow]:
+    """Store rows for dataset items ``indices`` under ``ids``."""
+    rows = []
+    for index, item in zip(indices, ids):
+        index = int(index)
+        path, size, mtime = "", None, None
+        file = _file_of(dataset, index)
+        if file is not None:
+            path = str(Path(os.path.abspath(file)))
+            try:
+                stat = file.stat()
+                size, mtime = stat.st_size, stat.st_mtime
+            except OSError:
+                pass
+        caption = None
+        if dataset.captions is not None and dataset.captions[index]:
+            caption = dataset.captions[index][0]
+        extra = {"name": dataset.item_id(index)}
+        label = int(dataset.labels[index]) if len(dataset.labels) > index else -1
+        if label >= 0 and label < len(dataset.class_names):
+            extra["label"] = dataset.class_names[label]
+        rows.append(ItemRow(int(item), dataset.item_id(index), path, size, mtime, dataset.identity(index), caption,
+                            extra))
+    return rows
+
+
+def _file_of(dataset: ImageDataset, index: int) -> Path | None:
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, int(dataset.indices[index])
+    if isinstance(dataset, FileImageDataset):
+        return dataset.paths[index]
+    return None
+
+
+def _shards_table(folder: str, backbone):
+    try:
+        from ..features.shards import read_shards
+    except ImportError as exc:
+        raise CliplabError(f"{folder}: parquet shards need cliplab.features.shards, which this install lacks") from exc
+    meta, table = read_shards(folder)
+    if meta.get("model_id") != backbone.model_id:
+        raise ModelMismatchError(f"{folder}: shards were embedded by model {meta.get('model_id')!r}, "
+                                 f"not {backbone.model_id!r}; embed them again or load that model")
+    return meta, table
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _write_folder(folder: Path, index, vectors: np.ndarray, ids: np.ndarray, rows: list[ItemRow],
+                  captions: list[tuple[int, int, str]], caption_vectors: np.ndarray | None, manifest: dict) -> None:
+    """Write every file of an index into the new folder ``folder``; the manifest last."""
+    faiss = _faiss()
+    faiss.write_index(index, str(folder / "index.faiss"))
+    np.save(folder / "vectors.npy", np.ascontiguousarray(vectors, dtype=np.float32))
+    np.save(folder / "ids.npy", np.ascontiguousarray(ids, dtype=np.int64))
+    write_store(folder / "items.sqlite", rows, captions)
+    if caption_vectors is not None:
+        np.save(folder / "captions.npy", np.ascontiguousarray(caption_vectors, dtype=np.float32))
+    files = {}
+    for name in sorted(_OURS - {MANIFEST}):
+        path = folder / name
+        if path.exists():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    atomic_write_text(folder / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
+
+
+def _publish(folder: Path, target: Path) -> None:
+    """Move the finished ``folder`` to ``target``, replacing an older index there."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    os.rename(folder, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _scratch(target: Path) -> Path:
+    """A new hidden folder beside ``target`` (same file system, so the final rename is atomic); removes the
+    scratch folders of builds whose process is gone."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.build-*"):
+        try:
+            pid = int(stale.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass
+    folder = target.with_name(f".{target.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    folder.mkdir()
+    return folder
+
+
+def check_target(target: Path) -> None:
+    """Refuse to replace a folder that is not a cliplab index (a photo folder given as --index-dir by mistake)."""
+    if target.exists() and (not target.is_dir() or any(p.name not in _OURS for p in target.iterdir())):
+        raise SearchIndexError(f"{target}: exists and is not a cliplab search index; choose another --index-dir")
+
+
+def _caption_data(backbone, dataset: ImageDataset | None, positions: Sequence[int], ids: Sequence[int], cache_dir):
+    """Caption rows (row, item id, text) and their embeddings for dataset items ``positions`` under ``ids``."""
+    if dataset is None or dataset.captions is None:
+        return [], None
+    rows = [(int(item), text) for pos, item in zip(positions, ids) for text in dataset.captions[int(pos)] if text]
+    if not rows:
+        return [], None
+    from ..features.text import embed_texts
+
+    vectors = embed_texts(backbone, [t for _, t in rows], cache_dir)
+    return [(row, item, text) for row, (item, text) in enumerate(rows)], vectors
+
+
+def _manifest(backbone, kind: str, factory: str, params: dict, requested: str, count: int, next_id: int,
+              source: dict, hash_content: bool, failures, model_spec: str | None, trained_on: int) -> dict:
+    from ..models.runtime import encoding_key
+
+    return {
+        "format_version": FORMAT_VERSION, "model_id": backbone.model_id, "model_spec": model_spec,
+        "preprocess_id": backbone.preprocess_id, "encoding": list(encoding_key(backbone, "image")),
+        "dim": int(backbone.embed_dim), "count": int(count), "next_id": int(next_id),
+        "index_type": kind, "factory": factory, "requested_type": requested, "search_params": params,
+        "trained_on": int(trained_on), "metric": "inner_product", "source": source, "hash_content": hash_content,
+        "failures": [list(f) for f in failures], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def build_index(backbone, source, index_dir, *, cache_dir=None, index_type: str = "auto", batch_size: int = 64,
+                workers: int | None = None, progress: bool = True, hash_content: bool = False,
+                search_params: dict | None = None, model_spec: str | None = None) -> IndexReport:
+    """Embed ``source`` (through the feature cache) and write a complete index into ``index_dir``.
+
+    ``source``: a folder (scanned recursively), a manifest or named dataset, an ``ImageDataset``, or a folder of
+    parquet shards from ``cliplab embed --engine ray`` (its ``shards.json``; no embedding, the model must
+    match). Images that cannot be read are listed in the report and the manifest. A damaged index folder is
+    replaced; a folder that is not an index is refused.
+    """
+    started = time.perf_counter()
+    target = Path(index_dir)
+    check_target(target)
+    resolved = _resolve(source, hash_content)
+    skipped = [(str(p), r) for p, r in getattr(resolved.dataset, "skipped", [])]
+    if resolved.shards is not None:
+        meta, table = _shards_table(resolved.shards, backbone)
+        vectors = _shard_vectors(table, backbone.embed_dim)
+        ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
+        rows = _shard_rows(table, ids)
+        failures = [tuple(f) for f in meta.get("failures", [])]
+        captions = [(r, int(i), t) for r, (i, t) in enumerate((row.id, row.caption) for row in rows if row.caption)]
+        caption_vectors = None
+        if captions:
+            from ..features.text import embed_texts
+
+            caption_vectors = embed_texts(backbone, [t for _, _, t in captions], cache_dir)
+        computed = 0
+    else:
+        from ..features.embed import embed_images
+
+        dataset = resolved.dataset
+        features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
+                                progress=progress)
+        vectors = np.asarray(features.features, dtype=np.float32)
+        positions = [int(i) for i in features.indices]
+        ids = np.arange(1, len(positions) + 1, dtype=np.int64)
+        rows = _rows(dataset, positions, ids)
+        failures = list(features.failures)
+        captions, caption_vectors = _caption_data(backbone, dataset, positions, ids, cache_dir)
+        computed = features.computed
+    kind, factory, params = index_spec(index_type, len(vectors), backbone.embed_dim)
+    params = {**params, **(search_params or {})}
+    index = _make_index(factory, vectors, ids)
+    manifest = _manifest(backbone, kind, factory, params, index_type, len(ids), len(ids) + 1, resolved.record,
+                         hash_content, failures, model_spec, len(ids))
+    folder = _scratch(target)
+    try:
+        _write_folder(folder, index, vectors, ids, rows, captions, caption_vectors, manifest)
+        _publish(folder, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return IndexReport(target, len(ids), kind, added=len(ids), computed=computed, captions=len(captions),
+                       failures=failures, skipped=skipped, seconds=time.perf_counter() - started)
+
+
+def _shard_vectors(table, dim: int) -> np.ndarray:
+    from ..features.shards import table_embeddings
+
+    vectors = table_embeddings(table)
+    if len(vectors) and vectors.shape[1] != dim:
+        raise ModelMismatchError(f"shard embeddings have dimension {vectors.shape[1]}, the model {dim}")
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _shard_rows(table, ids: np.ndarray) -> list[ItemRow]:
+    data = {name: table.column(name).to_pylist() for name in ("path", "size", "mtime", "identity")}
+    captions = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * len(ids)
+    return [ItemRow(int(i), p, p if os.path.isabs(p) else "", s, m, ident or p, c, {"name": p})
+            for i, p, s, m, ident, c in zip(ids, data["path"], data["size"], data["mtime"], data["identity"], captions)]
+
+
+def update_index(backbone, index_dir, source=None, *, cache_dir=None, index_type: str | None = None,
+                 batch_size: int = 64, workers: int | None = None, progress: bool = True,
+                 hash_content: bool | None = None) -> IndexReport:
+    """Bring ``index_dir`` up to date with its source: embed only new and changed files (the rest keep their
+    vectors and ids), drop deleted ones. ``source`` defaults to the one the index was built from.
+
+    A flat index is rebuilt from the stored vectors (a copy); an IVF index keeps its trained quantiser and
+    has the changed ids removed and the new vectors added, unless the collection outgrew it (4x the vectors it
+    was trained on) or ``auto`` now picks another type; HNSW (no removal) is rebuilt.
+    """
+    started = time.perf_counter()
+    target = Path(index_dir)
+    old = SearchIndex.open(target)
+    old.check_model(backbone)
+    manifest = old.manifest
+    hash_content = manifest.get("hash_content", False) if hash_content is None else hash_content
+    if source is None:
+        record = manifest.get("source") or {}
+        if record.get("kind") in (None, "dataset-object") or not record.get("location"):
+            raise CliplabError(f"{target}: was built from an in-memory dataset; pass the source to update it")
+        source = record["location"]
+    resolved = _resolve(source, hash_content)
+    if resolved.dataset is None:
+        raise CliplabError(f"{source}: parquet shards cannot be updated in place; run cliplab index build")
+    dataset = resolved.dataset
+    stored = {row.key: row for row in old._store.all_items()}
+    keys = dataset.item_ids()
+    identities = dataset.identities()
+    unchanged, changed, added = [], [], []
+    for position, (key, identity) in enumerate(zip(keys, identities)):
+        row = stored.get(key)
+        if row is None:
+            added.append(position)
+        elif row.identity == identity:
+            unchanged.append(position)
+        else:
+            changed.append(position)
+    current = set(keys)
+    removed_ids = [row.id for key, row in stored.items() if key not in current]
+    todo = sorted(changed + added)
+    failures: list[tuple[str, str]] = []
+    new_vectors = np.empty((0, old.dim), np.float32)
+    new_positions: list[int] = []
+    computed = 0
+    if todo:
+        from ..features.embed import embed_images
+
+        features = embed_images(backbone, Subset(dataset, todo), cache_dir, batch_size=batch_size,
+                                num_workers=workers, progress=progress)
+        new_vectors = np.asarray(features.features, dtype=np.float32)
+        new_positions = [todo[int(i)] for i in features.indices]
+        failures = list(features.failures)
+        computed = features.computed
+    next_id = int(manifest["next_id"])
+    new_ids = []
+    for position in new_positions:
+        row = stored.get(keys[position])
+        if row is not None:
+            new_ids.append(row.id)
+        else:
+            new_ids.append(next_id)
+            next_id += 1
+    new_ids = np.asarray(new_ids, dtype=np.int64)
+    embedded = set(new_positions)
+    failed_changed = [stored[keys[p]].id for p in changed if p not in embedded]
+    drop = set(removed_ids) | set(failed_changed) | {stored[keys[p]].id for p in changed}
+    old_ids = np.load(target / "ids.npy", mmap_mode="r")
+    old_vectors = np.load(target / "vectors.npy", mmap_mode="r")
+    keep = np.flatnonzero(~np.isin(old_ids, np.fromiter(drop, np.int64, len(drop)))) if drop else np.arange(
+        len(old_ids))
+    ids = np.concatenate([np.asarray(old_ids[keep]), new_ids])
+    vectors = np.concatenate([np.asarray(old_vectors[keep]), new_vectors]) if len(ids) else np.empty(
+        (0, old.dim), np.float32)
+    requested = index_type or manifest.get("requested_type", "auto")
+    kind, factory, params = index_spec(requested, len(ids), old.dim)
+    rebuilt = True
+    if (factory == manifest["factory"] and kind in ("ivf", "ivfpq") and len(ids) <= 4 * manifest.get("trained_on", 0)):
+        index = old._index
+        if drop:
+            index.remove_ids(np.fromiter(drop, np.int64, len(drop)))
+        _add(index, new_vectors, new_ids)
+        params, rebuilt = manifest["search_params"], False
+    else:
+        if kind == manifest["index_type"] and factory == manifest["factory"]:
+            params = manifest["search_params"]
+        index = _make_index(factory, vectors, ids)
+    # metadata: every kept or new item, with its current caption and file facts
+    position_of = {key: p for p, key in enumerate(keys)}
+    by_id = {row.id: row for row in stored.values()}
+    kept_ids = [int(i) for i in old_ids[keep]]
+    rows = _rows(dataset, [position_of[by_id[i].key] for i in kept_ids] + new_positions, kept_ids + list(new_ids))
+    captions, caption_vectors = _caption_data(backbone, dataset, [position_of[r.key] for r in rows],
+                                              [r.id for r in rows], cache_dir)
+    trained_on = manifest.get("trained_on", len(ids)) if not rebuilt else len(ids)
+    failures_all = failures + [tuple(f) for f in manifest.get("failures", [])
+                               if f[0] in current and f[0] not in {keys[p] for p in todo}]
+    new_manifest = _manifest(backbone, kind, factory, params, requested, len(ids), next_id, resolved.record,
+                             hash_content, failures_all, manifest.get("model_spec"), trained_on)
+    old.close()
+    folder = _scratch(target)
+    try:
+        _write_folder(folder, index, vectors, ids, rows, captions, caption_vectors, new_manifest)
+        _publish(folder, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return IndexReport(target, len(ids), kind, added=sum(1 for p in new_positions if keys[p] not in stored),
+                       changed=sum(1 for p in new_positions if keys[p] in stored), removed=len(removed_ids)
+                       + len(failed_changed), unchanged=len(unchanged), computed=computed, captions=len(captions),
+                       failures=failures_all, skipped=[(str(p), r) for p, r in getattr(dataset, "skipped", [])],
+                       rebuilt=rebuilt, seconds=time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+class SearchIndex:
+    """An index folder opened for queries (thread-safe for concurrent searches)."""
+
+    def __init__(self, root: Path, manifest: dict, index, store: Store):
+        self.root = root
+        self.manifest = manifest
+        self.model_id: str = manifest["model_id"]
+        self.dim: int = int(manifest["dim"])
+        self.index_type: str = manifest["index_type"]
+        self.count: int = int(manifest["count"])
+        self.search_params: dict = dict(manifest.get("search_params", {}))
+        self._index = index
+        self._store = store
+        self._captions: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, index_dir, *, verify: bool = False, search_params: dict | None = None) -> SearchIndex:
+        """Open ``index_dir``; refuses a missing, half-written or damaged folder (file sizes are checked
+        against the manifest, and with ``verify`` their sha256 too). ``search_params`` overrides
+        ``nprobe`` / ``efSearch``."""
+        root = Path(index_dir)
+        if not root.is_dir():
+            raise SearchIndexError(f"{root}: no search index here; run cliplab index build first")
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+            files = manifest["files"]
+            for key in ("model_id", "dim", "count", "index_type", "format_version", "next_id"):
+                manifest[key]  # noqa: B018 - presence check
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SearchIndexError(f"{root}: index is half-written or damaged (no complete {MANIFEST}); "
+                                   f"{REBUILD}") from exc
+        if manifest["format_version"] > FORMAT_VERSION:
+            raise SearchIndexError(f"{root}: index format {manifest['format_version']} is newer than this cliplab "
+                                   f"reads ({FORMAT_VERSION}); upgrade cliplab or {REBUILD}")
+        for name, facts in files.items():
+            path = root / name
+            size = path.stat().st_size if path.is_file() else None
+            if size != facts["size"] or (verify and _sha256(path) != facts["sha256"]):
+                state = "missing" if size is None else "truncated or changed"
+                raise SearchIndexError(f"{root}: index is half-written or damaged ({name} is {state}); {REBUILD}")
+        for name in ("index.faiss", "items.sqlite", "ids.npy", "vectors.npy"):
+            if name not in files:
+                raise SearchIndexError(f"{root}: index is half-written or damaged ({name} not in {MANIFEST}); "
+                                       f"{REBUILD}")
+        faiss = _faiss()
+        try:
+            index = faiss.read_index(str(root / "index.faiss"))
+        except RuntimeError as exc:
+            raise SearchIndexError(f"{root}: index is half-written or damaged (index.faiss unreadable); "
+                                   f"{REBUILD}") from exc
+        if index.d != int(manifest["dim"]) or index.ntotal != int(manifest["count"]):
+            raise SearchIndexError(f"{root}: index is half-written or damaged (index.faiss holds {index.ntotal} "
+                                   f"vectors of {index.d}, the manifest says {manifest['count']} of "
+                                   f"{manifest['dim']}); {REBUILD}")
+        params = {**manifest.get("search_params", {}), **(search_params or {})}
+        _apply_params(index, params)
+        opened = cls(root, manifest, index, Store(root / "items.sqlite"))
+        opened.search_params = params
+        return opened
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> SearchIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        """Source files the build could not read, with reasons."""
+        return [tuple(f) for f in self.manifest.get("failures", [])]
+
+    def check_model(self, backbone) -> None:
+        """Raise ModelMismatchError unless ``backbone`` is the model that built this index."""
+        if backbone.model_id != self.model_id:
+            raise ModelMismatchError(f"{self.root}: index was built with model {self.model_id!r}, the query model "
+                                     f"is {backbone.model_id!r}; load that model or rebuild the index with this one")
+
+    def search_vectors(self, queries, k: int = 20) -> list[list[Hit]]:
+        """The ``k`` best items for each row of ``queries`` (n, dim) by inner product (cosine for normalised
+        vectors), best first."""
+        queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        if queries.ndim == 1:
+            queries = queries[None]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise CliplabError(f"query vectors of shape {queries.shape}; this index holds dimension {self.dim}")
+        if k < 1:
+            raise CliplabError(f"k = {k}: ask for at least one result")
+        if not np.isfinite(queries).all():
+            raise CliplabError("query vectors hold NaN or infinite values")
+        if self.count == 0:
+            return [[] for _ in range(len(queries))]
+        scores, ids = self._index.search(queries, min(k, self.count))
+        rows = self._store.items({int(i) for i in ids.ravel() if i >= 0})
+        out = []
+        for score_row, id_row in zip(scores, ids):
+            hits = []
+            for score, item in zip(score_row, id_row):
+                row = rows.get(int(item))
+                if item >= 0 and row is not None:
+                    hits.append(Hit(int(item), float(score), row.path or row.key, row.caption, dict(row.extra)))
+            out.append(hits)
+        return out
+
+    def text_vector(self, backbone, text: str) -> np.ndarray:
+        self.check_model(backbone)
+        return backbone.encode_texts([text]).numpy().astype(np.float32)
+
+    def image_vector(self, backbone, image) -> np.ndarray:
+        from ..data.images import to_rgb
+
+        self.check_model(backbone)
+        tensor = backbone.preprocess(to_rgb(image)).unsqueeze(0)
+        return backbone.encode_images(tensor).numpy().astype(np.float32)
+
+    def search_text(self, backbone, text: str, k: int = 20) -> list[Hit]:
+        """Images that match ``text`` best."""
+        return self.search_vectors(self.text_vector(backbone, text), k)[0]
+
+    def search_image(self, backbone, image, k: int = 20) -> list[Hit]:
+        """Images most similar to the PIL ``image``."""
+        return self.search_vectors(self.image_vector(backbone, image), k)[0]
+
+    @property
+    def caption_count(self) -> int:
+        return self._caption_vectors().shape[0] if "captions.npy" in self.manifest["files"] else 0
+
+    def _caption_vectors(self) -> np.ndarray:
+        if self._captions is None:
+            if "captions.npy" not in self.manifest["files"]:
+                raise CliplabError(f"{self.root}: the indexed source has no captions to search")
+            self._captions = np.load(self.root / "captions.npy", mmap_mode="r")
+        return self._captions
+
+    def search_captions(self, backbone, image, k: int = 20) -> list[CaptionHit]:
+        """Stored captions that describe the PIL ``image`` best (exact search)."""
+        vectors = self._caption_vectors()
+        query = self.image_vector(backbone, image)[0]
+        scores = np.asarray(vectors @ query, dtype=np.float32)
+        k = min(k, len(scores))
+        best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        best = best[np.lexsort((best, -scores[best]))]
+        captions = {row: (item, text) for row, item, text in self._store.captions()}
+        items = self._store.items({captions[int(r)][0] for r in best})
+        return [CaptionHit(int(r), float(scores[r]), captions[int(r)][1], captions[int(r)][0],
+                           items[captions[int(r)][0]].path if captions[int(r)][0] in items else "") for r in best]
+
+    def item(self, id: int) -> dict | None:  # noqa: A002 - the contract's name
+        """The stored facts of item ``id`` (id, path, size, mtime, caption, extra), or None."""
+        row = self._store.items([int(id)]).get(int(id))
+        return row.as_dict() if row is not None else None
+
+    def image_file(self, id: int) -> Path:  # noqa: A002
+        """The image file of item ``id``; UnknownItemError for an id the index does not hold."""
+        try:
+            row = self._store.items([int(id)]).get(int(id))
+        except (TypeError, ValueError, OverflowError):
+            row = None
+        if row is None:
+            raise UnknownItemError(f"{self.root}: no item with id {id!r}")
+        if not row.path:
+            raise UnknownItemError(f"{self.root}: item {id} ({row.key}) is not a file")
+        path = Path(row.path)
+        if not path.is_file():
+            raise UnknownItemError(f"{self.root}: item {id} ({row.key}) is gone from disk; run cliplab index update")
+        return path
+
+    def ids(self) -> np.ndarray:
+        return np.load(self.root / "ids.npy")
+
+    def info(self) -> dict[str, Any]:
+        """Summary for printing and the service's /info."""
+        return {"model_id": self.model_id, "dim": self.dim, "count": self.count, "index_type": self.index_type,
+                "factory": self.manifest.get("factory"), "search_params": self.search_params,
+                "captions": self.caption_count, "failures": len(self.failures), "created": self.manifest.get("created")}
