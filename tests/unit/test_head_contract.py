@@ -69,6 +69,15 @@ SKIPS["amu"] = {name: AUX_BLOCK for name in ZEROSHOT_SKIPS if name not in (
 
 # DCLIP and CuPL are zero-shot heads (class weights from descriptions or templates): the zero-shot head's skips.
 SKIPS["dclip"] = SKIPS["cupl"] = ZEROSHOT_SKIPS
+# REAL-Prompt and REAL-Linear (paper 36) are zero-shot heads by default construction (no corpus): the same skips.
+SKIPS["real"] = SKIPS["real-linear"] = ZEROSHOT_SKIPS
+# WaffleCLIP's control is a zero-shot head (random descriptors); desc-select (paper 30) fits on a labelled selection
+# set but scores text weights fixed at the model's width and takes labels as class indices, like GDA.
+SKIPS["waffle"] = ZEROSHOT_SKIPS
+SKIPS["desc-select"] = SKIPS["gda"]
+# FuDD (paper 10; default llm=None: the template classifier) and PerceptionCLIP (paper 21; text weights for every
+# class x context) are zero-shot heads whose width is fixed by the model's text embeddings: the zero-shot skips.
+SKIPS["fudd"] = SKIPS["perceptionclip"] = ZEROSHOT_SKIPS
 
 
 def _build(entry):

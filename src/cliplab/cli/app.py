@@ -17,13 +17,19 @@ from .cache import cache
 from .classify import classify
 from .common import configure_logging
 from .curate import curate
+from .describe import describe
 from .embed import embed
 from .evaluate import evaluate, zeroshot
+from .explain import explain
 from .fewshot import fewshot
+from .index import index_app
 from .listing import datasets, methods, models, templates
 from .ood import ood
 from .pretrain import pretrain
+from .retrieval import retrieval_eval
 from .robustness import robustness
+from .search import search
+from .serve import serve
 
 HELP_WIDTH = 100
 _LITERAL = re.compile(r"``?([^`]+)``?")
@@ -71,9 +77,10 @@ def _register(command) -> None:
     app.command(help=doc, short_help=doc.splitlines()[0] if doc else None)(command)
 
 
-for _command in (classify, zeroshot, evaluate, fewshot, embed, pretrain, curate, ood, models, methods, templates,
-                 datasets, cache, robustness):
+for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
+                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval):
     _register(_command)
+app.add_typer(index_app, name="index")
 
 
 def main() -> None:

@@ -10,7 +10,15 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import RunOptions, command, console, err_console, report_failures, report_skipped
+from .common import (
+    RunOptions,
+    command,
+    console,
+    description_method,
+    err_console,
+    report_failures,
+    report_skipped,
+)
 
 
 @command
@@ -20,8 +28,14 @@ def classify(
     labels_file: Path = typer.Option(None, "--labels-file", help="Class names, one per line (or JSON list)."),
     top_k: int = typer.Option(None, "--top-k", "-k", min=1, help="Predictions to show per image (default 3)."),
     output: Path = typer.Option(None, "--output", "-o", help="Write predictions to a .csv or .json file."),
-    templates: str = typer.Option("imagenet7", "--templates", "-t", help="Template set name or file."),
-    method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (see: cliplab methods)."),
+    templates: str = typer.Option(None, "--templates", "-t", help="Template set name or file (default imagenet7; with "
+                                  "--descriptions, the description method's own: DCLIP '{c}', CuPL none)."),
+    method: str = typer.Option(None, "--method", help="A zero-shot method (see: cliplab methods; default zeroshot, "
+                               "or dclip with --descriptions)."),
+    descriptions: Path = typer.Option(None, "--descriptions", help="Classify by description: a description set "
+                                      "({class: [descriptors or sentences]}, DCLIP or CuPL format) for your labels."),
+    llm: str = typer.Option(None, "--llm", help="Language model for methods that ask one (fudd, real, ...): "
+                            "replay:FILE, http://HOST:PORT/v1, openai:MODEL or hf:PATH."),
     head_dir: Path = typer.Option(None, "--head", help="A fitted head saved by cliplab evaluate --save-head (its "
                                   "classes replace --labels; the model must be the one it was fitted with)."),
     reject: bool = typer.Option(False, "--reject", help="Open set: label 'unknown' the images whose --reject-score is "
@@ -45,6 +59,10 @@ def classify(
         raise CliplabError("give the class names with exactly one of --labels or --labels-file (or a saved --head)")
     else:
         names = parse_labels(labels) if labels is not None else read_class_names(labels_file)
+    method = description_method(method, descriptions)
+    extra = {key: value for key, value in (("descriptions", descriptions), ("llm", llm)) if value is not None}
+    if head_dir is not None and extra:
+        raise CliplabError("--head is a fitted head: leave out --descriptions and --llm")
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise CliplabError(f"--output {output}: use a .csv or .json file name")
     if head_dir is None and head_entry(method).needs_train:
@@ -60,8 +78,9 @@ def classify(
     if head_dir is not None:
         head = load_head(head_dir, backbone=backbone)
     else:  # bad templates fail before any image is embedded
-        head = create_head(method, backbone=backbone, class_names=names, templates=templates,
-                           cache_dir=run.cache_dir).fit()
+        if templates is not None or descriptions is None:
+            extra["templates"] = templates or "imagenet7"
+        head = create_head(method, backbone=backbone, class_names=names, cache_dir=run.cache_dir, **extra).fit()
     threshold = _reject_threshold(head, run, backbone, reject_score, reject_tpr, reject_calibration) if reject else None
     features = run.embed(backbone, dataset)
     rows = []

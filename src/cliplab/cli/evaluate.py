@@ -15,6 +15,7 @@ from .common import (
     command,
     console,
     default_templates,
+    description_method,
     err_console,
     param_value,
     report_skipped,
@@ -70,7 +71,13 @@ def _print_report(report, title: str) -> None:
 def zeroshot(
     dataset: str = DatasetOpt,
     templates: str = TemplatesOpt,
-    method: str = typer.Option("zeroshot", "--method", help="A zero-shot method (see: cliplab methods)."),
+    method: str = typer.Option(None, "--method", help="A zero-shot method (see: cliplab methods): zeroshot (default), "
+                               "dclip, cupl, waffle, fudd, perceptionclip, real, ..."),
+    descriptions: Path = typer.Option(None, "--descriptions", help="A description set ({class: [descriptors or "
+                                      "sentences]}, DCLIP or CuPL format) for a description method (default dclip)."),
+    llm: str = typer.Option(None, "--llm", help="Language model for methods that ask one (fudd, real, ...): "
+                            "replay:FILE, http://HOST:PORT/v1 (OpenAI-compatible; key from CLIPLAB_LLM_API_KEY), "
+                            "openai:MODEL or hf:PATH."),
     params: list[str] = typer.Option(None, "--param", help="Method parameter NAME=VALUE (repeatable)."),
     output_dir: Path = OutputDirOpt,
     run: RunOptions = None,
@@ -80,13 +87,21 @@ def zeroshot(
     from ..eval import evaluate_zeroshot
     from ..heads import head_entry
 
+    method = description_method(method, descriptions)
     if head_entry(method).needs_train:
         raise CliplabError(f"--method {method} needs training data: use cliplab evaluate --method {method}")
+    kwargs = _parse_params(params)
+    if descriptions is not None:
+        kwargs["descriptions"] = descriptions
+    if llm is not None:
+        kwargs["llm"] = llm
     test = _load(dataset, data, run, labelled=True)
     backbone = run.load_backbone()
-    report = evaluate_zeroshot(backbone, test, default_templates(templates, test.name), output_dir, run.cache_dir,
+    # with --descriptions and no --templates: the description method's own default (DCLIP "{c}"; CuPL: sentences)
+    chosen = None if templates is None and descriptions is not None else default_templates(templates, test.name)
+    report = evaluate_zeroshot(backbone, test, chosen, output_dir, run.cache_dir,
                                run.batch_size, run.workers, progress=not run.quiet, seed=run.seed, method=method,
-                               **_parse_params(params))
+                               **kwargs)
     _print_report(report, f"{method} · {test.name} ({test.split}, {len(report.features)} images) · "
                           f"{backbone.model_id}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -171,3 +172,43 @@ def distinct_class_names(names: Sequence[str]) -> list[str]:
         if seen[key] > 1:
             out[i] = f"{name} ({seen[key]})"
     return out
+
+
+# First word -> how the descriptor joins the class name (the authors' ``make_descriptor_sentence``).
+_WHICH_IS = ("a", "an", "used")
+_WHICH = ("has", "often", "typically", "may", "can")
+_FIRST_WORD = re.compile(r"[^\W\d_]+")
+
+
+def descriptor_clause(descriptor: str) -> str:
+    """The relative clause for one descriptor, after the authors' ``make_descriptor_sentence``.
+
+    "a"/"an"/"used ..." -> "which is ...", "has/often/typically/may/can ..." -> "which ...", else
+    "which has ...". Departure from their code: the rules match the descriptor's whole first word, not
+    a prefix of the string. Their ``startswith('a')`` turns "antennae" into "which is antennae" (and
+    "aircraft", "almond-shaped eyes" alike), ``startswith('can')``/``('may')`` turn "candles",
+    "mayonnaise" into "which candles", "which mayonnaise"; here those get "which has ...".
+    The empty descriptor gives no clause (see :func:`descriptor_sentence`).
+    """
+    if not descriptor:
+        return ""
+    match = _FIRST_WORD.match(descriptor)
+    first = match.group(0) if match else ""
+    if first in _WHICH_IS:
+        return f"which is {descriptor}"
+    if first in _WHICH:
+        return f"which {descriptor}"
+    return f"which has {descriptor}"
+
+
+def descriptor_sentence(template: str, class_name: str, descriptor: str, phrase: bool = True,
+                        suffix: str = "") -> str:
+    """"{template filled with the class name}, {clause}{suffix}" (their ``prepend`` mode, ``between_text=', '``).
+
+    ``phrase=False`` uses the descriptor as it stands (their ``apply_descriptor_modification=False``).
+    Departure: an empty descriptor gives the filled template alone (plus ``suffix``), so a set of one ""
+    per class is exactly the template classifier; their code would embed "cat, which has ".
+    """
+    head = fill_template(template, class_name)
+    clause = descriptor_clause(descriptor) if phrase else descriptor
+    return f"{head}, {clause}{suffix}" if clause else f"{head}{suffix}"

@@ -15,7 +15,7 @@ from .evaluate import EvaluationReport, evaluate
 def evaluate_zeroshot(
     backbone: Backbone,
     dataset: ImageDataset,
-    templates: str | list[str],
+    templates: str | list[str] | None,
     output_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     batch_size: int = 64,
@@ -25,11 +25,14 @@ def evaluate_zeroshot(
     method: str = "zeroshot",
     **params,
 ) -> EvaluationReport:
-    """Embed ``dataset``, classify it with a zero-shot ``method``, compute metrics; write JSON + PNGs."""
+    """Embed ``dataset``, classify it with a zero-shot ``method``, compute metrics; write JSON + PNGs.
+
+    ``templates=None`` leaves the method's own default (DCLIP's "{c}", CuPL's sentences alone)."""
     if not has_labels(dataset):
         raise DatasetError(f"{dataset.name}: no labelled images to evaluate")
-    head = create_head(method, backbone=backbone, class_names=dataset.class_names, templates=templates,
-                       cache_dir=cache_dir, **params)
+    if templates is not None:
+        params["templates"] = templates
+    head = create_head(method, backbone=backbone, class_names=dataset.class_names, cache_dir=cache_dir, **params)
     head.fit()  # bad templates or class names fail before any image is embedded
     features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=num_workers,
                             progress=progress)

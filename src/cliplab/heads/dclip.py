@@ -2,58 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..data.descriptions import load_descriptions
-from ..data.prompts import check_class_names, fill_template, load_templates
+from ..data.prompts import check_class_names, descriptor_clause, descriptor_sentence, load_templates
 from ..features.text import embed_prompts
 from ..models.backbone import Backbone
 from .base import TextWeightsHead
 from .registry import register
 
-# First word -> how the descriptor joins the class name (the authors' ``make_descriptor_sentence``).
-_WHICH_IS = ("a", "an", "used")
-_WHICH = ("has", "often", "typically", "may", "can")
-_FIRST_WORD = re.compile(r"[^\W\d_]+")
-
-
-def descriptor_clause(descriptor: str) -> str:
-    """The relative clause for one descriptor, after the authors' ``make_descriptor_sentence``.
-
-    "a"/"an"/"used ..." -> "which is ...", "has/often/typically/may/can ..." -> "which ...", else
-    "which has ...". Departure from their code: the rules match the descriptor's whole first word, not
-    a prefix of the string. Their ``startswith('a')`` turns "antennae" into "which is antennae" (and
-    "aircraft", "almond-shaped eyes" alike), ``startswith('can')``/``('may')`` turn "candles",
-    "mayonnaise" into "which candles", "which mayonnaise"; here those get "which has ...".
-    The empty descriptor gives no clause (see :func:`descriptor_sentence`).
-    """
-    if not descriptor:
-        return ""
-    match = _FIRST_WORD.match(descriptor)
-    first = match.group(0) if match else ""
-    if first in _WHICH_IS:
-        return f"which is {descriptor}"
-    if first in _WHICH:
-        return f"which {descriptor}"
-    return f"which has {descriptor}"
-
-
-def descriptor_sentence(template: str, class_name: str, descriptor: str, phrase: bool = True,
-                        suffix: str = "") -> str:
-    """"{template filled with the class name}, {clause}{suffix}" (their ``prepend`` mode, ``between_text=', '``).
-
-    ``phrase=False`` uses the descriptor as it stands (their ``apply_descriptor_modification=False``).
-    Departure: an empty descriptor gives the filled template alone (plus ``suffix``), so a set of one ""
-    per class is exactly the template classifier; their code would embed "cat, which has ".
-    """
-    head = fill_template(template, class_name)
-    clause = descriptor_clause(descriptor) if phrase else descriptor
-    return f"{head}, {clause}{suffix}" if clause else f"{head}{suffix}"
-
+__all__ = ["DescriptionClassifier", "descriptor_clause", "descriptor_sentence"]  # phrasing lives in data.prompts
 
 @register("dclip", family="zeroshot", paper=7, needs_train=False)
 class DescriptionClassifier(TextWeightsHead):

@@ -40,10 +40,14 @@ class ZeroShotClassifier(TextWeightsHead):
         self.renormalize = renormalize
         self.cache_dir = cache_dir
 
+    def sentences(self) -> list[list[str]]:
+        """Per class (in ``class_names`` order), the prompts that are embedded."""
+        return class_prompts(self.class_names, self.templates)
+
     def fit(self, X=None, y=None):
         """Embed the prompts and build ``weights_`` (d, C)."""
-        prompts = class_prompts(self.class_names, self.templates)
-        return self._fit_weights(embed_prompts(self.backbone, prompts, self.cache_dir), self.renormalize, X, y)
+        return self._fit_weights(embed_prompts(self.backbone, self.sentences(), self.cache_dir), self.renormalize,
+                                 X, y)
 
     def fit_summary(self) -> dict:
         return {"prompts_per_class": sorted(set(self.prompts_per_class_)), "logit_scale": self.logit_scale_}
