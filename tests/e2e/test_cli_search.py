@@ -93,3 +93,34 @@ def test_search_captions(tmp_path):
     assert result.exit_code == 0, result.output
     records = json.loads(hits.read_text())
     assert len(records) == 3 and all(r["text"].startswith("picture number") for r in records)
+
+
+def test_short_flags_extra_columns_model_spec_and_damage(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(2)
+    lines = ["path,label,photographer"]
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+        lines.append(f"p{i}.png,c{i % 2},ann{i}")
+    (data / "m.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "index"
+    result = _invoke("index", "build", data / "m.csv", "-i", out, "--model", "tiny", "--seed", "3", "-q", "-j", "0")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    spec = manifest["model_kwargs"]
+    assert spec["name"] == "tiny" and spec["seed"] == 3  # every load_model keyword, not just the name
+    assert manifest["model_spec"] == "tiny"  # what older readers (cliplab serve) take
+    hits_csv = tmp_path / "hits.csv"
+    result = _invoke("search", "--image", data / "p2.png", "-i", out, "-k", "2", "-o", hits_csv, "-q")
+    assert result.exit_code == 0, result.output  # reloads tiny with seed 3 from the manifest
+    rows = list(csv.DictReader(hits_csv.open()))
+    assert rows[0]["extra.photographer"] == "ann2" and rows[0]["extra.label"] == "c0"
+    result = _invoke("search", "cat", "-i", out, "--model", "tiny")
+    assert result.exit_code == 2 and "--model tiny --seed 3" in result.output  # says which flags to pass
+    result = _invoke("search", "   ", "-i", out, "-q")
+    assert result.exit_code == 2 and "empty" in result.output
+    (out / "manifest.json").write_text("{not json")
+    for args in (("index", "update", "-i", out, "-q"), ("search", "cat", "-i", out, "-q")):
+        result = _invoke(*args)
+        assert result.exit_code == 2 and "damaged" in result.output and "build again" in result.output, result.output

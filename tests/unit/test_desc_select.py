@@ -103,3 +103,22 @@ def test_a_class_without_selection_images_falls_back_to_its_own_descriptions(tin
     head = _head(tiny, tmp_path, m=1).fit(Xs, ys)
     assert head.select(3, (0, 3)).tolist() == [head.pool_.index("fins")]
     assert np.isnan(head.S_[:, 3]).all() and len(head.select(0, (0, 3))) == 1
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_an_outside_class_tied_with_the_neighbourhood_stays_a_margin_below(tiny, tmp_path, k):
+    head = _head(tiny, tmp_path, k=k).fit(_random(tiny, 16, 10), np.arange(16) % 4)
+    head.text_weights_ = np.eye(tiny.embed_dim, 4, dtype=np.float32)  # zero-shot scores = X's first 4 coordinates
+    X = np.zeros((1, tiny.embed_dim), np.float32)
+    X[0, :4] = [0.6, 0.3, 0.1, 0.3] if k == 2 else [0.6, 0.1, 0.05, 0.6]
+    X[0, 4] = np.sqrt(1 - (X[0, :4] ** 2).sum())
+    zs = X @ head.text_weights_
+    assert zs[0, 3] == zs[0, k - 1] and head.neighbourhoods(X)[0].tolist() == list(range(k))  # fish ties, is out
+    logits = head.logits(X)[0]
+    # the tied outside class sits at least the margin below the weakest neighbour (it used to be level with it)
+    assert logits[3] <= logits[:k].min() - 0.99 * head.margin * head.logit_scale_
+    outside = [c for c in range(4) if c >= k]
+    np.testing.assert_allclose(np.diff(logits[outside]), head.logit_scale_ * np.diff(zs[0, outside]), atol=1e-4)
+    assert head.predict(X)[0] in range(k)
+    wide = head.set_params(margin=0.5).logits(X)[0]
+    assert wide[3] <= wide[:k].min() - 0.499 * head.logit_scale_

@@ -183,6 +183,69 @@ def test_endpoint_down_stops_after_a_few_classes(tmp_path):
     assert failures["class 9"].startswith("not asked: the first 3 classes all failed")
 
 
+def _good_cache_entries(tmp_path):
+    return [p for p in (tmp_path / "llm").glob("*.json") if not p.name.endswith(".rejected.json")]
+
+
+def test_wrong_shape_answer_is_retried_and_the_good_one_cached(tmp_path):
+    def script(body, n):
+        prompt = _prompt(body)
+        if '"dog"' in prompt and n == 2:
+            return 200, json.dumps({"colour": "brown", "size": 3}), 0  # valid JSON, no list: unusable
+        return 200, _features_for(prompt), 0
+
+    with Stub(script) as stub:
+        descriptions, failures = generate_descriptions(_client(stub, tmp_path, attempts=3), ["cat", "dog"], "dclip",
+                                                       progress=False)
+        assert failures == {} and descriptions["dog"] == ["dog ears", "has a dog tail"]
+        assert stub.count == 3
+        assert generate_descriptions(_client(stub, tmp_path), ["cat", "dog"], "dclip", progress=False)[0] == \
+            descriptions
+        assert stub.count == 3  # both from the cache
+    (rejected,) = (tmp_path / "llm").glob("*.rejected.json")
+    assert '"colour"' in json.loads(rejected.read_text())[0]["answer"]
+
+
+def test_always_wrong_shape_is_reported_for_its_class_and_never_cached(tmp_path):
+    def script(body, n):
+        prompt = _prompt(body)
+        if '"dog"' in prompt:
+            return 200, json.dumps({"features": ["", "  ", 7]}), 0  # a list, but nothing usable in it
+        return 200, _features_for(prompt), 0
+
+    with Stub(script) as stub:
+        descriptions, failures = generate_descriptions(_client(stub, tmp_path, attempts=2), ["cat", "dog", "owl"],
+                                                       "dclip", progress=False)
+        assert list(descriptions) == ["cat", "owl"] and list(failures) == ["dog"]
+        assert "unusable answer: the answer held no usable descriptions" in failures["dog"]
+        assert "after 2 attempt" in failures["dog"] and stub.count == 1 + 2 + 1
+        assert len(_good_cache_entries(tmp_path)) == 2  # cat and owl only
+        generate_descriptions(_client(stub, tmp_path, attempts=2), ["cat", "dog", "owl"], "dclip", progress=False)
+        assert stub.count == 4 + 2  # the dog is asked again, the others come from the cache
+
+
+def test_a_cached_wrong_shape_answer_is_asked_again(tmp_path):
+    prompt = build_prompts(["dog"])["dog"][0]
+    state = {"good": False}
+
+    def script(body, n):
+        return 200, _features_for(_prompt(body)) if state["good"] else '{"answer": "dogs are dogs"}', 0
+
+    with Stub(script) as stub:
+        # cached as an earlier version did, with no check of its shape (same backend, model, prompt, schema)
+        _client(stub, tmp_path).complete(prompt, json_schema={"type": "object"})
+        assert len(_good_cache_entries(tmp_path)) == 1
+        state["good"] = True
+        llm = _client(stub, tmp_path)
+        descriptions, failures = generate_descriptions(llm, ["dog"], "dclip", progress=False)
+        assert failures == {} and descriptions == {"dog": ["dog ears", "has a dog tail"]}
+        assert stub.count == 2 and llm.requests == 1 and llm.cache_hits == 0
+    (rejected,) = (tmp_path / "llm").glob("*.rejected.json")
+    assert json.loads(rejected.read_text())[0]["answer"] == '{"answer": "dogs are dogs"}'
+    (entry,) = _good_cache_entries(tmp_path)
+    assert "dog ears" in json.loads(entry.read_text())["answer"]
+
+
 def test_record_makes_a_replay_file_that_repeats_the_run_offline(tmp_path):
     with Stub(lambda body, n: (200, _features_for(_prompt(body)), 0)) as stub:
         record = tmp_path / "answers.json"

@@ -86,6 +86,9 @@ def test_save_then_load_round_trips(tmp_path, name):
     ('{"cat": "whiskers"}', "'cat' must map to a list of strings"),
     ('{"cat": ["whiskers", 3]}', "not a string: 3"),
     ('{"cat": []}', "'cat' has no descriptions"),
+    ('{"cat": ["  "]}', "'cat' has only blank descriptions"),
+    ('{"dog": ["x"], "cat": ["", " \\t"]}', "'cat' has only blank descriptions"),
+    ('{"cat": [""]}', "'cat' has only blank descriptions"),  # "no descriptor" is for in-memory mappings only
     ('{"cat": ["a"], "Cat": ["b"]}', "are the same name"),
     ("{}", "no classes described"),
 ])
@@ -139,6 +142,27 @@ def test_descriptor_sentence_forms():
     assert descriptor_sentence("{c}", "cat", "pointed ears", suffix=".") == "cat, which has pointed ears."
     assert descriptor_sentence("a photo of a {c}", "cat", "") == "a photo of a cat"
     assert descriptor_sentence("{c}", "cat", "pointed ears", phrase=False) == "cat, pointed ears"
+
+
+def test_the_clause_goes_before_the_templates_full_stop():
+    # DCLIP's/WaffleCLIP's label_before_text + class + ", which ..." + label_after_text "."
+    assert descriptor_sentence("A photo of a {c}.", "cat", "antennae") == "A photo of a cat, which has antennae."
+    assert descriptor_sentence("a photo of a {c}.", "cat", "a long tail", suffix="!") == \
+        "a photo of a cat, which is a long tail.!"
+    assert descriptor_sentence("a {c}.", "cat", "whiskers", phrase=False) == "a cat, whiskers."
+    assert descriptor_sentence("A photo of a {c}.", "cat", "") == "A photo of a cat."  # no descriptor: unchanged
+    assert descriptor_sentence("A photo of a {c}.", "cat", "", suffix="!") == "A photo of a cat.!"
+    assert descriptor_sentence("{c} in the wild", "cat", "whiskers") == "cat in the wild, which has whiskers"
+
+
+def test_blank_descriptions_are_rejected_but_an_in_memory_empty_descriptor_is_not(tiny):
+    with pytest.raises(DescriptionError, match=r"^descriptions: class 'cat' has only blank descriptions$"):
+        load_descriptions({"cat": ["  "], "dog": ["x"]}, ["cat", "dog"])
+    with pytest.raises(DescriptionError, match="'cat' has only blank descriptions"):
+        create_head("dclip", backbone=tiny, class_names=["cat"], descriptions={"cat": [" ", ""]}).sentences()
+    assert load_descriptions({"cat": [""], "dog": ["x", " "]}, ["cat", "dog"]) == {"cat": [""], "dog": ["x", " "]}
+    with pytest.raises(DescriptionError, match="only blank"):
+        save_descriptions({"cat": [""]}, Path("/nonexistent/never-written.json"))
 
 
 @pytest.mark.parametrize("templates", [["a photo of a {c}."], ["a photo of a {c}.", "art of the {c}"]])

@@ -29,9 +29,10 @@ def _answer(a: str, b: str) -> dict:
 class Scripted(LLM):
     """Answers every pair question with two made-up differences; pairs naming a class in ``fail`` fail."""
 
-    def __init__(self, cache=False, fail=()):
-        super().__init__("scripted", attempts=1, backoff=0.0, cache=cache)
+    def __init__(self, cache=False, fail=(), wrong=(), attempts=1):
+        super().__init__("scripted", attempts=attempts, backoff=0.0, cache=cache)
         self.fail = set(fail)
+        self.wrong = set(wrong)  # classes whose pairs get valid JSON of the wrong shape
         self.prompts: list[str] = []
 
     def _request(self, prompt, system, json_mode):
@@ -39,6 +40,8 @@ class Scripted(LLM):
         a, b = PAIR.search(prompt).groups()
         if {a, b} & self.fail:
             raise RetryableError("server error 503")
+        if {a, b} & self.wrong:
+            return json.dumps({"differences": f"{a} and {b} look different"})
         return json.dumps(_answer(a, b))
 
 
@@ -168,3 +171,66 @@ def test_http_llm_spec_asks_the_server_once_per_pair(tiny, tmp_path, monkeypatch
         np.testing.assert_allclose(again.logits(X), first, rtol=1e-6)
         assert stub.count == asked and again.llm_calls_ == 0
     assert stub.bodies[0]["response_format"] == {"type": "json_object"}
+
+
+def test_wrong_shape_pair_answer_is_retried_then_cached_good(tiny, tmp_path):
+    llm = Scripted(cache=tmp_path / "llm", attempts=3)
+    answers = iter(['{"differences": []}', json.dumps(_answer("cat", "dog"))])
+    llm._request = lambda prompt, system, json_mode: llm.prompts.append(prompt) or next(answers)
+    head = _head(tiny, tmp_path, llm, top_k=2, names=["cat", "dog"])
+    X = _features(tiny, n=4)
+    assert not np.allclose(head.logits(X), head.zeroshot_logits(X))
+    assert not head.failures_ and head.llm_calls_ == 2 == llm.requests
+    (rejected,) = (tmp_path / "llm").glob("*.rejected.json")
+    assert json.loads(rejected.read_text())[0]["answer"] == '{"differences": []}'
+    again = _head(tiny, tmp_path, Scripted(cache=tmp_path / "llm", fail={"cat"}), top_k=2, names=["cat", "dog"])
+    again.logits(X)
+    assert again.llm_calls_ == 0 and again.llm_cache_hits_ == 1 and not again.failures_
+
+
+def test_always_wrong_shape_fails_the_set_and_a_cached_wrong_answer_is_asked_again(tiny, tmp_path):
+    names = ["cat", "dog"]
+    X = _features(tiny, n=4)
+    wrong = Scripted(cache=tmp_path / "llm", wrong={"cat"}, attempts=2)
+    head = _head(tiny, tmp_path, wrong, top_k=2, names=names)
+    with pytest.warns(RuntimeWarning):
+        np.testing.assert_array_equal(head.logits(X), head.zeroshot_logits(X))
+    assert "unusable answer" in head.failures_["cat | dog"] and wrong.requests == 2
+    assert not [p for p in (tmp_path / "llm").glob("*.json") if not p.name.endswith(".rejected.json")]
+    # A wrong-shape answer cached before answers were checked (the same backend, model and prompt) is a miss.
+    wrong.complete(pair_prompt("cat", "dog"), system=PAIR_SYSTEM, json_schema={"type": "object"})
+    good = Scripted(cache=tmp_path / "llm")
+    rerun = _head(tiny, tmp_path, good, top_k=2, names=names)
+    assert not np.allclose(rerun.logits(X), rerun.zeroshot_logits(X))
+    assert good.requests == 1 and rerun.llm_cache_hits_ == 0 and not rerun.failures_
+
+
+def test_down_endpoint_gives_up_after_n_failed_pairs(tiny, tmp_path):
+    from _llm_stub import Stub
+    from cliplab.llm import OpenAICompatible
+
+    with Stub(lambda body, n: (200, "{}", 0)) as stub:
+        url = stub.url  # closed: nothing listens there any more
+    X = _features(tiny, n=60)
+    llm = OpenAICompatible(url, "m", attempts=2, backoff=0.0, cache=tmp_path / "llm")
+    head = _head(tiny, tmp_path, llm)
+    zeroshot = head.zeroshot_logits(X)
+    with pytest.warns(RuntimeWarning, match="keep their zero-shot logits"):
+        np.testing.assert_array_equal(head.logits(X), zeroshot)
+    assert llm.requests == 3 * 2 == head.llm_calls_  # three pairs tried, attempts=2 each
+    sets = {head.set_key(s) for s in head.ambiguous_sets(zeroshot).tolist()}
+    assert set(head.failures_) == sets and len(sets) > 2
+    not_asked = [r for r in head.failures_.values() if r.startswith("not asked: the endpoint failed 3 times in a row")]
+    assert not_asked and "cannot reach" in not_asked[0]
+    assert head.fit_summary()["class_sets_not_asked"] == len(not_asked)
+    with pytest.warns(RuntimeWarning):
+        head.logits(X)
+    assert llm.requests == 6  # still given up
+    never = OpenAICompatible(url, "m", attempts=1, backoff=0.0, cache=False)
+    patient = create_head("fudd", backbone=tiny, class_names=NAMES, llm=never, top_k=3, give_up_after=None,
+                          cache_dir=tmp_path / "cache").fit()
+    with pytest.warns(RuntimeWarning):
+        patient.logits(X)
+    pairs = {(a, b) for s in patient.ambiguous_sets(zeroshot).tolist() for a in s for b in s if a < b}
+    assert never.requests == len(pairs) > 3
+    assert not any(r.startswith("not asked") for r in patient.failures_.values())

@@ -311,3 +311,95 @@ def test_parse_json_is_lenient_but_not_blind():
 def test_the_base_class_is_abstract():
     with pytest.raises(NotImplementedError):
         LLM("m", cache=False)._request("p", None, False)
+
+
+# ---- answers of the wrong shape (valid JSON, unusable): validate= ----------------------------------------
+
+def _needs_ok(answer):
+    if not isinstance(answer, dict) or answer.get("ok") != 1:
+        raise ValueError("no 'ok': 1 in the answer")
+
+
+def _rejected(tmp_path):
+    return [record for path in sorted((tmp_path / "llm").glob("*.rejected.json"))
+            for record in json.loads(path.read_text())]
+
+
+def test_wrong_shape_then_good_answer_is_retried_and_only_the_good_one_cached(tmp_path):
+    answers = {1: '{"differences": "none"}', 2: '{"ok": 1}'}
+    with Stub(lambda body, n: (200, answers[n], 0)) as stub:
+        llm = _client(stub, tmp_path)
+        assert llm.complete("x", json_schema=True, validate=_needs_ok) == {"ok": 1}
+        assert stub.count == 2
+        assert llm.complete("x", json_schema=True, validate=_needs_ok) == {"ok": 1}  # from the cache
+        assert stub.count == 2 and llm.cache_hits == 1
+    (good,) = [p for p in (tmp_path / "llm").glob("*.json") if not p.name.endswith(".rejected.json")]
+    assert json.loads(good.read_text())["answer"] == '{"ok": 1}'
+    (bad,) = _rejected(tmp_path)
+    assert bad["answer"] == '{"differences": "none"}' and "no 'ok'" in bad["rejected"] and bad["prompt"] == "x"
+    assert good.with_name(good.name.replace(".json", ".rejected.json")).is_file()  # beside its cache entry
+
+
+def test_always_wrong_shape_is_reported_per_key_and_nothing_is_cached_as_good(tmp_path):
+    def script(body, n):
+        prompt = body["messages"][-1]["content"]
+        return 200, '{"ok": 1}' if prompt == "good" else f'{{"ok": 2, "n": {n}}}', 0
+
+    with Stub(script) as stub:
+        llm = _client(stub, tmp_path, attempts=3)
+        answers, failures = ask_each(llm, {"a": "good", "b": "bad"}, validate=_needs_ok)
+        assert answers == {"a": {"ok": 1}} and list(failures) == ["b"]
+        assert "unusable answer: no 'ok': 1" in failures["b"] and "after 3 attempt" in failures["b"]
+        assert stub.count == 1 + 3
+        with pytest.raises(LLMError, match="unusable answer"):  # a rerun asks again: nothing was cached for it
+            llm.complete("bad", json_schema=True, validate=_needs_ok)
+        assert stub.count == 1 + 3 + 3
+    cached = [p for p in (tmp_path / "llm").glob("*.json") if not p.name.endswith(".rejected.json")]
+    assert [json.loads(p.read_text())["prompt"] for p in cached] == ["good"]
+    assert len(_rejected(tmp_path)) == 6 and {r["prompt"] for r in _rejected(tmp_path)} == {"bad"}
+
+
+def test_cached_wrong_shape_answer_is_a_miss_and_kept_as_rejected(tmp_path):
+    answers = {1: '{"ok": "cached before the check"}', 2: '{"ok": 1}'}
+    with Stub(lambda body, n: (200, answers[n], 0)) as stub:
+        assert _client(stub, tmp_path).complete("x", json_schema=True) == {"ok": "cached before the check"}
+        rerun = _client(stub, tmp_path)
+        assert rerun.complete("x", json_schema=True, validate=_needs_ok) == {"ok": 1}
+        assert stub.count == 2 and rerun.cache_hits == 0 and rerun.requests == 1
+        assert _client(stub, tmp_path).complete("x", json_schema=True, validate=_needs_ok) == {"ok": 1}
+        assert stub.count == 2  # the good answer replaced it in the cache
+    (bad,) = _rejected(tmp_path)
+    assert bad["answer"] == answers[1] and "no 'ok'" in bad["rejected"]
+
+
+def test_validate_works_without_a_disk_cache_and_on_text(tmp_path):
+    def no_sorry(text):
+        if text.startswith("Sorry"):
+            raise ValueError("a refusal")
+
+    with Stub(lambda body, n: (200, "Sorry, no." if n == 1 else "whiskers", 0)) as stub:
+        llm = OpenAICompatible(stub.url, "m", attempts=2, backoff=0.0, cache=False)
+        assert llm.complete("x", validate=no_sorry) == "whiskers" and stub.count == 2
+
+
+def test_ask_each_gives_up_when_the_endpoint_is_down(tmp_path):
+    with Stub(lambda body, n: (200, "x", 0)) as stub:
+        url = stub.url  # closed
+    llm = OpenAICompatible(url, "m", attempts=2, backoff=0.0, cache=tmp_path / "llm")
+    keys = {f"k{i}": f"prompt {i}" for i in range(8)}
+    answers, failures = ask_each(llm, keys, give_up_after=3)
+    assert answers == {} and list(failures) == list(keys) and llm.requests == 3 * 2
+    assert "cannot reach" in failures["k2"]
+    assert failures["k3"].startswith("not asked: the endpoint failed 3 times in a row (")
+    assert failures["k3"].endswith(f"({failures['k2']})") and failures["k7"] == failures["k3"]
+
+
+def test_ask_each_does_not_give_up_after_a_success(tmp_path):
+    def script(body, n):
+        return (200, '{"a": 1}', 0) if body["messages"][-1]["content"] == "p0" else (500, "down", 0)
+
+    with Stub(script) as stub:
+        answers, failures = ask_each(_client(stub, tmp_path, attempts=1), {f"k{i}": f"p{i}" for i in range(6)},
+                                     give_up_after=2)
+        assert list(answers) == ["k0"] and len(failures) == 5 and stub.count == 6
+        assert not any(reason.startswith("not asked") for reason in failures.values())

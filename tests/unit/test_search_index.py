@@ -118,8 +118,12 @@ def test_approximate_types_recall_vs_exact(kind):
 def test_index_spec_choices():
     assert index_spec("auto", 1000, 64)[0] == "flat"
     kind, factory, params = index_spec("auto", 100_000, 512)
-    assert kind == "ivf" and factory == "IVF1265,Flat" and params["nprobe"] >= 32
-    assert index_spec("ivfpq", 100_000, 512)[1] == "IVF1265,PQ64x8"
+    assert kind == "ivf" and factory == "IVF316,Flat" and params["nprobe"] >= 32
+    assert index_spec("ivfpq", 100_000, 512)[1] == "IVF316,PQ64x8"
+    # practical at 1M on a 2-core CPU: ~sqrt(n) cells, ~64 training vectors a cell, not all 1M
+    assert index_spec("ivf", 1_000_000, 512)[1] == "IVF1000,Flat"
+    assert index_module.train_sample_size("IVF1000,Flat", 1_000_000) == 64_000
+    assert index_module.train_sample_size("IVF25,Flat", 1000) == 1000
     assert index_spec("IVF64,Flat", 10_000, 32) == ("factory", "IVF64,Flat", {"nprobe": 32})
     with pytest.raises(CliplabError, match="index type 'bogus'"):
         index_spec("bogus", 10, 4)
@@ -130,7 +134,7 @@ def test_index_type_is_recorded_and_kept_by_update(tiny, folder, tmp_path):
     build_index(tiny, folder, out, index_type="hnsw", progress=False, workers=0)
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["index_type"], manifest["factory"], manifest["search_params"]) == (
-        "hnsw", "HNSW32,Flat", {"efSearch": 128})
+        "hnsw", "HNSW32,Flat", {"efSearch": 256})
     _image(folder / "c" / "more.png", 7)
     update_index(tiny, out, progress=False, workers=0)
     with SearchIndex.open(out) as index:
@@ -173,7 +177,8 @@ def test_killed_build_leaves_previous_index(tiny, folder, tmp_path, monkeypatch)
         build_index(tiny, folder, out, progress=False, workers=0)
     assert (out / "manifest.json").read_text() == before
     assert SearchIndex.open(out).count == 8
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cliplab-cache", "index", "photos"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".index.lock") == ["cliplab-cache", "index",
+                                                                                     "photos"]
 
 
 def test_build_refuses_a_folder_that_is_not_an_index(tiny, folder, tmp_path):
@@ -244,6 +249,23 @@ def test_build_from_parquet_shards(tiny, tmp_path):
         build_index(tiny, tmp_path / "other", tmp_path / "index2", progress=False)
 
 
+def test_shards_index_keeps_every_caption_and_no_absolute_path(tiny, tmp_path):
+    from cliplab.features.shards import write_shards
+
+    vectors = np.eye(3, tiny.embed_dim, dtype=np.float32)
+    paths = [str(tmp_path / "private" / f"s{i}.png") for i in range(3)]
+    captions = [["a red car", "a car on a road"], ["a dog"], []]
+    write_shards(tmp_path / "shards", model_id=tiny.model_id, dim=tiny.embed_dim, preprocess_id=tiny.preprocess_id,
+                 encoding_id="fp32", paths=paths, sizes=[1] * 3, mtimes=[0.0] * 3, identities=["a", "b", "c"],
+                 captions=captions, embeddings=vectors)
+    report = build_index(tiny, tmp_path / "shards", tmp_path / "index", progress=False)
+    assert report.captions == 3  # both captions of the first image, not only its first one
+    with SearchIndex.open(tmp_path / "index") as index:
+        hits = index.search_vectors(vectors, k=1)
+        assert [h[0].extra["name"] for h in hits] == ["s0.png", "s1.png", "s2.png"]
+        assert all("private" not in json.dumps(h[0].extra) for h in hits)
+
+
 def test_ivf_update_in_place_keeps_trained_index(tiny, folder, tmp_path):
     out = tmp_path / "index"
     build_index(tiny, folder, out, index_type="ivf", progress=False, workers=0)
@@ -256,3 +278,131 @@ def test_ivf_update_in_place_keeps_trained_index(tiny, folder, tmp_path):
         hit = index.search_image(tiny, Image.open(folder / "c" / "more.png"), k=1)[0]
         assert hit.extra["name"] == "c/more.png" and hit.score == pytest.approx(1.0, abs=1e-4)
         assert "a/img1.png" not in {h.extra["name"] for h in index.search_text(tiny, "x", k=20)}
+
+
+def test_ivf_update_reuses_factory_and_params_when_nlist_would_change(tiny, folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "ivf_nlist", lambda n: max(1, n // 2))  # the old code recomputed this
+    out = tmp_path / "index"
+    build_index(tiny, folder, out, index_type="ivf", search_params={"nprobe": 3}, progress=False, workers=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["factory"] == "IVF4,Flat" and manifest["train_sample"] == 8
+    _image(folder / "c" / "more.png", 9)
+    _image(folder / "c" / "most.png", 10)
+    report = update_index(tiny, out, progress=False, workers=0)
+    assert (report.rebuilt, report.added, report.count) == (False, 2, 10)
+    after = json.loads((out / "manifest.json").read_text())
+    assert (after["factory"], after["search_params"]) == ("IVF4,Flat", {"nprobe": 3})  # the user's nprobe survives
+    with SearchIndex.open(out, search_params={"nprobe": 4}) as index:  # all cells: equals exact search
+        vectors, ids = np.load(out / "vectors.npy"), index.ids()
+        queries = vectors[:4] + 0.1
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        exact = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :5]]
+        found = [[h.id for h in hits] for hits in index.search_vectors(queries, k=5)]
+        assert found == exact.tolist()
+
+
+def test_ids_continue_across_rebuilds(tiny, folder, tmp_path):
+    out = tmp_path / "index"
+    build_index(tiny, folder, out, progress=False, workers=0)
+    with SearchIndex.open(out) as index:
+        first = set(index.ids().tolist())
+    build_index(tiny, folder, out, progress=False, workers=0)
+    with SearchIndex.open(out) as index:
+        second = set(index.ids().tolist())
+        assert index.manifest["next_id"] == max(second) + 1
+    assert min(second) > max(first)  # the service caches /images/{id}: an id never names another image
+
+
+def test_kill_between_publish_renames_keeps_the_index(tiny, folder, tmp_path, monkeypatch):
+    out = tmp_path / "index"
+    build_index(tiny, folder, out, progress=False, workers=0)
+    _image(folder / "c" / "more.png", 7)
+    real = os.rename
+
+    def killed(src, dst):
+        if ".build-" in str(src):
+            raise KeyboardInterrupt  # after the old index was set aside, before the new one is in place
+        return real(src, dst)
+
+    monkeypatch.setattr(index_module.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tiny, folder, out, progress=False, workers=0)
+    monkeypatch.setattr(index_module.os, "rename", real)
+    assert not out.exists()
+    with SearchIndex.open(out) as index:  # a reader recovers the set-aside previous index
+        assert index.count == 8
+    assert out.is_dir() and not list(tmp_path.glob(".index.old-*"))
+    assert build_index(tiny, folder, out, progress=False, workers=0).count == 9
+
+
+def test_a_second_writer_is_refused_with_one_line(tiny, folder, tmp_path):
+    out = tmp_path / "index"
+    build_index(tiny, folder, out, progress=False, workers=0)
+    with index_module.writer_lock(out):
+        with pytest.raises(SearchIndexError, match="another cliplab index build or update is writing"):
+            build_index(tiny, folder, out, progress=False, workers=0)
+        with pytest.raises(SearchIndexError, match="another cliplab index build or update is writing"):
+            update_index(tiny, out, progress=False, workers=0)
+        assert SearchIndex.open(out).count == 8  # readers are not blocked
+
+
+def test_untrainable_index_type_is_one_clear_error_before_embedding(tiny, folder, tmp_path, monkeypatch):
+    import cliplab.features.embed as embed_module
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before checking the index type")
+
+    monkeypatch.setattr(embed_module, "embed_images", no_embedding)
+    with pytest.raises(CliplabError, match=r"index type ivfpq .*needs at least 16 vectors to train, the source has 9"):
+        build_index(tiny, folder, tmp_path / "i1", index_type="ivfpq", progress=False, workers=0)
+    with pytest.raises(CliplabError, match=r"needs at least 256 vectors to train.*use flat"):
+        build_index(tiny, folder, tmp_path / "i2", index_type="HNSW32,PQ8", progress=False, workers=0)
+    vectors = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+    with pytest.raises(CliplabError, match="needs at least 256 vectors"):  # after embedding (failures) too
+        index_module._make_index("IVF2,PQ4", vectors, np.arange(8))
+
+
+def test_identical_files_at_two_paths_are_both_indexed(tiny, tmp_path):
+    root = tmp_path / "dups"
+    _image(root / "one" / "same.png", 5)
+    (root / "two").mkdir()
+    (root / "two" / "same.png").write_bytes((root / "one" / "same.png").read_bytes())
+    report = build_index(tiny, root, tmp_path / "index", hash_content=True, progress=False, workers=0)
+    assert report.count == 2
+    with SearchIndex.open(tmp_path / "index") as index:
+        hits = index.search_image(tiny, Image.open(root / "one" / "same.png"), k=2)
+        assert sorted(h.extra["name"] for h in hits) == ["one/same.png", "two/same.png"]
+        assert len({h.id for h in hits}) == 2
+
+
+def test_manifest_extra_columns_are_stored(tiny, tmp_path):
+    data = tmp_path / "data"
+    for i in range(3):
+        _image(data / f"p{i}.png", i)
+    (data / "m.csv").write_text("path,label,photographer,licence\n" + "".join(
+        f"p{i}.png,c{i % 2},ann{i},CC-BY\n" for i in range(3)))
+    build_index(tiny, data / "m.csv", tmp_path / "index", progress=False, workers=0)
+    with SearchIndex.open(tmp_path / "index") as index:
+        hit = index.search_image(tiny, Image.open(data / "p2.png"), k=1)[0]
+        assert hit.extra["photographer"] == "ann2" and hit.extra["licence"] == "CC-BY"
+        assert hit.extra["label"] == "c0" and "path" not in hit.extra
+
+
+def test_empty_query_and_caption_lookup_by_hit(tiny, tmp_path, monkeypatch):
+    rows = []
+    for i in range(3):
+        _image(tmp_path / "data" / f"p{i}.png", i)
+        rows.append({"path": f"p{i}.png", "caption": f"caption {i}"})
+    (tmp_path / "data" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_index(tiny, tmp_path / "data" / "m.jsonl", tmp_path / "index", progress=False, workers=0)
+    with SearchIndex.open(tmp_path / "index") as index:
+        for empty in ("", "   \n"):
+            with pytest.raises(CliplabError, match="empty"):
+                index.search_text(tiny, empty)
+
+        def every_caption(self):
+            raise AssertionError("read every caption row for one query")
+
+        monkeypatch.setattr(type(index._store), "captions", every_caption)
+        hits = index.search_captions(tiny, Image.open(tmp_path / "data" / "p1.png"), k=2)
+        assert len(hits) == 2 and all(h.text.startswith("caption ") for h in hits)

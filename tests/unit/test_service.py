@@ -219,17 +219,18 @@ def test_a_50_mb_upload_is_413_and_the_service_keeps_running(client):
 
 
 def test_classify_gives_probabilities_and_caches_the_label_weights(built, tiny, monkeypatch):
-    import cliplab.heads
+    import cliplab.features.text
     from cliplab.heads import create_head
     from cliplab.service import create_app
 
     made = []
+    original = cliplab.features.text.class_weights
 
-    def counting(*args, **kwargs):
-        made.append(kwargs.get("class_names"))
-        return create_head(*args, **kwargs)
+    def counting(backbone, names, *args, **kwargs):
+        made.append(list(names))
+        return original(backbone, names, *args, **kwargs)
 
-    monkeypatch.setattr(cliplab.heads, "create_head", counting)
+    monkeypatch.setattr(cliplab.features.text, "class_weights", counting)
     local = TestClient(create_app(built[0], tiny))
     data = (built[1] / "img2.png").read_bytes()
     body = _upload(local, data, "/classify", labels="cat, dog ,car").json()
@@ -247,6 +248,216 @@ def test_classify_gives_probabilities_and_caches_the_label_weights(built, tiny, 
     for labels in (" , ,", "cat,cat"):
         assert "labels" in _error(_upload(local, data, "/classify", labels=labels), 422)
     _error(local.post("/classify", files={"image": ("q.png", data, "image/png")}), 422)  # no labels field
+
+
+def test_repeated_label_fields_keep_their_commas(built, tiny):
+    from cliplab.service import create_app
+    from cliplab.service.app import MAX_LABELS, parse_labels
+
+    assert parse_labels(["hot dog, sausage", "cat"]) == ["hot dog, sausage", "cat"]
+    assert parse_labels(["hot dog, sausage"]) == ["hot dog", "sausage"]  # one field: comma-separated
+    local = TestClient(create_app(built[0], tiny))
+    data = (built[1] / "img2.png").read_bytes()
+    response = local.post("/classify", files={"image": ("q.png", data, "image/png")},
+                          data={"labels": ["hot dog, sausage", " cat "]})
+    assert response.status_code == 200, response.text
+    assert response.json()["labels"] == ["hot dog, sausage", "cat"]
+    assert MAX_LABELS == 64
+    many = ",".join(f"label {i}" for i in range(MAX_LABELS + 1))
+    assert "at most 64" in _error(_upload(local, data, "/classify", labels=many), 422)
+
+
+def test_a_new_label_set_does_not_stall_searches(built, tiny, monkeypatch):
+    """The label-set text encodings run outside the index lock: /search answers while they are under way."""
+    import threading
+
+    import cliplab.features.text
+    from cliplab.service import create_app
+
+    started, release = threading.Event(), threading.Event()
+    original = cliplab.features.text.class_weights
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(20)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cliplab.features.text, "class_weights", slow)
+    local = TestClient(create_app(built[0], tiny))
+    data = (built[1] / "img2.png").read_bytes()
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(_upload(local, data, "/classify", labels="a,b")))
+    worker.start()
+    try:
+        assert started.wait(20)
+        _ok(local)  # answered while the label set is still being embedded
+        assert not release.is_set() and worker.is_alive()
+    finally:
+        release.set()
+        worker.join(30)
+    assert answers[0].status_code == 200, answers[0].text
+
+
+def test_faiss_searches_on_one_thread_in_the_server(built, tiny):
+    import faiss
+
+    from cliplab.service import create_app
+
+    faiss.omp_set_num_threads(4)
+    create_app(built[0], tiny)
+    assert faiss.omp_get_max_threads() == 1
+
+
+def test_images_revalidate_with_an_etag(tiny, tmp_path):
+    import os
+
+    from cliplab.search import build_index
+    from cliplab.service import create_app
+    from cliplab.service.app import image_etag
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"img{i}.png").write_bytes(_png(200 + i))
+    build_index(tiny, images, tmp_path / "index", cache_dir=tmp_path / "cache", progress=False, workers=0)
+    local = TestClient(create_app(tmp_path / "index", tiny))
+    hit = local.get("/search", params={"q": "x", "k": 1}).json()["hits"][0]
+    first = local.get(hit["url"])
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
+    tag = first.headers["etag"]
+    assert tag.startswith('"') and "max-age" not in first.headers["cache-control"]
+    cached = local.get(hit["url"], headers={"If-None-Match": tag})
+    assert cached.status_code == 304 and not cached.content and cached.headers["etag"] == tag
+    assert local.get(hit["url"], headers={"If-None-Match": f'"other", W/{tag}'}).status_code == 304
+    assert local.get(hit["url"], headers={"If-None-Match": '"other"'}).status_code == 200
+    # the file changes: a new tag
+    path = images / hit["name"]
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    changed = local.get(hit["url"], headers={"If-None-Match": tag})
+    assert changed.status_code == 200 and changed.headers["etag"] != tag
+    # a rebuilt index (an id may now name another file): every tag changes, even for the same id and file
+    build_index(tiny, images, tmp_path / "index", cache_dir=tmp_path / "cache", progress=False, workers=0)
+    again = TestClient(create_app(tmp_path / "index", tiny))
+    same = next(h for h in again.get("/search", params={"q": "x", "k": 3}).json()["hits"] if h["name"] == hit["name"])
+    rebuilt = again.get(same["url"], headers={"If-None-Match": changed.headers["etag"]})
+    assert rebuilt.status_code == 200 and rebuilt.headers["etag"] not in (tag, changed.headers["etag"])
+    assert image_etag("build-a", 1, 10, 5) != image_etag("build-b", 1, 10, 5) != image_etag("build-b", 1, 10, 6)
+
+
+def test_a_shards_built_index_hides_paths(tiny, tmp_path):
+    """Shard rows store absolute paths (also as extra["name"]): the service shows base names only."""
+    from cliplab.features.shards import write_shards
+    from cliplab.search import build_index
+    from cliplab.service import create_app
+
+    images = tmp_path / "home" / "secret" / "photos"
+    images.mkdir(parents=True)
+    paths = []
+    for i in range(3):
+        paths.append(images / f"s{i}.png")
+        paths[-1].write_bytes(_png(300 + i))
+    pixels = __import__("torch").stack([tiny.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    vectors = tiny.encode_images(pixels).numpy()
+    write_shards(tmp_path / "shards", model_id=tiny.model_id, dim=tiny.embed_dim, preprocess_id=tiny.preprocess_id,
+                 encoding_id=tiny.encoding_id, paths=[str(p) for p in paths], sizes=[p.stat().st_size for p in paths],
+                 mtimes=[p.stat().st_mtime for p in paths], identities=[f"id{i}" for i in range(3)],
+                 captions=["a photo", None, None], embeddings=vectors)
+    build_index(tiny, tmp_path / "shards", tmp_path / "index", cache_dir=tmp_path / "cache", progress=False)
+    local = TestClient(create_app(tmp_path / "index", tiny))
+    response = local.get("/search", params={"q": "a photo", "k": 3})
+    assert response.status_code == 200, response.text
+    assert "secret" not in response.text and str(tmp_path) not in response.text
+    hits = response.json()["hits"]
+    assert sorted(h["name"] for h in hits) == ["s0.png", "s1.png", "s2.png"]
+    assert all(h["extra"].get("name") == h["name"] for h in hits)
+    found = _upload(local, paths[1].read_bytes(), k=3)
+    assert found.status_code == 200 and "secret" not in found.text
+    assert found.json()["hits"][0]["name"] == "s1.png"
+    assert local.get(hits[0]["url"]).content == (images / hits[0]["name"]).read_bytes()
+
+
+def test_extra_fields_never_carry_paths():
+    from cliplab.service.app import sanitize_extra
+
+    extra = {"name": "/home/secret/user/photos/s0.png", "label": "cat", "source": "/home/secret/list.txt",
+             "home": "~/photos/a.png", "win": "C:\\Users\\me\\a.png", "unc": "\\\\server\\share\\a.png",
+             "uri": "file:///home/secret/a.png", "nested": {"p": "/etc/passwd", "q": 3}, "list": ["/x/y", "ok"],
+             "score": 0.5, "relative": "sub/a.png"}
+    assert sanitize_extra(extra) == {"name": "s0.png", "label": "cat", "nested": {"q": 3}, "list": ["ok"],
+                                     "score": 0.5, "relative": "sub/a.png"}
+    assert sanitize_extra({"name": "/data/photos/2020/a.png"}, "/data/photos") == {"name": "2020/a.png"}
+    assert sanitize_extra({"name": "/elsewhere/a.png"}, "/data/photos") == {"name": "a.png"}
+    assert sanitize_extra({"name": "C:\\Users\\me\\a.png"}) == {"name": "a.png"}
+    assert sanitize_extra(None) == {}
+
+
+def _encoded(fmt: str, size=(32, 32), **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_only_common_formats_are_decoded(client):
+    """TIFF, EPS, PSD... never reach their PIL decoders: 415 naming the accepted formats."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n" + b"%" * 200
+    psd = b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03\x00\x00\x00\x20\x00\x00\x00\x20\x00\x08\x00\x03" + b"\x00" * 64
+    for data in (_encoded("TIFF"), _encoded("TIFF", compression="tiff_lzw"), eps, psd, _encoded("ICO"),
+                 _encoded("PPM"), _encoded("TGA")):
+        for url in ("/search/image", "/classify"):
+            fields = {"labels": "cat,dog"} if url == "/classify" else {}
+            detail = _error(_upload(client, data, url, **fields), 415)
+            assert "JPEG, PNG, GIF, WebP or BMP" in detail
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "BMP"):
+        assert _upload(client, _encoded(fmt), name="q").status_code == 200, fmt
+    _ok(client)
+
+
+def test_images_over_24_megapixels_are_413(client):
+    from cliplab.service.app import MAX_PIXELS
+
+    assert MAX_PIXELS == 24_000_000
+    detail = _error(_upload(client, _bomb_png(5000, 5000)), 413)  # 25 Mpx: the header alone is refused
+    assert "5000x5000" in detail
+    _ok(client)
+
+
+def test_large_jpegs_decode_in_draft_mode():
+    from cliplab.service.app import DRAFT_SIDE, decode_image
+
+    image = decode_image(_encoded("JPEG", size=(2400, 1600)))
+    assert image.mode == "RGB" and min(image.size) >= DRAFT_SIDE and image.size == (1200, 800)
+    assert decode_image(_encoded("JPEG", size=(600, 500))).size == (600, 500)  # small: decoded as is
+    assert decode_image(_encoded("PNG", size=(2400, 1600))).size == (2400, 1600)
+
+
+def test_concurrent_decodes_are_bounded(monkeypatch):
+    import threading
+    import time
+
+    from cliplab.service import app as service_app
+
+    running, peak, guard = [0], [0], threading.Lock()
+    original = service_app._decode
+
+    def tracked(data, max_pixels):
+        with guard:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        try:
+            return original(data, max_pixels)
+        finally:
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(service_app, "_decode", tracked)
+    data = _encoded("PNG")
+    threads = [threading.Thread(target=service_app.decode_image, args=(data,)) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak[0] == service_app.DECODE_SLOTS and 2 <= service_app.DECODE_SLOTS <= 4
 
 
 def test_page_docs_and_schema_are_served(client):

@@ -131,3 +131,31 @@ def test_retrieve_finds_items_by_any_caption():
     captions = [["a cat"], ["nothing here", "A SEA LION!"], ["two lions"], ["eared seal", "kitty cat"]]
     found = retrieve(captions, SYNONYMS)
     assert found == {"sea lion": [(1, "A SEA LION!"), (3, "eared seal")], "cat": [(0, "a cat"), (3, "kitty cat")]}
+
+
+def test_llm_synonyms_retry_a_wrong_shape_and_give_up_on_a_down_endpoint(tmp_path):
+    from _llm_stub import Stub
+    from cliplab.llm import LLM, OpenAICompatible, RetryableError
+
+    class Flaky(LLM):
+        def __init__(self):
+            super().__init__("flaky", attempts=2, backoff=0.0, cache=tmp_path / "llm")
+
+        def _request(self, prompt, system, json_mode):
+            if "cat" in prompt and self.requests == 1:
+                return '["kitty", 3]'  # a JSON list, not of strings
+            if "dog" in prompt:
+                raise RetryableError("server error 503")
+            return '["kitty", "cat", " puss "]'
+
+    llm = Flaky()
+    found, failures = llm_synonyms(llm, ["cat", "dog"])
+    assert found == {"cat": ["kitty", "puss"], "dog": []} and list(failures) == ["dog"]
+    assert llm.requests == 2 + 2 and len(list((tmp_path / "llm").glob("*.rejected.json"))) == 1
+
+    with Stub(lambda body, n: (200, "[]", 0)) as stub:
+        url = stub.url  # closed: nothing listens there any more
+    down = OpenAICompatible(url, "m", attempts=2, backoff=0.0, cache=False)
+    found, failures = llm_synonyms(down, [f"class {i}" for i in range(6)])
+    assert down.requests == 3 * 2 and all(v == [] for v in found.values()) and len(failures) == 6
+    assert failures["class 5"].startswith("not asked: the endpoint failed 3 times in a row")

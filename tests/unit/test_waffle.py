@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cliplab.data.prompts import descriptor_sentence
+from cliplab.data.prompts import descriptor_clause, descriptor_sentence
 from cliplab.errors import DescriptionError
 from cliplab.features.text import embed_prompts
 from cliplab.heads import create_head
@@ -60,6 +60,17 @@ def test_weights_equal_the_hand_computation(tiny, tmp_path):
     np.testing.assert_allclose(head.weights_, expected, rtol=1e-5, atol=1e-6)
     X = _features(tiny)
     np.testing.assert_allclose(head.logits(X), head.logit_scale_ * X @ expected, rtol=1e-4, atol=1e-4)
+
+
+def test_default_is_their_a_photo_of_a_template_with_the_clause_before_the_full_stop(tiny, tmp_path):
+    head = create_head("waffle", backbone=tiny, class_names=CLASSES, waffle_count=2, seed=7, cache_dir=tmp_path)
+    shared = head.descriptors()[0]
+    sentences = head.sentences()
+    # their label_before_text 'A photo of a ' + class + ', which ...' + label_after_text '.'
+    assert sentences[2] == [f"A photo of a sea turtle, {descriptor_clause(d)}." for d in shared]
+    assert all(s.startswith("A photo of a ") and s.endswith(".") and "., " not in s for row in sentences for s in row)
+    assert create_head("waffle", backbone=tiny, class_names=CLASSES, waffle_count=0).sentences()[0] == \
+        ["A photo of a cat."]
 
 
 def test_zero_count_is_the_template_classifier(tiny, tmp_path):

@@ -17,6 +17,7 @@ from .common import (
     description_method,
     err_console,
     report_failures,
+    report_fit_problems,
     report_skipped,
 )
 
@@ -81,6 +82,8 @@ def classify(
         if templates is not None or descriptions is None:
             extra["templates"] = templates or "imagenet7"
         head = create_head(method, backbone=backbone, class_names=names, cache_dir=run.cache_dir, **extra).fit()
+    if hasattr(head, "fit_summary"):
+        report_fit_problems(head.fit_summary())
     threshold = _reject_threshold(head, run, backbone, reject_score, reject_tpr, reject_calibration) if reject else None
     features = run.embed(backbone, dataset)
     rows = []

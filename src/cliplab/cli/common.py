@@ -44,6 +44,7 @@ class RunOptions:
     precision: str | None = None
     runtime: str | None = None
     long_text: str | None = None
+    long_text_positions: bool = False
 
     def load_backbone(self):
         """``load_model`` with these options; prints notes about random weights or a guessed activation."""
@@ -57,7 +58,8 @@ class RunOptions:
         with console.status(f"loading {name}", spinner="dots"):
             backbone = load_model(name, self.pretrained, self.device, arch=self.arch, config=self.config,
                                   quick_gelu=self.quick_gelu, seed=self.seed, precision=self.precision,
-                                  runtime=self.runtime, long_text=self.long_text)
+                                  runtime=self.runtime, long_text=self.long_text,
+                                  long_text_positions=self.long_text_positions)
         if backbone.info.random_weights:
             err_console.print(Text.assemble(("note: ", "yellow"), f"{name} has random weights; "
                                             "predictions are meaningless"))
@@ -111,6 +113,8 @@ RUN_OPTIONS = {
     "long_text": typer.Option(None, "--long-text", metavar="[truncate|chunk|error]",
                               help="Texts longer than the model's context: truncate (default; end-of-text token "
                               "kept, a warning counts them), chunk (embed context-sized pieces and average) or error."),
+    "long_text_positions": typer.Option(False, "--long-positions", help="Stretch the text positional embedding as "
+                                        "Long-CLIP does (77 -> 248 tokens, zero-shot; model id gets +longpos20x4)."),
 }
 DATA_OPTIONS = {
     "data_root": typer.Option(None, "--data-root", help="Folder holding named datasets (default: $CLIPLAB_DATA or "
@@ -221,6 +225,27 @@ def report_failures(failures, limit: int | None = None) -> None:
         err_console.print(f"  {item}: {reason}", markup=False, highlight=False, soft_wrap=True)
     if limit is not None and len(failures) > limit:
         err_console.print(f"  ... and {len(failures) - limit} more")
+
+
+def report_fit_problems(summary: dict, limit: int = 3) -> None:
+    """What a head's fit could not do (LLM failures per class set, synonyms not found, corpus rows skipped...):
+    every non-empty ``*fail*`` / ``*problem*`` / ``empty*`` entry of its fit summary, counted, with examples."""
+    for key, value in summary.items():
+        if not any(word in key for word in ("fail", "problem", "empty")) or not value:
+            continue
+        if isinstance(value, dict):
+            items = [f"{k}: {v}" for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            items = [str(v) for v in value]
+        else:
+            items = []
+        count = len(items) if items else value
+        err_console.print(Text.assemble(("warning: ", "yellow"), f"{key.replace('_', ' ')}: {count} (see the results "
+                                        "JSON, cliplab.fit)"), soft_wrap=True)
+        for line in items[:limit]:
+            err_console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        if len(items) > limit:
+            err_console.print(f"  ... and {len(items) - limit} more")
 
 
 def report_skipped(dataset, limit: int = 10) -> None:

@@ -18,6 +18,7 @@ from .common import (
     description_method,
     err_console,
     param_value,
+    report_fit_problems,
     report_skipped,
 )
 
@@ -59,6 +60,7 @@ def _print_report(report, title: str) -> None:
     table.add_row(*(f"{100 * m[k]:.2f}%" if m[k] == m[k] else "n/a (<5 classes)"
                     for k in ("acc1", "acc5", "mean_per_class_recall", "ece")))
     console.print(table)
+    report_fit_problems(report.record["cliplab"].get("fit") or {})
     failures = report.features.failures
     if failures:
         where = report.files.get("json", "the results JSON")
@@ -97,8 +99,9 @@ def zeroshot(
         kwargs["llm"] = llm
     test = _load(dataset, data, run, labelled=True)
     backbone = run.load_backbone()
-    # with --descriptions and no --templates: the description method's own default (DCLIP "{c}"; CuPL: sentences)
-    chosen = None if templates is None and descriptions is not None else default_templates(templates, test.name)
+    # without --templates only the template classifier takes the dataset's set; every other method keeps its own
+    # default (DCLIP "{c}", CuPL its sentences, WaffleCLIP/FuDD/PerceptionCLIP their authors' single template)
+    chosen = default_templates(templates, test.name) if templates is not None or method == "zeroshot" else None
     report = evaluate_zeroshot(backbone, test, chosen, output_dir, run.cache_dir,
                                run.batch_size, run.workers, progress=not run.quiet, seed=run.seed, method=method,
                                **kwargs)
@@ -136,7 +139,8 @@ def evaluate(
         check_shot_counts(train_data.labels, train_data.class_names, shots, where=f"{train_data.name} (train)")
     backbone = run.load_backbone()
     kwargs = _parse_params(params)
-    if entry.family == "zeroshot" or "templates" in kwargs:
+    takes_templates = "templates" in inspect.signature(entry.cls.__init__).parameters
+    if method == "zeroshot" or (templates is not None and takes_templates):  # else the method's own default
         kwargs.setdefault("templates", default_templates(templates, test_data.name))
     if entry.needs_backbone:
         kwargs.setdefault("cache_dir", run.cache_dir)

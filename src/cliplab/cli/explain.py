@@ -46,9 +46,13 @@ def explain(
     head = create_head(method, backbone=backbone, class_names=names, cache_dir=run.cache_dir, **params).fit()
     features = run.embed(backbone, dataset)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for item, x in zip(features.item_ids, features.features):
+    stems = [Path(item).stem for item in features.item_ids]
+    for item, x, stem in zip(features.item_ids, features.features, stems):
         found = explain_image(head, x, top=top, class_names=names)
-        stem = Path(item).stem
+        if stems.count(stem) > 1:  # a/cat.jpg and b/cat.jpg: one file each, never one over the other
+            from ..fileio import digest
+
+            stem = f"{stem}-{digest(item)[:8]}"
         png = plot_explanation(found, output_dir / f"explain_{stem}.png", f"{item} · {method} · {backbone.model_id}"
                                + (" · random weights" if backbone.info.random_weights else ""))
         record = {"image": item, "method": method, "model": backbone.model_id,

@@ -20,19 +20,38 @@ index_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-INDEX_DIR = typer.Option(..., "--index-dir", "-o", help="The index folder (written atomically: a killed build "
+INDEX_DIR = typer.Option(..., "--index-dir", "-i", help="The index folder (written atomically: a killed build "
                          "leaves the previous index, or none, never a half-written one).")
 
 
 def with_index_model(run: RunOptions, index_dir: Path) -> RunOptions:
-    """``run`` with the model the index was built with, when --model was not given."""
+    """``run`` with the model the index was built with (every ``load_model`` keyword the build used), when
+    --model was not given. A missing index is left to the command; a damaged manifest is reported as such."""
     if run.model is not None:
         return run
+    from ..errors import SearchIndexError
+
+    path = Path(index_dir) / "manifest.json"
+    if not Path(index_dir).is_dir() or not path.exists():
+        return run  # SearchIndex.open says what is missing (or recovers an interrupted publish)
     try:
-        spec = json.loads((Path(index_dir) / "manifest.json").read_text()).get("model_spec")
-    except (OSError, ValueError, AttributeError):
-        spec = None
-    return dataclasses.replace(run, model=spec) if spec else run
+        manifest = json.loads(path.read_text())
+        spec = manifest.get("model_kwargs") or manifest.get("model_spec")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise SearchIndexError(f"{index_dir}: index is half-written or damaged (manifest.json unreadable); "
+                               "run cliplab index build again") from exc
+    if isinstance(spec, str) and spec:
+        return dataclasses.replace(run, model=spec)
+    if not isinstance(spec, dict) or not spec.get("name"):
+        return run
+    fields = {f.name: f for f in dataclasses.fields(run)}
+    changes: dict = {"model": spec["name"]}
+    for key, value in spec.items():
+        field = fields.get(key)
+        if key in ("name", "device") or field is None or getattr(run, key) != field.default:
+            continue  # the user's own flags win; the device is this machine's choice
+        changes[key] = Path(value) if key == "config" and value is not None else value
+    return dataclasses.replace(run, **changes)
 
 
 def _print(report, verb: str) -> None:
@@ -57,15 +76,13 @@ def build(
     run: RunOptions = None,
 ):
     """Embed a folder or dataset and write a search index (replaces an existing or damaged one)."""
-    from ..models import DEFAULT_MODEL_SPEC
     from ..search import build_index
     from ..search.index import check_target
+    from .embed import model_spec
 
     check_target(index_dir)  # before the model loads
     backbone = run.load_backbone()
-    spec = run.model or DEFAULT_MODEL_SPEC
-    if run.pretrained and ":" not in spec:
-        spec = f"{spec}:{run.pretrained}"
+    spec = {key: value for key, value in model_spec(run).items() if key != "device"}  # reloads exactly this model
     report = build_index(backbone, source, index_dir, cache_dir=run.cache_dir, index_type=index_type,
                          batch_size=run.batch_size, workers=run.workers, progress=not run.quiet,
                          hash_content=run.hash_content, model_spec=spec)

@@ -22,7 +22,7 @@ def search(
     image: Path = typer.Option(None, "--image", help="Find images similar to this image file (or, with --captions, "
                                "the captions that describe it)."),
     captions: bool = typer.Option(False, "--captions", help="Image-to-text: search the indexed captions."),
-    index_dir: Path = typer.Option(..., "--index-dir", help="The index folder (cliplab index build)."),
+    index_dir: Path = typer.Option(..., "--index-dir", "-i", help="The index folder (cliplab index build)."),
     k: int = typer.Option(20, "-k", "--top-k", min=1, help="How many results."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the results to this .json or .csv file."),
     sheet: Path = typer.Option(None, "--sheet", help="Also draw the image hits as a PNG contact sheet."),
@@ -34,6 +34,8 @@ def search(
     """Search an index by text or by image; print, save (JSON/CSV) or draw (PNG) the hits."""
     if (query is None) == (image is None):
         raise CliplabError("give a text QUERY or --image FILE (one of them)")
+    if query is not None and not query.strip():
+        raise CliplabError("the text QUERY is empty; give some words to search for (or --image FILE)")
     if captions and image is None:
         raise CliplabError("--captions searches captions with an image: give --image FILE")
     if sheet is not None and captions:
@@ -82,8 +84,16 @@ def _save(records: list[dict], output: Path) -> None:
         atomic_write_text(output, json.dumps(records, indent=1))
         return
     buffer = io.StringIO()
+    flat = [{**{k: v for k, v in r.items() if k != "extra"},
+             **{f"extra.{k}": _cell(v) for k, v in (r.get("extra") or {}).items()}} for r in records]
     fields = [key for key in records[0] if key != "extra"] if records else ["rank", "id", "score", "path"]
+    fields += sorted({key for row in flat for key in row if key.startswith("extra.")})
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(records)
+    writer.writerows(flat)
     atomic_write_text(output, buffer.getvalue())
+
+
+def _cell(value):
+    """A CSV cell for an extra field (lists and objects as JSON)."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value

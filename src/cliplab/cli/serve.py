@@ -20,17 +20,16 @@ def serve(
     """Serve an index over HTTP: web page at /, text and image search, zero-shot classify, API docs at /docs.
 
     The model defaults to the one the index was built with (when the index records it); a different model
-    is refused.
+    is refused. FAISS runs on one thread per query here (requests run concurrently instead).
     """
     import uvicorn
 
     from ..search import SearchIndex
     from ..service import create_app
+    from .index import with_index_model
 
     index = SearchIndex.open(index_dir)  # a missing or broken index fails before the model loads
-    spec = (getattr(index, "manifest", None) or {}).get("model_spec")
-    if run.model is None and spec:  # the model the index was built with, unless --model says otherwise
-        run.model = spec
+    run = with_index_model(run, index_dir)  # the model (and its options) the index was built with, unless --model
     backbone = run.load_backbone()
     index.check_model(backbone)
     app = create_app(index_dir, backbone, max_upload_bytes=int(max_upload_mb * 2**20))

@@ -21,7 +21,8 @@ Departures from the authors' code:
   (``{"features": [...]}`` / ``{"sentences": [...]}``), with ``n_per_prompt`` items per CuPL question, so one
   deterministic (temperature 0), cacheable call gives several distinct answers, and JSON mode works with
   OpenAI-compatible servers (whose ``json_object`` mode must return an object). An answer that is not a JSON
-  object is retried, then reported; inside the object, the list under the expected key or its only list is used.
+  object, or whose cleaned list is empty, is retried (inside the LLM's retry loop, before it is cached), then
+  reported; inside the object, the list under the expected key or its only list is used.
 - Cleaning (:func:`clean_answer`): bullets, numbering and surrounding quotes are stripped, whitespace is
   collapsed, empty items and case-insensitive duplicates dropped, and at most ``n_per_prompt`` items are kept
   per prompt (the first ones). DCLIP phrases lose a trailing full stop (the head phrases them into a clause).
@@ -184,6 +185,8 @@ def generate_descriptions(llm: LLM | str, class_names: Sequence[str], style: str
     prompts dropped), checked with ``check_descriptions``; ``failures``: class -> one-line reason. Each class is
     in exactly one of the two. ``record``: a replay file to merge every answered prompt into.
     """
+    if mention not in MENTION:
+        raise DescriptionError(f"unknown mention rule {mention!r}: use one of {', '.join(MENTION)}")
     llm = load_llm(llm)
     prompts = build_prompts(class_names, style, n_per_prompt=n_per_prompt, domain=domain)
     descriptions: Descriptions = {}
@@ -202,7 +205,8 @@ def generate_descriptions(llm: LLM | str, class_names: Sequence[str], style: str
                 failures.update(dict.fromkeys(classes[index:], reason))
                 break
             keyed = {str(i): prompt for i, prompt in enumerate(prompts[name])}
-            answers, failed = ask_each(llm, keyed, json={"type": "object"})
+            answers, failed = ask_each(llm, keyed, json={"type": "object"},
+                                       validate=answer_validator(name, style, n_per_prompt, mention))
             answered.update({keyed[i]: answer for i, answer in answers.items()})
             if failed:
                 reasons = sorted(set(failed.values()))
@@ -224,6 +228,17 @@ def generate_descriptions(llm: LLM | str, class_names: Sequence[str], style: str
     if descriptions:
         descriptions = check_descriptions(descriptions, f"{style} descriptions")
     return descriptions, failures
+
+
+def answer_validator(name: str, style: str, n: int | None = None, mention: str = "prepend"):
+    """The check an answer about class ``name`` must pass (``ValueError`` if not): it holds a list with at least
+    one usable item once cleaned. Passed to the LLM as ``validate``, so a wrong-shape answer is retried, not cached.
+    """
+    def validate(answer: Any) -> None:
+        if not clean_answer(answer, name, style, n, mention):
+            raise ValueError("the answer held no usable descriptions")
+
+    return validate
 
 
 def _collect(name: str, answers: list[Any], style: str, n: int | None, mention: str) -> list[str] | str:

@@ -37,8 +37,11 @@ def read_descriptions(path: str | Path) -> Descriptions:
     return check_descriptions(data, str(path))
 
 
-def check_descriptions(data: object, source: str = "descriptions") -> Descriptions:
-    """``data`` as a plain ``{class: [strings]}`` dict; reject other shapes, empty lists and loosely equal keys."""
+def check_descriptions(data: object, source: str = "descriptions", allow_empty: bool = False) -> Descriptions:
+    """``data`` as a plain ``{class: [strings]}`` dict; reject other shapes, empty lists, loosely equal keys and a
+    class whose descriptions are all blank (they would embed "cat, which has  "). ``allow_empty`` lets a class
+    map to empty strings only (``[""]``: no descriptor, the template prompt alone, as DCLIP's code uses for a
+    class without descriptions); only in-memory mappings get it (:func:`load_descriptions`), never files."""
     if not isinstance(data, Mapping):
         raise DescriptionError(f"{source}: expected a JSON object {{class name: [descriptions]}}, "
                                f"got {type(data).__name__}")
@@ -55,6 +58,8 @@ def check_descriptions(data: object, source: str = "descriptions") -> Descriptio
         bad = next((item for item in value if not isinstance(item, str)), None)
         if bad is not None:
             raise DescriptionError(f"{source}: class {key!r} has a description that is not a string: {bad!r}")
+        if not any(item.strip() for item in value) and not (allow_empty and not any(value)):
+            raise DescriptionError(f"{source}: class {key!r} has only blank descriptions")
         if _loose(key) in seen:
             raise DescriptionError(f"{source}: classes {seen[_loose(key)]!r} and {key!r} are the same name")
         seen[_loose(key)] = key
@@ -93,7 +98,7 @@ def load_descriptions(source: str | Path | Mapping[str, Sequence[str]], labels: 
     label in label order (see :func:`match_labels`)."""
     if isinstance(source, Mapping):
         name = "descriptions"
-        data = check_descriptions(source, name)
+        data = check_descriptions(source, name, allow_empty=True)
     else:
         name = str(source)
         data = read_descriptions(source)

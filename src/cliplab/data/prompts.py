@@ -205,10 +205,18 @@ def descriptor_sentence(template: str, class_name: str, descriptor: str, phrase:
                         suffix: str = "") -> str:
     """"{template filled with the class name}, {clause}{suffix}" (their ``prepend`` mode, ``between_text=', '``).
 
-    ``phrase=False`` uses the descriptor as it stands (their ``apply_descriptor_modification=False``).
-    Departure: an empty descriptor gives the filled template alone (plus ``suffix``), so a set of one ""
-    per class is exactly the template classifier; their code would embed "cat, which has ".
+    A filled template that ends in "." takes the clause before its full stop: "A photo of a {c}." gives
+    "A photo of a cat, which has antennae." (DCLIP's and WaffleCLIP's ``label_before_text`` + class name +
+    clause + ``label_after_text='.'``), not "a photo of a cat., which has antennae". ``suffix`` is appended
+    after everything. ``phrase=False`` uses the descriptor as it stands (their
+    ``apply_descriptor_modification=False``). Departure: an empty descriptor gives the filled template
+    unchanged (plus ``suffix``), so a set of one "" per class is exactly the template classifier; their code
+    would embed "cat, which has ".
     """
     head = fill_template(template, class_name)
     clause = descriptor_clause(descriptor) if phrase else descriptor
-    return f"{head}, {clause}{suffix}" if clause else f"{head}{suffix}"
+    if not clause:
+        return f"{head}{suffix}"
+    if head.endswith("."):
+        return f"{head[:-1]}, {clause}.{suffix}"
+    return f"{head}, {clause}{suffix}"

@@ -308,18 +308,23 @@ def read_synonyms(source: str | Path | Mapping[str, Sequence[str]], class_names:
     return out
 
 
-def llm_synonyms(llm: Any, class_names: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+def check_synonym_answer(answer: Any) -> None:
+    """``ValueError`` unless an LLM's synonym answer is a JSON list of strings (the LLM's ``validate``)."""
+    if not isinstance(answer, list) or not all(isinstance(v, str) for v in answer):
+        raise ValueError("answer is not a list of strings")
+
+
+def llm_synonyms(llm: Any, class_names: Sequence[str], give_up_after: int | None = 3
+                 ) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Ask ``llm`` (an ``LLM`` or a ``load_llm`` spec) for each class's synonyms: ``({class: [synonyms]},
-    {class: reason})``; a class whose answer failed or is not a list of strings keeps only its own name."""
+    {class: reason})``; a class whose answer failed or is not a list of strings (retried by the LLM first) keeps
+    only its own name. When the first ``give_up_after`` classes all fail, the rest are reported as not asked."""
     model = load_llm(llm) if isinstance(llm, str) else llm
     answers, failures = ask_each(model, {n: SYNONYM_PROMPT.format(name=n) for n in class_names},
-                                 json={"type": "array"})
+                                 json={"type": "array"}, validate=check_synonym_answer, give_up_after=give_up_after)
     out: dict[str, list[str]] = {name: [] for name in class_names}
     for name, answer in answers.items():
-        if all(isinstance(v, str) for v in answer):
-            out[name] = [v.strip() for v in answer if v.strip() and v.strip() != name]
-        else:
-            failures[name] = "answer is not a list of strings"
+        out[name] = [v.strip() for v in answer if v.strip() and v.strip() != name]
     return out, failures
 
 

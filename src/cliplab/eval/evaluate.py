@@ -35,11 +35,14 @@ class EvaluationReport:
 
 
 def head_params(head) -> dict:
-    """The head's hyperparameters that belong in a results file (no backbone, class list or paths)."""
+    """The head's hyperparameters that belong in a results file (no backbone, class list or cache folder; a file
+    parameter such as a description set is recorded as its path)."""
     out = {}
     for key, value in head.get_params(deep=False).items():
         if key in ("backbone", "class_names", "cache_dir"):
             continue
+        if isinstance(value, Path):  # a description file, a corpus: which one belongs in the record
+            value = str(value)
         listed = isinstance(value, (list, tuple)) and all(isinstance(v, SIMPLE) for v in value)
         if isinstance(value, SIMPLE) or listed:
             out[key] = list(value) if isinstance(value, tuple) else value

@@ -3,8 +3,9 @@
 items -> ``map_batches`` decode + preprocess (tasks) -> ``map_batches`` encode (an actor pool, each actor
 loads the model itself with ``load_model(**model_spec)``, one GPU each when the cluster has GPUs) -> the
 driver writes ``part-NNNNN.parquet`` shards as batches arrive (:class:`~cliplab.features.shards.ShardWriter`),
-then ``shards.json``. A rerun embeds only the items no complete shard holds. An image that cannot be
-decoded becomes a ``failures`` entry (path, reason) and never stops the run.
+then ``shards.json``. A rerun embeds only the items no complete shard holds. Items with the same identity
+(identical files at several paths under ``--hash-content``) are embedded once and stored once per path. An
+image that cannot be decoded becomes a ``failures`` entry (path, reason) and never stops the run.
 
 On a cluster (``address``) the workers read the images at the paths the driver sees (a shared file
 system), and the driver writes the shards; decoding fuses into the actors when their resources allow.
@@ -46,20 +47,25 @@ def _file_path(dataset: ImageDataset, index: int) -> Path | None:
     return Path(paths[index]) if paths is not None else None
 
 
-def item_record(dataset: ImageDataset, index: int) -> tuple[str, int, float, str | None]:
-    """``(path, size, mtime, caption)`` of an item: an absolute path with size and mtime for files (-1 and
-    0.0 when the file cannot be read), the item id otherwise; the first caption, if any."""
+def item_path(dataset: ImageDataset, index: int) -> str:
+    """The shard ``path`` of an item: the file's absolute path, or the item id for items that are not files."""
     path = _file_path(dataset, index)
-    size, mtime, text = -1, 0.0, dataset.item_id(index)
+    return dataset.item_id(index) if path is None else printable(os.path.abspath(path))
+
+
+def item_record(dataset: ImageDataset, index: int) -> tuple[str, int, float, list[str]]:
+    """``(path, size, mtime, captions)`` of an item: an absolute path with size and mtime for files (-1 and
+    0.0 when the file cannot be read), the item id otherwise; all its captions (empty when none)."""
+    path = _file_path(dataset, index)
+    size, mtime, text = -1, 0.0, item_path(dataset, index)
     if path is not None:
-        text = printable(os.path.abspath(path))
         try:
             stat = path.stat()
             size, mtime = stat.st_size, stat.st_mtime
         except OSError:
             pass
     captions = dataset.captions[index] if dataset.captions is not None else None
-    return text, size, mtime, (captions[0] if captions else None)
+    return text, size, mtime, [c for c in (captions or []) if c]
 
 
 def _decoder(dataset_ref, preprocess_ref, shape: tuple[int, ...]):
@@ -149,20 +155,23 @@ def embed_with_ray(
     meta = {"model_id": backbone.model_id, "dim": backbone.embed_dim, "preprocess_id": backbone.preprocess_id,
             "encoding_id": encoding}
     identities = dataset.identities()
+    keys = [(item_path(dataset, i), identity) for i, identity in enumerate(identities)]
     kwargs = {} if shard_rows is None else {"shard_rows": shard_rows}
-    writer = ShardWriter(out_dir, meta, wanted=identities, **kwargs)
-    todo, seen = [], set(writer.done)
-    for index, identity in enumerate(identities):
-        if identity not in seen:
-            seen.add(identity)
-            todo.append(index)
+    writer = ShardWriter(out_dir, meta, wanted=keys, **kwargs)
+    groups: dict[str, list[int]] = {}  # identity -> the items to store with it (one embedding each identity)
+    pending = set(writer.done)
+    for index, (key, identity) in enumerate(zip(keys, identities, strict=True)):
+        if key not in pending:
+            pending.add(key)
+            groups.setdefault(identity, []).append(index)
+    todo = [group[0] for group in groups.values()]
     started = False
     try:
         if todo:
             if not ray.is_initialized():
                 ray.init(address=address, **(ray_init or {}))
                 started = True
-            _run(backbone, model_spec, dataset, todo, identities, writer, encoding, batch_size, actors,
+            _run(backbone, model_spec, dataset, todo, identities, groups, writer, encoding, batch_size, actors,
                  progress, tqdm)
     except BaseException:
         writer.flush()  # finished rows stay in complete parts: a rerun resumes
@@ -174,8 +183,8 @@ def embed_with_ray(
     return {**result, "embedded": writer.written, "reused_shards": writer.reused}
 
 
-def _run(backbone, model_spec, dataset, todo: Sequence[int], identities, writer: ShardWriter, encoding: str,
-         batch_size: int, actors: int | None, progress: bool, tqdm) -> None:
+def _run(backbone, model_spec, dataset, todo: Sequence[int], identities, groups: dict[str, list[int]],
+         writer: ShardWriter, encoding: str, batch_size: int, actors: int | None, progress: bool, tqdm) -> None:
     import ray
     import ray.data
 
@@ -209,15 +218,19 @@ def _run(backbone, model_spec, dataset, todo: Sequence[int], identities, writer:
             if len(batch["index"]) and set(batch["encoding_id"]) != {encoding}:
                 raise CliplabError(f"the Ray actors encode with {sorted(set(batch['encoding_id']))} but the "
                                    f"driver expected {encoding}; check --precision/--runtime for the workers' devices")
-            ok = [row for row, error in enumerate(batch["error"]) if not error]
-            records = [item_record(dataset, int(i)) for i in batch["index"]]
-            for row, error in enumerate(batch["error"]):
-                if error:
-                    writer.fail(records[row][0], str(error))
-            if ok:
-                writer.add([records[r][0] for r in ok], [records[r][1] for r in ok], [records[r][2] for r in ok],
-                           [identities[int(batch["index"][r])] for r in ok], [records[r][3] for r in ok],
-                           batch["embedding"][ok])
+            rows, vectors = [], []  # every item sharing an embedded identity gets its own row, same vector
+            for row, (index, error) in enumerate(zip(batch["index"], batch["error"], strict=True)):
+                identity = identities[int(index)]
+                for item in groups.get(identity, [int(index)]):
+                    record = item_record(dataset, item)
+                    if error:
+                        writer.fail(record[0], str(error))
+                    else:
+                        rows.append((*record, identity))
+                        vectors.append(batch["embedding"][row])
+            if rows:
+                writer.add([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[4] for r in rows],
+                           [r[3] for r in rows], np.stack(vectors))
             bar.update(len(batch["index"]))
     finally:
         bar.close()

@@ -1,9 +1,14 @@
 """Parquet embedding shards: what ``cliplab embed --engine ray`` writes and ``cliplab index build`` reads.
 
 A shards folder holds ``part-00000.parquet``, ``part-00001.parquet``... with columns ``path`` (string),
-``size`` (int64), ``mtime`` (float64), ``identity`` (string), ``caption`` (string, nullable) and
-``embedding`` (fixed_size_list<float32, dim>, L2-normalised), and ``shards.json`` = {"model_id", "dim",
-"preprocess_id", "encoding_id", "count", "shards": [names], "failures": [[path, reason], ...]}.
+``size`` (int64), ``mtime`` (float64), ``identity`` (string), ``caption`` (string, nullable: the first
+caption), ``embedding`` (fixed_size_list<float32, dim>, L2-normalised) and ``captions`` (list<string>: every
+caption of the item, empty when none), and ``shards.json`` = {"model_id", "dim", "preprocess_id",
+"encoding_id", "count", "shards": [names], "failures": [[path, reason], ...]}. Parts written before the
+``captions`` column existed are read with it filled from ``caption``.
+
+A row is one (path, identity) pair: identical files at different paths (``--hash-content``) each get their row,
+sharing one embedding.
 
 Every file is written to a hidden temporary name and renamed (readers see all or nothing); ``shards.json``
 is written last, so a folder without it, or with a leftover temporary file, is incomplete. Each part also
@@ -31,7 +36,8 @@ PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 META_KEYS = ("model_id", "dim", "preprocess_id", "encoding_id")
 SCHEMA_KEY = b"cliplab.shards"
 SHARD_ROWS = 4096
-COLUMNS = ("path", "size", "mtime", "identity", "caption", "embedding")
+COLUMNS = ("path", "size", "mtime", "identity", "caption", "embedding", "captions")
+LEGACY_COLUMNS = COLUMNS[:-1]  # parts written before the captions column
 RERUN = "run `cliplab embed --engine ray ... --shards` again"
 
 
@@ -55,17 +61,30 @@ def shard_schema(meta: dict) -> pa.Schema:
         pa.field("identity", pa.string(), nullable=False),
         pa.field("caption", pa.string(), nullable=True),
         pa.field("embedding", pa.list_(pa.float32(), int(meta["dim"])), nullable=False),
+        pa.field("captions", pa.list_(pa.string()), nullable=False),
     ], metadata={SCHEMA_KEY: json.dumps(fields, sort_keys=True).encode()})
 
 
+def caption_list(value) -> list[str]:
+    """Every caption of a row from ``None``, one string, or a sequence of strings (empty ones dropped)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    return [str(text) for text in value if text]
+
+
 def make_table(meta: dict, paths: Sequence[str], sizes, mtimes, identities: Sequence[str],
-               captions: Sequence[str | None] | None, embeddings) -> pa.Table:
-    """One part's rows as a table; checks lengths, the dimension and that embeddings are finite."""
+               captions: Sequence | None, embeddings) -> pa.Table:
+    """One part's rows as a table; checks lengths, the dimension and that embeddings are finite.
+
+    ``captions[i]``: None, the item's caption, or the list of all its captions (``caption`` is the first)."""
     dim = int(meta["dim"])
     vectors = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32).reshape(-1, dim) if len(paths)
                                    else np.zeros((0, dim), np.float32))
     n = len(paths)
-    captions = [None] * n if captions is None else list(captions)
+    every = [[] for _ in range(n)] if captions is None else [caption_list(c) for c in captions]
+    captions = [texts[0] if texts else None for texts in every]
     lengths = {len(sizes), len(mtimes), len(identities), len(captions), len(vectors)}
     if lengths != {n}:
         raise ShardsError(f"shard rows disagree in length: {n} paths, {len(identities)} identities, "
@@ -75,7 +94,7 @@ def make_table(meta: dict, paths: Sequence[str], sizes, mtimes, identities: Sequ
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
     columns = [pa.array(list(paths), pa.string()), pa.array(np.asarray(sizes, np.int64)),
                pa.array(np.asarray(mtimes, np.float64)), pa.array(list(identities), pa.string()),
-               pa.array(captions, pa.string()), embedding]
+               pa.array(captions, pa.string()), embedding, pa.array(every, pa.list_(pa.string()))]
     return pa.Table.from_arrays(columns, schema=shard_schema(meta))
 
 
@@ -102,8 +121,12 @@ def _part_meta(path: Path) -> dict:
         raise ShardsError(f"{path}: no cliplab shard metadata in its schema; {RERUN}") from exc
 
 
-def _check_part(path: Path, table: pa.Table, meta: dict) -> None:
+def _check_part(path: Path, table: pa.Table, meta: dict) -> pa.Table:
+    """The part checked against the schema; a legacy part (no ``captions``) gets it from ``caption``."""
     expected = shard_schema(meta)
+    if table.column_names == list(LEGACY_COLUMNS) and pa.types.is_string(table.schema.field("caption").type):
+        first = table.column("caption").to_pylist()
+        table = table.append_column("captions", pa.array([[c] if c else [] for c in first], pa.list_(pa.string())))
     if table.column_names != list(COLUMNS):
         raise ShardsError(f"{path}: columns {table.column_names}, expected {list(COLUMNS)}")
     for field in expected:
@@ -115,6 +138,7 @@ def _check_part(path: Path, table: pa.Table, meta: dict) -> None:
             ok = actual == field.type
         if not ok:
             raise ShardsError(f"{path}: column {field.name} is {actual}, expected {field.type}")
+    return table
 
 
 def read_shards(folder: str | Path) -> tuple[dict, pa.Table]:
@@ -154,7 +178,7 @@ def read_shards(folder: str | Path) -> tuple[dict, pa.Table]:
             table = pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
             raise ShardsError(f"{path}: not a readable parquet shard ({exc}); {RERUN}") from exc
-        _check_part(path, table, meta)
+        table = _check_part(path, table, meta)
         if table.num_rows and not np.isfinite(table_embeddings(table)).all():
             raise ShardsError(f"{path}: embeddings hold NaN or infinite values")
         tables.append(table.cast(shard_schema(meta)).replace_schema_metadata(None))
@@ -168,12 +192,13 @@ def read_shards(folder: str | Path) -> tuple[dict, pa.Table]:
 class ShardWriter:
     """Writes a shards folder a part at a time; resumes: complete parts of the same model are kept.
 
-    ``wanted`` (identities of the items to store) drops parts holding items no longer wanted (their other
-    items are embedded again). ``done`` is the set of identities already stored: skip those. ``close()``
-    writes the last part and then ``shards.json``.
+    Rows are keyed by ``(path, identity)``: identical files at different paths each keep their row. ``wanted``
+    (the keys of the items to store) drops parts holding items no longer wanted (their other items are
+    embedded again). ``done`` is the set of keys already stored: skip those. ``close()`` writes the last
+    part and then ``shards.json``.
     """
 
-    def __init__(self, folder: str | Path, meta: dict, wanted: Iterable[str] | None = None,
+    def __init__(self, folder: str | Path, meta: dict, wanted: Iterable[tuple[str, str]] | None = None,
                  shard_rows: int = SHARD_ROWS):
         self.folder = Path(folder)
         self.meta = {key: meta[key] for key in META_KEYS}
@@ -185,7 +210,7 @@ class ShardWriter:
         wanted = None if wanted is None else set(wanted)
         self.parts: dict[int, str] = {}
         self.counts: dict[int, int] = {}
-        self.done: set[str] = set()
+        self.done: set[tuple[str, str]] = set()
         self.reused = 0
         for path in sorted(self.folder.glob("part-*.parquet")):
             match = PART_RE.match(path.name)
@@ -193,7 +218,8 @@ class ShardWriter:
                 continue
             try:
                 fields = _part_meta(path)
-                identities = pq.read_table(path, columns=["identity"]).column("identity").to_pylist()
+                stored = pq.read_table(path, columns=["path", "identity"])
+                keys = list(zip(stored.column("path").to_pylist(), stored.column("identity").to_pylist()))
             except (ShardsError, OSError, pa.ArrowException):
                 self._drop(path)  # damaged: its items are embedded again
                 continue
@@ -202,12 +228,12 @@ class ShardWriter:
                                   f"({fields.get('encoding_id')}, dim {fields.get('dim')}), not of "
                                   f"{self.meta['model_id']} ({self.meta['encoding_id']}); "
                                   "use another --shards folder or delete this one")
-            if wanted is not None and not set(identities) <= wanted:
+            if wanted is not None and not set(keys) <= wanted:
                 self._drop(path)
                 continue
             number = int(match.group(1))
-            self.parts[number], self.counts[number] = path.name, len(identities)
-            self.done.update(identities)
+            self.parts[number], self.counts[number] = path.name, len(keys)
+            self.done.update(keys)
             self.reused += 1
         self.failures: list[tuple[str, str]] = []
         self.written = 0
@@ -218,13 +244,17 @@ class ShardWriter:
         path.unlink(missing_ok=True)
 
     def add(self, paths, sizes, mtimes, identities, captions, embeddings) -> None:
-        """Buffer rows (items whose identity is already stored are skipped); write full parts."""
+        """Buffer rows (a (path, identity) already stored is skipped); write full parts. ``captions[i]``: None,
+        a caption or the list of all the item's captions."""
         vectors = np.asarray(embeddings, dtype=np.float32).reshape(len(paths), self.meta["dim"])
         captions = [None] * len(paths) if captions is None else list(captions)
-        for row in zip(paths, sizes, mtimes, identities, captions, vectors, strict=True):
-            if row[3] in self.done:
+        for path, size, mtime, identity, texts, vector in zip(paths, sizes, mtimes, identities, captions, vectors,
+                                                               strict=True):
+            if (path, identity) in self.done:
                 continue
-            self.done.add(row[3])
+            self.done.add((path, identity))
+            texts = caption_list(texts)
+            row = (path, size, mtime, identity, texts[0] if texts else None, vector, texts)
             for key, value in zip(COLUMNS, row, strict=True):
                 self._rows[key].append(value)
             if len(self._rows["path"]) >= self.shard_rows:
@@ -240,7 +270,7 @@ class ShardWriter:
         if not rows["path"]:
             return
         table = make_table(self.meta, rows["path"], rows["size"], rows["mtime"], rows["identity"],
-                           rows["caption"], np.stack(rows["embedding"]))
+                           rows["captions"], np.stack(rows["embedding"]))
         number = max(self.parts, default=-1) + 1
         name = part_name(number)
         atomic_write(self.folder / name, lambda handle: pq.write_table(table, handle))
@@ -261,14 +291,15 @@ class ShardWriter:
 
 def write_shards(folder: str | Path, *, model_id: str, dim: int, preprocess_id: str, encoding_id: str,
                  paths: Sequence[str], sizes, mtimes, identities: Sequence[str],
-                 captions: Sequence[str | None] | None, embeddings, failures: Iterable[tuple[str, str]] = (),
+                 captions: Sequence | None, embeddings, failures: Iterable[tuple[str, str]] = (),
                  shard_rows: int = SHARD_ROWS) -> dict:
     """Write a complete shards folder for these rows (reusing complete parts of the same model already
-    there); return the ``shards.json`` content."""
+    there); return the ``shards.json`` content. One row per (path, identity): the same file content at two
+    paths is two rows. ``captions[i]``: None, a caption, or the list of all the item's captions."""
     meta = {"model_id": model_id, "dim": int(dim), "preprocess_id": preprocess_id, "encoding_id": encoding_id}
     if math.prod(np.shape(embeddings)) != len(paths) * int(dim):
         raise ShardsError(f"embeddings of shape {np.shape(embeddings)} for {len(paths)} rows of dimension {dim}")
-    writer = ShardWriter(folder, meta, wanted=identities, shard_rows=shard_rows)
+    writer = ShardWriter(folder, meta, wanted=list(zip(paths, identities, strict=True)), shard_rows=shard_rows)
     writer.add(paths, sizes, mtimes, identities, captions, embeddings)
     for path, reason in failures:
         writer.fail(path, reason)

@@ -26,9 +26,12 @@ class DescriptionClassifier(TextWeightsHead):
     ``renormalize=False``; no renormalisation, unlike CLIP's ensembling). ``descriptions`` is a file
     (``.json``/``.json.gz``, ``{class: [descriptors]}``) or a mapping, matched to ``class_names`` loosely;
     ``subset`` lets the file describe more classes than ``class_names``. None means one "" descriptor per
-    class: the template classifier. ``templates`` give the class-name part (their ``label_before_text`` +
-    class name); with several, the mean runs over templates x descriptors. ``suffix`` is their ``after_text``
-    ("." for ImageNet).
+    class: with one template exactly the template classifier; with several, the plain mean of the per-template
+    embeddings without renormalisation (the mean of per-prompt scores, not CLIP's renormalised ensemble).
+    ``templates`` give the class-name part (their ``label_before_text`` + class name); with several, the mean
+    runs over templates x descriptors. A template ending in "." takes the clause before its full stop
+    ("a photo of a {c}." -> "a photo of a cat, which has whiskers.", their ``label_after_text='.'``);
+    ``suffix`` is appended after the sentence.
 
     Departures from the authors' code: descriptor phrasing matches whole first words (see
     :func:`descriptor_clause`); an empty descriptor adds no clause; the class name is the label as given

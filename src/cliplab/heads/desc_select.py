@@ -31,8 +31,11 @@ class DescriptionSelectionClassifier(ClipHead):
     keep the descriptions ``d`` with ``S_[d, c] >= S_[d, c']`` for every ``c'`` in ``N``, rank them by the mean of
     ``S_[d, c] - S_[d, c']`` over ``N`` and take the best ``m`` (:meth:`select`); none -> the first ``m`` of ``c``'s
     own descriptions (their fallback). The score of ``c`` is ``(w * cos(x, t_c) + mean_d cos(x, e_d)) / (w + 1)``
-    with ``t_c`` the class-name text weight and ``w = cls_weight``. Classes outside ``N`` keep their zero-shot order,
-    shifted below every class of ``N``, so predictions only change inside the neighbourhood. Logits are
+    with ``t_c`` the class-name text weight and ``w = cls_weight``. Classes outside ``N`` keep their zero-shot
+    order and gaps, placed as far below the weakest class of ``N`` as the last neighbour was in zero-shot, and
+    further down if needed so that the best of them is at least ``margin`` (score units, i.e. cosines; 0.01 is
+    one logit at CLIP's scale 100, FuDD's margin) below it: predictions only change inside the neighbourhood,
+    ties with an outside class included (as FuDD's shift). Logits are
     ``logit_scale`` times the scores. No descriptions (the default) -> the zero-shot classifier exactly.
 
     Departures from the authors' code: the class-name text is the templates' ensembled weight (theirs: "A photo
@@ -53,6 +56,7 @@ class DescriptionSelectionClassifier(ClipHead):
         k: int = 3,
         m: int = 5,
         cls_weight: float = 1.0,
+        margin: float = 0.01,
         subset: bool = False,
         logit_scale: float | None = None,
         cache_dir: str | Path | None = None,
@@ -64,6 +68,7 @@ class DescriptionSelectionClassifier(ClipHead):
         self.k = k
         self.m = m
         self.cls_weight = cls_weight
+        self.margin = margin
         self.subset = subset
         self.logit_scale = logit_scale
         self.cache_dir = cache_dir
@@ -127,9 +132,12 @@ class DescriptionSelectionClassifier(ClipHead):
         zs = (X @ self.text_weights_).astype(np.float64)
         k = min(max(int(self.k), 1), zs.shape[1])
         top = np.argsort(-zs, axis=1, kind="stable")[:, :k]
+        if not len(self.pool_):
+            return (self.logit_scale_ * zs).astype(np.float32)  # no descriptions: the zero-shot classifier
         scores = zs.copy()
         sims = X.astype(np.float64) @ self.pool_embeddings_.T.astype(np.float64)
         w = float(self.cls_weight)
+        margin = float(self.margin)
         cache: dict[tuple, dict[int, np.ndarray]] = {}  # selections depend on the neighbourhood as a set
         for i, row in enumerate(top):
             key = tuple(sorted(row.tolist()))
@@ -139,10 +147,12 @@ class DescriptionSelectionClassifier(ClipHead):
                 picked = cache[key][c]
                 if len(picked):
                     scores[i, c] = (w * zs[i, c] + sims[i, picked].mean()) / (w + 1)
-            floor = scores[i, row].min()
             outside = np.ones(zs.shape[1], bool)
             outside[row] = False
-            scores[i, outside] = zs[i, outside] - zs[i, row[-1]] + floor
+            if outside.any():  # zero-shot order kept, the best at least ``margin`` below the weakest of N
+                floor = scores[i, row].min()
+                moved = zs[i, outside] - zs[i, row[-1]] + floor
+                scores[i, outside] = moved - max(0.0, moved.max() - floor + margin)
         return (self.logit_scale_ * scores).astype(np.float32)
 
     def fit_summary(self) -> dict:

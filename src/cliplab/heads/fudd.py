@@ -4,7 +4,8 @@ Per image: the ambiguous set is the top-k classes of the zero-shot (template) cl
 describes, for every pair of classes in that set, the visual features that tell them apart; each class of the
 set is re-scored with the similarity to its differential descriptions. The LLM is asked once per class pair
 (the pair's answer serves every set that contains it); a set's class weights are built once and shared by
-every image with the same set; the LLM's disk cache keeps answers across runs.
+every image with the same set; the LLM's disk cache keeps answers across runs. An answer without usable
+sentence pairs is rejected inside the LLM's retry loop (``validate=``), so it is retried and never cached.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from ..data.prompts import check_class_names, class_prompts
 from ..errors import LabelError, LLMError
 from ..features.text import embed_prompts, ensemble
+from ..llm.base import not_asked
 from ..models.backbone import Backbone
 from .base import ClipHead
 from .registry import register
@@ -81,15 +83,19 @@ class FuDDClassifier(ClipHead):
       class of S. The prediction therefore always lies in S; the authors' code returns scores over S only.
 
     Rows keep the zero-shot logits exactly when ``llm`` is None, ``top_k`` <= 1, or any pair of their set failed
-    (LLM error or an answer without usable sentences); failed sets are listed in ``failures_`` (set -> reason) with
-    one warning per ``logits`` call. ``llm_calls_`` counts the requests sent to the LLM backend (disk-cache hits
-    excluded: ``llm_cache_hits_``), ``text_embeddings_`` the distinct strings embedded (through the text cache).
+    (LLM error, or an answer without usable sentences after the LLM's retries); failed sets are listed in
+    ``failures_`` (set -> reason) with one warning per ``logits`` call. When the first ``give_up_after`` pairs
+    asked all failed (none worked), the endpoint is taken to be down: no further pair is asked in this fit and
+    the remaining sets fail as "not asked" (0 or None: never give up). ``llm_calls_`` counts the requests sent to
+    the LLM backend (disk-cache hits excluded: ``llm_cache_hits_``), ``text_embeddings_`` the distinct strings
+    embedded (through the text cache).
 
     Departures from the authors' code: their pairwise descriptions were generated offline and read from a file,
     here they are asked on demand; a pair without descriptions there falls back to the class's template prompt,
     here the whole set keeps zero-shot logits (reported); they capitalise each sentence (CLIP's tokenizer lowercases
     anyway), here sentences are embedded as written; duplicate sentences are removed keeping their order (theirs:
-    a Python ``set``; the mean is the same).
+    a Python ``set``; the mean is the same); ``top_k`` defaults to 5, theirs (``--topk``) to 10: a smaller
+    ambiguous set asks the LLM k(k-1)/2 = 10 pairs per set instead of 45 (pass ``top_k=10`` for their setting).
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class FuDDClassifier(ClipHead):
         margin: float = 1.0,
         logit_scale: float | None = None,
         cache_dir: str | Path | None = None,
+        give_up_after: int | None = 3,
     ):
         self.backbone = backbone
         self.class_names = class_names
@@ -113,6 +120,7 @@ class FuDDClassifier(ClipHead):
         self.margin = margin
         self.logit_scale = logit_scale
         self.cache_dir = cache_dir
+        self.give_up_after = give_up_after
 
     def fit(self, X=None, y=None):
         """Embed the template prompts (step one) and resolve the LLM spec; no LLM call is made here."""
@@ -136,6 +144,8 @@ class FuDDClassifier(ClipHead):
         self._pairs: dict[tuple[int, int], tuple[list[str], list[str]] | str] = {}
         self._set_weights: dict[tuple[int, ...], np.ndarray | None] = {}
         self._embedded: set[str] = set()
+        self._failed_in_row: list[str] = []  # reasons of the pairs failed since the last success
+        self._pair_worked = False
         if X is not None:
             self._validate(X)
         if y is not None and len(np.asarray(y)) and not np.isin(np.asarray(y), self.classes_).all():
@@ -158,19 +168,29 @@ class FuDDClassifier(ClipHead):
 
     def _pair(self, a: int, b: int) -> tuple[list[str], list[str]] | str:
         """The sentences of pair (a, b), a < b, or the reason it failed; asked at most once per fitted head."""
-        if (a, b) not in self._pairs:
-            llm = self._llm
-            requests, hits = llm.requests, llm.cache_hits
-            prompt = pair_prompt(self.names_[a], self.names_[b], self.n_differences)
-            try:
-                result: tuple[list[str], list[str]] | str = parse_pair_answer(
-                    llm.complete(prompt, system=PAIR_SYSTEM, json_schema=_SCHEMA))
-            except (LLMError, ValueError) as error:
-                result = f"{self.names_[a]} vs {self.names_[b]}: {error}"
-            self.llm_calls_ += llm.requests - requests
-            self.llm_cache_hits_ += llm.cache_hits - hits
-            self._pairs[(a, b)] = result
-        return self._pairs[(a, b)]
+        if (a, b) in self._pairs:
+            return self._pairs[(a, b)]
+        limit = int(self.give_up_after or 0)
+        if limit and not self._pair_worked and len(self._failed_in_row) >= limit:
+            # Not stored in _pairs: the reason is the same for every pair, and a refit asks again.
+            return not_asked(limit, self._failed_in_row[-1])
+        llm = self._llm
+        requests, hits = llm.requests, llm.cache_hits
+        prompt = pair_prompt(self.names_[a], self.names_[b], self.n_differences)
+        try:
+            result: tuple[list[str], list[str]] | str = parse_pair_answer(
+                llm.complete(prompt, system=PAIR_SYSTEM, json_schema=_SCHEMA, validate=parse_pair_answer))
+        except (LLMError, ValueError) as error:
+            result = f"{self.names_[a]} vs {self.names_[b]}: {error}"
+        self.llm_calls_ += llm.requests - requests
+        self.llm_cache_hits_ += llm.cache_hits - hits
+        if isinstance(result, str):
+            self._failed_in_row.append(result)
+        else:
+            self._pair_worked = True
+            self._failed_in_row.clear()
+        self._pairs[(a, b)] = result
+        return result
 
     def _weights_for(self, classes: tuple[int, ...]) -> np.ndarray | None:
         """(d, |S|) differential class weights of the sorted set, or None if a pair failed (recorded)."""
@@ -232,4 +252,5 @@ class FuDDClassifier(ClipHead):
         return {"top_k": int(self.top_k), "logit_scale": self.logit_scale_, "llm_calls": self.llm_calls_,
                 "llm_cache_hits": self.llm_cache_hits_, "text_embeddings": self.text_embeddings_,
                 "class_sets_described": len(self.descriptions_), "class_sets_failed": len(self.failures_),
+                "class_sets_not_asked": sum(r.startswith("not asked:") for r in self.failures_.values()),
                 "failures": dict(self.failures_)}

@@ -83,7 +83,7 @@ def waffle_descriptors(class_names: Sequence[str], pairs: int, seed: int = 0,
 
 @register("waffle", family="zeroshot", paper=30, needs_train=False)
 class WaffleClassifier(TextWeightsHead):
-    """WaffleCLIP: class score = mean over shared random descriptors d of cos(x, "{template}, which has {d}").
+    """WaffleCLIP: class score = mean over shared random descriptors d of cos(x, "A photo of a {c}, which has {d}.").
 
     ``waffle_count`` pairs (one random-word and one random-character sequence each, :func:`waffle_descriptors`),
     the same for every class, seeded by ``seed``; each is phrased as DCLIP does
@@ -93,7 +93,9 @@ class WaffleClassifier(TextWeightsHead):
     ``add_descriptions=True`` this is their ``waffle_and_gpt`` mode: ``e = int(2/3 * waffle_count)`` random pairs
     plus, per class, ``2e`` of its own descriptions drawn with replacement, then ``3e`` of those ``4e`` sentences
     kept at random per class. Their "waffle + concepts" variant (a high-level concept in the prompt) is a
-    template here, e.g. ``templates=["a photo of a dog: a {c}"]``. ``suffix`` is their ``label_after_text``.
+    template here, e.g. ``templates=["A photo of a dog: a {c}."]``. The default template "A photo of a {c}." is
+    their ``label_before_text='A photo of a '`` + class name + ``label_after_text='.'``: the clause goes before the
+    template's final full stop (``descriptor_sentence``); ``suffix`` is extra text appended after the sentence.
 
     Departures: the word pool is open_clip's BPE vocabulary (:func:`word_list`); without descriptions the
     character pool is a-z0-9; draws come from ``np.random.default_rng(seed)`` (one head = one of their ``reps``;
@@ -110,7 +112,7 @@ class WaffleClassifier(TextWeightsHead):
         seed: int = 0,
         descriptions: str | Path | Mapping[str, Sequence[str]] | None = None,
         add_descriptions: bool = False,
-        templates: str | Sequence[str] = ("{c}",),
+        templates: str | Sequence[str] = ("A photo of a {c}.",),
         suffix: str = "",
         subset: bool = False,
         logit_scale: float | None = None,

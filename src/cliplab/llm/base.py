@@ -8,13 +8,21 @@ Departures from the authors' code, which calls the OpenAI client directly: answe
 (one JSON file per answer, so nothing paid for is lost when a run stops), JSON answers wrapped in a
 Markdown code fence or surrounded by prose are accepted, and a ``json_schema`` dict is only checked for its
 top-level type (object / array / string) and is part of the cache key; it is not sent to the server.
+
+Answers of the wrong shape: a caller passes ``validate`` (the parsed answer in, ``ValueError`` out when it is
+unusable). It runs inside the retry loop before anything is cached, so a valid-JSON answer of the wrong shape is
+retried like a malformed one and never replayed from the cache; a cached answer it rejects (cached before the
+check existed, or by a caller without one) is a miss. Every rejected answer is kept for the record in
+``<key>.rejected.json`` beside the cache (a list of records, written atomically): nothing paid for is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ from ..errors import LLMError
 from ..fileio import atomic_write_text, default_cache_root
 
 JSON_SYSTEM = "Answer with valid JSON only, no prose and no code fences."
+Validator = Callable[[Any], object]
 _JSON_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "boolean": bool}
 
 
@@ -106,23 +115,68 @@ class LLM:
     def _cache_path(self, key: str) -> Path | None:
         return self.cache_dir / f"{key}.json" if self.cache_dir is not None else None
 
-    def _cached(self, path: Path | None, json_schema: Any) -> tuple[bool, Any]:
+    def _record(self, prompt: str, system: str | None, json_schema: Any, raw: str) -> dict[str, Any]:
+        return {"backend": self.backend_id, "model": self.model, "system": system, "prompt": prompt,
+                "json": _json_flag(json_schema), "answer": raw}
+
+    def _reject(self, path: Path | None, record: dict[str, Any], reason: str) -> None:
+        """Keep a rejected answer in ``<key>.rejected.json`` (a list; the same answer is kept once)."""
+        if path is None:
+            return
+        rejected = path.with_name(path.name[: -len(".json")] + ".rejected.json")
+        kept: list[Any] = []
+        with contextlib.suppress(OSError, ValueError):
+            kept = json.loads(rejected.read_text(encoding="utf-8"))
+        if not isinstance(kept, list):
+            kept = [kept]
+        if any(isinstance(item, dict) and item.get("answer") == record["answer"] for item in kept):
+            return
+        kept.append({**record, "rejected": reason})
+        rejected.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(rejected, json.dumps(kept, ensure_ascii=False, indent=1))
+
+    @staticmethod
+    def _usable(raw: str, json_schema: Any, validate: Validator | None) -> Any:
+        """The parsed answer; ValueError when it is malformed, of the wrong type or rejected by ``validate``."""
+        value = parse_json(raw) if _json_flag(json_schema) is not False else raw
+        _check_schema(value, json_schema)
+        if validate is not None:
+            try:
+                validate(value)
+            except ValueError as error:
+                raise ValueError(f"unusable answer: {error}") from None
+        return value
+
+    def _cached(self, path: Path | None, json_schema: Any, validate: Validator | None = None) -> tuple[bool, Any]:
         if path is None or not path.is_file():
             return False, None
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))["answer"]
-            value = parse_json(raw) if _json_flag(json_schema) is not False else raw
-            _check_schema(value, json_schema)
+            record = json.loads(path.read_text(encoding="utf-8"))
+            raw = record["answer"]
+            if not isinstance(raw, str):
+                raise TypeError("answer is not text")
         except (OSError, ValueError, KeyError, TypeError):
             return False, None  # an unreadable entry is a miss; the fresh answer overwrites it
+        try:
+            value = self._usable(raw, json_schema, validate)
+        except ValueError as error:
+            # A readable answer that is no use: a miss, moved beside the cache so that nothing paid for is lost.
+            self._reject(path, record, str(error))
+            path.unlink(missing_ok=True)
+            return False, None
         return True, value
 
-    def complete(self, prompt: str, *, system: str | None = None, json_schema: Any = None) -> str | Any:
-        """The answer to ``prompt``: text, or parsed JSON when ``json_schema`` is True or a schema dict."""
+    def complete(self, prompt: str, *, system: str | None = None, json_schema: Any = None,
+                 validate: Validator | None = None) -> str | Any:
+        """The answer to ``prompt``: text, or parsed JSON when ``json_schema`` is True or a schema dict.
+
+        ``validate(answer)`` raises ``ValueError`` when the parsed answer is unusable: it is then retried (and
+        finally reported) like a malformed one, and never cached as good; see the module docstring.
+        """
         want_json = _json_flag(json_schema) is not False
         key = cache_key(self.backend_id, self.model, prompt, system, json_schema)
         path = self._cache_path(key)
-        hit, value = self._cached(path, json_schema)
+        hit, value = self._cached(path, json_schema, validate)
         if hit:
             self.cache_hits += 1
             return value
@@ -131,38 +185,54 @@ class LLM:
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             self.requests += 1
+            raw = None
             try:
                 raw = self._request(prompt, system, want_json)
                 if not raw or not raw.strip():
                     raise RetryableError("empty answer")
-                value = parse_json(raw) if want_json else raw
-                _check_schema(value, json_schema)
+                value = self._usable(raw, json_schema, validate)
             except LLMError:
                 raise
             except (RetryableError, ValueError) as error:
                 reason = str(error)
+                if isinstance(error, ValueError) and raw:
+                    self._reject(path, self._record(prompt, system, json_schema, raw), reason)
                 continue
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                record = {"backend": self.backend_id, "model": self.model, "system": system, "prompt": prompt,
-                          "json": _json_flag(json_schema), "answer": raw}
-                atomic_write_text(path, json.dumps(record, ensure_ascii=False, indent=1))
+                atomic_write_text(path, json.dumps(self._record(prompt, system, json_schema, raw),
+                                                   ensure_ascii=False, indent=1))
             return value
         raise LLMError(f"{self.backend_id} ({self.model}): {reason} after {self.attempts} attempt(s) "
                        f"for prompt {_clip(prompt)!r}")
 
 
-def ask_each(llm: LLM, items: dict[str, str], json: Any = True, system: str | None = None
+def ask_each(llm: LLM, items: dict[str, str], json: Any = True, system: str | None = None, *,
+             validate: Validator | None = None, give_up_after: int | None = None,
              ) -> tuple[dict[str, Any], dict[str, str]]:
     """Ask every prompt of ``items`` (key -> prompt, e.g. one per class); never stop at a failure.
 
     Returns ``(answers, failures)``: key -> answer for those that worked, key -> one-line reason for the rest.
+    ``validate``: as in ``LLM.complete`` (a wrong-shape answer is retried, then reported for its key).
+    ``give_up_after``: once that many keys in a row failed and none has worked, the endpoint is taken to be down
+    and the remaining keys are reported as not asked.
     """
     answers: dict[str, Any] = {}
     failures: dict[str, str] = {}
-    for key, prompt in items.items():
+    keys = list(items)
+    for index, key in enumerate(keys):
+        if give_up_after and not answers and len(failures) >= give_up_after:
+            reason = not_asked(len(failures), failures[keys[index - 1]])
+            failures.update(dict.fromkeys(keys[index:], reason))
+            break
         try:
-            answers[key] = llm.complete(prompt, system=system, json_schema=json if json else None)
+            answers[key] = llm.complete(items[key], system=system, json_schema=json if json else None,
+                                        validate=validate)
         except LLMError as error:
             failures[key] = str(error)
     return answers, failures
+
+
+def not_asked(failed: int, last_reason: str) -> str:
+    """The reason given for what is not asked once ``failed`` questions in a row failed and none worked."""
+    return f"not asked: the endpoint failed {failed} times in a row ({last_reason})"

@@ -25,6 +25,10 @@ class TextTruncatedWarning(UserWarning):
     """Texts longer than the model's context were cut (end-of-text token kept)."""
 
 
+class TextLengthUnknownWarning(UserWarning):
+    """The tokenizer cannot say how long texts are untruncated: long ones may have been cut unseen."""
+
+
 LONG_TEXT_POLICIES = ("truncate", "chunk", "error")
 
 
@@ -91,6 +95,7 @@ class Backbone(ABC):
         self._digest_memo: tuple[Any, str] | None = None
         self.engine = Engine()  # inference precision and runtime: set_inference()
         self.long_text = "truncate"  # encode_texts' policy for texts over the context: truncate, chunk, error
+        self._warned_unknown_lengths = False  # TextLengthUnknownWarning is given once per backbone
 
     # -- to implement per source -------------------------------------------------------
     @abstractmethod
@@ -135,6 +140,22 @@ class Backbone(ABC):
     def _token_sequences(self, texts: Sequence[str]) -> list[list[int]] | None:
         """Untruncated token ids per text, start and end tokens included; None where the tokenizer cannot say."""
         return None
+
+    def _token_lengths(self, texts: Sequence[str]) -> list[int] | None:
+        """Untruncated token counts where ``_token_sequences`` cannot give the ids; None where nothing can."""
+        return None
+
+    def _pooling(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """``(positions (m,), id)``: where the text tower pools each row of ``tokens`` and the end-of-text id it
+        means to pool there; None for towers that do not pool at an end-of-text token (or unknown ones)."""
+        return None
+
+    def _tokenizer_name(self) -> str:
+        tok = self._tokenizer
+        inner = getattr(tok, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
+        name = f"{type(tok).__name__}({type(inner).__name__})" if inner is not None else type(tok).__name__
+        path = getattr(inner if inner is not None else tok, "name_or_path", "")
+        return f"{name} {path}".strip() if isinstance(path, str) else name
 
     def _special_ids(self) -> tuple[int, int, int]:
         """``(start, end, pad)`` token ids."""
@@ -250,8 +271,27 @@ class Backbone(ABC):
 
     def text_lengths(self, texts: Sequence[str]) -> list[int] | None:
         """Untruncated token counts (start and end tokens included), None where the tokenizer cannot say."""
-        sequences = self._token_sequences(list(texts))
-        return None if sequences is None else [len(seq) for seq in sequences]
+        return self._measure(list(texts))[1]
+
+    def _measure(self, texts: list[str]) -> tuple[list[list[int]] | None, list[int] | None]:
+        """``(untruncated ids or None, untruncated lengths or None)``: one tokenization pass where ids are known."""
+        sequences = self._token_sequences(texts)
+        if sequences is not None:
+            return sequences, [len(seq) for seq in sequences]
+        return None, self._token_lengths(texts)
+
+    def _check_pooled(self, tokens: torch.Tensor, rows: Sequence[int]) -> None:
+        """Raise where a truncated row lost the end-of-text token at the position the text tower pools."""
+        pooling = self._pooling(tokens) if rows else None
+        if pooling is None:
+            return
+        positions, eos = pooling
+        bad = [r for r in rows if int(tokens[r, int(positions[r])]) != eos]
+        if bad:
+            raise self._unsupported(
+                "long_text='truncate'", f"a cut text would be pooled at position {int(positions[bad[0]])}, which "
+                f"holds token {int(tokens[bad[0], int(positions[bad[0]])])} instead of the end-of-text token {eos} "
+                f"({len(bad)} text(s)); use long_text='chunk' or 'error'")
 
     def pack_tokens(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Token ids (m, context_length) from id sequences: a longer one is cut with its end-of-text token
@@ -295,14 +335,24 @@ class Backbone(ABC):
         texts = list(texts)
         if not texts:
             return torch.zeros((0, self.embed_dim), dtype=torch.float32)
-        sequences = self._token_sequences(texts)
+        sequences, lengths = self._measure(texts)
         if sequences is None and policy == "chunk":
-            raise self._unsupported("long_text='chunk'", "its tokenizer does not give untruncated token ids")
+            raise self._unsupported("long_text='chunk'", f"its tokenizer {self._tokenizer_name()} does not give "
+                                                         "untruncated token ids")
         n = self.context_length
-        long = [] if sequences is None else [i for i, seq in enumerate(sequences) if len(seq) > n]
+        if lengths is None:
+            if policy == "error":
+                raise self._unsupported("long_text='error'", f"the untruncated token counts of its tokenizer "
+                                                             f"{self._tokenizer_name()} are unknown")
+            if not self._warned_unknown_lengths:
+                self._warned_unknown_lengths = True
+                warnings.warn(f"{self.info.name}: the untruncated token counts of its tokenizer "
+                              f"{self._tokenizer_name()} are unknown; texts over the {n}-token context are cut "
+                              "as the tokenizer does, unnoticed", TextLengthUnknownWarning, stacklevel=2)
+        long = [] if lengths is None else [i for i, count in enumerate(lengths) if count > n]
         if long and policy == "error":
             raise TextTooLongError(f"{len(long)} text(s) exceed the {n}-token context of {self.info.name} "
-                                   f"(the first has {len(sequences[long[0]])} tokens); use long_text='truncate' "
+                                   f"(the first has {lengths[long[0]]} tokens); use long_text='truncate' "
                                    "or 'chunk'")
         if long and policy == "chunk":
             pieces, owner = [], []
@@ -316,9 +366,10 @@ class Backbone(ABC):
             return F.normalize(sums, dim=-1)
         chunks = []
         for start in range(0, len(texts), self.text_batch_size):
-            tokens = self.tokenize(texts[start : start + self.text_batch_size])
-            for i in (i for i in long if start <= i < start + self.text_batch_size):
-                tokens[i - start] = self.pack_tokens([sequences[i]])[0]  # cut with end-of-text last
+            stop = start + self.text_batch_size
+            # the ids measured above, packed (a long one cut with end-of-text last), else the tokenizer's own cut
+            tokens = self.tokenize(texts[start:stop]) if sequences is None else self.pack_tokens(sequences[start:stop])
+            self._check_pooled(tokens, [i - start for i in long if start <= i < stop])
             chunks.append(F.normalize(self.engine.forward(self, "text", tokens).float(), dim=-1).cpu())
         if long:
             warnings.warn(f"{len(long)} of {len(texts)} text(s) exceed the {n}-token context of {self.info.name} "

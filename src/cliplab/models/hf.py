@@ -15,7 +15,7 @@ from torchvision import transforms
 from ..errors import ModelLoadError
 from .backbone import Backbone, BackboneInfo
 from .checkpoints import file_sha256
-from .openclip import simple_token_sequences
+from .openclip import open_clip_token_lengths, simple_token_sequences
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -54,9 +54,32 @@ class HFClipBackbone(Backbone):
     def _token_sequences(self, texts: Sequence[str]) -> list[list[int]] | None:
         if isinstance(self._tokenizer, open_clip.SimpleTokenizer):
             return simple_token_sequences(self._tokenizer, texts)
-        if self._tokenizer.bos_token_id is None or self._tokenizer.eos_token_id is None:
-            return None
-        return [list(ids) for ids in self._tokenizer(list(texts), truncation=False)["input_ids"]]
+        tok = self._tokenizer
+        if tok.bos_token_id is None or tok.eos_token_id is None or getattr(tok, "padding_side", "right") != "right":
+            return None  # pack_tokens could not reproduce its ids: lengths only (_token_lengths)
+        ids = tok(list(texts), truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
+        if any(seq[:1] != [tok.bos_token_id] or seq[-1:] != [tok.eos_token_id] for seq in ids):
+            return None  # not start ... end: chunk_tokens would misread it
+        return [list(seq) for seq in ids]
+
+    def _token_lengths(self, texts: Sequence[str]) -> list[int] | None:
+        if isinstance(self._tokenizer, open_clip.SimpleTokenizer):
+            return open_clip_token_lengths(self._tokenizer, texts)
+        ids = self._tokenizer(list(texts), truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
+        return [len(seq) for seq in ids]
+
+    def _pooling(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """transformers' CLIP text pooling: the highest id for legacy configs (eos == 2), else the first eos."""
+        text = self.model.text_model
+        eos = getattr(text, "eos_token_id", text.config.eos_token_id)
+        if eos == 2:
+            tok_eos = self._tokenizer_eos()
+            return None if tok_eos is None else (tokens.argmax(dim=-1), int(tok_eos))
+        return (tokens == eos).int().argmax(dim=-1), int(eos)
+
+    def _tokenizer_eos(self) -> int | None:
+        tok = self._tokenizer
+        return tok.eot_token_id if isinstance(tok, open_clip.SimpleTokenizer) else tok.eos_token_id
 
     def _special_ids(self) -> tuple[int, int, int]:
         tok = self._tokenizer

@@ -7,6 +7,7 @@ from dataclasses import asdict, fields
 
 import open_clip
 import torch
+from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import TextTransformer, text_global_pool
 
@@ -34,6 +35,28 @@ class OpenClipBackbone(Backbone):
 
     def _token_sequences(self, texts: Sequence[str]) -> list[list[int]] | None:
         return simple_token_sequences(self._tokenizer, texts)
+
+    def _token_lengths(self, texts: Sequence[str]) -> list[int] | None:
+        return open_clip_token_lengths(self._tokenizer, texts)
+
+    def _pooling(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """Where open_clip's ``text_global_pool`` reads each row (argmax, eos, last), and the end-of-text id."""
+        model = self.model
+        text = getattr(model, "text", None)
+        if isinstance(text, TextTransformer) and text.cls_emb is None:
+            pool, eos_id = text.pool_type, getattr(text, "eos_id", None)
+        elif text is None and hasattr(model, "text_pool_type"):
+            pool, eos_id = model.text_pool_type, getattr(model, "text_eos_id", None)
+        else:  # CoCa, Hugging Face text towers (cls / mean pooling), TorchScript
+            return None
+        eot = _tokenizer_eos(self._tokenizer)
+        if pool == "argmax" and eot is not None:
+            return tokens.argmax(dim=-1), eot
+        if pool == "eos" and eos_id is not None:
+            return (tokens == eos_id).int().argmax(dim=-1), int(eos_id)
+        if pool == "last" and eot is not None:
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1), eot
+        return None
 
     def _special_ids(self) -> tuple[int, int, int]:
         if not _is_plain_simple_tokenizer(self._tokenizer):
@@ -113,6 +136,30 @@ def simple_token_sequences(tokenizer, texts: Sequence[str]) -> list[list[int]] |
     if not _is_plain_simple_tokenizer(tokenizer):
         return None
     return [[tokenizer.sot_token_id, *tokenizer.encode(text), tokenizer.eot_token_id] for text in texts]
+
+
+def open_clip_token_lengths(tokenizer, texts: Sequence[str]) -> list[int] | None:
+    """Untruncated token counts from open_clip's tokenizers: SimpleTokenizer (any reduction) and HFTokenizer
+    (its transformers tokenizer, special tokens added, after the same cleaning); None for others."""
+    texts = list(texts)
+    if isinstance(tokenizer, open_clip.SimpleTokenizer):
+        return [len(tokenizer.encode(text)) + 2 for text in texts]
+    if isinstance(tokenizer, HFTokenizer):
+        cleaned = [tokenizer.clean_fn(text) for text in texts]
+        if getattr(tokenizer, "tokenizer_mode", "") == "clips":  # start + text + end + the appended class token
+            ids = tokenizer.tokenizer(cleaned, add_special_tokens=False, truncation=False, verbose=False)
+            return [len(seq) + 3 for seq in ids["input_ids"]]
+        ids = tokenizer.tokenizer(cleaned, add_special_tokens=True, truncation=False, verbose=False)
+        return [len(seq) for seq in ids["input_ids"]]
+    return None
+
+
+def _tokenizer_eos(tokenizer) -> int | None:
+    """The end-of-text id an open_clip tokenizer writes, None where unknown."""
+    if isinstance(tokenizer, open_clip.SimpleTokenizer):
+        return int(tokenizer.eot_token_id)
+    eos = getattr(getattr(tokenizer, "tokenizer", None), "eos_token_id", None)
+    return None if eos is None else int(eos)
 
 
 def _project(x: torch.Tensor, projection) -> torch.Tensor:

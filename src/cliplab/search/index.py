@@ -9,21 +9,27 @@ Layout of an index folder (every file is listed, with size and sha256, in ``mani
 - ``items.sqlite``: path, size, mtime, cache identity, caption and extra fields of each id; caption rows.
 - ``captions.npy``: the embedded captions (image-to-text search), when the source has captions.
 
-A build writes into a hidden folder beside the target and renames it into place, so a killed build never
-leaves a half-written index where a reader looks; ``SearchIndex.open`` refuses a folder whose manifest is
-missing or whose files do not match it.
+A build or update holds an exclusive ``fcntl.flock`` on ``.NAME.lock`` beside the index folder (a second
+writer fails with one line), writes into a hidden folder beside the target and renames it into place; the old
+index is set aside as ``.NAME.old-*`` first, and when a kill lands between the two renames the next writer or
+reader puts it back. ``SearchIndex.open`` refuses a folder whose manifest is missing or whose files do not
+match it. Ids continue from the previous build's ``next_id``: an id never names another image.
 
-Index types (``index_type``): ``flat`` (exact), ``ivf`` (IVF, nlist ~ 4 sqrt(n)), ``ivfpq`` (IVF with
+Index types (``index_type``): ``flat`` (exact), ``ivf`` (IVF, nlist ~ sqrt(n), trained on ~64 seeded vectors
+a cell with 15 k-means iterations: seconds at 1M x 512), ``ivfpq`` (IVF with
 product quantisation, ~d/8 bytes a vector, lossy), ``hnsw`` (HNSW32 graph), any FAISS factory string, or
 ``auto``: exact below ``EXACT_MAX`` vectors, IVF above. The modality gap: text embeddings sit far from
 image embeddings (cosine ~0.3 to their best images, clip-retrieval issue 76), so a text query's nearest
 images are spread over many IVF cells and HNSW neighbourhoods. The default ``nprobe`` (nlist/8, at least
-32) and ``efSearch`` (128) are therefore far more generous than image-to-image search needs; they are recorded
+32) and ``efSearch`` (256) are therefore far more generous than image-to-image search needs; they are recorded
 in the manifest and can be overridden at build (``search_params``) or open time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import fcntl
 import hashlib
 import json
 import math
@@ -46,8 +52,13 @@ from .store import ItemRow, Store, write_store
 
 FORMAT_VERSION = 1
 EXACT_MAX = 50_000  # "auto": exact search below this many vectors, IVF above
-HNSW_EF_SEARCH = 128
+HNSW_M = 32
+HNSW_EF_SEARCH = 256  # text-like recall@10 0.956 at 128, 0.999 at 256 (200k); margin for 1M
 HNSW_EF_CONSTRUCTION = 80
+IVF_TRAIN_PER_LIST = 64  # training vectors per IVF cell (FAISS warns below 39, the old 256 took > 10 min at 1M)
+IVF_NITER = 15  # k-means iterations for the coarse quantiser
+IVF_MIN_NPROBE = 32
+IVF_NPROBE_FRACTION = 1 / 8  # generous: text queries (modality gap) spread over many cells
 MANIFEST = "manifest.json"
 REBUILD = "run cliplab index build again"
 _OURS = {MANIFEST, "index.faiss", "vectors.npy", "ids.npy", "items.sqlite", "captions.npy"}
@@ -96,14 +107,19 @@ class IndexReport:
 
 # ----------------------------------------------------------------------------------------------- index types
 
+def ivf_nlist(n: int) -> int:
+    """IVF cells for ``n`` vectors: ~sqrt(n) (1000 at 1M), at most n / 39 (FAISS's points-per-centroid floor)."""
+    return max(1, min(round(math.sqrt(max(n, 1))), n // 39 if n >= 39 else 1))
+
+
 def index_spec(index_type: str, n: int, dim: int) -> tuple[str, str, dict]:
     """(kind, FAISS factory string, search parameters) for ``index_type`` and ``n`` vectors of ``dim``."""
     kind = (index_type or "auto").strip()
     if kind.lower() == "auto":
         kind = "flat" if n < EXACT_MAX else "ivf"
     lowered = kind.lower()
-    nlist = max(1, min(round(4 * math.sqrt(max(n, 1))), n // 39 if n >= 39 else 1))
-    nprobe = min(nlist, max(32, nlist // 8))
+    nlist = ivf_nlist(n)
+    nprobe = min(nlist, max(IVF_MIN_NPROBE, round(nlist * IVF_NPROBE_FRACTION)))
     if lowered == "flat":
         return "flat", "Flat", {}
     if lowered == "ivf":
@@ -113,11 +129,39 @@ def index_spec(index_type: str, n: int, dim: int) -> tuple[str, str, dict]:
         bits = 8 if n >= 256 * 39 else 4
         return "ivfpq", f"IVF{nlist},PQ{m}x{bits}", {"nprobe": nprobe}
     if lowered == "hnsw":
-        return "hnsw", "HNSW32,Flat", {"efSearch": HNSW_EF_SEARCH}
+        return "hnsw", f"HNSW{HNSW_M},Flat", {"efSearch": HNSW_EF_SEARCH}
     if re.match(r"^(IVF|HNSW|PQ|OPQ|PCA|Flat|LSH|SQ|RR|NSG|IDMap)", kind):
         params = {"nprobe": nprobe} if "IVF" in kind else {"efSearch": HNSW_EF_SEARCH} if "HNSW" in kind else {}
         return "factory", kind, params
     raise CliplabError(f"index type {index_type!r}: use auto, flat, ivf, ivfpq, hnsw or a FAISS factory string")
+
+
+def min_train_vectors(factory: str) -> int:
+    """The fewest vectors FAISS can train ``factory`` on (IVF cells; 2**bits per product quantiser)."""
+    need = 0
+    for match in re.finditer(r"IVF(\d+)", factory):
+        need = max(need, int(match.group(1)))
+    for match in re.finditer(r"(?<![A-Za-z])(?:PQ|OPQ)(\d+)(?:x(\d+))?", factory):
+        if match.group(0).startswith("OPQ"):
+            continue
+        need = max(need, 2 ** int(match.group(2) or 8))
+    return need
+
+
+def check_trainable(index_type: str, factory: str, n: int) -> None:
+    """CliplabError (one line) when ``n`` vectors are too few to train ``factory``."""
+    need = min_train_vectors(factory)
+    if n < need:
+        raise CliplabError(f"index type {index_type or factory} ({factory}) needs at least {need} vectors to train, "
+                           f"the source has {n}; use flat (or auto)")
+
+
+def train_sample_size(factory: str, n: int) -> int:
+    """How many of ``n`` vectors train ``factory``: ~64 per IVF cell (FAISS warns below 39), else 64 per PQ
+    centroid."""
+    match = re.search(r"IVF(\d+)", factory)
+    per = IVF_TRAIN_PER_LIST * (int(match.group(1)) if match else 256)
+    return min(n, max(per, min_train_vectors(factory)))
 
 
 def _faiss():
@@ -126,8 +170,10 @@ def _faiss():
     return faiss
 
 
-def _make_index(factory: str, vectors: np.ndarray, ids: np.ndarray, seed: int = 0):
-    """A trained ``IndexIDMap2(factory)`` holding ``vectors`` under ``ids``."""
+def _make_index(factory: str, vectors: np.ndarray, ids: np.ndarray, seed: int = 0, *,
+                requested: str | None = None):
+    """A trained ``IndexIDMap2(factory)`` holding ``vectors`` under ``ids`` (trained on
+    ``train_sample_size(factory, n)`` seeded samples)."""
     faiss = _faiss()
     dim = vectors.shape[1]
     try:
@@ -137,18 +183,29 @@ def _make_index(factory: str, vectors: np.ndarray, ids: np.ndarray, seed: int = 
     if hasattr(inner, "hnsw"):
         inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     if not inner.is_trained:
+        check_trainable(requested or factory, factory, len(vectors))
         ivf = faiss.try_extract_index_ivf(inner)
-        want = (ivf.nlist if ivf is not None else 256) * 256
+        want = train_sample_size(factory, len(vectors))
         sample = vectors
-        if ivf is not None and len(vectors) < 39 * ivf.nlist:  # a small collection: no FAISS warning about it
-            ivf.cp.min_points_per_centroid = 1
+        if ivf is not None:
+            ivf.cp.niter = IVF_NITER
+            ivf.cp.seed = seed
+            if want < 39 * ivf.nlist:  # a small collection: no FAISS warning about it
+                ivf.cp.min_points_per_centroid = 1
         if len(vectors) > want:
             sample = vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), want, replace=False))]
-        if len(sample) == 0:
-            raise CliplabError(f"index type {factory!r} needs training vectors; the source has none")
-        inner.train(np.ascontiguousarray(sample, dtype=np.float32))
+        try:
+            inner.train(np.ascontiguousarray(sample, dtype=np.float32))
+        except RuntimeError as exc:
+            raise CliplabError(f"index type {requested or factory} ({factory}) could not be trained on "
+                               f"{len(sample)} vectors: {str(exc).strip().splitlines()[0][:200]}; use flat (or auto)"
+                               ) from exc
     index = faiss.IndexIDMap2(inner)
-    _add(index, vectors, ids)
+    try:
+        _add(index, vectors, ids)
+    except RuntimeError as exc:
+        raise CliplabError(f"index type {requested or factory} ({factory}): FAISS could not add the vectors: "
+                           f"{str(exc).strip().splitlines()[0][:200]}") from exc
     return index
 
 
@@ -197,8 +254,9 @@ def _resolve(source, hash_content: bool) -> _Source:
     return _Source(load_dataset(text, hash_content=hash_content), {"kind": "named", "location": text})
 
 
-def _rows(dataset: ImageDataset, indices: Sequence[int], ids: Sequence[int]) -> list[ItemRow]:
-    """Store rows for dataset items ``indices`` under ``ids``."""
+def _rows(dataset: ImageDataset, indices: Sequence[int], ids: Sequence[int],
+          extras: dict[str, dict] | None = None) -> list[ItemRow]:
+    """Store rows for dataset items ``indices`` under ``ids`` (``extras``: manifest columns by absolute path)."""
     rows = []
     for index, item in zip(indices, ids):
         index = int(index)
@@ -214,7 +272,7 @@ def _rows(dataset: ImageDataset, indices: Sequence[int], ids: Sequence[int]) -> 
         caption = None
         if dataset.captions is not None and dataset.captions[index]:
             caption = dataset.captions[index][0]
-        extra = {"name": dataset.item_id(index)}
+        extra = {**(extras or {}).get(path, {}), "name": dataset.item_id(index)}
         label = int(dataset.labels[index]) if len(dataset.labels) > index else -1
         if label >= 0 and label < len(dataset.class_names):
             extra["label"] = dataset.class_names[label]
@@ -270,8 +328,24 @@ def _write_folder(folder: Path, index, vectors: np.ndarray, ids: np.ndarray, row
     atomic_write_text(folder / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
 
 
+def _olds(target: Path) -> list[Path]:
+    """Previous versions set aside by an interrupted publish, newest first."""
+    found = [p for p in target.parent.glob(f".{target.name}.old-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _valid_manifest(folder: Path) -> dict | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def _publish(folder: Path, target: Path) -> None:
-    """Move the finished ``folder`` to ``target``, replacing an older index there."""
+    """Move the finished ``folder`` to ``target``, replacing an older index there (the caller holds the writer
+    lock). The old index is set aside as ``.NAME.old-*`` first; a kill between the two renames leaves it
+    there, and ``_recover`` (next writer, or the next reader) puts it back."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -279,6 +353,67 @@ def _publish(folder: Path, target: Path) -> None:
     os.rename(folder, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(target: Path) -> None:
+    """With the writer lock held: put back the newest valid set-aside version when ``target`` is missing (a
+    publish was killed between its renames), then drop the other set-aside versions."""
+    olds = _olds(target)
+    if not target.exists():
+        for old in olds:
+            if _valid_manifest(old) is not None:
+                os.rename(old, target)
+                olds.remove(old)
+                break
+    if target.exists():
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def writer_lock(target: Path, *, wait: bool = False):
+    """Hold the exclusive lock of index ``target`` (``.NAME.lock`` beside it) for a whole build or update;
+    SearchIndexError at once when another writer holds it (``wait``: block instead)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = _lock_path(target)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise SearchIndexError(f"{target}: another cliplab index build or update is writing this index (lock "
+                                   f"{path}); wait for it to finish, then run the command again") from None
+        try:
+            _recover(target)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _readable_root(root: Path) -> Path:
+    """``root``, or after an interrupted publish the set-aside previous version: put back when no writer is
+    busy, read where it lies otherwise."""
+    if root.is_dir() or not any(_valid_manifest(old) for old in _olds(root)):
+        return root
+    try:
+        with writer_lock(root):
+            pass
+    except (SearchIndexError, OSError):  # a writer is publishing, or the parent is read-only: read it in place
+        return next((old for old in _olds(root) if _valid_manifest(old) is not None), root)
+    return root
+
+
+def _next_id(target: Path) -> int:
+    """The first id a new build of ``target`` may use: ids are never reused by the same index folder (the
+    service caches /images/{id})."""
+    manifest = _valid_manifest(target) if target.is_dir() else None
+    try:
+        return max(1, int(manifest["next_id"])) if manifest else 1
+    except (KeyError, TypeError, ValueError):
+        return 1
 
 
 def _scratch(target: Path) -> Path:
@@ -318,41 +453,62 @@ def _caption_data(backbone, dataset: ImageDataset | None, positions: Sequence[in
 
 
 def _manifest(backbone, kind: str, factory: str, params: dict, requested: str, count: int, next_id: int,
-              source: dict, hash_content: bool, failures, model_spec: str | None, trained_on: int) -> dict:
+              source: dict, hash_content: bool, failures, model_spec: str | dict | None, trained_on: int,
+              train_sample: int) -> dict:
     from ..models.runtime import encoding_key
 
+    kwargs = dict(model_spec) if isinstance(model_spec, dict) else None
+    if kwargs is not None:  # "model_spec" stays name[:pretrained] for older readers; "model_kwargs" reloads exactly
+        name, pretrained = str(kwargs.get("name") or ""), kwargs.get("pretrained")
+        model_spec = f"{name}:{pretrained}" if pretrained and ":" not in name else name or None
     return {
         "format_version": FORMAT_VERSION, "model_id": backbone.model_id, "model_spec": model_spec,
+        "model_kwargs": kwargs,
         "preprocess_id": backbone.preprocess_id, "encoding": list(encoding_key(backbone, "image")),
         "dim": int(backbone.embed_dim), "count": int(count), "next_id": int(next_id),
         "index_type": kind, "factory": factory, "requested_type": requested, "search_params": params,
-        "trained_on": int(trained_on), "metric": "inner_product", "source": source, "hash_content": hash_content,
+        "trained_on": int(trained_on), "train_sample": int(train_sample),
+        "metric": "inner_product", "source": source, "hash_content": hash_content,
         "failures": [list(f) for f in failures], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
 def build_index(backbone, source, index_dir, *, cache_dir=None, index_type: str = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True, hash_content: bool = False,
-                search_params: dict | None = None, model_spec: str | None = None) -> IndexReport:
+                search_params: dict | None = None, model_spec: str | dict | None = None) -> IndexReport:
     """Embed ``source`` (through the feature cache) and write a complete index into ``index_dir``.
 
     ``source``: a folder (scanned recursively), a manifest or named dataset, an ``ImageDataset``, or a folder of
     parquet shards from ``cliplab embed --engine ray`` (its ``shards.json``; no embedding, the model must
     match). Images that cannot be read are listed in the report and the manifest. A damaged index folder is
-    replaced; a folder that is not an index is refused.
+    replaced; a folder that is not an index is refused. Over an existing index, ids continue from its
+    ``next_id``. ``model_spec``: the ``load_model`` keywords (or ``name[:pretrained]``) that reload the model.
     """
     started = time.perf_counter()
     target = Path(index_dir)
     check_target(target)
+    with writer_lock(target):
+        check_target(target)
+        return _build_locked(backbone, source, target, started, cache_dir=cache_dir, index_type=index_type,
+                             batch_size=batch_size, workers=workers, progress=progress, hash_content=hash_content,
+                             search_params=search_params, model_spec=model_spec)
+
+
+def _build_locked(backbone, source, target: Path, started: float, *, cache_dir, index_type, batch_size, workers,
+                  progress, hash_content, search_params, model_spec) -> IndexReport:
+    first_id = _next_id(target)
     resolved = _resolve(source, hash_content)
     skipped = [(str(p), r) for p, r in getattr(resolved.dataset, "skipped", [])]
     if resolved.shards is not None:
         meta, table = _shards_table(resolved.shards, backbone)
         vectors = _shard_vectors(table, backbone.embed_dim)
-        ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
+        ids = np.arange(first_id, first_id + len(vectors), dtype=np.int64)
         rows = _shard_rows(table, ids)
         failures = [tuple(f) for f in meta.get("failures", [])]
-        captions = [(r, int(i), t) for r, (i, t) in enumerate((row.id, row.caption) for row in rows if row.caption)]
+        every = (table.column("captions").to_pylist() if "captions" in table.column_names
+                 else [[row.caption] if row.caption else [] for row in rows])
+        pairs = [(row.id, text) for row, texts in zip(rows, every) for text in (texts or []) if text]
+        captions = [(r, int(i), t) for r, (i, t) in enumerate(pairs)]  # every caption of every item
         caption_vectors = None
         if captions:
             from ..features.text import embed_texts
@@ -363,20 +519,23 @@ def build_index(backbone, source, index_dir, *, cache_dir=None, index_type: str 
         from ..features.embed import embed_images
 
         dataset = resolved.dataset
+        _, factory, _ = index_spec(index_type, len(dataset), backbone.embed_dim)
+        check_trainable(index_type, factory, len(dataset))  # before any image is embedded
         features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
                                 progress=progress)
         vectors = np.asarray(features.features, dtype=np.float32)
         positions = [int(i) for i in features.indices]
-        ids = np.arange(1, len(positions) + 1, dtype=np.int64)
-        rows = _rows(dataset, positions, ids)
+        ids = np.arange(first_id, first_id + len(positions), dtype=np.int64)
+        rows = _rows(dataset, positions, ids, _manifest_extras(resolved.record))
         failures = list(features.failures)
         captions, caption_vectors = _caption_data(backbone, dataset, positions, ids, cache_dir)
         computed = features.computed
     kind, factory, params = index_spec(index_type, len(vectors), backbone.embed_dim)
     params = {**params, **(search_params or {})}
-    index = _make_index(factory, vectors, ids)
-    manifest = _manifest(backbone, kind, factory, params, index_type, len(ids), len(ids) + 1, resolved.record,
-                         hash_content, failures, model_spec, len(ids))
+    index = _make_index(factory, vectors, ids, requested=index_type)
+    manifest = _manifest(backbone, kind, factory, params, index_type, len(ids), first_id + len(ids),
+                         resolved.record, hash_content, failures, model_spec, len(ids),
+                         _trained_sample(index, factory, len(ids)))
     folder = _scratch(target)
     try:
         _write_folder(folder, index, vectors, ids, rows, captions, caption_vectors, manifest)
@@ -385,6 +544,50 @@ def build_index(backbone, source, index_dir, *, cache_dir=None, index_type: str 
         shutil.rmtree(folder, ignore_errors=True)
     return IndexReport(target, len(ids), kind, added=len(ids), computed=computed, captions=len(captions),
                        failures=failures, skipped=skipped, seconds=time.perf_counter() - started)
+
+
+def _trained_sample(index, factory: str, n: int) -> int:
+    """How many vectors trained ``index`` (0 for index types that need no training)."""
+    return train_sample_size(factory, n) if min_train_vectors(factory) else 0
+
+
+_STANDARD_COLUMNS = {"path", "image", "label", "caption", "captions", "split"}
+
+
+def _manifest_extras(record: dict) -> dict[str, dict]:
+    """Extra columns of a .csv / .jsonl / .json manifest source (everything but path, label, captions and
+    split), keyed by the absolute image path; read row by row."""
+    location = record.get("location")
+    if record.get("kind") != "dataset" or not location:
+        return {}
+    path = Path(location)
+    suffix = path.suffix.lower()
+
+    def rows():
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as handle:
+                yield from csv.DictReader(handle)
+        elif suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        yield json.loads(line)
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            yield from (data.get("images", []) if isinstance(data, dict) else data)
+
+    out: dict[str, dict] = {}
+    try:
+        for row in rows():
+            if not isinstance(row, dict):
+                continue
+            file = row.get("path") or row.get("image")
+            extra = {k: v for k, v in row.items() if k not in _STANDARD_COLUMNS and k is not None}
+            if file and extra:
+                out[os.path.abspath(path.parent / str(file))] = extra
+    except (OSError, ValueError, UnicodeDecodeError):  # the dataset loader already read it; extras are optional
+        return out
+    return out
 
 
 def _shard_vectors(table, dim: int) -> np.ndarray:
@@ -399,7 +602,8 @@ def _shard_vectors(table, dim: int) -> np.ndarray:
 def _shard_rows(table, ids: np.ndarray) -> list[ItemRow]:
     data = {name: table.column(name).to_pylist() for name in ("path", "size", "mtime", "identity")}
     captions = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * len(ids)
-    return [ItemRow(int(i), p, p if os.path.isabs(p) else "", s, m, ident or p, c, {"name": p})
+    # the name shown to users is the file's name: an absolute path never goes into extra (the service shows extra)
+    return [ItemRow(int(i), p, p if os.path.isabs(p) else "", s, m, ident or p, c, {"name": os.path.basename(p)})
             for i, p, s, m, ident, c in zip(ids, data["path"], data["size"], data["mtime"], data["identity"], captions)]
 
 
@@ -409,12 +613,20 @@ def update_index(backbone, index_dir, source=None, *, cache_dir=None, index_type
     """Bring ``index_dir`` up to date with its source: embed only new and changed files (the rest keep their
     vectors and ids), drop deleted ones. ``source`` defaults to the one the index was built from.
 
-    A flat index is rebuilt from the stored vectors (a copy); an IVF index keeps its trained quantiser and
-    has the changed ids removed and the new vectors added, unless the collection outgrew it (4x the vectors it
-    was trained on) or ``auto`` now picks another type; HNSW (no removal) is rebuilt.
+    While the type is the one asked for at build and the size stays within 4x of the size the index was
+    trained at, the manifest's factory string and search parameters (a build-time nprobe / efSearch) are kept:
+    an IVF index keeps its trained quantiser and has the changed ids removed and the new vectors added in place
+    (``rebuilt`` False); flat and HNSW (no removal) are rebuilt from the stored vectors.
     """
     started = time.perf_counter()
     target = Path(index_dir)
+    with writer_lock(target):
+        return _update_locked(backbone, target, source, started, cache_dir=cache_dir, index_type=index_type,
+                              batch_size=batch_size, workers=workers, progress=progress, hash_content=hash_content)
+
+
+def _update_locked(backbone, target: Path, source, started: float, *, cache_dir, index_type, batch_size, workers,
+                   progress, hash_content) -> IndexReport:
     old = SearchIndex.open(target)
     old.check_model(backbone)
     manifest = old.manifest
@@ -478,29 +690,40 @@ def update_index(backbone, index_dir, source=None, *, cache_dir=None, index_type
         (0, old.dim), np.float32)
     requested = index_type or manifest.get("requested_type", "auto")
     kind, factory, params = index_spec(requested, len(ids), old.dim)
+    trained_on = int(manifest.get("trained_on", 0) or 0)
+    same = (requested == manifest.get("requested_type", "auto") and kind == manifest["index_type"]
+            and trained_on > 0 and trained_on / 4 <= len(ids) <= 4 * trained_on)
+    if same:  # the type the user asked for, and a size the trained index still suits: keep its shape and params
+        factory, params = manifest["factory"], dict(manifest.get("search_params", {}))
+    in_place = same and "IVF" in factory and "HNSW" not in factory and kind != "flat"
     rebuilt = True
-    if (factory == manifest["factory"] and kind in ("ivf", "ivfpq") and len(ids) <= 4 * manifest.get("trained_on", 0)):
+    if in_place:
         index = old._index
         if drop:
             index.remove_ids(np.fromiter(drop, np.int64, len(drop)))
-        _add(index, new_vectors, new_ids)
-        params, rebuilt = manifest["search_params"], False
+        try:
+            _add(index, new_vectors, new_ids)
+        except RuntimeError as exc:
+            raise CliplabError(f"{target}: FAISS could not add the new vectors "
+                               f"({str(exc).strip().splitlines()[0][:200]}); {REBUILD}") from exc
+        rebuilt = False
     else:
-        if kind == manifest["index_type"] and factory == manifest["factory"]:
-            params = manifest["search_params"]
-        index = _make_index(factory, vectors, ids)
+        index = _make_index(factory, vectors, ids, requested=requested)
     # metadata: every kept or new item, with its current caption and file facts
     position_of = {key: p for p, key in enumerate(keys)}
     by_id = {row.id: row for row in stored.values()}
     kept_ids = [int(i) for i in old_ids[keep]]
-    rows = _rows(dataset, [position_of[by_id[i].key] for i in kept_ids] + new_positions, kept_ids + list(new_ids))
+    rows = _rows(dataset, [position_of[by_id[i].key] for i in kept_ids] + new_positions, kept_ids + list(new_ids),
+                 _manifest_extras(resolved.record))
     captions, caption_vectors = _caption_data(backbone, dataset, [position_of[r.key] for r in rows],
                                               [r.id for r in rows], cache_dir)
-    trained_on = manifest.get("trained_on", len(ids)) if not rebuilt else len(ids)
+    trained_on = trained_on if not rebuilt else len(ids)
+    sample = int(manifest.get("train_sample", 0)) if not rebuilt else _trained_sample(index, factory, len(ids))
     failures_all = failures + [tuple(f) for f in manifest.get("failures", [])
                                if f[0] in current and f[0] not in {keys[p] for p in todo}]
     new_manifest = _manifest(backbone, kind, factory, params, requested, len(ids), next_id, resolved.record,
-                             hash_content, failures_all, manifest.get("model_spec"), trained_on)
+                             hash_content, failures_all, manifest.get("model_kwargs") or manifest.get("model_spec"),
+                             trained_on, sample)
     old.close()
     folder = _scratch(target)
     try:
@@ -516,6 +739,25 @@ def update_index(backbone, index_dir, source=None, *, cache_dir=None, index_type
 
 
 # ----------------------------------------------------------------------------------------------- reading
+
+def model_flags(spec) -> str:
+    """The CLI flags that reload the model ``spec`` (a manifest's ``model_spec``: load_model keywords or
+    ``name[:pretrained]``)."""
+    if not spec:
+        return ""
+    if isinstance(spec, str):
+        return f"--model {spec}"
+    parts = []
+    for key, value in spec.items():
+        if value is None or key in ("device", "seed") and value in (None, 0):
+            continue
+        flag = "--model" if key == "name" else "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
 
 class SearchIndex:
     """An index folder opened for queries (thread-safe for concurrent searches)."""
@@ -538,6 +780,7 @@ class SearchIndex:
         against the manifest, and with ``verify`` their sha256 too). ``search_params`` overrides
         ``nprobe`` / ``efSearch``."""
         root = Path(index_dir)
+        root = _readable_root(root)
         if not root.is_dir():
             raise SearchIndexError(f"{root}: no search index here; run cliplab index build first")
         try:
@@ -597,8 +840,11 @@ class SearchIndex:
     def check_model(self, backbone) -> None:
         """Raise ModelMismatchError unless ``backbone`` is the model that built this index."""
         if backbone.model_id != self.model_id:
+            flags = model_flags(self.manifest.get("model_kwargs") or self.manifest.get("model_spec"))
+            how = f"load it with {flags}" if flags else "load that model"
             raise ModelMismatchError(f"{self.root}: index was built with model {self.model_id!r}, the query model "
-                                     f"is {backbone.model_id!r}; load that model or rebuild the index with this one")
+                                     f"is {backbone.model_id!r}; {how} (or leave --model out to use the index's), "
+                                     "or rebuild the index with this one")
 
     def search_vectors(self, queries, k: int = 20) -> list[list[Hit]]:
         """The ``k`` best items for each row of ``queries`` (n, dim) by inner product (cosine for normalised
@@ -627,6 +873,8 @@ class SearchIndex:
         return out
 
     def text_vector(self, backbone, text: str) -> np.ndarray:
+        if not isinstance(text, str) or not text.strip():
+            raise CliplabError("the text query is empty; give some words to search for")
         self.check_model(backbone)
         return backbone.encode_texts([text]).numpy().astype(np.float32)
 
@@ -664,7 +912,8 @@ class SearchIndex:
         k = min(k, len(scores))
         best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
         best = best[np.lexsort((best, -scores[best]))]
-        captions = {row: (item, text) for row, item, text in self._store.captions()}
+        captions = self._store.caption_rows(int(r) for r in best)
+        best = [r for r in best if int(r) in captions]
         items = self._store.items({captions[int(r)][0] for r in best})
         return [CaptionHit(int(r), float(scores[r]), captions[int(r)][1], captions[int(r)][0],
                            items[captions[int(r)][0]].path if captions[int(r)][0] in items else "") for r in best]

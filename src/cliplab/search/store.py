@@ -93,6 +93,18 @@ class Store:
         """(row, item id, text) of every stored caption, by row."""
         return [tuple(row) for row in self._rows("SELECT id, item, text FROM captions ORDER BY id")]
 
+    def caption_rows(self, rows: Iterable[int]) -> dict[int, tuple[int, str]]:
+        """(item id, text) of caption ``rows`` (unknown rows are absent)."""
+        rows = [int(r) for r in rows]
+        out: dict[int, tuple[int, str]] = {}
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row, item, text in self._rows(f"SELECT id, item, text FROM captions WHERE id IN ({marks})",
+                                              tuple(chunk)):
+                out[row] = (item, text)
+        return out
+
     def count(self) -> int:
         return self._rows("SELECT COUNT(*) FROM items")[0][0]
 
