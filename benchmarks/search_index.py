@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--noise", type=float, default=1.0, help="spread of a cluster (1.0: cosine ~0.7 to its centre)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--latency-queries", type=int, default=400)
     parser.add_argument("--types", default="flat,ivf,ivfpq,hnsw")
@@ -207,8 +208,8 @@ def main() -> None:
     centres = rng.standard_normal((args.clusters, args.dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     log(f"generating {args.n} x {args.dim} vectors")
-    base, _ = mixture(args.n, args.dim, centres, args.seed + 1)
-    image_q, labels = mixture(args.queries, args.dim, centres, args.seed + 2)
+    base, _ = mixture(args.n, args.dim, centres, args.seed + 1, args.noise)
+    image_q, labels = mixture(args.queries, args.dim, centres, args.seed + 2, args.noise)
     text_q, text_cos = text_like(image_q, labels, centres, args.seed + 3)
     record["data"] = {"image_query_cos_to_centre": float(np.mean(np.sum(image_q * centres[labels], axis=1))),
                       "text_query_cos_to_centre": text_cos}

@@ -118,13 +118,14 @@ def test_approximate_types_recall_vs_exact(kind):
 def test_index_spec_choices():
     assert index_spec("auto", 1000, 64)[0] == "flat"
     kind, factory, params = index_spec("auto", 100_000, 512)
-    assert kind == "ivf" and factory == "IVF316,Flat" and params["nprobe"] >= 32
+    assert kind == "ivf" and factory == "IVF316,Flat" and params["nprobe"] == 20  # nlist/16, at least 16
     assert index_spec("ivfpq", 100_000, 512)[1] == "IVF316,PQ64x8"
     # practical at 1M on a 2-core CPU: ~sqrt(n) cells, ~64 training vectors a cell, not all 1M
     assert index_spec("ivf", 1_000_000, 512)[1] == "IVF1000,Flat"
     assert index_module.train_sample_size("IVF1000,Flat", 1_000_000) == 64_000
     assert index_module.train_sample_size("IVF25,Flat", 1000) == 1000
-    assert index_spec("IVF64,Flat", 10_000, 32) == ("factory", "IVF64,Flat", {"nprobe": 32})
+    assert index_spec("IVF64,Flat", 10_000, 32) == ("factory", "IVF64,Flat", {"nprobe": 16})
+    assert index_spec("ivf", 1_000_000, 512)[2] == {"nprobe": 62}
     with pytest.raises(CliplabError, match="index type 'bogus'"):
         index_spec("bogus", 10, 4)
 

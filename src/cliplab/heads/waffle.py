@@ -3,6 +3,11 @@
 WaffleCLIP (Roth et al. 2023, "Waffling around for performance", code ExplainableML/WaffleCLIP) is not in
 ../shared/papers.md; its random-descriptor control is what paper 30 ("Does VLM Classification Benefit from LLM
 Description Semantics?") measures description heads against, so the head is filed under paper 30.
+
+Checked outside this repo against their ``waffle_tools.py`` (commit 7a1b8ee) on the class names of five DCLIP
+files: descriptors per class, words per sequence, character groups and characters per group agree; the mean
+similarity aggregation agrees to 3e-8. Departure: class names with "_" count words, character groups and
+characters on the name with spaces; their code counts groups and characters on the raw key ("aquarium_fish").
 """
 
 from __future__ import annotations

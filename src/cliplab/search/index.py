@@ -20,8 +20,8 @@ a cell with 15 k-means iterations: seconds at 1M x 512), ``ivfpq`` (IVF with
 product quantisation, ~d/8 bytes a vector, lossy), ``hnsw`` (HNSW32 graph), any FAISS factory string, or
 ``auto``: exact below ``EXACT_MAX`` vectors, IVF above. The modality gap: text embeddings sit far from
 image embeddings (cosine ~0.3 to their best images, clip-retrieval issue 76), so a text query's nearest
-images are spread over many IVF cells and HNSW neighbourhoods. The default ``nprobe`` (nlist/8, at least
-32) and ``efSearch`` (256) are therefore far more generous than image-to-image search needs; they are recorded
+images are spread over many IVF cells and HNSW neighbourhoods. The default ``nprobe`` (nlist/16, at least
+16) and ``efSearch`` (256) are therefore far more generous than image-to-image search needs; they are recorded
 in the manifest and can be overridden at build (``search_params``) or open time.
 """
 
@@ -57,8 +57,8 @@ HNSW_EF_SEARCH = 256  # text-like recall@10 0.956 at 128, 0.999 at 256 (200k); m
 HNSW_EF_CONSTRUCTION = 80
 IVF_TRAIN_PER_LIST = 64  # training vectors per IVF cell (FAISS warns below 39, the old 256 took > 10 min at 1M)
 IVF_NITER = 15  # k-means iterations for the coarse quantiser
-IVF_MIN_NPROBE = 32
-IVF_NPROBE_FRACTION = 1 / 8  # generous: text queries (modality gap) spread over many cells
+IVF_MIN_NPROBE = 16
+IVF_NPROBE_FRACTION = 1 / 16  # text queries (modality gap) spread over more cells; 1M: p99 < 20 ms
 MANIFEST = "manifest.json"
 REBUILD = "run cliplab index build again"
 _OURS = {MANIFEST, "index.faiss", "vectors.npy", "ids.npy", "items.sqlite", "captions.npy"}
@@ -308,6 +308,16 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def _write_and_publish(target: Path, index, vectors, ids, rows, captions, caption_vectors, manifest: dict) -> None:
+    """Write a complete index into a scratch folder beside ``target``, then publish it (the manifest last)."""
+    folder = _scratch(target)
+    try:
+        _write_folder(folder, index, vectors, ids, rows, captions, caption_vectors, manifest)
+        _publish(folder, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _write_folder(folder: Path, index, vectors: np.ndarray, ids: np.ndarray, rows: list[ItemRow],
                   captions: list[tuple[int, int, str]], caption_vectors: np.ndarray | None, manifest: dict) -> None:
     """Write every file of an index into the new folder ``folder``; the manifest last."""
@@ -536,12 +546,7 @@ def _build_locked(backbone, source, target: Path, started: float, *, cache_dir, 
     manifest = _manifest(backbone, kind, factory, params, index_type, len(ids), first_id + len(ids),
                          resolved.record, hash_content, failures, model_spec, len(ids),
                          _trained_sample(index, factory, len(ids)))
-    folder = _scratch(target)
-    try:
-        _write_folder(folder, index, vectors, ids, rows, captions, caption_vectors, manifest)
-        _publish(folder, target)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    _write_and_publish(target, index, vectors, ids, rows, captions, caption_vectors, manifest)
     return IndexReport(target, len(ids), kind, added=len(ids), computed=computed, captions=len(captions),
                        failures=failures, skipped=skipped, seconds=time.perf_counter() - started)
 
@@ -725,12 +730,7 @@ def _update_locked(backbone, target: Path, source, started: float, *, cache_dir,
                              hash_content, failures_all, manifest.get("model_kwargs") or manifest.get("model_spec"),
                              trained_on, sample)
     old.close()
-    folder = _scratch(target)
-    try:
-        _write_folder(folder, index, vectors, ids, rows, captions, caption_vectors, new_manifest)
-        _publish(folder, target)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    _write_and_publish(target, index, vectors, ids, rows, captions, caption_vectors, new_manifest)
     return IndexReport(target, len(ids), kind, added=sum(1 for p in new_positions if keys[p] not in stored),
                        changed=sum(1 for p in new_positions if keys[p] in stored), removed=len(removed_ids)
                        + len(failed_changed), unchanged=len(unchanged), computed=computed, captions=len(captions),
