@@ -111,16 +111,21 @@ def main() -> None:
         log(rows[-1])
 
     n = len(names)
+    per_class = {style: len(build_prompts(["x"], style)["x"]) for style in ("cupl", "dclip")}
+    q_cupl, q_dclip = per_class["cupl"] * n, per_class["dclip"] * n
     add("templates (CLIP_benchmark's 18)", "zeroshot", "-", [fit_timed("zeroshot", backbone, names,
         templates="cifar10")], "0")
     add("CuPL", "cupl", "CuPL's CIFAR-10 sentences (GPT-3)", [fit_timed("cupl", backbone, names, descriptions=cupl)],
-        f"{5 * n} (cliplab describe --style cupl: 5 questions/class)")
+        f"{q_cupl} (cliplab describe --style cupl: {per_class['cupl']} questions/class)")
     add("CuPL + templates", "cupl", "CuPL's sentences + the 18 templates",
-        [fit_timed("cupl", backbone, names, descriptions=cupl, templates="cifar10")], f"{5 * n}")
+        [fit_timed("cupl", backbone, names, descriptions=cupl, templates="cifar10")], f"{q_cupl}")
     add("DCLIP scoring of CuPL's sentences", "dclip", "CuPL's sentences, plain mean of similarities",
-        [fit_timed("dclip", backbone, names, descriptions=cupl, phrase=False)], f"{5 * n}")
+        [fit_timed("dclip", backbone, names, descriptions=cupl, phrase=False)], f"{q_cupl}")
     add("DCLIP", "dclip", "hand-written DCLIP-format descriptors (stand-in for an LLM)",
-        [fit_timed("dclip", backbone, names, descriptions=descriptors)], f"{n} (1 question/class)")
+        [fit_timed("dclip", backbone, names, descriptions=descriptors)], f"{q_dclip} ({per_class['dclip']} "
+        "question/class)")
+    add("DCLIP in the 18 templates", "dclip", "the same descriptors, each in CLIP_benchmark's 18 CIFAR-10 templates",
+        [fit_timed("dclip", backbone, names, descriptions=descriptors, templates="cifar10")], f"{q_dclip}")
     add("WaffleCLIP control", "waffle", "15 random word + 15 random character descriptors",
         [fit_timed("waffle", backbone, names, seed=s) for s in seeds], "0")
     add("PerceptionCLIP", "perceptionclip", "built-in contextual attributes, weighted two-step",
@@ -143,8 +148,10 @@ def main() -> None:
     costs_1k = []
     for label, method, class_names, params, llm in (
         ("templates (imagenet80)", "zeroshot", names_1k, {"templates": "imagenet80"}, "0"),
-        ("CuPL (base prompts, 998 classes)", "cupl", list(cupl_1k), {"descriptions": cupl_1k}, f"{5 * len(cupl_1k)}"),
-        ("DCLIP (DCLIP's ImageNet descriptors)", "dclip", names_1k, {"descriptions": dclip_1k}, f"{len(names_1k)}"),
+        ("CuPL (base prompts, 998 classes)", "cupl", list(cupl_1k), {"descriptions": cupl_1k},
+         f"{per_class['cupl'] * len(cupl_1k)}"),
+        ("DCLIP (DCLIP's ImageNet descriptors)", "dclip", names_1k, {"descriptions": dclip_1k},
+         f"{per_class['dclip'] * len(names_1k)}"),
         ("WaffleCLIP control", "waffle", names_1k, {}, "0"),
         ("PerceptionCLIP", "perceptionclip", names_1k, {}, "0"),
     ):
@@ -152,8 +159,6 @@ def main() -> None:
         costs_1k.append({"label": label, "method": method, "classes": len(class_names), "text_embeddings": texts,
                          "llm_calls_to_generate": llm, "fit_seconds": round(seconds, 2)})
         log(costs_1k[-1])
-    prompts_cupl = len(build_prompts(["x"], "cupl"))
-    prompts_dclip = len(build_prompts(["x"], "dclip"))
 
     lines = [f"# Classification by description: CIFAR-10 test ({len(y)} images), {args.model}", "",
              f"**Weights: {weights}.** A small model trained here on CIFAR-10 train images with *template* captions "
@@ -176,8 +181,8 @@ def main() -> None:
               "|---|---:|---:|---|---:|"]
     lines += [f"| {c['label']} | {c['classes']} | {c['text_embeddings']} | {c['llm_calls_to_generate']} | "
               f"{c['fit_seconds']:.1f} |" for c in costs_1k]
-    lines += ["", f"LLM calls: `cliplab describe` asks {prompts_cupl} questions per class for CuPL and "
-              f"{prompts_dclip} for DCLIP (answers cached on disk); FuDD asks one question per class pair that "
+    lines += ["", f"LLM calls: `cliplab describe` asks {per_class['cupl']} questions per class for CuPL and "
+              f"{per_class['dclip']} for DCLIP (answers cached on disk); FuDD asks one question per class pair that "
               "occurs in some image's top-k set (at most C(1000,2) = 499,500 for 1000 classes, in practice far "
               "fewer: one per pair the images actually confuse); REAL asks one synonym question per class. "
               "Seconds: embedding the prompts with this model's small text tower on 2 CPU cores."]
