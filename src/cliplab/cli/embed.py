@@ -70,8 +70,11 @@ def embed(
     run: RunOptions = None,
     data: DataOptions = None,
 ):
-    """Embed a dataset into the feature cache (resumable: rerun after an interruption), or with --engine ray into
-    parquet shards for cliplab index build."""
+    """Embed a dataset into the feature cache, or with --engine ray into parquet shards (resumable).
+
+    Rerun the same command after an interruption: finished work is reused. --shards writes parquet shards that
+    cliplab index build reads; --engine ray runs the embedding as a Ray Data pipeline (local or --ray-address).
+    """
     if engine not in ENGINES:
         raise CliplabError(f"--engine {engine}: not one of {', '.join(ENGINES)}")
     if engine == "ray":
