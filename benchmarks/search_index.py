@@ -80,7 +80,8 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 # -- part 1 ---------------------------------------------------------------------------------------------------
-def bench_type(kind: str, base, ids, image_q, text_q, truth_image, truth_text, latency_queries: int) -> dict:
+def bench_type(kind: str, base, ids, image_q, text_q, truth_image, truth_text, latency_queries: int,
+               probe_text: np.ndarray) -> dict:
     import faiss
 
     from cliplab.search.index import _apply_params, _make_index, index_spec
@@ -90,6 +91,14 @@ def bench_type(kind: str, base, ids, image_q, text_q, truth_image, truth_text, l
     with Timer() as build:
         index = _make_index(factory, base, ids)
     grown = rss_bytes() - before
+    calibration = None
+    if got in ("ivf", "ivfpq", "hnsw"):  # what build_index does: breadth from measured recall (image + text probes)
+        from cliplab.search.calibrate import TEXT_PROBES, calibrate
+
+        with Timer() as calibrating:
+            params, calibration = calibrate(index, base, ids, got, params, probe_text[:TEXT_PROBES],
+                                            tune=got != "ivfpq")
+        calibration["seconds"] = calibrating.seconds
     _apply_params(index, params)
     size = len(faiss.serialize_index(index))
     latencies = []
@@ -108,6 +117,7 @@ def bench_type(kind: str, base, ids, image_q, text_q, truth_image, truth_text, l
         "latency_p99_ms": 1000 * float(np.percentile(latencies, 99)),
         "recall_image": recall(index.search(image_q, K)[1] - 1, truth_image),
         "recall_text": recall(index.search(text_q, K)[1] - 1, truth_text),
+        "calibration": calibration,
     }
     sweep_name = "nprobe" if "nprobe" in params else "efSearch" if "efSearch" in params else None
     if sweep_name:
@@ -211,6 +221,9 @@ def main() -> None:
     base, _ = mixture(args.n, args.dim, centres, args.seed + 1, args.noise)
     image_q, labels = mixture(args.queries, args.dim, centres, args.seed + 2, args.noise)
     text_q, text_cos = text_like(image_q, labels, centres, args.seed + 3)
+    # build-time probes: other points of the mixture, moved along the same gap direction (never scored)
+    probe_image, probe_labels = mixture(128, args.dim, centres, args.seed + 4, args.noise)
+    probe_text, _ = text_like(probe_image, probe_labels, centres, args.seed + 3)
     record["data"] = {"image_query_cos_to_centre": float(np.mean(np.sum(image_q * centres[labels], axis=1))),
                       "text_query_cos_to_centre": text_cos}
     ids = np.arange(1, args.n + 1, dtype=np.int64)
@@ -219,7 +232,8 @@ def main() -> None:
     rows = []
     for kind in args.types.split(","):
         log(f"index {kind}")
-        rows.append(bench_type(kind, base, ids, image_q, text_q, truth_image, truth_text, args.latency_queries))
+        rows.append(bench_type(kind, base, ids, image_q, text_q, truth_image, truth_text, args.latency_queries,
+                               probe_text))
         log(f"  {rows[-1]}")
     record["types"] = rows
     log("IVF in-place update vs rebuild")
@@ -239,6 +253,12 @@ def main() -> None:
          "recall@10 image", "recall@10 text"],
         [[r["type"], r["factory"], r["search_params"], r["build_s"], r["rss_growth_mib"], r["index_bytes_mib"],
           r["latency_p50_ms"], r["latency_p99_ms"], r["recall_image"], r["recall_text"]] for r in rows])
+    calibrated = [f"- {r['type']}: " + ", ".join(f"{t[k]} -> image {t['recall']['image']:.3f}, text "
+                                                 f"{t['recall'].get('text', float('nan')):.3f}"
+                                                 for t in r["calibration"]["tried"] for k in t if k != "recall")
+                  + f"; chosen {r['calibration']['chosen']} ({r['calibration']['seconds']:.1f} s, "
+                  f"{'target met' if r['calibration']['met'] else 'target NOT met at the cap'})"
+                  for r in rows if r.get("calibration")]
     sweeps = []
     for r in rows:
         for s in r.get("sweep", []):
@@ -257,7 +277,12 @@ def main() -> None:
         "",
         table,
         "",
-        "## Search breadth sweep (the default is what build_index records)",
+        "## Calibration at build (image probes: 256 indexed vectors; text probes: 128 text-like queries not in "
+        "the scored set; target recall@10 0.95, ladder nprobe x1/x2/x4 or efSearch 256/512/1024)",
+        "",
+        *calibrated,
+        "",
+        "## Search breadth sweep (around what build_index records after calibration)",
         "",
         md_table(["type", "setting", "recall@10 image", "recall@10 text", "batched ms/query"], sweeps),
         "",

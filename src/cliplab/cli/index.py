@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from .common import RunOptions, command, console, err_console, report_failures
 
@@ -59,6 +60,18 @@ def _print(report, verb: str) -> None:
                   f"({report.added} added, {report.changed} changed, {report.removed} removed, {report.unchanged} "
                   f"unchanged; {report.computed} embedded now; {report.captions} captions) in {report.seconds:.1f} s",
                   soft_wrap=True, highlight=False, markup=False)
+    calibration = report.calibration
+    if calibration:
+        breadth = ", ".join(f"{k}={v}" for k, v in calibration["chosen"].items())
+        recall = ", ".join(f"{name} {value:.3f}" for name, value in calibration["recall"].items())
+        line = (f"search breadth {breadth}: estimated recall@10 against exact search {recall} "
+                f"(target {calibration['target']:g}; text queries: {calibration.get('text_queries_from', '-')})")
+        if calibration["met"]:
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
+        else:
+            err_console.print(Text.assemble(("warning: ", "yellow"), line + " - below the target: pass --nprobe / "
+                                            "--ef-search to cliplab search, or build with --index-type flat"),
+                              soft_wrap=True)
     report_failures(report.failures, limit=20)
     if report.skipped:
         err_console.print(f"[yellow]note:[/] {len(report.skipped)} path(s) left out of the scan")

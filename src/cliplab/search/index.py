@@ -20,9 +20,12 @@ a cell with 15 k-means iterations: seconds at 1M x 512), ``ivfpq`` (IVF with
 product quantisation, ~d/8 bytes a vector, lossy), ``hnsw`` (HNSW32 graph), any FAISS factory string, or
 ``auto``: exact below ``EXACT_MAX`` vectors, IVF above. The modality gap: text embeddings sit far from
 image embeddings (cosine ~0.3 to their best images, clip-retrieval issue 76), so a text query's nearest
-images are spread over many IVF cells and HNSW neighbourhoods. The default ``nprobe`` (nlist/16, at least
-16) and ``efSearch`` (256) are therefore far more generous than image-to-image search needs; they are recorded
-in the manifest and can be overridden at build (``search_params``) or open time.
+images are spread over many IVF cells and HNSW neighbourhoods. So a build of at least ``CALIBRATE_MIN``
+vectors measures recall@10 against exact search for image queries and for the model's own text queries and
+raises ``nprobe`` (from nlist/16, at least 16, up to 4x that) or ``efSearch`` (from 256 up to 1024) until both
+reach 0.95 (``search/calibrate.py``); the estimate is in the manifest and the report, and a collection where the
+cap falls short says so. The parameters can be overridden at build (``search_params``: then only measured) or
+open time.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ HNSW_EF_CONSTRUCTION = 80
 IVF_TRAIN_PER_LIST = 64  # training vectors per IVF cell (FAISS warns below 39, the old 256 took > 10 min at 1M)
 IVF_NITER = 15  # k-means iterations for the coarse quantiser
 IVF_MIN_NPROBE = 16
-IVF_NPROBE_FRACTION = 1 / 16  # text queries (modality gap) spread over more cells; 1M: p99 < 20 ms
+IVF_NPROBE_FRACTION = 1 / 16  # the calibration's first rung (search/calibrate.py); 1M: p99 < 20 ms
+CALIBRATE_MIN = 10_000  # builds of at least this many vectors choose their search breadth by measured recall
 MANIFEST = "manifest.json"
 REBUILD = "run cliplab index build again"
 _OURS = {MANIFEST, "index.faiss", "vectors.npy", "ids.npy", "items.sqlite", "captions.npy"}
@@ -103,6 +107,7 @@ class IndexReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     rebuilt: bool = True  # False when an update added to and removed from the trained index in place
     seconds: float = 0.0
+    calibration: dict | None = None  # a build's measured recall@10 and chosen search breadth (search/calibrate.py)
 
 
 # ----------------------------------------------------------------------------------------------- index types
@@ -543,12 +548,24 @@ def _build_locked(backbone, source, target: Path, started: float, *, cache_dir, 
     kind, factory, params = index_spec(index_type, len(vectors), backbone.embed_dim)
     params = {**params, **(search_params or {})}
     index = _make_index(factory, vectors, ids, requested=index_type)
+    calibration = None
+    if len(ids) >= CALIBRATE_MIN and kind in ("ivf", "ivfpq", "hnsw"):  # breadth from this collection's recall
+        from ..features.text import embed_texts
+        from .calibrate import calibrate, text_probe_texts
+
+        names = getattr(resolved.dataset, "class_names", None) if resolved.dataset is not None else None
+        texts, text_source = text_probe_texts([t for _, _, t in captions], names)
+        params, calibration = calibrate(index, vectors, ids, kind, params, embed_texts(backbone, texts, cache_dir),
+                                        tune=kind != "ivfpq" and not search_params)
+        calibration["text_queries_from"] = text_source
     manifest = _manifest(backbone, kind, factory, params, index_type, len(ids), first_id + len(ids),
                          resolved.record, hash_content, failures, model_spec, len(ids),
                          _trained_sample(index, factory, len(ids)))
+    manifest["calibration"] = calibration
     _write_and_publish(target, index, vectors, ids, rows, captions, caption_vectors, manifest)
     return IndexReport(target, len(ids), kind, added=len(ids), computed=computed, captions=len(captions),
-                       failures=failures, skipped=skipped, seconds=time.perf_counter() - started)
+                       failures=failures, skipped=skipped, seconds=time.perf_counter() - started,
+                       calibration=calibration)
 
 
 def _trained_sample(index, factory: str, n: int) -> int:
