@@ -1,6 +1,6 @@
 """A local server speaking OpenAI chat completions, for tests of the HTTP LLM backend and what uses it.
 
-Copied from tests/unit/test_llm.py (which keeps its own copy): ``Stub(script)`` where ``script(body, n)``
+``Stub(script)`` where ``script(body, n)``
 returns ``(status, content or None, delay)`` for the n-th request; ``stub.count`` counts requests.
 Import it as ``from _llm_stub import Stub`` (tests/ is on sys.path through tests/conftest.py).
 """
