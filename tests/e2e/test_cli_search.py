@@ -124,3 +124,20 @@ def test_short_flags_extra_columns_model_spec_and_damage(tmp_path):
     for args in (("index", "update", "-i", out, "-q"), ("search", "cat", "-i", out, "-q")):
         result = _invoke(*args)
         assert result.exit_code == 2 and "damaged" in result.output and "build again" in result.output, result.output
+
+
+def test_index_build_takes_one_split_of_a_manifest(tmp_path):
+    rng = np.random.default_rng(4)
+    rows = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"photo {i}", "split": "val2017" if i < 4 else "train2017"})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    base = ["index", "build", str(manifest), "-i", str(tmp_path / "idx"), "--model", "tiny", "-q",
+            "--cache-dir", str(tmp_path / "c")]
+    refused = runner.invoke(app, base)
+    assert refused.exit_code == 2 and "--split NAME" in refused.output  # no test/val/train split: which one?
+    result = runner.invoke(app, base + ["--split", "val2017"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "4 images" in result.output and "4 captions" in result.output

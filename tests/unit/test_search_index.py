@@ -407,3 +407,12 @@ def test_empty_query_and_caption_lookup_by_hit(tiny, tmp_path, monkeypatch):
         monkeypatch.setattr(type(index._store), "captions", every_caption)
         hits = index.search_captions(tiny, Image.open(tmp_path / "data" / "p1.png"), k=2)
         assert len(hits) == 2 and all(h.text.startswith("caption ") for h in hits)
+
+
+def test_model_flags_are_the_cli_flags_that_reload_the_model():
+    spec = {"name": "ViT-B-32", "pretrained": "openai", "seed": 3, "device": "cpu", "quick_gelu": False,
+            "long_text_positions": False, "precision": None}
+    assert index_module.model_flags(spec) == "--model ViT-B-32 --pretrained openai --seed 3 --no-quick-gelu"
+    assert index_module.model_flags({"name": "tiny", "seed": 0, "long_text_positions": True}) == \
+        "--model tiny --long-positions"
+    assert index_module.model_flags("tiny") == "--model tiny"

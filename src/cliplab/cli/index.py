@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from .common import RunOptions, command, console, err_console, report_failures
+from .common import DataOptions, RunOptions, command, console, err_console, report_failures
 
 index_app = typer.Typer(
     name="index",
@@ -87,6 +87,7 @@ def build(
     index_type: str = typer.Option("auto", "--index-type", help="auto (exact below 50,000 images, IVF above), flat, "
                                    "ivf, ivfpq, hnsw, or a FAISS factory string such as IVF1024,Flat."),
     run: RunOptions = None,
+    data: DataOptions = None,
 ):
     """Embed a folder or dataset and write a search index (replaces an existing or damaged one)."""
     from ..search import build_index
@@ -94,6 +95,10 @@ def build(
     from .embed import model_spec
 
     check_target(index_dir)  # before the model loads
+    if data.data_root is not None or data.split is not None:  # a named dataset elsewhere, or one split of a source
+        from ..data import load_dataset
+
+        source = load_dataset(source, data.data_root, data.split, run.hash_content)
     backbone = run.load_backbone()
     spec = {key: value for key, value in model_spec(run).items() if key != "device"}  # reloads exactly this model
     report = build_index(backbone, source, index_dir, cache_dir=run.cache_dir, index_type=index_type,

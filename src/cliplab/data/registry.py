@@ -173,7 +173,8 @@ def load_dataset(
         base = Path(root) if root is not None else default_data_root()
         location = base / entry.folder if (base / entry.folder).exists() else base
         if not location.exists():
-            raise DatasetError(f"{key}: data not found under {base} (pass --data-root or set CLIPLAB_DATA)")
+            raise DatasetError(f"{key}: data not found under {base.absolute()} (pass --data-root or set "
+                               "CLIPLAB_DATA; default: ../shared/datasets beside the working folder, else ./data)")
         sources = {s: SplitSource(d, _bind(loader, location)) for s, (d, loader) in entry.splits.items()}
         dataset = select_split(key, sources, split or entry.default_split)
         curated = builtin_class_names(key)

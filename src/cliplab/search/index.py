@@ -757,6 +757,9 @@ def _update_locked(backbone, target: Path, source, started: float, *, cache_dir,
 
 # ----------------------------------------------------------------------------------------------- reading
 
+_FLAG_NAMES = {"long_text_positions": "long-positions"}  # load_model keywords whose CLI flag is named otherwise
+
+
 def model_flags(spec) -> str:
     """The CLI flags that reload the model ``spec`` (a manifest's ``model_spec``: load_model keywords or
     ``name[:pretrained]``)."""
@@ -766,9 +769,11 @@ def model_flags(spec) -> str:
         return f"--model {spec}"
     parts = []
     for key, value in spec.items():
-        if value is None or key in ("device", "seed") and value in (None, 0):
+        if value is None or key == "device" or key == "seed" and value == 0:  # the device is this machine's
             continue
-        flag = "--model" if key == "name" else "--" + key.replace("_", "-")
+        if value is False and key != "quick_gelu":  # off by default: no flag needed (quick_gelu has --no-quick-gelu)
+            continue
+        flag = "--model" if key == "name" else "--" + _FLAG_NAMES.get(key, key.replace("_", "-"))
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + flag[2:])
         else:
