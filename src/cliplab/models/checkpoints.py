@@ -1,7 +1,9 @@
 """Reading CLIP weight files safely: safetensors, ``torch.load(weights_only=True)``, TorchScript.
 
-Nothing here unpickles arbitrary Python objects. OpenAI's original ``.pt`` files are TorchScript
-archives; ``torch.jit.load`` reads their tensors and TorchScript code, never pickled classes.
+Nothing here unpickles arbitrary Python objects or runs code from a file. OpenAI's original ``.pt``
+files are TorchScript archives: their tensors are read by ``models/torchscript.py`` without
+``torch.jit.load`` (which would run a scripted ``__setstate__``); only archives whose tensors form
+OpenAI's CLIP layout are accepted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from .torchscript import read_torchscript_state
 
 OPENAI_LAYOUT_KEYS = ("token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight")
 
@@ -47,9 +50,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         elif is_torchscript_archive(path):
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            state = read_torchscript_state(path)
+            if not has_openai_layout(state):
+                raise ModelLoadError(f"{path}: a TorchScript archive that is not an OpenAI CLIP checkpoint; cliplab "
+                                     "runs no TorchScript: save the model's state_dict as .safetensors instead")
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # corrupt or unsafe files surface as many exception types
         raise ModelLoadError(f"{path}: not a readable weights file ({_first_line(exc)}); cliplab reads safetensors, "
                              "TorchScript and tensor-only torch checkpoints, and never unpickles objects") from exc
