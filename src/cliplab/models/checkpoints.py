@@ -9,6 +9,7 @@ OpenAI's CLIP layout are accepted.
 from __future__ import annotations
 
 import hashlib
+import re
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -59,8 +60,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except ModelLoadError:
         raise
     except Exception as exc:  # corrupt or unsafe files surface as many exception types
-        raise ModelLoadError(f"{path}: not a readable weights file ({_first_line(exc)}); cliplab reads safetensors, "
-                             "TorchScript and tensor-only torch checkpoints, and never unpickles objects") from exc
+        raise ModelLoadError(f"{path}: not a readable weights file ({load_error_line(exc)}); cliplab reads "
+                             "safetensors, TorchScript and tensor-only torch checkpoints, and never unpickles objects"
+                             ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:
@@ -72,15 +74,39 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _first_line(exc: Exception) -> str:
-    """torch's load errors span many lines and end in advice to load with weights_only=False, which would
-    run arbitrary code: keep only the first informative line."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        line = line.split("(Could this error message be improved")[0].strip()
-        if line and "weights_only" not in line and not line.lower().startswith(("please", "(1)", "(2)", "check")):
-            return f"{type(exc).__name__}: {line[:200]}"
-    return type(exc).__name__
+def load_error_line(exc: BaseException) -> str:
+    """``Type: line`` of a torch load error without torch's advice to retry with ``weights_only=False``
+    (which would run arbitrary code): its messages span many lines, the informative one in the middle."""
+    line = _informative(str(exc))
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+_TORCH_REFUSAL = "Weights only load failed"
+
+
+def scrub_unsafe_advice(message: str) -> str:
+    """One line: a message that embeds torch's refusal keeps its own text and the refusal's informative
+    line, without the advice to load with ``weights_only=False``; other messages keep their first line."""
+    if _TORCH_REFUSAL not in message and "weights_only" not in message:
+        return message.splitlines()[0] if message.strip() else message
+    start = message.find(_TORCH_REFUSAL)
+    head, torch_text = (message[:start], message[start:]) if start >= 0 else ("", message)
+    line = _informative(torch_text) or "not a tensor-only file"
+    return f"{head}{line} (cliplab loads tensors only and never unpickles objects)"
+
+
+def _informative(text: str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return f"it pickles {refused.group(1)}, which is not a tensor"
+    for line in text.splitlines():
+        line = line.strip().split("(Could this error message be improved")[0].strip()
+        line = line.removeprefix("WeightsUnpickler error:").strip()
+        skip = ("please", "(1)", "(2)", "check", "weights only load failed")
+        if line and "weights_only" not in line and not line.lower().startswith(skip):
+            return line[:200]
+    return ""
 
 
 def has_openai_layout(state: dict[str, torch.Tensor]) -> bool:

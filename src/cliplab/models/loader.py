@@ -21,7 +21,13 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from ..errors import DeviceError, ModelLoadError, WeightsUnavailableError
 from .backbone import LONG_TEXT_POLICIES, Backbone, BackboneInfo, check_long_text
-from .checkpoints import file_sha256, has_openai_layout, is_torchscript_archive, read_state_dict
+from .checkpoints import (
+    file_sha256,
+    has_openai_layout,
+    is_torchscript_archive,
+    read_state_dict,
+    scrub_unsafe_advice,
+)
 from .hf import is_hf_clip_dir, load_hf_dir
 from .longtext import merge_longclip_state
 from .openclip import (
@@ -135,7 +141,13 @@ def load_model(
     precision, runtime = check_options(precision, runtime, device)
     if long_text is not None and long_text not in LONG_TEXT_POLICIES:
         raise ModelLoadError(f"long text {long_text!r}: use one of {', '.join(LONG_TEXT_POLICIES)}")
-    backbone = _load_any(name, pretrained, device, arch, config, quick_gelu, seed, cache_dir)
+    try:
+        backbone = _load_any(name, pretrained, device, arch, config, quick_gelu, seed, cache_dir)
+    except ModelLoadError as exc:  # one line, never torch's advice to unpickle with weights_only=False
+        message = scrub_unsafe_advice(str(exc))
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from exc.__cause__
     if long_text_positions:
         from .longtext import stretch_positional_embedding
 
@@ -351,6 +363,8 @@ def _load_weights(model, state, where) -> None:
 
 def _detail(exc: Exception) -> str:
     """The informative line of a (often multi-line) torch error, shortened."""
+    if "weights_only" in str(exc):  # torch refused a pickle: its reason, not its advice to retry unsafely
+        return scrub_unsafe_advice(str(exc))
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     informative = [line for line in lines if not line.startswith("Error(s) in loading")]
     return (informative or lines or [type(exc).__name__])[0][:300]
