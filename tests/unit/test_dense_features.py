@@ -246,9 +246,7 @@ def test_the_cache_key_says_what_was_extracted(tiny):
     assert len(set(keys.values())) == len(keys)
     assert dense_cache_key(tiny, DenseSpec(layer=-1))[0] == dense_cache_key(tiny, DenseSpec(layer=1))[0]
     assert dense_cache_key(tiny, DenseSpec(input="sliding", stride=16))[0] == keys[DenseSpec(input="sliding")]
-    other = load_model("tiny", seed=1) if "seed" in load_model.__code__.co_varnames else None
-    if other is not None:
-        assert dense_cache_key(other)[0] != keys[DenseSpec()]
+    assert dense_cache_key(load_model("tiny", seed=1))[0] != keys[DenseSpec()]
     key = dense_cache_key(tiny, DenseSpec(input="sliding"))[1]
     assert {key[k] for k in ("model_id", "path", "input", "resolution", "stride", "encoding")} == {
         tiny.model_id, "final", "sliding", 32, 16, "fp32-torch"}
@@ -324,3 +322,67 @@ def test_take_aligns_with_dataset_indices(tmp_path, tiny):
     broken = next(i for i in range(len(data)) if data.item_id(i) == "dogs/broken.png")
     with pytest.raises(FeatureError, match="has no dense features"):
         out.take([broken])
+
+
+# -- Hugging Face CLIPModel -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+    """A small random transformers CLIPModel folder (2 vision blocks, 8 px patches, 32 px input), loaded."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        projection_dim=16,
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf-clip") / "small-clip"
+    CLIPModel(config).save_pretrained(str(path))
+    return load_model(str(path), device="cpu")
+
+
+def _hf_head(backbone, hidden):
+    return _normalized(backbone.model.visual_projection(backbone.model.vision_model.post_layernorm(hidden[:, 1:])))
+
+
+def test_hugging_face_final_path_equals_dense_features_and_its_own_position_interpolation(hf_clip):
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(dense_tokens(hf_clip, x).reshape(2, 16, -1), hf_clip.dense_features(x))
+    wide = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        hidden = hf_clip.model.vision_model(pixel_values=wide, interpolate_pos_encoding=True).last_hidden_state
+    got = dense_tokens(hf_clip, wide, DenseSpec(input="aspect"))
+    assert got.shape == (2, 6, 5, 16)
+    torch.testing.assert_close(got.reshape(2, 30, -1), _hf_head(hf_clip, hidden), atol=1e-6, rtol=0)
+
+
+def test_hugging_face_value_path_is_the_last_layer_with_self_only_attention(hf_clip):
+    x = torch.randn(2, 3, 32, 32)
+    vision = hf_clip.model.vision_model
+    with torch.no_grad():
+        h = vision.encoder.layers[0](vision.pre_layrnorm(vision.embeddings(x)), None)
+        h = h[0] if isinstance(h, tuple) else h
+        mask = torch.full((17, 17), float("-inf")).fill_diagonal_(0.0).expand(2, 1, 17, 17)
+        out = vision.encoder.layers[1](h, mask)
+        out = out[0] if isinstance(out, tuple) else out
+        bare = vision.encoder.layers[1].self_attn.out_proj(
+            vision.encoder.layers[1].self_attn.v_proj(vision.encoder.layers[1].layer_norm1(h)))
+    torch.testing.assert_close(dense_tokens(hf_clip, x, DenseSpec(path="value")).reshape(2, 16, -1),
+                               _hf_head(hf_clip, out), atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense_tokens(hf_clip, x, DenseSpec(path="value", value_mlp=False)).reshape(2, 16, -1),
+                               _hf_head(hf_clip, bare), atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense_tokens(hf_clip, x, DenseSpec(layer=0)).reshape(2, 16, -1),
+                               _hf_head(hf_clip, h), atol=1e-6, rtol=0)
+
+
+def test_hugging_face_through_the_cache(tmp_path, hf_clip):
+    data = _folder(tmp_path / "imgs", bad=False)
+    out = embed_dense(hf_clip, data, tmp_path / "cache", spec=DenseSpec(path="value"), batch_size=4,
+                      num_workers=0, progress=False)
+    images = torch.stack([hf_clip.preprocess(data.load_image(int(i))) for i in out.indices])
+    np.testing.assert_array_equal(out.tokens, dense_tokens(hf_clip, images, DenseSpec(path="value")).reshape(6, 16, -1))
+    assert out.key["path"] == "value" and out.key["model_id"] == hf_clip.model_id
