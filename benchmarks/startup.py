@@ -6,7 +6,7 @@ With ``--baseline REV`` the same commands also run on the source of a git revisi
 ``src/`` into a temporary folder, put first on ``PYTHONPATH``), interleaved with the working tree's, so
 "before" and "after" come from one run on the same machine state. Every process gets an empty
 ``CLIPLAB_CACHE``. Each command runs once more with ``PYTHONPROFILEIMPORTTIME=1`` to record whether it
-imported torch, open_clip, scikit-learn or scipy.
+imported torch, open_clip, scikit-learn, scipy, transformers, faiss, ray, pyarrow or matplotlib.
 
     python benchmarks/startup.py [--quick] [--repeats N] [--baseline REV]
 """
@@ -29,7 +29,7 @@ NAME = "startup"
 TARGET_S = 1.0
 REPO = BENCH_DIR.parent
 COMMANDS = ("classify", "zeroshot", "evaluate", "embed", "models", "methods", "templates", "datasets", "cache")
-HEAVY = ("torch", "open_clip", "sklearn", "scipy")
+HEAVY = ("torch", "open_clip", "sklearn", "scipy", "transformers", "faiss", "ray", "pyarrow", "matplotlib")
 
 
 def cases() -> list[tuple[str, list[str], bool]]:

@@ -21,22 +21,25 @@ from cliplab.cli.app import app
 runner = CliRunner()
 COMMANDS = sorted(typer.main.get_command(app).commands)
 HEAVY = ("torch", "open_clip", "torchvision", "transformers")
+#: Every library that costs start-up time (scipy alone is over a second of CPU on these machines); none may load
+#: for cliplab --help, COMMAND --help or the listing commands.
+SLOW = (*HEAVY, "scipy", "sklearn", "faiss", "ray", "pyarrow", "matplotlib")
 
 
 def _modules_after(code: str) -> list[str]:
-    """Run ``code`` in a fresh interpreter; the heavy (and scikit-learn/scipy) modules it left imported."""
+    """Run ``code`` in a fresh interpreter; the slow-to-import modules (``SLOW``) it left imported."""
     script = textwrap.dedent(code) + textwrap.dedent(f"""
         import sys
-        print(" ".join(m for m in {(*HEAVY, "sklearn", "scipy")!r} if m in sys.modules))
+        print(" ".join(m for m in {SLOW!r} if m in sys.modules))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
 
-@pytest.mark.parametrize("args", [["methods"], ["templates"], ["templates", "imagenet7"], ["datasets"], ["cache"]],
-                         ids=" ".join)
-def test_listing_commands_run_without_torch(args, tmp_path):
+@pytest.mark.parametrize("args", [["--help"], ["methods"], ["templates"], ["templates", "imagenet7"], ["datasets"],
+                                  ["cache"]], ids=" ".join)
+def test_listing_commands_load_no_heavy_library(args, tmp_path):
     loaded = _modules_after(f"""
         import os
         os.environ["CLIPLAB_CACHE"] = {str(tmp_path / "cache")!r}
@@ -45,18 +48,30 @@ def test_listing_commands_run_without_torch(args, tmp_path):
         result = CliRunner().invoke(app, {args!r})
         assert result.exit_code == 0, result.output
     """)
-    assert not set(HEAVY) & set(loaded), f"cliplab {' '.join(args)} imported {loaded}"
-    if args == ["methods"]:  # listed from the heads' source: scikit-learn alone takes over a second to import
-        assert "sklearn" not in loaded, loaded
+    assert not loaded, f"cliplab {' '.join(args)} imported {loaded}"
+
+
+def test_every_command_help_loads_no_heavy_library():
+    loaded = _modules_after("""
+        import typer
+        from typer.testing import CliRunner
+        from cliplab.cli.app import app
+        for name in sorted(typer.main.get_command(app).commands):
+            result = CliRunner().invoke(app, [name, "--help"])
+            assert result.exit_code == 0, (name, result.output)
+    """)
+    assert not loaded, f"a COMMAND --help imported {loaded}"
 
 
 def test_packages_import_without_torch_and_keep_their_names():
     loaded = _modules_after("""
-        import cliplab.features, cliplab.heads
+        import cliplab.features, cliplab.heads, cliplab.ood
         from cliplab.features import FeatureCache, cache_root, default_cache_root
         from cliplab.heads import HeadEntry, create_head, describe_heads, get_head, head_entry, list_heads, register
+        from cliplab.ood import create_score, describe_scores, list_scores, register_score, score_entry
+        assert describe_scores()
     """)
-    assert not set(HEAVY) & set(loaded) and "sklearn" not in loaded, loaded
+    assert not loaded, loaded
 
 
 FEATURES_NAMES = [  # what cliplab.features exported when it imported everything eagerly
@@ -90,6 +105,14 @@ def test_lazy_packages_export_every_name_they_did():
             assert namespace[name] is value
         with pytest.raises(AttributeError):
             package.no_such_name  # noqa: B018
+
+
+def test_scores_read_from_source_equal_the_registry():
+    from cliplab.ood.registry import _scan_sources, list_scores
+
+    scanned = _scan_sources()
+    assert scanned is not None, "a score's @register_score(...) could not be read statically"
+    assert sorted(scanned, key=lambda s: s.name) == [e.summary_row() for e in list_scores()]
 
 
 def test_heads_read_from_source_equal_the_registry():

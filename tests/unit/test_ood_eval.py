@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cliplab.data import load_dataset
-from cliplab.eval.ood import OOD_SCORES, evaluate_ood
+from cliplab.eval.ood import evaluate_ood
 from cliplab.features import class_weights, embed_images
 from cliplab.ood import energy, glmcm, mcm, msp, ood_metrics
 
@@ -33,7 +33,7 @@ def test_metrics_match_an_independent_computation(tiny, tmp_path):
     id_data, ood_data = load_dataset(id_dir), load_dataset(ood_dir)
     templates = ["a photo of a {c}."]
     report = evaluate_ood(tiny, id_data, [ood_data], ["msp", "energy", "mcm", "glmcm"], templates, tmp_path / "out",
-                          cache_dir=tmp_path / "cache", batch_size=4, lambda_local=0.5)
+                          cache_dir=tmp_path / "cache", batch_size=4, params={"lambda_local": 0.5})
     w = class_weights(tiny, ["cat", "dog"], templates, cache_dir=tmp_path / "cache")
     expected = {}
     for name, data in (("id", id_data), ("ood", ood_data)):
@@ -58,14 +58,37 @@ def test_metrics_match_an_independent_computation(tiny, tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
-def test_a_new_score_plugs_in_by_name(tiny, tmp_path, monkeypatch):
+def test_a_new_score_plugs_in_by_registering_it_here(tiny, tmp_path, monkeypatch):
+    """A score defined in this test module, registered with the decorator, runs with no other change."""
+    from cliplab.ood import registry
+    from cliplab.ood.base import OODScore
+
+    registry.load_all()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registration ends with the test
+
+    @registry.register_score("test-norm", paper="none", needs=("features", "logits"))
+    class Norm(OODScore):
+        """minus the row number, plus offset times the top logit (a throwaway)"""
+
+        def __init__(self, offset: float = 0.0):
+            self.offset = offset
+
+        def score(self, inputs):
+            return -np.arange(len(inputs.features), dtype=float) + self.offset * inputs.logits.max(axis=1)
+
     id_dir, ood_dir = _folders(tmp_path)
-    monkeypatch.setitem(OOD_SCORES, "norm", lambda context, part: -np.arange(len(part.features), dtype=float))
-    report = evaluate_ood(tiny, load_dataset(id_dir), [load_dataset(ood_dir)], ["norm"], "generic",
+    report = evaluate_ood(tiny, load_dataset(id_dir), [load_dataset(ood_dir)], ["test-norm", "msp"], "generic",
                           cache_dir=tmp_path / "cache")
     assert report.files == {}
-    m = report.record["metrics"]["ood"]["norm"]["ood"]
+    m = report.record["metrics"]["ood"]["test-norm"]["ood"]
     assert m["auroc"] == pytest.approx(ood_metrics(-np.arange(12.0), -np.arange(5.0))["auroc"])
+    assert report.record["cliplab"]["score_params"]["test-norm"] == {"offset": 0.0}
+    shifted = evaluate_ood(tiny, load_dataset(id_dir), [load_dataset(ood_dir)], ["test-norm"], "generic",
+                           cache_dir=tmp_path / "cache", params={"test-norm.offset": 2.0})
+    x = embed_images(tiny, load_dataset(id_dir), tmp_path / "cache").features
+    logits = tiny.logit_scale * x @ class_weights(tiny, ["cat", "dog"], "generic", cache_dir=tmp_path / "cache")
+    np.testing.assert_allclose(shifted.scores["test-norm"]["id"], -np.arange(12.0) + 2 * logits.max(axis=1),
+                               rtol=1e-5)
 
 
 def test_cli_end_to_end_labels_the_fpr_convention(tmp_path):
@@ -138,10 +161,10 @@ def test_clipn_scores_come_from_the_trained_model(tiny, tmp_path):
         clipn.prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     templates = ["a photo of a {c}."]
     report = evaluate_ood(tiny, id_data, [ood_data], ["clipn-ctw", "clipn-atd"], templates,
-                          cache_dir=tmp_path / "cache", clipn=clipn)
+                          cache_dir=tmp_path / "cache", artefact=clipn)
     x = embed_images(tiny, ood_data, tmp_path / "cache").features
     p_yes, p_no = clipn_probabilities(clipn, x, ["cat", "dog"], templates)
     np.testing.assert_allclose(report.scores["clipn-ctw"]["ood"], ctw_score(p_yes, p_no), rtol=1e-6)
     np.testing.assert_allclose(report.scores["clipn-atd"]["ood"], atd_score(p_yes, p_no), rtol=1e-6)
-    with pytest.raises(Exception, match="--clipn FOLDER"):
+    with pytest.raises(Exception, match="--artefact FOLDER"):
         evaluate_ood(tiny, id_data, [ood_data], ["clipn-ctw"], templates, cache_dir=tmp_path / "cache")

@@ -68,13 +68,16 @@ def methods(family: str = typer.Option(None, "--family", help="Only this family 
         table.add_row(entry.name, entry.family, str(entry.paper or "-"), needs or "-", entry.summary)
     console.print(table)
     if family in (None, "ood"):
-        from ..ood.catalog import OOD_SCORE_CATALOG
+        from ..ood.registry import describe_scores
 
-        scores = Table(title="open-set scores (higher = more in-distribution; run: cliplab ood --scores NAMES)")
-        for column in ("name", "paper", "where", "summary"):
+        scores = Table(title="open-set scores (higher = more in-distribution; run: cliplab ood --scores NAMES "
+                             "[--method M | --head DIR], cliplab robustness --score NAME)")
+        for column in ("name", "paper", "needs", "parameters", "summary"):
             scores.add_column(column)
-        for name, (paper, where, summary) in OOD_SCORE_CATALOG.items():
-            scores.add_row(name, paper, where, summary)
+        for entry in describe_scores():
+            params = ", ".join(f"{key}={value}" for key, value in entry.params)
+            scores.add_row(entry.name, str(entry.paper or "-"), ", ".join(entry.needs).replace("_", " "),
+                           params or "-", entry.summary)
         console.print(scores)
 
 

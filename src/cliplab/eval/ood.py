@@ -1,16 +1,18 @@
-"""OOD evaluation: an ID test set against OOD sets, several scores, OpenOOD's metrics, JSON + ROC/histogram PNGs.
+"""OOD evaluation: an ID test set against OOD sets, any registered scores on any head, OpenOOD's metrics, JSON and
+ROC/histogram PNGs.
 
-Scores come from ``OOD_SCORES``: a name -> ``function(context, part) -> (n,) scores`` mapping (higher = more
-in-distribution), where ``context`` (:class:`OODContext`) holds the backbone, the fitted zero-shot head, the class
-text weights and a ``memo`` dict, and ``part`` (:class:`OODPart`) one dataset with its cached image features.
-A score that needs a fitted head is one more entry that fits once per evaluation and keeps the head in
-``memo``: ``cooked`` (paper 1) fits its linear probe on the ID dataset's train split, choosing C on its
-val split (``fit_data``); the ID test set never reaches the fit.
+Scores are the plugins of :mod:`cliplab.ood` (``@register_score``). This module knows none by name: it reads
+what each declares (``needs``) and gives exactly that (:class:`ScoreSet`): the head's logits, the image
+features, the ID classes' text weights, patch grids, the ID train/val features (``fit_data``) or an artefact
+folder. Whatever a chosen score needs that the evaluation cannot give is refused in one line before any image
+is embedded. The head is any registered method (built and fitted on the ID train split, C or other
+hyperparameters tuned on val) or a fitted head (``heads/saving.load_head``); the default is the zero-shot head
+on ``templates``. The ID test set never reaches a fit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +21,15 @@ import numpy as np
 from ..data import ImageDataset
 from ..errors import CliplabError, FeatureError
 from ..features import ImageFeatures, class_weights, embed_images
-from ..heads import create_head
-from ..heads.cooked import cooked_scores
-from ..ood import FPR_CONVENTIONS, atd_score, ctw_score, energy, glmcm, max_logit, mcm, msp, ood_metrics
+from ..ood import FPR_CONVENTIONS, ood_metrics
+from ..ood.base import OODScore, ScoreContext, ScoreInputs
+from ..ood.registry import create_score, list_scores, score_entry
 from .plots import plot_ood_histograms, plot_ood_roc
 from .results import results_record, write_json
 
-NEEDS_FIT_DATA = ("score 'cooked' fits a linear probe: it needs the ID dataset's train and val splits (pass "
-                  "fit_datasets, or use a named dataset / a folder with train/ and val/)")
-NEEDS_CLIPN = ("the clipn scores need a trained CLIPN: pass --clipn FOLDER "
-               "(cliplab.train.clipn.train_clipn(...).save(FOLDER))")
+DEFAULT_METHOD = "zeroshot"
+FIT_DATA_HINT = ("it needs the ID dataset's train and val splits (pass fit_datasets, or use a named dataset / a "
+                 "folder with train/ and val/)")
 
 
 @dataclass
@@ -40,22 +41,96 @@ class OODPart:
     features: ImageFeatures
 
 
-@dataclass
-class OODContext:
-    """What score functions may use; ``memo`` keeps anything fitted or computed once per evaluation."""
+# -- the head ---------------------------------------------------------------------------------------------------
+def build_ood_head(method: str, backbone, class_names: Sequence[str], *, dataset_name: str | None = None,
+                   templates=None, params=None, cache_dir=None):
+    """An unfitted head of the registered ``method`` for ``class_names`` (the interface of
+    ``cliplab.eval.inputs.build_head``): ``templates=None`` means the method's own default (the zero-shot head:
+    the dataset's CLIP_benchmark set, else imagenet7)."""
+    import inspect
 
-    backbone: object
-    class_names: list[str]
-    templates: object
-    head: object  # the fitted zero-shot head: logits for msp / max-logit / energy
-    text_weights: np.ndarray  # (d, C) class weights for MCM and GL-MCM
-    cache_dir: Path | None = None
-    batch_size: int = 64
-    temperature: float = 1.0
-    lambda_local: float = 1.0
-    memo: dict = field(default_factory=dict)
-    fit_data: tuple[ImageFeatures, ImageFeatures] | None = None  # ID train and val features, for fitted scores
-    clipn: object = None  # a trained cliplab.train.clipn.ClipnModel, for the clipn scores
+    from ..data import template_sets
+    from ..heads.registry import create_head, head_entry
+
+    entry = head_entry(method)
+    kwargs = dict(params or {})
+    takes = inspect.signature(entry.cls.__init__).parameters
+    if "templates" in takes:
+        given = templates if templates is not None else kwargs.pop("templates", None)
+        if given is None and entry.name == DEFAULT_METHOD:
+            given = dataset_name if dataset_name in template_sets() else "imagenet7"
+        if given is not None:
+            kwargs["templates"] = given
+    if entry.needs_backbone and "cache_dir" in takes:
+        kwargs.setdefault("cache_dir", cache_dir)
+    return create_head(entry.name, backbone=backbone, class_names=list(class_names), **kwargs)
+
+
+def head_is_fitted(head) -> bool:
+    """Whether ``head`` is already fitted (scikit-learn's test: a public attribute ending in ``_``)."""
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    try:
+        check_is_fitted(head)
+    except NotFittedError:
+        return False
+    return True
+
+
+def head_needs_fit_data(head) -> bool:
+    """Whether ``head`` still has to be fitted on labelled ID data."""
+    from ..heads.registry import head_entry
+
+    return not head_is_fitted(head) and head_entry(head).needs_train
+
+
+def fit_ood_head(head, train: ImageFeatures | None = None, val: ImageFeatures | None = None):
+    """Fit ``head`` unless it is fitted: on ``train`` (tuning on ``val``) if its method needs data, else without."""
+    from .evaluate import fit_head
+
+    if head_is_fitted(head):
+        return head
+    return fit_head(head, train, val)
+
+
+def head_name(head) -> str:
+    from ..heads.registry import head_entry
+
+    return head_entry(head).name
+
+
+# -- scores -----------------------------------------------------------------------------------------------------
+def score_params(names: Sequence[str], params: Mapping[str, object] | None) -> dict[str, dict]:
+    """Per chosen score, its parameters from ``params``: ``"key"`` goes to every chosen score that takes ``key``,
+    ``"score.key"`` to that score only (and wins). A key no chosen score takes is an error."""
+    takes = {name: {key for key, _ in score_entry(name).params} for name in names}
+    out: dict[str, dict] = {name: {} for name in names}
+    specific = {}
+    for key, value in (params or {}).items():
+        score, dot, param = key.rpartition(".")
+        if dot:
+            if score not in takes:
+                raise CliplabError(f"score parameter {key!r}: {score!r} is not a chosen score ({', '.join(names)})")
+            if param not in takes[score]:
+                raise CliplabError(f"score parameter {key!r}: {score} takes "
+                                   f"{', '.join(sorted(takes[score])) or 'no parameters'}")
+            specific[(score, param)] = value
+            continue
+        users = [name for name in names if param in takes[name]]
+        if not users:
+            raise CliplabError(f"score parameter {key!r}: no chosen score takes it ({', '.join(names)})")
+        for name in users:
+            out[name][param] = value
+    for (score, param), value in specific.items():
+        out[score][param] = value
+    return out
+
+
+def patch_grids(backbone, dataset: ImageDataset, features: ImageFeatures, *, batch_size: int = 64) -> np.ndarray:
+    """Projected, L2-normalised patch tokens (n, P, d) of the embedded items of ``dataset`` (``features.indices``,
+    in that order), through ``backbone.dense_features`` in batches."""
+    return dense_features(backbone, dataset, features.indices, batch_size)
 
 
 def dense_features(backbone, dataset: ImageDataset, indices: Sequence[int], batch_size: int = 64) -> np.ndarray:
@@ -74,69 +149,88 @@ def dense_features(backbone, dataset: ImageDataset, indices: Sequence[int], batc
     return np.concatenate(blocks)
 
 
-def _logits(context: OODContext, part: OODPart) -> np.ndarray:
-    key = ("logits", part.name)
-    if key not in context.memo:
-        context.memo[key] = context.head.logits(part.features.features)
-    return context.memo[key]
+@dataclass
+class ScoreSet:
+    """The chosen scores of one evaluation, built, checked and set up before any image is embedded.
+
+    ``inputs(part)`` gives each dataset what the scores declared (logits only if one reads them, patch grids only
+    if one reads them); ``run(inputs)`` scores it with every chosen score.
+    """
+
+    scores: dict[str, OODScore]
+    context: ScoreContext
+    head: object | None = None
+    batch_size: int = 64
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(s.needs for s in self.scores.values()))
+
+    def params(self) -> dict[str, dict]:
+        return {name: score.get_params() for name, score in self.scores.items()}
+
+    def fit(self, train: ImageFeatures, val: ImageFeatures) -> None:
+        """Fit the scores that declared ``fit_data`` on the ID train and val features."""
+        for score in self.scores.values():
+            if "fit_data" in score.needs:
+                score.fit(train, val)
+
+    def logits(self, name: str, features: ImageFeatures) -> np.ndarray:
+        key = ("logits", name)
+        if key not in self.memo:
+            self.memo[key] = np.asarray(self.head.logits(features.features))
+        return self.memo[key]
+
+    def inputs(self, name: str, dataset: ImageDataset, features: ImageFeatures) -> ScoreInputs:
+        needs = self.needs
+        return ScoreInputs(
+            name, np.asarray(features.features),
+            logits=self.logits(name, features) if "logits" in needs else None,
+            local_features=(patch_grids(self.context.backbone, dataset, features, batch_size=self.batch_size)
+                            if "patch_grids" in needs else None))
+
+    def run(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
+        return {name: np.asarray(score.score(inputs), dtype=np.float64) for name, score in self.scores.items()}
 
 
-def _glmcm(context: OODContext, part: OODPart) -> np.ndarray:
-    local = dense_features(context.backbone, part.dataset, part.features.indices, context.batch_size)
-    return glmcm(part.features.features, local, context.text_weights, context.temperature, context.lambda_local)
+def build_scores(names: Sequence[str], backbone, class_names: Sequence[str], *, templates=None,
+                 params: Mapping[str, object] | None = None, head=None, artefact=None, fit_data: bool = False,
+                 probe: ImageDataset | None = None, cache_dir=None, batch_size: int = 64) -> ScoreSet:
+    """Build the scores ``names`` with ``params`` (see :func:`score_params`) and check that this evaluation gives
+    what each declared: logits need ``head``, ``fit_data`` needs the ID train/val splits (``fit_data=True``),
+    ``artefact`` a folder, ``patch_grids`` a model with patch tokens (tried on one image of ``probe``). Each
+    refusal is one line naming the score; nothing has been embedded yet. Then ``setup`` every score."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise CliplabError("give at least one OOD score")
+    known = [e.name for e in list_scores()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CliplabError(f"unknown OOD score {unknown[0]!r}; known: {', '.join(known)}")
+    per_score = score_params(names, params)
+    scores = {name: create_score(name, **per_score[name]) for name in names}
+    for name, score in scores.items():
+        needs = score.needs
+        if "logits" in needs and head is None:
+            raise CliplabError(f"OOD score {name!r} reads a head's logits: give a method or a fitted head")
+        if "fit_data" in needs and not fit_data:
+            raise CliplabError(f"OOD score {name!r} fits on the ID data: {FIT_DATA_HINT}")
+        if "artefact" in needs and artefact is None:
+            what = getattr(score, "artefact_help", "") or "the folder it reads"
+            raise CliplabError(f"OOD score {name!r} needs an artefact ({what}): pass --artefact FOLDER")
+    needs = frozenset().union(*(s.needs for s in scores.values()))
+    if "patch_grids" in needs and probe is not None:  # one image tells whether this model has patch tokens
+        dense_features(backbone, probe, [0], 1)
+    weights = class_weights(backbone, list(class_names), templates, cache_dir=cache_dir) \
+        if "text_weights" in needs else None
+    context = ScoreContext(backbone, list(class_names), templates, weights, artefact, cache_dir)
+    for score in scores.values():
+        score.setup(context)
+    return ScoreSet(scores, context, head, batch_size)
 
 
-def _cooked(context: OODContext, part: OODPart) -> np.ndarray:
-    """COOkeD's headline score (minus the entropy of the probe + zero-shot CLIP ensemble)."""
-    if "cooked" not in context.memo:
-        if context.fit_data is None:
-            raise CliplabError(NEEDS_FIT_DATA)
-        train, val = context.fit_data
-        head = create_head("cooked", backbone=context.backbone, class_names=context.class_names)
-        context.memo["cooked"] = head.fit(train.features, train.labels, X_val=val.features, y_val=val.labels)
-    return cooked_scores(context.memo["cooked"], part.features.features)["entropy"]
-
-
-def _clipn(rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[[OODContext, OODPart], np.ndarray]:
-    """A CLIPN score (paper 18) from the trained model's yes/no probabilities."""
-
-    def score(context: OODContext, part: OODPart) -> np.ndarray:
-        from ..train.clipn import clipn_probabilities
-
-        if context.clipn is None:
-            raise CliplabError(NEEDS_CLIPN)
-        key = ("clipn", part.name)
-        if key not in context.memo:
-            context.memo[key] = clipn_probabilities(context.clipn, part.features.features, context.class_names,
-                                                    context.templates)
-        return rule(*context.memo[key])
-
-    return score
-
-
-OOD_SCORES: dict[str, Callable[[OODContext, OODPart], np.ndarray]] = {
-    "msp": lambda c, p: msp(_logits(c, p)),
-    "max-logit": lambda c, p: max_logit(_logits(c, p)),
-    "energy": lambda c, p: energy(_logits(c, p)),
-    "mcm": lambda c, p: mcm(p.features.features, c.text_weights, c.temperature),
-    "glmcm": _glmcm,
-    "cooked": _cooked,
-    "clipn-ctw": _clipn(ctw_score),
-    "clipn-atd": _clipn(atd_score),
-}
-
-
-def _check_inputs(context: OODContext, scores: Sequence[str], id_dataset: ImageDataset,
-                  fit_datasets) -> None:
-    """Fail before any image is embedded when a score lacks what it needs."""
-    if any(OOD_SCORES[s] is _cooked for s in scores) and fit_datasets is None:
-        raise CliplabError(NEEDS_FIT_DATA)
-    if any(s.startswith("clipn-") for s in scores) and context.clipn is None:
-        raise CliplabError(NEEDS_CLIPN)
-    if "glmcm" in scores:  # patch tokens: one image tells whether this model has them
-        dense_features(context.backbone, id_dataset, [0], 1)
-
-
+# -- the evaluation ---------------------------------------------------------------------------------------------
 @dataclass
 class OODReport:
     record: dict
@@ -145,18 +239,21 @@ class OODReport:
 
 
 def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[ImageDataset], scores: Sequence[str],
-                 templates, output_dir: Path | None = None, *, fpr_convention: str = "id-positive",
+                 templates, output_dir: Path | None = None, *, head=None, head_params: Mapping | None = None,
+                 params: Mapping[str, object] | None = None, fpr_convention: str = "id-positive",
                  cache_dir: Path | None = None, batch_size: int = 64, workers: int | None = None,
-                 progress: bool = False, temperature: float = 1.0, lambda_local: float = 1.0,
-                 fit_datasets: tuple[ImageDataset, ImageDataset] | None = None, clipn=None) -> OODReport:
+                 progress: bool = False, fit_datasets: tuple[ImageDataset, ImageDataset] | None = None,
+                 artefact=None) -> OODReport:
     """Per score x OOD set: AUROC, FPR@95 (``fpr_convention``), AUPR-in/out (:func:`cliplab.ood.ood_metrics`), plus
-    the zero-shot ID accuracy. Writes ``ood.json`` (atomically), ``ood_roc.png`` and ``ood_hist.png`` to
-    ``output_dir`` when given. ``fit_datasets`` (ID train, ID val) feed scores that fit a head (``cooked``)."""
-    unknown = [s for s in scores if s not in OOD_SCORES]
-    if unknown:
-        raise CliplabError(f"unknown OOD score {unknown[0]!r}; known: {', '.join(OOD_SCORES)}")
-    if not scores:
-        raise CliplabError("give at least one OOD score")
+    the head's ID accuracy. Writes ``ood.json`` (atomically), ``ood_roc.png`` and ``ood_hist.png`` to
+    ``output_dir`` when given.
+
+    ``head``: None (the zero-shot head on ``templates``), a registered method name (built with ``head_params``,
+    templates its own default unless ``head_params`` has them; fitted on ``fit_datasets`` when it needs data) or
+    a head, fitted or not. ``templates`` are also the text of the scores that read class text weights.
+    ``params``: score parameters, ``"key"`` for every chosen score that takes it or ``"score.key"``.
+    ``fit_datasets`` (ID train, ID val) feed the head and the scores that declare ``fit_data``; ``artefact`` (a
+    folder or a loaded object) the scores that declare ``artefact``."""
     if fpr_convention not in FPR_CONVENTIONS:
         raise CliplabError(f"unknown FPR convention {fpr_convention!r}; known: {', '.join(FPR_CONVENTIONS)}")
     if not ood_datasets:
@@ -164,12 +261,19 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
     class_names = list(id_dataset.class_names)
     if not class_names:
         raise CliplabError(f"{id_dataset.name}: the ID dataset has no class names")
-    head = create_head("zeroshot", backbone=backbone, class_names=class_names, templates=templates,
-                       cache_dir=cache_dir).fit()
-    weights = class_weights(backbone, class_names, templates, cache_dir=cache_dir)
-    context = OODContext(backbone, class_names, templates, head, weights, cache_dir, batch_size, temperature,
-                         lambda_local, clipn=clipn)
-    _check_inputs(context, scores, id_dataset, fit_datasets)
+    if head is None:
+        head = build_ood_head(DEFAULT_METHOD, backbone, class_names, templates=templates, params=head_params,
+                              cache_dir=cache_dir)
+    elif isinstance(head, str):
+        head = build_ood_head(head, backbone, class_names, dataset_name=id_dataset.name, params=head_params,
+                              cache_dir=cache_dir)
+    head_fits = head_needs_fit_data(head)
+    if head_fits and fit_datasets is None:
+        raise CliplabError(f"method {head_name(head)!r} fits on the ID train split: {FIT_DATA_HINT}")
+    score_set = build_scores(scores, backbone, class_names, templates=templates, params=params, head=head,
+                             artefact=artefact, fit_data=fit_datasets is not None, probe=id_dataset,
+                             cache_dir=cache_dir, batch_size=batch_size)
+    fits = head_fits or "fit_data" in score_set.needs
 
     def part(dataset: ImageDataset, name: str) -> OODPart:
         features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
@@ -178,15 +282,20 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
             raise FeatureError(f"{name}: no image could be embedded")
         return OODPart(name, dataset, features)
 
-    if fit_datasets is not None and any(OOD_SCORES[s] is _cooked for s in scores):
-        context.fit_data = tuple(part(d, f"{d.name} ({d.split})").features.labelled() for d in fit_datasets)
+    fit_data = None
+    if fits:
+        fit_data = tuple(part(d, f"{d.name} ({d.split})").features.labelled() for d in fit_datasets)
     id_part = part(id_dataset, id_dataset.name)
-    if context.fit_data is not None:
+    if fit_data is not None:
         test_ids = set(id_part.features.item_ids)
-        shared = [i for f in context.fit_data for i in f.item_ids if i in test_ids]
+        shared = [i for f in fit_data for i in f.item_ids if i in test_ids]
         if shared:
             raise CliplabError(f"the ID fit data (train/val) shares {len(shared)} images with the ID test set, "
                                f"e.g. {shared[0]}")
+    head = fit_ood_head(head, *(fit_data if head_fits else ()))
+    score_set.head = head
+    if "fit_data" in score_set.needs:
+        score_set.fit(*fit_data)
     ood_parts, seen = [], {id_part.name}
     for dataset in ood_datasets:
         name = dataset.name
@@ -195,21 +304,21 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
         seen.add(name)
         ood_parts.append(part(dataset, name))
 
-    predictions = _logits(context, id_part).argmax(axis=1)
-    id_accuracy = float(np.mean(predictions == id_part.features.labels))
-    values: dict[str, dict[str, np.ndarray]] = {}
-    results: dict[str, dict[str, dict]] = {}
-    for name in scores:
-        values[name] = {p.name: np.asarray(OOD_SCORES[name](context, p), dtype=np.float64)
-                        for p in (id_part, *ood_parts)}
-        results[name] = {p.name: ood_metrics(values[name][id_part.name], values[name][p.name], fpr_convention)
-                         for p in ood_parts}
+    id_accuracy = accuracy(head, score_set.logits(id_part.name, id_part.features), id_part.features.labels)
+    values: dict[str, dict[str, np.ndarray]] = {name: {} for name in score_set.scores}
+    for p in (id_part, *ood_parts):
+        for name, v in score_set.run(score_set.inputs(p.name, p.dataset, p.features)).items():
+            values[name][p.name] = v
+    results = {name: {p.name: ood_metrics(values[name][id_part.name], values[name][p.name], fpr_convention)
+                      for p in ood_parts} for name in score_set.scores}
     record = results_record(
         dataset=id_part.name, model=id_part.features.model, task="ood_detection",
         metrics={"id_accuracy": id_accuracy, "ood": results},
-        extra={"fpr95_convention": fpr_convention, "scores": list(scores), "ood_datasets": [p.name for p in ood_parts],
-               "id_split": id_dataset.split, "n_id": len(id_part.features), "temperature": temperature,
-               "lambda_local": lambda_local, "templates": templates if isinstance(templates, str) else "custom",
+        extra={"fpr95_convention": fpr_convention, "scores": list(score_set.scores), "score_params": score_set.params(),
+               "method": head_name(head), "head_params": _head_params(head),
+               "ood_datasets": [p.name for p in ood_parts], "id_split": id_dataset.split,
+               "n_id": len(id_part.features), "templates": templates if isinstance(templates, str) else "custom",
+               "fit_splits": None if fit_data is None else [f"{d.name} ({d.split})" for d in fit_datasets],
                "failures": {p.name: p.features.failures for p in (id_part, *ood_parts) if p.features.failures}})
     files: dict[str, Path] = {}
     if output_dir is not None:
@@ -219,3 +328,15 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
         files["roc"] = plot_ood_roc(values, id_part.name, output_dir / "ood_roc.png", title)
         files["histogram"] = plot_ood_histograms(values, id_part.name, output_dir / "ood_hist.png", title)
     return OODReport(record, values, files)
+
+
+def accuracy(head, logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 of ``logits`` (columns = ``head.classes_``, class indices) against ``labels``."""
+    classes = np.asarray(getattr(head, "classes_", np.arange(logits.shape[1])))
+    return float(np.mean(classes[logits.argmax(axis=1)] == labels))
+
+
+def _head_params(head) -> dict:
+    from .evaluate import head_params
+
+    return head_params(head)

@@ -1,35 +1,45 @@
 """Accuracy, calibration and OOD detection under common corruptions (paper 11: Hendrycks & Dietterich, ImageNet-C).
 
 Every cell (clean, and each corruption x severity of :mod:`cliplab.data.corruptions`) is the same seeded subset
-of test images, embedded through the feature cache and classified by the zero-shot head (CLIP prompt
-ensembling). Per cell: top-1, ECE (15 bins, Guo et al. 2017) and, with an OOD dataset, the MCM score's
-AUROC and FPR@95 (ID = the test images of the cell, OOD = the OOD images; by default the OOD images get the
-same corruption, as a degraded camera would degrade both, ``ood_corrupted=False`` keeps them clean).
+of test images, embedded through the feature cache and classified by a head: any registered method (fitted on the
+clean ID train split where it needs data) or a fitted head; by default the zero-shot head (CLIP prompt
+ensembling). Per cell: top-1, ECE (15 bins, Guo et al. 2017) and, with an OOD dataset, one registered OOD score's
+AUROC and FPR@95 (default MCM; ID = the test images of the cell, OOD = the OOD images; by default the OOD images
+get the same corruption, as a degraded camera would degrade both, ``ood_corrupted=False`` keeps them clean).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.special import softmax
 
-from ..data.base import NO_LABEL, ImageDataset, Subset, has_labels
+from ..data.base import ImageDataset, Subset, has_labels
 from ..data.corruptions import CORRUPTIONS, CorruptedDataset, corruption_parameter
 from ..errors import CliplabError, DatasetError
 from ..features.embed import embed_images
-from ..heads.registry import create_head
 from ..models.backbone import Backbone
 from ..ood.metrics import ood_metrics
-from ..ood.scores import mcm
+from .evaluate import head_params as head_params_of
 from .metrics import expected_calibration_error, topk_accuracy
+from .ood import (
+    DEFAULT_METHOD,
+    FIT_DATA_HINT,
+    build_ood_head,
+    build_scores,
+    fit_ood_head,
+    head_name,
+    head_needs_fit_data,
+)
 from .results import results_record, write_json
 
 DEFAULT_SEVERITIES = (1, 3, 5)
 DEFAULT_LIMIT = 1000
+DEFAULT_SCORE = "mcm"  # the OOD score of the AUROC column when none is chosen
 
 
 @dataclass
@@ -59,6 +69,12 @@ def evaluate_robustness(
     dataset: ImageDataset,
     templates: str | list[str],
     *,
+    head=None,
+    head_params: Mapping | None = None,
+    score: str = DEFAULT_SCORE,
+    params: Mapping[str, object] | None = None,
+    fit_datasets: tuple[ImageDataset, ImageDataset] | None = None,
+    artefact=None,
     ood: ImageDataset | None = None,
     corruptions: Sequence[str] = tuple(CORRUPTIONS),
     severities: Sequence[int] = DEFAULT_SEVERITIES,
@@ -71,16 +87,34 @@ def evaluate_robustness(
     num_workers: int | None = None,
     progress: bool = True,
 ) -> RobustnessReport:
-    """Measure every cell; write ``robustness_<dataset>.json`` and ``.png`` under ``output_dir`` if given."""
+    """Measure every cell; write ``robustness_<dataset>.json`` and ``.png`` under ``output_dir`` if given.
+
+    ``head``: None (the zero-shot head on ``templates``), a registered method (built with ``head_params``, its own
+    default templates unless they are in ``head_params``; fitted on ``fit_datasets`` = ID train and val when it
+    needs data) or a head, fitted or not. ``templates`` are also the text of a score that reads text weights.
+    ``score`` is any registered OOD score (``params`` as :func:`cliplab.eval.ood.score_params`), used with ``ood``.
+    """
     start = time.perf_counter()
     if not has_labels(dataset):
         raise DatasetError(f"{dataset.name}: no labelled images to evaluate")
     for name in corruptions:
         for severity in severities:
             corruption_parameter(name, severity)  # unknown names or severities fail before any work
-    head = create_head("zeroshot", backbone=backbone, class_names=dataset.class_names, templates=templates,
-                       cache_dir=cache_dir)
-    head.fit()
+    class_names = list(dataset.class_names)
+    if head is None:
+        head = build_ood_head(DEFAULT_METHOD, backbone, class_names, templates=templates, params=head_params,
+                              cache_dir=cache_dir)
+    elif isinstance(head, str):
+        head = build_ood_head(head, backbone, class_names, dataset_name=dataset.name, params=head_params,
+                              cache_dir=cache_dir)
+    head_fits = head_needs_fit_data(head)
+    if head_fits and fit_datasets is None:
+        raise CliplabError(f"method {head_name(head)!r} fits on the ID train split: {FIT_DATA_HINT}")
+    scorer = None
+    if ood is not None:
+        scorer = build_scores([score], backbone, class_names, templates=templates, params=params, head=head,
+                              artefact=artefact, fit_data=fit_datasets is not None, probe=dataset,
+                              cache_dir=cache_dir, batch_size=batch_size)
     test = seeded_subset(dataset, limit, seed)
     ood_data = seeded_subset(ood, limit, seed) if ood is not None else None
 
@@ -88,35 +122,52 @@ def evaluate_robustness(
         return embed_images(backbone, data, cache_dir, batch_size=batch_size, num_workers=num_workers,
                             progress=progress)
 
+    fits = head_fits or (scorer is not None and "fit_data" in scorer.needs)
+    fit_data = tuple(embed(d).labelled() for d in fit_datasets) if fits else None
+    if fit_data is not None:
+        test_ids = set(test.item_ids())
+        shared = [i for f in fit_data for i in f.item_ids if i in test_ids]
+        if shared:
+            raise CliplabError(f"the fit data (train/val) shares {len(shared)} images with the test images, "
+                               f"e.g. {shared[0]}")
+    head = fit_ood_head(head, *(fit_data if head_fits else ()))
+    if scorer is not None:
+        scorer.head = head
+        if "fit_data" in scorer.needs:
+            scorer.fit(*fit_data)
     clean_ood = embed(ood_data) if ood_data is not None and not ood_corrupted else None
     cells = [("clean", 0)] + [(name, int(s)) for name in corruptions for s in severities]
     rows, failures = [], {}
     for name, severity in cells:
         view = test if name == "clean" else CorruptedDataset(test, name, severity, seed)
         features = embed(view)
-        keep = features.labels != NO_LABEL
-        x, y = np.asarray(features.features)[keep], features.labels[keep]
+        labelled = features.labelled()
+        x, y = np.asarray(labelled.features), labelled.labels
         if len(y) == 0:
             raise DatasetError(f"{dataset.name}: no labelled image could be read")
-        logits = head.logits(x)
+        logits = np.asarray(head.logits(x))
         row = {"corruption": name, "severity": severity,
                "parameter": None if name == "clean" else corruption_parameter(name, severity),
                "num_images": int(len(y)), "acc1": topk_accuracy(y, logits, 1),
                "ece": expected_calibration_error(y, softmax(logits, axis=1)), "auroc": None, "fpr95": None}
-        if ood_data is not None:
-            if clean_ood is not None:
-                ood_features = clean_ood
-            else:
-                ood_features = embed(ood_data if name == "clean" else CorruptedDataset(ood_data, name, severity, seed))
+        if scorer is not None:
+            ood_view = ood_data if name == "clean" or not ood_corrupted else CorruptedDataset(ood_data, name,
+                                                                                              severity, seed)
+            ood_features = clean_ood if clean_ood is not None else embed(ood_view)
             if len(ood_features) == 0:
                 raise DatasetError(f"{ood.name}: no OOD image could be read")
-            scores = ood_metrics(mcm(x, head.weights_), mcm(np.asarray(ood_features.features), head.weights_))
+            cell = f"{name}:{severity}"
+            scorer.memo[("logits", f"id:{cell}")] = logits
+            id_scores = scorer.run(scorer.inputs(f"id:{cell}", view, labelled))[score]
+            ood_scores = scorer.run(scorer.inputs(f"ood:{cell}", ood_view, ood_features))[score]
+            scores = ood_metrics(id_scores, ood_scores)
             row["auroc"], row["fpr95"] = scores["auroc"], scores["fpr95"]
             failures.update({f"ood:{name}:{severity}:{item}": reason for item, reason in ood_features.failures})
         failures.update({f"{name}:{severity}:{item}": reason for item, reason in features.failures})
         rows.append(row)
     extra = {
-        "method": "zeroshot",
+        "method": head_name(head),
+        "head_params": head_params_of(head),
         "paper": 11,
         "templates": templates if isinstance(templates, str) else list(templates),
         "seed": seed,
@@ -126,7 +177,8 @@ def evaluate_robustness(
         "split": dataset.split,
         "ood_dataset": None if ood is None else ood.name,
         "num_ood_images": None if ood_data is None else len(ood_data),
-        "ood_score": None if ood is None else "mcm (T=1)",
+        "ood_score": None if scorer is None else score,
+        "ood_score_params": None if scorer is None else scorer.params()[score],
         "ood_corrupted": None if ood is None else ood_corrupted,
         "corruptions": {name: list(CORRUPTIONS[name]) for name in corruptions},
         "severities": [int(s) for s in severities],

@@ -10,7 +10,8 @@ Following the authors' code (github.com/AtsuMiyai/GL-MCM, ``utils/detection_util
 - ``S_GL-MCM = S_MCM + lambda * S_L-MCM`` (eq. 5; ``--lambda_local`` default 1.0, ``--T`` default 1).
 
 The code negates the sum (lower = ID for its metric helpers); here higher = more in-distribution, as for every
-score in :mod:`cliplab.ood.scores`.
+score in :mod:`cliplab.ood.scores`. Registered as the OOD score ``glmcm`` (needs features, text weights and patch
+grids; parameters ``temperature``, ``lambda_local``).
 
 Departures from the authors' code:
 - Local tokens: the authors take the last block's *value* path (MaskCLIP-style: ``out_proj(v)`` + residual +
@@ -29,6 +30,8 @@ import numpy as np
 from scipy.special import softmax
 
 from ..errors import CliplabError, DimensionMismatchError, FeatureError
+from .base import OODScore, ScoreInputs
+from .registry import register_score
 
 
 def _array(name: str, values, ndim: int) -> np.ndarray:
@@ -80,3 +83,16 @@ def glmcm(global_features, local_features, text_weights, temperature: float = 1.
         raise DimensionMismatchError(f"global_features have {x.shape[0]} rows but local_features have "
                                      f"{local.shape[0]}")
     return mcm(x, text_weights, temperature) + lam * local_mcm(local, text_weights, temperature)
+
+
+@register_score("glmcm", paper="Miyai et al. 2023", needs=("features", "text_weights", "patch_grids"))
+class GLMCM(OODScore):
+    """MCM plus lambda times local MCM over ViT patch tokens"""
+
+    def __init__(self, temperature: float = 1.0, lambda_local: float = 1.0):
+        self.temperature = temperature
+        self.lambda_local = lambda_local
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        return glmcm(inputs.features, self._needs(inputs.local_features, "patch grids"),
+                     self._needs(self.context_.text_weights, "text_weights"), self.temperature, self.lambda_local)

@@ -1,19 +1,20 @@
-"""OOD scores: one value per row, higher = more in-distribution, so any score works with any head.
+"""OOD scores on logits and on features: one value per row, higher = more in-distribution.
 
-Logit scores take (n, C) logits (``ClipHead.logits``); MCM takes image features and class text weights.
+The functions take arrays: logit scores (n, C) logits (``ClipHead.logits`` of any head); MCM image features and
+class text weights. The classes below register them as plugins (``msp``, ``max-logit``, ``energy``, ``mcm``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from numbers import Real
 
 import numpy as np
 from scipy.special import logsumexp, softmax
 
 from ..errors import CliplabError, DimensionMismatchError, FeatureError
-from .glmcm import glmcm
+from .base import OODScore, ScoreInputs
+from .registry import register_score
 
 
 def _matrix(name: str, values) -> np.ndarray:
@@ -71,19 +72,41 @@ def mcm(features, text_weights, temperature: float = 1.0) -> np.ndarray:
     return softmax(cosine / t, axis=1).max(axis=1)
 
 
-SCORES: dict[str, Callable[..., np.ndarray]] = {
-    "msp": msp,
-    "max-logit": max_logit,
-    "energy": energy,
-    "mcm": mcm,
-    "glmcm": glmcm,
-}
+
+# -- the registered plugins (cliplab.ood.registry): the functions above on what an evaluation gives ------------
+@register_score("msp", paper="Hendrycks & Gimpel 2017", needs=("logits",))
+class MSP(OODScore):
+    """maximum softmax probability of any head's logits"""
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        return msp(self._needs(inputs.logits, "logits"))
 
 
-def score(name: str, *args, **kwargs) -> np.ndarray:
-    """The score ``name`` of ``SCORES`` applied to ``args``/``kwargs`` (logits, or features and text weights)."""
-    try:
-        function = SCORES[name]
-    except KeyError:
-        raise CliplabError(f"unknown OOD score {name!r}; known: {', '.join(SCORES)}") from None
-    return function(*args, **kwargs)
+@register_score("max-logit", paper="Hendrycks et al. 2022", needs=("logits",))
+class MaxLogit(OODScore):
+    """largest logit of any head"""
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        return max_logit(self._needs(inputs.logits, "logits"))
+
+
+@register_score("energy", paper="Liu et al. 2020", needs=("logits",))
+class Energy(OODScore):
+    """T * logsumexp(logits / T) of any head's logits"""
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        return energy(self._needs(inputs.logits, "logits"), self.temperature)
+
+
+@register_score("mcm", paper="Ming et al. 2022", needs=("features", "text_weights"))
+class MCM(OODScore):
+    """max softmax of cosine similarities to the class prompts / T"""
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+
+    def score(self, inputs: ScoreInputs) -> np.ndarray:
+        return mcm(inputs.features, self._needs(self.context_.text_weights, "text_weights"), self.temperature)
