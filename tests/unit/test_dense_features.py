@@ -205,7 +205,11 @@ def test_spec_is_validated():
     with pytest.raises(CliplabError, match="input must be one of"):
         DenseSpec(input="crop")
     with pytest.raises(CliplabError, match="stride must be a positive integer"):
-        DenseSpec(stride=0)
+        DenseSpec(input="sliding", stride=0)
+    with pytest.raises(CliplabError, match="stride does not apply to input='aspect'"):
+        DenseSpec(input="aspect", stride=16)
+    with pytest.raises(CliplabError, match="resolution does not apply to input='model'"):
+        DenseSpec(resolution=64)
 
 
 # -- the cached value ---------------------------------------------------------------------------------------
@@ -226,6 +230,8 @@ def test_embed_dense_equals_direct_extraction_and_lists_failures(tmp_path, tiny)
     assert out.item_ids == [data.item_id(int(i)) for i in out.indices]
     assert not out.tokens.flags.writeable
     assert out.key["path"] == "final" and out.key["layer"] == 1 and out.key["model_id"] == tiny.model_id
+    again = embed_dense(tiny, data, tmp_path / "cache", batch_size=4, num_workers=0, progress=False)
+    assert again.computed == 0 and again.failures == out.failures  # the broken file is remembered, not retried
 
 
 def test_warm_rerun_reads_memory_mapped_and_computes_nothing(tmp_path, tiny):
@@ -386,3 +392,23 @@ def test_hugging_face_through_the_cache(tmp_path, hf_clip):
     images = torch.stack([hf_clip.preprocess(data.load_image(int(i))) for i in out.indices])
     np.testing.assert_array_equal(out.tokens, dense_tokens(hf_clip, images, DenseSpec(path="value")).reshape(6, 16, -1))
     assert out.key["path"] == "value" and out.key["model_id"] == hf_clip.model_id
+
+
+def test_batches_another_process_stored_meanwhile_are_not_recomputed(tmp_path, fresh_tiny, monkeypatch):
+    import cliplab.features.dense as dense_module
+
+    data = _folder(tmp_path / "imgs", bad=False)
+    first = embed_dense(fresh_tiny, data, tmp_path / "cache", batch_size=4, num_workers=0, progress=False)
+    lookup = dense_module._Store.lookup
+    calls = []
+
+    def stale_first_lookup(self, identities):  # as if another process stored everything after our first look
+        calls.append(1)
+        return ({}, {}) if len(calls) == 1 else lookup(self, identities)
+
+    monkeypatch.setattr(dense_module._Store, "lookup", stale_first_lookup)
+    seen, handle = _count_rows(fresh_tiny)
+    again = embed_dense(fresh_tiny, data, tmp_path / "cache", batch_size=4, num_workers=0, progress=False)
+    handle.remove()
+    assert sum(seen) == 0 and again.computed == 0
+    np.testing.assert_array_equal(first.tokens, again.tokens)

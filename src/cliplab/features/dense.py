@@ -175,6 +175,18 @@ class _Store:
         _, failed = self.base.lookup(identities)
         return found, failed
 
+    def grid_for(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The patch grid of a preprocessed image of ``shape`` (..., H, W)."""
+        ph, pw = self.key["patch"]
+        return shape[-2] // ph, shape[-1] // pw
+
+    def stored(self, grid: tuple[int, int], identities: list[str]) -> bool:
+        """Whether every identity already has tokens of ``grid`` (one small index query)."""
+        if grid not in self.spaces:
+            return False
+        found, _ = self.spaces[grid].lookup(identities)
+        return len(found) == len(set(identities))
+
     def add(self, grid: tuple[int, int], identities: list[str], tokens: np.ndarray) -> None:
         self.space(grid).add(identities, tokens.reshape(len(identities), -1))
 
@@ -286,9 +298,12 @@ def _compute(backbone, dataset, missing, identities, store, spec, batch_size, nu
             by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
             for index, tensor in good:
                 by_shape.setdefault(tuple(tensor.shape), []).append((index, tensor))
-            for group in by_shape.values():
+            for shape, group in by_shape.items():
+                ids = [identities[i] for i, _ in group]
+                if store.stored(store.grid_for(shape), ids):  # another process stored them meanwhile
+                    continue
                 tokens = dense_tokens(backbone, torch.stack([t for _, t in group]), spec).numpy()
-                store.add(tuple(tokens.shape[1:3]), [identities[i] for i, _ in group], tokens)
+                store.add(tuple(tokens.shape[1:3]), ids, tokens)
                 extracted += len(group)
             permanent = {identities[i]: reason for i, (reason, lasting) in bad if lasting}
             transient.update({i: reason for i, (reason, lasting) in bad if not lasting})

@@ -69,6 +69,13 @@ class DenseSpec:
                 raise CliplabError(f"dense {name} must be a positive integer or None; got {value!r}")
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
             raise CliplabError(f"dense layer must be an integer; got {self.layer!r}")
+        if not isinstance(self.value_mlp, bool):
+            raise CliplabError(f"dense value_mlp must be True or False; got {self.value_mlp!r}")
+        unused = [name for name, modes in (("resolution", ("aspect", "sliding")), ("stride", ("sliding",)),
+                                           ("max_side", ("aspect",)))
+                  if getattr(self, name) is not None and self.input not in modes]
+        if unused:
+            raise CliplabError(f"dense {unused[0]} does not apply to input={self.input!r}")
 
 
 def resample_positions(positions: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
@@ -246,11 +253,16 @@ def _pair(value) -> tuple[int, int]:
 
 def dense_tower(backbone: Backbone) -> DenseTower:
     """The block-by-block view of ``backbone``'s image tower, or DenseFeaturesUnavailableError (one line)."""
+    from .hf import HFClipBackbone
     from .openclip import OpenClipBackbone
 
-    if isinstance(backbone, OpenClipBackbone) and not isinstance(backbone.model, torch.jit.ScriptModule):
+    if isinstance(backbone.model, torch.jit.ScriptModule):
+        raise DenseFeaturesUnavailableError(
+            f"{backbone.info.name}: dense features are not available for a TorchScript model; load its weights "
+            "as a state dict or safetensors instead")
+    if isinstance(backbone, OpenClipBackbone):
         return OpenClipTower(backbone)
-    if type(backbone).__name__ == "HFClipBackbone" and hasattr(backbone.model, "vision_model"):
+    if isinstance(backbone, HFClipBackbone):
         return HFClipTower(backbone)
     raise DenseFeaturesUnavailableError(
         f"{backbone.info.name}: dense features need an open_clip ViT or a Hugging Face CLIPModel; "
