@@ -25,7 +25,7 @@ from .registry import (
 
 _LAZY = {
     "atd": "clipn", "atd_score": "clipn", "ctw": "clipn", "ctw_score": "clipn",
-    "glmcm": "glmcm", "local_mcm": "glmcm",
+    "glmcm": "gl_mcm", "local_mcm": "gl_mcm",
     "FPR_CONVENTIONS": "metrics", "fpr_at_tpr": "metrics", "ood_metrics": "metrics", "threshold_at_tpr": "metrics",
     "energy": "scores", "max_logit": "scores", "mcm": "scores", "msp": "scores",
     "OODScore": "base", "ScoreContext": "base", "ScoreInputs": "base",
@@ -41,7 +41,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .base import OODScore, ScoreContext, ScoreInputs
     from .clipn import atd, atd_score, ctw, ctw_score
-    from .glmcm import glmcm, local_mcm
+    from .gl_mcm import glmcm, local_mcm
     from .metrics import FPR_CONVENTIONS, fpr_at_tpr, ood_metrics, threshold_at_tpr
     from .scores import energy, max_logit, mcm, msp
 
