@@ -412,3 +412,14 @@ def test_batches_another_process_stored_meanwhile_are_not_recomputed(tmp_path, f
     handle.remove()
     assert sum(seen) == 0 and again.computed == 0
     np.testing.assert_array_equal(first.tokens, again.tokens)
+
+
+def test_a_model_left_in_training_mode_is_run_in_eval_mode_and_left_as_it_was(tiny):
+    from open_clip.transformer import PatchDropout
+
+    x = torch.randn(2, 3, 32, 32)
+    copy = tiny.derive("dense-test")
+    copy.model.visual.patch_dropout = PatchDropout(0.5)  # drops half the patches, in training mode only
+    copy.model.train()
+    assert torch.equal(dense_tokens(copy, x), dense_tokens(tiny, x))
+    assert copy.model.training and copy.model.visual.training

@@ -258,10 +258,8 @@ def _views(store: _Store, identities: list[str], found: dict, keep: bool):
         cache = store.space(grid)
         locations = [found[identities[i]][1:] for i in items]
         width = grid[0] * grid[1] * store.dim
-        view_key = digest(*(identities[i] for i in items))
+        view_key = digest(*(f"{i}:{identities[i]}" for i in items))  # which items, and where in the dataset
         view = cache.read_view(view_key) if keep else None
-        if view is not None and list(view[1]) != items:
-            view = None
         if view is not None:
             flat = view[0]
         elif keep:

@@ -40,6 +40,7 @@ from .backbone import Backbone
 PATHS = ("final", "value")
 INPUTS = ("model", "aspect", "sliding")
 ENCODING = "fp32-torch"  # dense features always run the torch model in fp32
+WINDOW_BATCH = 256  # sliding windows run through the tower at most this many at a time
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,15 @@ def dense_tokens(backbone: Backbone, images: torch.Tensor, spec: DenseSpec = Den
     are whole patches (the output of :func:`dense_transform`); ``spec.input == "sliding"`` runs windows of the
     model's size over them and averages (module docstring)."""
     tower = dense_tower(backbone)
-    images = images.to(backbone.device, torch.float32)
+    training = backbone.model.training
+    backbone.model.eval()  # a derived copy in training mode would drop patches (open_clip's patch dropout)
+    try:
+        return _dense_tokens(tower, images.to(backbone.device, torch.float32), spec)
+    finally:
+        backbone.model.train(training)
+
+
+def _dense_tokens(tower: DenseTower, images: torch.Tensor, spec: DenseSpec) -> torch.Tensor:
     if spec.input != "sliding":
         out = tower.tokens(images, spec.path, spec.layer, spec.value_mlp)
         return F.normalize(out.float(), dim=-1).cpu()
@@ -306,7 +315,8 @@ def dense_tokens(backbone: Backbone, images: torch.Tensor, spec: DenseSpec = Den
     lefts = window_starts(images.shape[-1], ww, stride)
     offsets = [(top, left) for top in tops for left in lefts]
     crops = torch.cat([images[..., top:top + wh, left:left + ww] for top, left in offsets])
-    tokens = F.normalize(tower.tokens(crops, spec.path, spec.layer, spec.value_mlp).float(), dim=-1)
+    tokens = torch.cat([F.normalize(tower.tokens(chunk, spec.path, spec.layer, spec.value_mlp).float(), dim=-1)
+                        for chunk in crops.split(WINDOW_BATCH)])
     n = images.shape[0]
     total = torch.zeros((n, h, w, tokens.shape[-1]), dtype=torch.float32, device=tokens.device)
     for k, (top, left) in enumerate(offsets):
