@@ -122,17 +122,20 @@ def test_fpr95_equals_roc_curve_at_first_tpr_above_95(seed):
         id_s, ood_s = np.round(id_s, 1), np.round(ood_s, 1)
     conf = np.concatenate([id_s, ood_s])
     is_id = np.r_[np.ones(id_s.size), np.zeros(ood_s.size)]
-    fpr, tpr, _ = roc_curve(is_id, conf, drop_intermediate=False)
-    assert fpr_at_tpr(id_s, ood_s) == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
-    fpr, tpr, _ = roc_curve(1 - is_id, -conf, drop_intermediate=False)  # OpenOOD's auc_and_fpr_recall
+    fpr, tpr, _ = roc_curve(is_id, conf, drop_intermediate=False)  # cliplab's own convention
+    assert fpr_at_tpr(id_s, ood_s, convention="id-positive-at-least") == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
+    fpr, tpr, _ = roc_curve(1 - is_id, -conf)  # OpenOOD's auc_and_fpr_recall (drop_intermediate=True)
     assert fpr_at_tpr(id_s, ood_s, convention="ood-positive") == pytest.approx(fpr[np.argmax(tpr >= 0.95)])
 
 
 def test_fpr95_hand_computed_under_both_conventions():
     id_s = np.arange(1.0, 21.0)  # 20 ID scores 1..20; keeping 95% = 19 of them puts the threshold at 2
     ood_s = np.array([0.5, 1.5, 2.0, 2.5, 10.0])
-    result = ood_metrics(id_s, ood_s)
+    result = ood_metrics(id_s, ood_s, fpr_convention="id-positive-at-least")
     assert result["fpr95"] == pytest.approx(3 / 5)  # OOD scored >= 2: 2.0, 2.5, 10.0
+    # MCM: thresholds 2 and 1.5 both keep 19/20 of ID (recall 0.95); the lower one, 1.5, adds OOD 1.5
+    result = ood_metrics(id_s, ood_s)
+    assert result["fpr95"] == pytest.approx(4 / 5)
     assert result["fpr95_convention"] == "id-positive"
     # OOD positive: catching 95% of 5 OOD means all 5 (score <= 10); ID scored <= 10 are 1..10
     result = ood_metrics(id_s, ood_s, fpr_convention="ood-positive")

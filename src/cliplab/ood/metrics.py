@@ -3,14 +3,18 @@
 AUROC, AUPR-in and AUPR-out follow OpenOOD (``openood/evaluators/metrics.py``): AUPR is the trapezoidal area
 under scikit-learn's precision-recall curve (``auc(recall, precision)``), with ID as positive (in) or OOD as
 positive on negated scores (out). Average precision (scikit-learn's step-wise AUPR, what the MCM code reports)
-is given beside it as ``ap_in``/``ap_out``. FPR@95%TPR has two conventions, named in the result:
+is given beside it as ``ap_in``/``ap_out``. FPR@95%TPR has three conventions, named in the result; the first two
+equal their source's code on every input, ties included:
 
-- ``"id-positive"`` (MCM and the CLIP OOD literature; ../shared/DESIGN.md): ID is positive; the fraction of
-  OOD scored at or above the threshold that keeps 95% of ID.
-- ``"ood-positive"`` (OpenOOD's current code): OOD is positive on negated scores; the fraction of ID scored at
-  or below the threshold that catches 95% of OOD.
-
-Both equal scikit-learn's ``roc_curve(..., drop_intermediate=False)`` read at the first point with TPR >= 0.95.
+- ``"id-positive"`` (the default; MCM's ``get_measures`` in ``utils/detection_util.py``, the CLIP OOD literature):
+  ID is positive; among the ROC points of every distinct score threshold, down to the one that keeps all of ID,
+  the point whose TPR is closest to 0.95, the lowest threshold among ties; the fraction of OOD scored at or
+  above it.
+- ``"ood-positive"`` (OpenOOD's ``compute_all_metrics``): OOD is positive on negated scores; the first point with
+  TPR >= 0.95 of scikit-learn's ``roc_curve`` as OpenOOD calls it (``drop_intermediate=True``: points collinear
+  with their neighbours are dropped, so with ties the next corner of the curve is read).
+- ``"id-positive-at-least"`` (cliplab's own, not any paper's): ID is positive; the highest threshold that keeps
+  at least 95% of ID (:func:`threshold_at_tpr`), the fraction of OOD scored at or above it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from scipy.stats import rankdata
 
 from ..errors import CliplabError, FeatureError
 
-FPR_CONVENTIONS = ("id-positive", "ood-positive")
+FPR_CONVENTIONS = ("id-positive", "ood-positive", "id-positive-at-least")
 
 
 def _scores(name: str, values) -> np.ndarray:
@@ -57,11 +61,49 @@ def threshold_at_tpr(id_scores, tpr: float = 0.95) -> float:
 def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95, convention: str = "id-positive") -> float:
     """False-positive rate at ``tpr`` true-positive rate under ``convention`` (see the module docstring)."""
     id_s, ood_s = _scores("id_scores", id_scores), _scores("ood_scores", ood_scores)
+    if not (isinstance(tpr, Real) and 0 < tpr < 1):
+        raise CliplabError(f"tpr must be strictly between 0 and 1, got {tpr!r}")
     if convention == "id-positive":
-        return float(np.mean(ood_s >= threshold_at_tpr(id_s, tpr)))
+        return _closest_recall_fpr(id_s, ood_s, tpr)
     if convention == "ood-positive":
-        return float(np.mean(-id_s >= threshold_at_tpr(-ood_s, tpr)))
+        return _first_corner_fpr(-ood_s, -id_s, tpr)
+    if convention == "id-positive-at-least":
+        return float(np.mean(ood_s >= threshold_at_tpr(id_s, tpr)))
     raise CliplabError(f"unknown FPR convention {convention!r}; known: {', '.join(FPR_CONVENTIONS)}")
+
+
+def _curve(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) scored at or above each distinct score, highest score first."""
+    scores = np.concatenate([positive, negative])
+    labels = np.concatenate([np.ones(positive.size), np.zeros(negative.size)])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # last index of each distinct score
+    tps = np.cumsum(labels, dtype=np.float64)[last]
+    return tps, (last + 1) - tps
+
+
+def _closest_recall_fpr(positive: np.ndarray, negative: np.ndarray, tpr: float) -> float:
+    """MCM's rule: the point (down to the first threshold reaching full recall) whose recall is closest to
+    ``tpr``; ``argmin`` over the points ordered from the lowest threshold up takes the lowest among ties.
+    (MCM's code also appends a point (recall 1, 0 false positives) after the highest threshold; it never wins:
+    the lowest kept threshold has recall exactly 1 and comes first.)"""
+    tps, fps = _curve(positive, negative)
+    full = int(np.searchsorted(tps, tps[-1]))  # first threshold at which every positive is kept
+    recall = (tps / tps[-1])[full::-1]
+    return float(fps[full::-1][np.argmin(np.abs(recall - tpr))] / negative.size)
+
+
+def _first_corner_fpr(positive: np.ndarray, negative: np.ndarray, tpr: float) -> float:
+    """OpenOOD's rule: scikit-learn's ``roc_curve`` (collinear intermediate points dropped, a (0, 0) point
+    prepended), read at the first point with TPR >= ``tpr``."""
+    tps, fps = _curve(positive, negative)
+    if fps.size > 2:
+        corner = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        tps, fps = tps[corner], fps[corner]
+    tpr_list = np.r_[0.0, tps] / tps[-1]
+    fpr_list = np.r_[0.0, fps] / fps[-1] if fps[-1] > 0 else np.full(tps.size + 1, np.nan)
+    return float(fpr_list[np.argmax(tpr_list >= tpr)])
 
 
 def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -73,15 +115,8 @@ def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 def _precision_recall(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's precision-recall points at each distinct threshold, highest threshold first."""
-    scores = np.concatenate([positive, negative])
-    labels = np.concatenate([np.ones(positive.size), np.zeros(negative.size)])
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # last index of each distinct score
-    tps = np.cumsum(labels)[last]
-    precision = tps / (last + 1)
-    recall = tps / positive.size
-    return precision, recall
+    tps, fps = _curve(positive, negative)
+    return tps / (tps + fps), tps / positive.size
 
 
 def _aupr(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
