@@ -117,12 +117,11 @@ def test_scores_read_from_source_equal_the_registry():
 
 def test_heads_read_from_source_equal_the_registry():
     from cliplab.heads import list_heads
-    from cliplab.heads.registry import HeadSummary, _scan_sources
+    from cliplab.heads.registry import _scan_sources
 
     scanned = _scan_sources()
     assert scanned is not None, "a head's @register(...) could not be read statically"
-    registered = [HeadSummary(e.name, e.family, e.paper, e.summary, e.needs_train, e.needs_backbone)
-                  for e in list_heads()]
+    registered = [e.summarised() for e in list_heads()]
     assert sorted(scanned, key=lambda s: s.name) == registered
 
 

@@ -88,7 +88,8 @@ def _loss_and_gradient(aux, weights, clip_logits, gain, onehot, lam: float):
     return loss, g_raw.T @ aux
 
 
-@register("amu", family="fewshot", paper=4, needs_train=True)
+@register("amu", family="fewshot", paper=4, needs_train=True, needs=("val", "views", "aux_features"),
+          default_templates="dataset")
 class AMUTuning(ZeroShotLogitsMixin, ClipHead):
     """AMU-Tuning: zero-shot logits plus an uncertainty-weighted, z-scored linear classifier on auxiliary features.
 

@@ -37,7 +37,8 @@ _KEEP_BYTES = 1 << 29  # similarities of the first pass are kept for the second 
 _SCORE_ELEMENTS = 1 << 21  # (gammas x rows x classes) float64 logits scored at once in the search (16 MB)
 
 
-@register("caps-adapter", family="fewshot", paper=13, needs_train=True)
+@register("caps-adapter", family="fewshot", paper=13, needs_train=True, needs=("val", "views", "caption_features"),
+          default_templates="dataset")
 class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
     """CapS-Adapter: zero-shot logits + a cache over image and caption features of the shots + a KL term.
 

@@ -31,7 +31,7 @@ def _entropy(p: np.ndarray) -> np.ndarray:
     return terms.sum(axis=1)
 
 
-@register("cooked", family="ood", paper=1, needs_train=True)
+@register("cooked", family="ood", paper=1, needs_train=True, needs=("val",), default_templates=("a photo of a {c}.",))
 class COOkeD(ZeroShotLogitsMixin, ClipHead):
     """COOkeD: mean of the softmax probabilities of a closed-world classifier, zero-shot CLIP and a linear probe.
 

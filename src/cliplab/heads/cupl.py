@@ -16,7 +16,8 @@ from .base import TextWeightsHead
 from .registry import register
 
 
-@register("cupl", family="zeroshot", needs_train=False)
+@register("cupl", family="zeroshot", needs_train=False, needs=("descriptions",), default_templates=(),
+          gives=("class_weights", "sentences"))
 class CuPLClassifier(TextWeightsHead):
     """CuPL: w_c = the renormalised mean of the embeddings of class c's LLM-written sentences (CLIP's ensembling).
 

@@ -16,7 +16,8 @@ from .registry import register
 
 __all__ = ["DescriptionClassifier", "descriptor_clause", "descriptor_sentence"]  # phrasing lives in data.prompts
 
-@register("dclip", family="zeroshot", paper=7, needs_train=False)
+@register("dclip", family="zeroshot", paper=7, needs_train=False, needs=("descriptions",), default_templates=("{c}",),
+          gives=("class_weights", "sentences"))
 class DescriptionClassifier(TextWeightsHead):
     """DCLIP: class score = mean over the class's descriptors d of cos(x, "{c}, which (is/has) {d}").
 

@@ -17,7 +17,8 @@ from .base import ClipHead
 from .registry import register
 
 
-@register("desc-select", family="zeroshot", paper=30, needs_train=True)
+@register("desc-select", family="zeroshot", paper=30, needs_train=True, needs=("descriptions",),
+          default_templates=("a photo of a {c}.",))
 class DescriptionSelectionClassifier(ClipHead):
     """Paper 30 (DisCLIP): re-score each image's top-k classes with descriptions picked on a labelled selection set.
 

@@ -65,7 +65,9 @@ def _unique(items: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-@register("fudd", family="zeroshot", paper=10, needs_train=False)
+@register("fudd", family="zeroshot", paper=10, needs_train=False, needs=("llm",),
+          default_templates=("a photo of a {c}.",), gives=("class_weights",),
+          fit_problems=("class_sets_failed", "failures"))
 class FuDDClassifier(ClipHead):
     """FuDD: re-score each image among its ambiguous top-k classes with LLM-written differential descriptions.
 

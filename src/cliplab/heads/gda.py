@@ -17,7 +17,7 @@ ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 _CHUNK = 16384  # rows per float64 chunk when accumulating class sums and the scatter matrix
 
 
-@register("gda", family="fewshot", paper=3, needs_train=True)
+@register("gda", family="fewshot", paper=3, needs_train=True, needs=("val", "views"), default_templates="dataset")
 class GaussianDiscriminant(ZeroShotLogitsMixin, ClipHead):
     """GDA: zero-shot logits plus alpha times a shared-covariance Gaussian (LDA) classifier of the few shots.
 

@@ -20,7 +20,7 @@ SKLEARN_TOL = 1e-4
 SEARCH_LIST = COOP_SEARCH_LIST
 
 
-@register("linear-probe", family="fewshot", paper=None, needs_train=True)
+@register("linear-probe", family="fewshot", paper=None, needs_train=True, needs=("val",))
 class LinearProbe(ClipHead):
     """Linear probe: logistic regression on the image features, logits = x W^T + b, C searched on validation.
 

@@ -10,7 +10,7 @@ from .base import ClipHead
 from .registry import register
 
 
-@register("ncm", family="fewshot", needs_train=True)
+@register("ncm", family="fewshot", needs_train=True, gives=("class_weights",))
 class NearestClassMean(ClipHead):
     """Nearest class mean: logits = logit_scale * x . m_c / |m_c|, m_c the mean feature of class c.
 

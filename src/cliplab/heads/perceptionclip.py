@@ -76,7 +76,7 @@ def context_prompt(template: str, class_name: str, texts: Sequence[str]) -> str:
     return f"{head[:-1]}{suffix}." if head.endswith(".") else f"{head}{suffix}"
 
 
-@register("perceptionclip", family="zeroshot", paper=21, needs_train=False)
+@register("perceptionclip", family="zeroshot", paper=21, needs_train=False, default_templates=("a photo of a {c}.",))
 class PerceptionCLIPClassifier(TextWeightsHead):
     """PerceptionCLIP's two-step zero-shot classification (the authors' ``perceptionclip_two_step.py``).
 

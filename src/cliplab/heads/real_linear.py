@@ -77,7 +77,9 @@ def train_linear(features: np.ndarray, labels: np.ndarray, text_features: np.nda
     return weight.detach().numpy().copy()
 
 
-@register("real-linear", family="zeroshot", paper=36, needs_train=False)
+@register("real-linear", family="zeroshot", paper=36, needs_train=False, needs=("llm",),
+          default_templates="generic", gives=("class_weights",),
+          fit_problems=("empty_classes", "llm_failures", "failed_images"))
 class RealLinearClassifier(TextWeightsHead):
     """REAL-Linear: a linear head initialised with REAL-Prompt's text weights and trained on retrieved images.
 

@@ -16,7 +16,8 @@ from .base import TextWeightsHead
 from .registry import register
 
 
-@register("real", family="zeroshot", paper=36, needs_train=False)
+@register("real", family="zeroshot", paper=36, needs_train=False, needs=("llm",), default_templates="generic",
+          gives=("class_weights",), fit_problems=("llm_failures", "corpus_problems"))
 class RealPromptClassifier(TextWeightsHead):
     """REAL-Prompt: the template classifier filled with each class's most frequent synonym.
 

@@ -318,7 +318,8 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         return {"alpha": self.alpha_, "beta": self.beta_, "searched": self.searched_}
 
 
-@register("tip-adapter", family="fewshot", paper=None, needs_train=True)
+@register("tip-adapter", family="fewshot", paper=None, needs_train=True, needs=("val", "views"),
+          default_templates="dataset")
 class TipAdapter(_TipBase):
     """Tip-Adapter: zero-shot logits plus alpha times a training-free cache of the few-shot features.
 
@@ -404,7 +405,8 @@ class TipAdapter(_TipBase):
         return self
 
 
-@register("tip-adapter-f", family="fewshot", paper=None, needs_train=True)
+@register("tip-adapter-f", family="fewshot", paper=None, needs_train=True, needs=("val", "views"),
+          default_templates="dataset")
 class TipAdapterF(_TipBase):
     """Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned by cross-entropy on the few shots.
 

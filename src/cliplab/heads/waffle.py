@@ -86,7 +86,8 @@ def waffle_descriptors(class_names: Sequence[str], pairs: int, seed: int = 0,
     return out
 
 
-@register("waffle", family="zeroshot", paper=30, needs_train=False)
+@register("waffle", family="zeroshot", paper=30, needs_train=False, needs=("descriptions",),
+          default_templates=("A photo of a {c}.",), gives=("class_weights", "sentences"))
 class WaffleClassifier(TextWeightsHead):
     """WaffleCLIP: class score = mean over shared random descriptors d of cos(x, "A photo of a {c}, which has {d}.").
 

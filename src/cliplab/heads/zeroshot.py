@@ -12,7 +12,8 @@ from .base import TextWeightsHead
 from .registry import register
 
 
-@register("zeroshot", family="zeroshot", needs_train=False)
+@register("zeroshot", family="zeroshot", needs_train=False, default_templates="dataset",
+          gives=("class_weights", "sentences"))
 class ZeroShotClassifier(TextWeightsHead):
     """Zero-shot CLIP: logits = logit_scale * x . w_c, w_c the ensembled prompt embedding of class c.
 
