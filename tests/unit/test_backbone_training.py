@@ -200,10 +200,11 @@ def test_derive_of_a_derived_copy_and_bad_tags(fresh_tiny):
         fresh_tiny.derive("bad:tag")
 
 
-def test_deepcopy_still_shares_the_backbone(fresh_tiny):
+def test_deepcopy_shares_a_frozen_backbone_and_really_copies_a_derived_one(fresh_tiny):
     assert copy.deepcopy(fresh_tiny) is fresh_tiny
     derived = fresh_tiny.derive()
-    assert copy.deepcopy(derived) is derived
+    twin = copy.deepcopy(derived)  # a trainable copy is never aliased (tests/unit/test_encoder_access.py)
+    assert twin is not derived and twin.model is not derived.model and twin.model_id == derived.model_id
 
 
 def test_text_tower_that_is_not_open_clip_raises_unsupported_naming_the_model():

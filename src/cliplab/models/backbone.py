@@ -17,8 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import TextTooLongError, UnsupportedOperationError
+from .encoders import SUPPORTED, TOWERS, Hook, Tower, check_prompts, run_tower
 from .fingerprint import config_json, strip_addresses, tokenizer_fingerprint, weights_digest, weights_key
+from .reparam import DEFAULT_TARGETS, merge, projection_weights, register, reparametrised_names
 from .runtime import Engine, check_options
+
+PROMPTS_MODULE = "cliplab_prompts"  # the nn.ModuleDict on a derived model holding attached prompt tokens
 
 
 class TextTruncatedWarning(UserWarning):
@@ -235,14 +239,46 @@ class Backbone(ABC):
         """exp(learned log temperature), 100 for trained OpenAI models (clamped as CLIP does)."""
         return float(self._logit_scale_param.detach().float().exp().clamp(max=100.0).item())
 
-    def forward_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Embed preprocessed images (n, 3, H, W) -> (n, d) on the backbone's device, with autograd."""
-        feats = self._image_forward(images.to(self.device))
+    def forward_images(self, images: torch.Tensor, normalize: bool = True, *,
+                       prompts: Sequence[torch.Tensor] | None = None, hook: Hook | None = None) -> torch.Tensor:
+        """Embed preprocessed images (n, 3, H, W) -> (n, d) on the backbone's device, with autograd.
+
+        ``prompts`` (``models/encoders.py``): ``prompts[0]`` (p, width) or (n, p, width) inserted after the class
+        token, ``prompts[j]`` replacing them before block j (VPT-deep / MaPLe); None uses the prompts attached
+        with :meth:`set_prompts` (if any), ``[]`` none. ``hook(j, tokens)`` runs before every block.
+        """
+        self._check_not_trained_in_place()
+        images = images.to(self.device)
+        if prompts is None and hook is None:
+            feats = self._image_forward(images)  # attached prompts included
+        else:
+            prompts = self.attached_prompts("image") if prompts is None else prompts
+            feats = run_tower(self.image_tower(), images, prompts, hook=hook)
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def forward_texts(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Embed token ids (m, L) -> (m, d) on the backbone's device, with autograd."""
-        feats = self._text_forward(tokens.to(self.device))
+    def forward_texts(self, tokens: torch.Tensor, normalize: bool = True, *,
+                      prompts: Sequence[torch.Tensor] | None = None, embeddings: torch.Tensor | None = None,
+                      hook: Hook | None = None) -> torch.Tensor:
+        """Embed token ids (m, L) -> (m, d) on the backbone's device, with autograd.
+
+        ``prompts``: ``prompts[0]`` (p, width) or (m, p, width) inserted after the start token (the text moves
+        right by p, the end-of-text pooling with it; the last p positions, padding, are dropped), ``prompts[j]``
+        replacing positions 1..p before block j (MaPLe's deep text prompts); None uses the attached prompts,
+        ``[]`` none. ``embeddings`` (m, L, width) replace the token-embedding lookup of ``tokens``.
+        """
+        self._check_not_trained_in_place()
+        tokens = tokens.to(self.device)
+        if embeddings is not None and embeddings.shape[:2] != tokens.shape:
+            raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match tokens {tuple(tokens.shape)}")
+        if prompts is None and hook is None and embeddings is None:
+            feats = self._text_forward(tokens)  # attached prompts included
+        else:
+            prompts = self.attached_prompts("text") if prompts is None else prompts
+            if embeddings is not None and not prompts and hook is None:
+                feats = self._text_forward_from_embeddings(embeddings.to(self.device), tokens)
+            else:
+                embeddings = None if embeddings is None else embeddings.to(self.device)
+                feats = run_tower(self.text_tower(), tokens, prompts, embeddings=embeddings, hook=hook)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -256,12 +292,108 @@ class Backbone(ABC):
 
         ``tokens`` (m, L) are the ids the embeddings stand for: they choose the pooled position
         (end-of-text token) exactly as the model does for ids. ``forward_text_embeddings(
-        token_embeddings(t), t)`` equals ``forward_texts(t)``.
+        token_embeddings(t), t)`` equals ``forward_texts(t)`` (attached prompts, if any, are inserted too).
         """
-        if embeddings.shape[:2] != tokens.shape:
-            raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match tokens {tuple(tokens.shape)}")
-        feats = self._text_forward_from_embeddings(embeddings.to(self.device), tokens.to(self.device))
-        return F.normalize(feats, dim=-1) if normalize else feats
+        return self.forward_texts(tokens, normalize, embeddings=embeddings)
+
+    # -- encoder access: towers, deep prompts, reparametrisation (models/encoders.py, reparam.py) ----------
+    def image_tower(self) -> Tower:
+        """The image transformer run block by block (``models/encoders.py``); UnsupportedOperationError if none."""
+        raise self._unsupported("block-by-block image tower (deep prompts)", f"supported: {SUPPORTED}")
+
+    def text_tower(self) -> Tower:
+        """The text transformer run block by block; UnsupportedOperationError if the model has none."""
+        raise self._unsupported("block-by-block text tower (deep prompts)", f"supported: {SUPPORTED}")
+
+    def _tower_modules(self, tower: str) -> list[tuple[str, torch.nn.Module]]:
+        """``(qualified name, module)`` roots holding the weights of ``tower`` ("image" or "text")."""
+        raise self._unsupported("reparametrisation", f"supported: {SUPPORTED} and open_clip ResNet image towers")
+
+    def _bare_projections(self, tower: str) -> list[tuple[str, torch.nn.Module, str]]:
+        """Output projections of ``tower`` stored as plain parameters: ``(name, module, attribute)``."""
+        return []
+
+    def _require_derived(self, what: str) -> None:
+        if self._derived is None:
+            raise UnsupportedOperationError(
+                f"{self.info.name}: {what} changes the model, and this backbone is shared (frozen, its model_id "
+                "fixed): call it on a copy, backbone.derive(tag)")
+
+    def _check_not_trained_in_place(self) -> None:
+        """Refuse to train a shared backbone: its parameters must not require grad (a derive()d copy may)."""
+        if self._derived is None and torch.is_grad_enabled() and any(
+                p.requires_grad for p in self.model.parameters()):
+            raise UnsupportedOperationError(
+                f"{self.info.name}: parameters of a shared backbone require grad; train a copy, backbone.derive(tag), "
+                "whose model_id follows its weights")
+
+    def reparametrize(self, make: Callable[[str, torch.Tensor], torch.nn.Module], *,
+                      towers: Sequence[str] = TOWERS, targets: Sequence[str] = DEFAULT_TARGETS,
+                      include: Callable[[str], bool] | None = None, freeze_rest: bool = True) -> list[str]:
+        """Reparametrise every linear and attention projection weight of ``towers`` (derived copies only).
+
+        ``make(name, weight)`` returns the ``nn.Module`` mapping the stored weight to the weight used
+        (``torch.nn.utils.parametrize``), e.g. ``models.reparam.singular_values`` (CLIP-SVD) or ``identity``.
+        ``targets``: "linear" (every ``nn.Linear``), "attention" (``in_proj_weight`` / q, k, v projection
+        weights), "projection" (open_clip's bare output projections). ``include(name)`` filters by qualified
+        name. The stored weights are frozen; with ``freeze_rest`` every other model parameter is too, so only the
+        parametrisations' parameters train. Returns the qualified names reparametrised.
+        """
+        self._require_derived("reparametrize")
+        weights = []
+        for tower in towers:
+            if tower not in TOWERS:
+                raise ValueError(f"towers must be among {', '.join(TOWERS)}; got {tower!r}")
+            weights += projection_weights(self._tower_modules(tower), targets, self._bare_projections(tower))
+        if include is not None:
+            weights = [w for w in weights if include(w[0])]
+        if freeze_rest:
+            self.model.requires_grad_(False)
+        names = register(weights, make)
+        self._digest_memo = None
+        return names
+
+    def reparametrised(self) -> list[str]:
+        """Qualified names of the weights currently reparametrised."""
+        return reparametrised_names(self.model)
+
+    def merge_reparametrisations(self) -> list[str]:
+        """Bake every reparametrised weight into a plain parameter (same outputs); the names merged."""
+        self._require_derived("merge_reparametrisations")
+        return merge(self.model)
+
+    def set_prompts(self, *, image: Sequence[torch.Tensor] | None = None,
+                    text: Sequence[torch.Tensor] | None = None) -> Backbone:
+        """Attach deep prompts (each (p, width)) to a derived copy: its forwards and ``encode_images`` /
+        ``encode_texts`` use them, and its ``model_id`` covers them. None leaves a tower's prompts, ``[]``
+        removes them. Tensors are copied into trainable parameters (``attached_prompts`` returns them)."""
+        self._require_derived("set_prompts")
+        holder = getattr(self.model, PROMPTS_MODULE, None)
+        if holder is None:
+            holder = torch.nn.ModuleDict()
+            self.model.add_module(PROMPTS_MODULE, holder)
+        for modality, given in (("image", image), ("text", text)):
+            if given is None:
+                continue
+            if not given:
+                if modality in holder:
+                    del holder[modality]
+                continue
+            if any(t.dim() != 2 for t in given):
+                raise ValueError("attached prompts are (p, width) per layer, shared by every input")
+            tower = self.image_tower() if modality == "image" else self.text_tower()
+            check_prompts(list(given), tower, 1, self.device)
+            holder[modality] = torch.nn.ParameterList(
+                [torch.nn.Parameter(t.detach().clone().to(self.device).float()) for t in given])
+        self._digest_memo = None
+        return self
+
+    def attached_prompts(self, modality: str) -> list[torch.Tensor]:
+        """The prompts attached to ``modality`` ("image" or "text") by :meth:`set_prompts`; [] if none."""
+        holder = getattr(self.model, PROMPTS_MODULE, None)
+        if holder is None or modality not in holder:
+            return []
+        return list(holder[modality])
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -418,8 +550,23 @@ class Backbone(ABC):
         return clone
 
     def __deepcopy__(self, memo) -> Backbone:
-        """Backbones are shared resources: ``sklearn.base.clone`` of a head keeps the same one (see :meth:`derive`)."""
-        return self
+        """A shared backbone is one resource: ``sklearn.base.clone`` of a head keeps the same one (its parameters
+        are frozen; one made trainable in place is an error). A :meth:`derive`d copy is trainable, so a deep copy
+        is a real one (same class, tag and weights, so the same ``model_id``), never an alias."""
+        if self._derived is None:
+            if any(p.requires_grad for p in self.model.parameters()):
+                raise UnsupportedOperationError(
+                    f"{self.info.name}: cannot share a backbone whose parameters require grad; train a copy, "
+                    "backbone.derive(tag)")
+            return self
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        clone.model = copy.deepcopy(self.model, memo)
+        clone.preprocess_config = copy.deepcopy(self.preprocess_config, memo)
+        clone.info = copy.deepcopy(self.info, memo)
+        clone._digest_memo = None
+        clone.engine = self.engine.fresh()
+        return clone
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_id={self.model_id!r}, embed_dim={self.embed_dim})"

@@ -15,6 +15,8 @@ from torchvision import transforms
 from ..errors import ModelLoadError
 from .backbone import Backbone, BackboneInfo
 from .checkpoints import file_sha256
+from .encoders import Tower, run_tower
+from .hf_towers import HFTextTower, HFVisionTower
 from .openclip import open_clip_token_lengths, simple_token_sequences
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -89,12 +91,32 @@ class HFClipBackbone(Backbone):
         return tok.bos_token_id, tok.eos_token_id, pad
 
     def _image_forward(self, images: torch.Tensor) -> torch.Tensor:
+        prompts = self.attached_prompts("image")
+        if prompts:
+            return run_tower(self.image_tower(), images, prompts)
         pooled = self.model.vision_model(pixel_values=images).pooler_output
         return self.model.visual_projection(pooled)
 
     def _text_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        prompts = self.attached_prompts("text")
+        if prompts:
+            return run_tower(self.text_tower(), tokens, prompts)
         pooled = self.model.text_model(input_ids=tokens).pooler_output
         return self.model.text_projection(pooled)
+
+    def image_tower(self) -> Tower:
+        """``CLIPVisionModel`` + ``visual_projection`` block by block."""
+        return HFVisionTower(self.info.name, self.model)
+
+    def text_tower(self) -> Tower:
+        """``CLIPTextModel`` + ``text_projection`` block by block."""
+        return HFTextTower(self.info.name, self.model)
+
+    def _tower_modules(self, tower: str) -> list[tuple[str, torch.nn.Module]]:
+        model = self.model
+        if tower == "image":
+            return [("vision_model", model.vision_model), ("visual_projection", model.visual_projection)]
+        return [("text_model", model.text_model), ("text_projection", model.text_projection)]
 
     def _token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.text_model.embeddings.token_embedding(tokens)

@@ -13,6 +13,8 @@ from open_clip.transformer import TextTransformer, text_global_pool
 
 from ..errors import DenseFeaturesUnavailableError
 from .backbone import Backbone, BackboneInfo
+from .encoders import Tower, run_tower
+from .openclip_towers import OpenClipTextTower, OpenClipVisionTower
 
 _PREPROCESS_KEYS = {f.name for f in fields(PreprocessCfg)}
 
@@ -64,10 +66,42 @@ class OpenClipBackbone(Backbone):
         return self._tokenizer.sot_token_id, self._tokenizer.eot_token_id, 0
 
     def _image_forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
+        prompts = self.attached_prompts("image")
+        return run_tower(self.image_tower(), images, prompts) if prompts else self.model.encode_image(images)
 
     def _text_forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
+        prompts = self.attached_prompts("text")
+        return run_tower(self.text_tower(), tokens, prompts) if prompts else self.model.encode_text(tokens)
+
+    def image_tower(self) -> Tower:
+        """open_clip's ``VisionTransformer`` block by block (ResNet towers: UnsupportedOperationError)."""
+        return OpenClipVisionTower(self.info.name, self.model.visual)
+
+    def text_tower(self) -> Tower:
+        """The CLIP class's text transformer or a ``TextTransformer``, block by block."""
+        return OpenClipTextTower(self.info.name, self.model)
+
+    def _tower_modules(self, tower: str) -> list[tuple[str, torch.nn.Module]]:
+        model = self.model
+        if isinstance(model, torch.jit.ScriptModule):
+            raise self._unsupported("reparametrisation", "a TorchScript model")
+        if tower == "image":
+            return [("visual", model.visual)]
+        text = getattr(model, "text", None)
+        if text is not None:
+            return [("text", text)]
+        roots = [("transformer", model.transformer)]
+        if isinstance(getattr(model, "text_projection", None), torch.nn.Module):
+            roots.append(("text_projection", model.text_projection))
+        return roots
+
+    def _bare_projections(self, tower: str) -> list[tuple[str, torch.nn.Module, str]]:
+        model = self.model
+        if tower == "image":
+            return [("visual.proj", model.visual, "proj")] if hasattr(model.visual, "proj") else []
+        holder = getattr(model, "text", None) or model
+        prefix = "text." if holder is not model else ""
+        return [(f"{prefix}text_projection", holder, "text_projection")] if hasattr(holder, "text_projection") else []
 
     def _text_tower(self) -> torch.nn.Module:
         """The module holding the text transformer: the CLIP itself, or CustomTextCLIP's open_clip ``text``."""
