@@ -123,3 +123,46 @@ def test_save_load_round_trip_and_wrong_model(tiny, tmp_path):
         next(other.model.parameters()).add_(1.0)
     with pytest.raises(ModelLoadError, match="model_id"):
         ClipnModel.load(tmp_path / "clipn", other)
+
+
+def test_clipn_training_resumes_after_a_kill_bit_for_bit(tiny, tmp_path):
+    feats = _features(tiny)
+    pairs = _Captioned([[c, c + " again"] for c in CAPTIONS])
+    options = dict(steps=5, batch_size=4, lr=3e-3, n_prompts=2, seed=2, device="cpu", image_features=feats,
+                   checkpoint_every=2)
+    whole = train_clipn(tiny, pairs, checkpoint_dir=tmp_path / "a", **options)
+
+    def kill(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_clipn(tiny, pairs, checkpoint_dir=tmp_path / "b", callback=kill, **options)
+    resumed = train_clipn(tiny, pairs, checkpoint_dir=tmp_path / "b", **options)
+    assert len(resumed.history) == 3 and resumed.history == whole.history[2:]
+    assert torch.equal(resumed.prompts, whole.prompts)
+    params = dict(whole.no_encoder.model.named_parameters())
+    for name, param in resumed.no_encoder.model.named_parameters():
+        assert torch.equal(param, params[name]), name
+
+
+def test_cli_train_clipn_writes_the_folder_ood_reads(tiny, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cliplab.cli.app import app
+
+    rows = []
+    for k, caption in enumerate(CAPTIONS):
+        Image.new("RGB", (32, 32), (30 * k, 255 - 30 * k, 60)).save(tmp_path / f"{k}.png")
+        rows.append({"image": str(tmp_path / f"{k}.png"), "caption": caption})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows))
+    args = ["train-clipn", str(tmp_path / "pairs.jsonl"), "--model", "tiny", "--output", str(tmp_path / "clipn"),
+            "--steps", "3", "--train-batch-size", "4", "--lr", "1e-3", "--n-prompts", "2", "--cache-dir",
+            str(tmp_path / "cache"), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model = ClipnModel.load(tmp_path / "clipn", tiny)
+    assert len(model.history) == 3 and model.prompts.shape[0] == 2
+    again = CliRunner().invoke(app, args[:-1] + ["--lr", "2e-3", "--quiet"])  # a changed option is refused
+    assert again.exit_code != 0 and "cannot resume with different options" in again.output

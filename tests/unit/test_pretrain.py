@@ -219,3 +219,97 @@ def test_cli_pretrain_writes_a_model_other_commands_read(model_json, colour_data
     bad = runner.invoke(app, ["pretrain", str(colour_data), "--model", model_json, "--output", str(out),
                               "--steps", "4", "--batch-size", "16", "--lr", "0.5", "--templates", str(templates)])
     assert bad.exit_code != 0 and "cannot resume with different options" in bad.output
+
+
+def _caption_manifest(colour_data, tmp_path, extra=()):
+    """24 train images, each with its own caption ``item K``, plus ``extra`` rows."""
+    paths = sorted((colour_data / "train").rglob("*.png"))[:24]
+    rows = [{"image": str(p), "caption": f"item {k}"} for k, p in enumerate(paths)] + list(extra)
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return tmp_path / "pairs.jsonl"
+
+
+def test_stream_yields_every_pair_once_per_epoch_in_a_seeded_order(colour_data, tmp_path):
+    from cliplab.data import load_dataset
+    from cliplab.train.pairs import PairStream
+
+    stream = PairStream(load_dataset(str(_caption_manifest(colour_data, tmp_path))), 16, progress=False)
+    assert len(stream) == 24 and stream.caption_count == 24
+
+    def epoch_batches(epoch, seed=3, start=0):
+        return list(stream.batches(epoch, start, seed=seed, batch_size=6, tokenize=list))
+
+    orders = []
+    for epoch in (0, 1):
+        batches = epoch_batches(epoch)
+        items = torch.cat([b["items"] for b in batches]).tolist()
+        assert sorted(items) == list(range(24))  # every pair exactly once
+        assert items == stream.usable[np.random.default_rng([3, epoch]).permutation(24)].tolist()
+        for b in batches:  # each image comes with its own caption
+            assert [b["tokens"][i] for i in b["text_index"]] == [f"item {k}" for k in b["items"].tolist()]
+            assert b["images"].shape == (6, 3, 16, 16)
+        orders.append(items)
+        tail = epoch_batches(epoch, start=2)  # a resumed epoch reads the same batches, augmentation included
+        for whole, resumed in zip(batches[2:], tail, strict=True):
+            assert torch.equal(whole["images"], resumed["images"]) and torch.equal(whole["items"], resumed["items"])
+    assert orders[0] != orders[1]
+    assert torch.cat([b["items"] for b in epoch_batches(0, seed=4)]).tolist() != orders[0]
+
+
+def test_stream_replaces_an_image_damaged_past_its_header(colour_data, tmp_path):
+    from cliplab.data import load_dataset
+    from cliplab.train.pairs import PairStream
+
+    good = (colour_data / "train" / "red" / "0.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[:60])  # the PNG header parses; the pixels are gone
+    path = _caption_manifest(colour_data, tmp_path, [{"image": str(tmp_path / "cut.png"), "caption": "item cut"}])
+    stream = PairStream(load_dataset(str(path)), 16, progress=False)
+    assert len(stream) == 25 and not stream.skipped  # the header probe lets it through
+    batches = list(stream.batches(0, seed=0, batch_size=5, tokenize=list))
+    assert sum(len(b["items"]) for b in batches) == 25
+    assert len(stream.skipped) == 1 and "cut.png" in stream.skipped[0][0] and "replaced" in stream.skipped[0][1]
+
+
+def test_held_out_check_is_the_zero_shot_head_accuracy(colour_data, tmp_path):
+    from cliplab.train.loop import held_out_metric
+    from cliplab.train.pairs import open_stream
+
+    tiny = load_model("tiny")
+    stream = open_stream(str(colour_data), "val", 32, "generic", None, progress=False, need_captions=False)
+    got = held_out_metric(tiny, stream, ["a {c} square"], tmp_path / "cache")
+    weights = torch.stack([tiny.encode_texts([f"a {c} square"])[0] for c in stream.class_names])
+    images = torch.cat([x for _, x in stream.eval_batches()])
+    predicted = (tiny.encode_images(images) @ weights.T).argmax(1).numpy()
+    assert got["zeroshot_top1"] == pytest.approx(float((predicted == stream.labels()).mean()))
+
+
+def test_fine_tune_trains_a_derived_copy_and_never_the_parent(cfg, colour_data, tmp_path):
+    tiny = load_model("tiny")
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    config = cfg(steps=3, eval_every=3, init_model="tiny", lr=1e-3)
+    assert config.recipe_hash({}) != cfg(steps=3, eval_every=3, lr=1e-3).recipe_hash({})
+    result = pretrain(config, tmp_path / "ft", progress=False, init=tiny)
+    assert tiny.model_id == "tiny-seed0" and not any(p.requires_grad for p in tiny.model.parameters())
+    for key, value in tiny.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    tuned = load_model(str(tmp_path / "ft"))
+    assert tuned.embed_dim == tiny.embed_dim and "zeroshot_top1" in result.final_metric
+    # started from tiny's weights: 3 AdamW steps at lr 1e-3 move each weight by a few 1e-3 at most
+    moved = [float((tuned.model.state_dict()[k] - v).abs().max()) for k, v in before.items() if v.is_floating_point()]
+    assert 0 < max(moved) < 3 * 1e-3 * 2
+    card = json.loads((tmp_path / "ft" / "model_card.json").read_text())
+    assert card["init_model"]["model_id"] == "tiny-seed0" and card["weights_note"].startswith("fine-tuned")
+    x = torch.rand(2, 3, 32, 32)
+    assert not torch.allclose(tuned.encode_images(x), tiny.encode_images(x))
+
+
+def test_cli_pretrain_fine_tunes_an_init_model(colour_data, tmp_path):
+    runner = CliRunner()
+    templates = tmp_path / "t.json"
+    templates.write_text(json.dumps(["a photo of a {c}."]))
+    result = runner.invoke(app, ["pretrain", str(colour_data), "--init-model", "tiny", "--output", str(tmp_path / "m"),
+                                 "--steps", "2", "--batch-size", "16", "--warmup", "1", "--templates", str(templates),
+                                 "--eval-split", "none", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned tiny" in result.output
+    assert json.loads((tmp_path / "m" / "model_card.json").read_text())["init_model"]["spec"] == "tiny"

@@ -30,6 +30,7 @@ from .retrieval import retrieval_eval
 from .robustness import robustness
 from .search import search
 from .serve import serve
+from .train_clipn import train_clipn
 
 HELP_WIDTH = 100
 _LITERAL = re.compile(r"``?([^`]+)``?")
@@ -78,7 +79,7 @@ def _register(command) -> None:
 
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
-                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval):
+                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn):
     _register(_command)
 app.add_typer(index_app, name="index")
 

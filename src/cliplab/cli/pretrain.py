@@ -20,6 +20,10 @@ def pretrain(
     model: str = typer.Option("cliplab-rn-32px", "--model", "-m", help="Architecture: a built-in config "
                               "(cliplab-rn-32px, cliplab-vit-32px), an open_clip name (ViT-S-32, RN50, ...) or a "
                               "model-config JSON file."),
+    init_model: str = typer.Option(None, "--init-model", help="Fine-tune this model instead of training --model "
+                                   "from random weights: any --model spec of an open_clip model (tiny, "
+                                   "ViT-B-32:openai, an open_clip folder, ...). A copy trains; the model itself never "
+                                   "changes."),
     output: Path = typer.Option(None, "--output", "-o", help="Folder for the model (open_clip layout) and its "
                                 "card; a folder with a checkpoint resumes. Default: "
                                 "$CLIPLAB_CACHE/models/<recipe>-<hash>."),
@@ -46,7 +50,7 @@ def pretrain(
     data_root: Path = typer.Option(None, "--data-root", help="Where named datasets live (default: CLIPLAB_DATA)."),
     quiet: bool = RUN_OPTIONS["quiet"],
 ):
-    """Train a CLIP model contrastively; writes an open_clip folder that --model reads in every command."""
+    """Train (or with --init-model fine-tune) a CLIP model contrastively; writes an open_clip folder for --model."""
     from ..models.loader import check_device
     from ..train import PretrainConfig
     from ..train import pretrain as run
@@ -54,19 +58,21 @@ def pretrain(
 
     device = check_device(device)
     if recipe:
-        config = recipe_config(recipe, data_root, device=device, seed=seed)
+        config = recipe_config(recipe, data_root, device=device, seed=seed,
+                               **({"init_model": init_model} if init_model else {}))
     elif source:
         config = PretrainConfig(
             source=source, model=model, split=split, eval_split=None if eval_split == "none" else eval_split,
             templates=templates, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup=warmup, loss=loss, crop_scale=crop_scale, flip=flip, seed=seed, eval_every=eval_every,
             checkpoint_every=checkpoint_every, device=device, precision=precision,
-            data_root=str(data_root) if data_root else None)
+            data_root=str(data_root) if data_root else None, init_model=init_model)
     else:
         raise typer.BadParameter("give a SOURCE or --recipe NAME")
     folder = output or recipe_folder(config, recipe or "pretrain")
     result = run(config, folder, progress=not quiet)
-    table = Table(title=f"pretrained {config.model} on {config.source} ({config.split})")
+    what = f"fine-tuned {config.init_model}" if config.init_model else f"pretrained {config.model}"
+    table = Table(title=f"{what} on {config.source} ({config.split})")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("steps", f"{result.steps_done:,}" + (f" (resumed at {result.resumed_from:,})"

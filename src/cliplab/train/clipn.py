@@ -14,7 +14,8 @@ unmatched pair no, the two terms averaged over N and N^2 - N pairs; TSO (eq. 7, 
 2 - sqrt(2 - 2 cos(t, t_no) + 1e-4); total = 0.5 (ITBO_yes + ITBO_no + TSO) (``train.py``).
 
 Departures: AdamW (weight decay ``weight_decay``, 0.2 as the authors, not on gains/biases/prompts) at a
-constant learning rate (the authors use warmup + cosine over 10 CC3M epochs); one caption per image drawn
+constant learning rate by default (the authors use warmup + cosine over 10 CC3M epochs: ``schedule="cosine"``,
+``warmup_steps``); training runs on ``train.engine.run_training`` (objective ``clipn``); one caption per image drawn
 at random each step where a dataset has several (COCO); image features are computed once by the frozen
 tower (``features.embed_images``), which the frozen tower makes exact. The authors' single-GPU branch of
 ``ClipLoss`` leaves ``logits_per_image_no`` undefined; we compute it as their multi-GPU branch does.
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CliplabError, ModelLoadError
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write, atomic_write_text, digest
 from ..models.backbone import Backbone
 
 FORMAT = "cliplab-clipn-1"
@@ -213,21 +214,35 @@ def _captions(dataset) -> list[list[str]]:
     return lists
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+class ClipnTrainable(torch.nn.Module):
+    """What CLIPN trains, as one module for ``train.engine.run_training``: the "no" encoder's model (only its
+    text parameters require grad) and the "no" prompts; ``clipn`` is the :class:`ClipnModel` (not a submodule:
+    the frozen CLIP it holds is neither trained nor checkpointed)."""
+
+    def __init__(self, clipn: ClipnModel):
+        super().__init__()
+        self.no = clipn.no_encoder.model
+        self.prompts = clipn.prompts
+        self.clipn = clipn
 
 
 def train_clipn(backbone: Backbone, pairs_dataset, steps: int = 100, batch_size: int = 64, lr: float = 1e-5,
                 n_prompts: int = 16, seed: int = 0, device: str | torch.device | None = None, *,
-                image_features=None, weight_decay: float = 0.2) -> ClipnModel:
+                image_features=None, weight_decay: float = 0.2, warmup_steps: int = 0, schedule: str = "constant",
+                checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, progress: bool = False,
+                callback=None) -> ClipnModel:
     """Train CLIPN on an image-caption dataset (``dataset.captions``); returns the trained :class:`ClipnModel`.
 
-    ``image_features`` (n, d) may be given (the frozen image tower's output); otherwise they are computed
-    with ``features.embed_images``. ``device`` None = CUDA when present, else CPU. ``history`` holds the
-    per-step loss. Seeded: batches, captions and prompt choices come from ``seed``.
+    Runs on ``train.engine.run_training`` with the ``clipn`` objective: AdamW, ``lr`` constant by default
+    (``schedule="cosine"`` with ``warmup_steps`` gives the authors' warm-up + cosine), seeded, resumable from
+    ``checkpoint_dir``. ``image_features`` (n, d) may be given (the frozen image tower's output); otherwise
+    they are computed with ``features.embed_images``. ``device`` None = CUDA when present, else CPU.
+    ``history`` holds the per-step loss of this session. Batches are consecutive slices of a permutation
+    seeded by (seed, epoch) (``min(batch_size, n)`` each, no partial batch) with one caption per image drawn
+    from a generator seeded by (seed, epoch, batch); the prompt choice comes from the engine's per-step seed.
     """
+    from .engine import TrainSettings, get_objective, resolve_device, run_training
+
     if steps < 1 or batch_size < 2:
         raise ValueError(f"steps must be >= 1 and batch_size >= 2; got {steps}, {batch_size}")
     captions = _captions(pairs_dataset)
@@ -240,40 +255,39 @@ def train_clipn(backbone: Backbone, pairs_dataset, steps: int = 100, batch_size:
     feats = F.normalize(torch.as_tensor(np.asarray(image_features), dtype=torch.float32), dim=-1)
     if len(feats) != len(captions):
         raise CliplabError(f"{len(feats)} image features but {len(captions)} caption lists")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    device = _resolve_device(device)
-    moved = backbone.device != device
+    device = resolve_device(device)
+    n, batch = len(captions), min(batch_size, len(captions))
+    identity = json.dumps({"model_id": backbone.model_id, "n_prompts": n_prompts, "pairs": n, "batch_size": batch,
+                           "captions": digest(json.dumps(captions))})
+    settings = TrainSettings(steps=steps, lr=lr, optimizer="adamw", weight_decay=weight_decay,
+                             warmup_steps=warmup_steps, schedule=schedule, seed=seed, device=str(device),
+                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=progress,
+                             desc="clipn", identity=identity)
+
+    def data(epoch: int, start: int = 0):
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        for position in range(start, n // batch):
+            idx = order[position * batch:(position + 1) * batch]
+            pick = np.random.default_rng([seed, epoch, position])
+            texts = [captions[i][pick.integers(len(captions[i]))] for i in idx]
+            yield {"image_features": feats[idx], "tokens": backbone.tokenize(texts)}
+
+    history: list[float] = []
+
+    def record(step: int, loss: float) -> None:
+        if len(history) < step and loss == loss:  # not NaN: a finished run resumed takes no step
+            history.append(loss)
+        if callback is not None:
+            callback(step, loss)
+
     original_device = backbone.device
+    moved = original_device != device
     if moved:
         backbone.to(device)
     try:
         model = ClipnModel.init(backbone, n_prompts)
-        feats = feats.to(device)
-        decay = [p for n, p in model.no_encoder.model.named_parameters() if p.requires_grad and p.ndim >= 2
-                 and "embedding" not in n]
-        rest = [p for n, p in model.no_encoder.model.named_parameters() if p.requires_grad and not any(
-            p is q for q in decay)]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": rest + [model.prompts], "weight_decay": 0.0}], lr=lr)
-        n, batch = len(captions), min(batch_size, len(captions))
-        order, cursor = rng.permutation(n), 0
-        for _ in range(steps):
-            if cursor + batch > n:
-                order, cursor = rng.permutation(n), 0
-            idx = order[cursor:cursor + batch]
-            cursor += batch
-            texts = [captions[i][rng.integers(len(captions[i]))] for i in idx]
-            tokens = backbone.tokenize(texts)
-            with torch.no_grad():
-                text_yes = backbone.forward_texts(tokens)
-            choice = torch.as_tensor(rng.integers(0, n_prompts + 1, size=len(idx)))
-            text_no = model.forward_no(tokens, choice)
-            loss = clipn_loss(feats[idx], text_yes, text_no, model.logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.history.append(float(loss.detach()))
+        run_training(ClipnTrainable(model), get_objective("clipn"), data, settings, callback=record)
+        model.history = history
         for param in model.no_encoder.model.parameters():
             param.requires_grad_(False)
         model.prompts.requires_grad_(False)

@@ -36,7 +36,8 @@ class PretrainConfig:
 
     ``source`` is a named dataset or a path (manifest with captions, COCO captions, folder); labelled
     sources without captions get captions from ``templates`` x class names. ``model`` is an open_clip
-    architecture name, a model-config JSON path, or a built-in config (``BUILTIN_CONFIGS``).
+    architecture name, a model-config JSON path, or a built-in config (``BUILTIN_CONFIGS``);
+    ``init_model``, a ``load_model`` spec, fine-tunes that model instead (``model`` is then not used).
     """
 
     source: str
@@ -61,6 +62,7 @@ class PretrainConfig:
     device: str = "cpu"
     precision: str = "fp32"
     data_root: str | None = None
+    init_model: str | None = None  # a load_model spec to fine-tune (None: random weights of ``model``)
 
     # Options that change neither weights nor data order: a resumed run may change them.
     RESUMABLE = ("eval_every", "checkpoint_every", "device", "data_root")
@@ -96,6 +98,8 @@ class PretrainConfig:
     def recipe_hash(self, model_cfg: dict) -> str:
         """A digest of what decides the weights: the options (not where or how fast) and the model config."""
         options = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE}
+        if options["init_model"] is None:  # runs from random weights keep the hashes they had before the option
+            del options["init_model"]
         return digest(json.dumps(options, sort_keys=True), json.dumps(model_cfg, sort_keys=True))
 
 

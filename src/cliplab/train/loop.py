@@ -1,33 +1,40 @@
-"""``pretrain``: CLIP's contrastive training of an open_clip model on image-caption pairs, resumable.
+"""``pretrain``: CLIP's contrastive training (or fine-tuning) of an open_clip model on image-caption pairs.
 
 The recipe follows open_clip's training code (open_clip_train/main.py, train.py, scheduler.py):
 ``ClipLoss`` (or ``SigLipLoss``), AdamW without weight decay on gains, biases and the logit scale,
 linear warmup then cosine decay, gradient-norm clipping, the logit scale clamped to ln(100) after each
-step. Departures: captions that occur several times in a batch are encoded once and gathered (the
-loss and its gradients are the same; template captions repeat a lot); images are decoded once into
-a uint8 bank and augmented on tensors; data order and augmentation are drawn from generators seeded
-by (seed, epoch) and (seed, step), so a resumed run repeats an uninterrupted one exactly.
+step. It runs on the one training loop (``train/engine.py``: objectives ``clip``/``siglip``), which gives
+the seeding, the resumable checkpoints (``train_state/checkpoint.pt``) and the progress bar.
+
+Departures: captions that occur several times in a batch are encoded once and gathered (the loss and its
+gradients are the same; template captions repeat a lot); pairs are read streaming (``train/pairs.py``:
+``PairStream``, images decoded per batch and augmented on tensors); data order and augmentation are drawn
+from generators seeded by (seed, epoch) and (seed, step), so a resumed run repeats an uninterrupted one.
+
+A run starts from random weights (``config.model``: a built-in config, an open_clip architecture or a
+config JSON) or from a loaded model (``config.init_model``, a ``load_model`` spec, or ``init=`` a Backbone):
+then it trains a ``derive()``d copy and the given model never changes. The held-out check during training
+is the zero-shot head (``heads.create_head("zeroshot", ...)``, text weights through ``features.text``), or
+image-to-text recall@1 through ``features.text`` for caption sources.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import time
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import CliplabError
-from ..fileio import atomic_write
-from .augment import random_resized_crop, to_model_input
 from .config import PretrainConfig, PretrainOptionError, resolve_model_config
-from .pairs import PairBank, load_bank
+from .engine import TrainSettings, get_objective, read_checkpoint, run_training, scheduled_lr
+from .pairs import PairStream, open_stream
 
 STATE_DIR = "train_state"
 CHECKPOINT = "checkpoint.pt"
@@ -50,6 +57,8 @@ class PretrainResult:
     skipped: int = 0
     resumed_from: int = 0
     notes: list[str] = field(default_factory=list)
+    init_model_id: str | None = None
+    preprocess: dict | None = None
 
 
 def build_model(model_cfg: dict, seed: int, loss: str) -> torch.nn.Module:
@@ -80,27 +89,14 @@ def build_tokenizer(model_cfg: dict):
     return open_clip.SimpleTokenizer(context_length=context)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """open_clip's split: no weight decay on 1-d parameters, biases, norms and the logit scale/bias."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exclude = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exclude else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
 def learning_rate(step: int, config: PretrainConfig) -> float:
     """open_clip's ``cosine_lr``: linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to 0."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) * config.lr
+    return scheduled_lr(TrainSettings(steps=config.steps, lr=config.lr, warmup_steps=config.warmup), step)
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
-    """The items of ``step``: consecutive slices of one seeded permutation per epoch (no partial batches)."""
+    """The usable-pair positions of ``step``: consecutive slices of one seeded permutation per epoch (what
+    ``PairStream.batches`` reads; no partial batches)."""
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise PretrainOptionError(f"--batch-size {batch_size} is larger than the {n} usable training pairs")
@@ -113,190 +109,186 @@ def _has_convolutions(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) and m.kernel_size != m.stride for m in module.modules())
 
 
-def _loss_fn(name: str):
-    from open_clip.loss import ClipLoss, SigLipLoss
+def backbone_model_config(backbone) -> dict:
+    """The open_clip model config of a loaded Backbone (what its fine-tuned folder is written with)."""
+    import open_clip
 
-    return SigLipLoss() if name == "siglip" else ClipLoss()
+    from ..models.tiny import TINY_CONFIG
 
-
-class _Trainer:
-    def __init__(self, config: PretrainConfig, model_cfg: dict, bank: PairBank, device: torch.device):
-        self.config, self.model_cfg, self.bank, self.device = config, model_cfg, bank, device
-        self.model = build_model(model_cfg, config.seed, config.loss).to(device)
-        self.tokenizer = build_tokenizer(model_cfg)
-        self.tokens = self.tokenizer(bank.captions)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.weight_decay), lr=config.lr,
-                                           betas=(0.9, config.beta2), eps=config.eps, fused=True)
-        self.channels_last = _has_convolutions(self.model.visual)
-        if self.channels_last:  # oneDNN and cuDNN run convolutions faster in NHWC
-            self.model.visual.to(memory_format=torch.channels_last)
-        self.loss = _loss_fn(config.loss)
-        self.mean = torch.tensor(OPENAI_MEAN, device=device)
-        self.std = torch.tensor(OPENAI_STD, device=device)
-        self.autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-
-    def step(self, step: int) -> float:
-        cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        items = batch_indices(step, len(self.bank), cfg.batch_size, cfg.seed)
-        draws = torch.rand(len(items), generator=generator).tolist()
-        choice = [ids[int(u * len(ids))] for u, ids in zip(draws, (self.bank.caption_ids[i] for i in items))]
-        unique, inverse = np.unique(np.asarray(choice), return_inverse=True)
-        images = to_model_input(self.bank.images[torch.from_numpy(items)].to(self.device), self.mean, self.std)
-        images = random_resized_crop(images, generator, cfg.crop_scale, flip=cfg.flip)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        self.model.train()
-        with torch.autocast(**self.autocast):
-            image_features = self.model.encode_image(images, normalize=True)
-            text_features = self.model.encode_text(self.tokens[torch.from_numpy(unique)].to(self.device),
-                                                   normalize=True)
-        text_features = text_features.float()[torch.from_numpy(inverse).to(self.device)]
-        image_features = image_features.float()
-        scale = self.model.logit_scale.exp()
-        if cfg.loss == "siglip":
-            loss = self.loss(image_features, text_features, scale, self.model.logit_bias)
-        else:
-            loss = self.loss(image_features, text_features, scale)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(100))
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise CliplabError(f"training diverged at step {step} (loss {value}); lower --lr or raise --warmup")
-        return value
-
-    @torch.no_grad()
-    def evaluate(self, bank: PairBank, templates: str) -> dict:
-        """Zero-shot top-1 on a labelled bank, else image-to-text recall@1 over its captions."""
-        from ..data.prompts import fill_template, load_templates
-
-        self.model.eval()
-        features = []
-        with torch.autocast(**self.autocast):
-            for start in range(0, len(bank), 256):
-                x = to_model_input(bank.images[start:start + 256].to(self.device), self.mean, self.std)
-                features.append(self.model.encode_image(x, normalize=True).float())
-            image_features = torch.cat(features)
-            if bank.class_names and (bank.labels >= 0).any():
-                texts = load_templates(templates)
-                weights = []
-                for name in bank.class_names:
-                    t = self.tokenizer([fill_template(tt, name) for tt in texts]).to(self.device)
-                    emb = self.model.encode_text(t, normalize=True).float().mean(0)
-                    weights.append(emb / emb.norm())
-                logits = image_features @ torch.stack(weights).T
-                keep = torch.from_numpy(bank.labels >= 0)
-                hits = logits.argmax(1).cpu()[keep] == torch.from_numpy(bank.labels)[keep]
-                return {"zeroshot_top1": float(hits.float().mean())}
-            text = self.model.encode_text(self.tokenizer(bank.captions).to(self.device), normalize=True).float()
-        best = (image_features @ text.T).argmax(1).cpu().numpy()
-        hits = [int(best[i]) in set(ids) for i, ids in enumerate(bank.caption_ids)]
-        return {"i2t_recall@1": float(np.mean(hits))}
-
-    def state(self, step: int, history: list[dict], seconds: float) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
-                "config": json.dumps(self.config.to_dict()), "model_cfg": json.dumps(self.model_cfg),
-                "history": json.dumps(history), "seconds": seconds}
-
-    def load(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    info = backbone.info
+    cfg = None
+    if info.source == "tiny":
+        cfg = TINY_CONFIG
+    elif info.source == "open_clip" and not info.name.startswith("hf-hub:"):
+        cfg = open_clip.get_model_config(info.name)
+    elif info.source == "local" and (Path(info.name) / "open_clip_config.json").is_file():
+        cfg = json.loads((Path(info.name) / "open_clip_config.json").read_text()).get("model_cfg")
+    if not isinstance(cfg, dict) or type(backbone.model).__name__ not in ("CLIP", "CustomTextCLIP"):
+        raise PretrainOptionError(f"--init-model {info.name}: fine-tuning writes an open_clip folder and needs an "
+                                  "open_clip model with a known config (tiny, an open_clip architecture with "
+                                  "weights, or an open_clip folder); this one is "
+                                  f"{info.source} {type(backbone.model).__name__}")
+    cfg = json.loads(json.dumps(cfg))
+    if info.quick_gelu:
+        cfg["quick_gelu"] = True
+    return cfg
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A training checkpoint, read without unpickling arbitrary objects."""
+def _check_resume(state: dict, config: PretrainConfig, path: Path) -> dict:
+    """The saved identity (config, model config, start model) after checking the config repeats it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for damaged files
-        raise CliplabError(f"{path}: unreadable training checkpoint ({str(exc).splitlines()[0]}); "
-                           "delete it to start over") from exc
-
-
-def _check_resume(state: dict, config: PretrainConfig, path: Path) -> None:
-    saved = PretrainConfig.from_dict(json.loads(state["config"]))
+        identity = json.loads(state["settings"])["identity"]
+        saved_identity = json.loads(identity)
+        saved = PretrainConfig.from_dict(saved_identity["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CliplabError(f"{path}: not a cliplab pretrain checkpoint (an older format?); delete it to start "
+                           "over") from exc
     changed = config.differences(saved)
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} {getattr(saved, k)!r} -> {getattr(config, k)!r}"
                            for k in changed)
         raise PretrainOptionError(f"{path}: cannot resume with different options ({detail}); use the same "
                                   "options or another --output")
+    return saved_identity
+
+
+def _start_backbone(config: PretrainConfig, init, model_cfg: dict | None):
+    """(the Backbone that trains, model config, the start model's id or None): a derive()d copy of the init
+    model, or a fresh open_clip model from ``config.model`` wrapped so its model_id follows its weights."""
+    from ..models.backbone import BackboneInfo
+    from ..models.openclip import OpenClipBackbone, transform_for
+
+    if init is None and config.init_model:
+        from ..models import load_model
+
+        init = load_model(config.init_model, device="cpu")
+    if init is not None:
+        cfg = backbone_model_config(init)
+        working = init.derive("pretrain", trainable=True)
+        if config.loss == "siglip" and getattr(working.model, "logit_bias", None) is None:
+            working.model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+            cfg["init_logit_bias"] = -10.0
+        return working, cfg, init.model_id
+    model = build_model(model_cfg, config.seed, config.loss)
+    import open_clip
+
+    size = _image_size(model_cfg)
+    open_clip.set_model_preprocess_cfg(model, {"size": size, "mode": "RGB", "mean": OPENAI_MEAN, "std": OPENAI_STD,
+                                               "interpolation": "bicubic", "resize_mode": "shortest",
+                                               "fill_color": 0})
+    info = BackboneInfo(name=config.model, pretrained="random", source="open_clip", quick_gelu=False,
+                        random_weights=True, benchmark=(config.model, "random"))
+    base = OpenClipBackbone(model, transform_for(model), build_tokenizer(model_cfg), info,
+                            f"pretrain:{config.model}:seed{config.seed}")
+    return base.derive("pretrain", trainable=True), model_cfg, None
+
+
+def _preprocess(backbone, model_cfg: dict) -> tuple[int, tuple, tuple]:
+    cfg = backbone.preprocess_config
+    size = cfg.get("size", _image_size(model_cfg))
+    size = int(size[0] if isinstance(size, list | tuple) else size)
+    return size, tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
 
 
 def pretrain(config: PretrainConfig, output_dir: str | Path, progress: bool = True,
-             callback: Callable[[int, float], None] | None = None) -> PretrainResult:
+             callback: Callable[[int, float], None] | None = None, *, init=None) -> PretrainResult:
     """Train (or resume) a CLIP model and write an open_clip folder with a model card to ``output_dir``.
 
-    ``callback(step, loss)`` runs after every step (tests use it to interrupt a run).
+    ``init`` (a Backbone) or ``config.init_model`` (a ``load_model`` spec) fine-tunes a derived copy of that
+    model instead of training ``config.model`` from random weights. ``callback(step, loss)`` runs after
+    every step (tests use it to interrupt a run).
     """
     from .export import write_model_folder
 
     output_dir = Path(output_dir)
-    model_name, model_cfg = resolve_model_config(config.model)
-    if config.loss == "siglip":  # open_clip builds the logit bias only when the config asks for it
-        model_cfg = {**model_cfg, "init_logit_bias": model_cfg.get("init_logit_bias", -10.0)}
-    image_size = _image_size(model_cfg)
-    device = torch.device(config.device)
     state_path = output_dir / STATE_DIR / CHECKPOINT
-    state = read_checkpoint(state_path) if state_path.is_file() else None
-    if state is not None:
-        _check_resume(state, config, state_path)
-        model_cfg = json.loads(state["model_cfg"])
+    model_name, model_cfg = (config.init_model or "", None)
+    if init is None and not config.init_model:
+        model_name, model_cfg = resolve_model_config(config.model)
+        if config.loss == "siglip":  # open_clip builds the logit bias only when the config asks for it
+            model_cfg = {**model_cfg, "init_logit_bias": model_cfg.get("init_logit_bias", -10.0)}
+    saved = None
+    if state_path.is_file():
+        saved = _check_resume(read_checkpoint(state_path), config, state_path)
+        if model_cfg is not None:
+            model_cfg = saved["model_cfg"]
+    backbone, model_cfg, init_id = _start_backbone(config, init, model_cfg)
+    if init is not None:
+        model_name = init.info.name
+    if saved is not None and saved.get("init_model_id") != init_id:
+        raise PretrainOptionError(f"{state_path}: cannot resume from another start model "
+                                  f"({saved.get('init_model_id')!r} -> {init_id!r}); use another --output")
+    image_size, mean, std = _preprocess(backbone, model_cfg)
     has_splits = bool(_source_splits(config.source))
-    bank = load_bank(config.source, config.split if has_splits else None, image_size, config.templates,
-                     config.data_root, progress)
-    eval_bank, notes = None, []
+    stream_options = {"mean": mean, "std": std}
+    stream = open_stream(config.source, config.split if has_splits else None, image_size, config.templates,
+                         config.data_root, progress, **stream_options)
+    eval_stream, notes = None, []
     if config.eval_split and has_splits:
-        eval_bank = load_bank(config.source, config.eval_split, image_size, config.templates, config.data_root,
-                              progress, need_captions=False)
-        _check_disjoint(bank, eval_bank, config)
+        eval_stream = open_stream(config.source, config.eval_split, image_size, config.templates, config.data_root,
+                                  progress, need_captions=False, **stream_options)
+        _check_disjoint(stream, eval_stream, config)
     elif config.eval_split:
         notes.append(f"{config.source} has no splits: trained on all of it, without a held-out check")
-    trainer = _Trainer(config, model_cfg, bank, device)
-    start, history, seconds = 0, [], 0.0
-    if state is not None:
-        trainer.load(state)
-        start, history, seconds = int(state["step"]), json.loads(state["history"]), float(state["seconds"])
+    stream.per_epoch(config.batch_size)  # refuse a batch larger than the data before anything trains
+    channels_last = _has_convolutions(backbone.model.visual)
+    if channels_last:  # oneDNN and cuDNN run convolutions faster in NHWC
+        backbone.model.visual.to(memory_format=torch.channels_last)
+    options = {k: v for k, v in config.to_dict().items() if k not in config.RESUMABLE}
+    identity = json.dumps({"config": options, "model_cfg": model_cfg, "init_model_id": init_id}, sort_keys=True)
+    settings = TrainSettings(
+        steps=config.steps, lr=config.lr, optimizer="adamw", betas=(0.9, config.beta2), eps=config.eps,
+        weight_decay=config.weight_decay, warmup_steps=config.warmup, warmup="linear", schedule="cosine",
+        grad_clip=config.grad_clip, precision=config.precision, seed=config.seed, device=config.device,
+        checkpoint_dir=output_dir / STATE_DIR, checkpoint_every=config.checkpoint_every, progress=progress,
+        eval_every=config.eval_every if eval_stream is not None else 0, desc="pretrain", identity=identity)
+
+    def data(epoch: int, start: int = 0):
+        return stream.batches(epoch, start, seed=config.seed, batch_size=config.batch_size,
+                              tokenize=backbone.tokenize, crop_scale=config.crop_scale, flip=config.flip,
+                              channels_last=channels_last)
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / STATE_DIR).mkdir(exist_ok=True)
-    began = time.perf_counter() - seconds
-    bar = tqdm(total=config.steps, initial=start, desc="pretrain", disable=not progress, unit="step")
-    last_loss = float("nan")
-    for step in range(start, config.steps):
-        last_loss = trainer.step(step)
-        done = step + 1
-        record = None
-        if eval_bank is not None and (done % config.eval_every == 0 or done == config.steps):
-            record = {"step": done, "seconds": round(time.perf_counter() - began, 2), "loss": round(last_loss, 4),
-                      **trainer.evaluate(eval_bank, config.templates)}
-            history.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{learning_rate(step, config):.2e}",
-                        **({k: f"{v:.3f}" for k, v in record.items() if k not in ("step", "seconds", "loss")}
-                           if record else {}))
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            _save_checkpoint(state_path, trainer.state(done, history, time.perf_counter() - began))
-        if callback is not None:
-            callback(done, last_loss)
-    bar.close()
-    seconds = time.perf_counter() - began
+    scratch = Path(tempfile.mkdtemp(prefix=".eval-text-", dir=output_dir))
+    try:
+        evaluate = (lambda: held_out_metric(backbone, eval_stream, config.templates, scratch)) \
+            if eval_stream is not None else None
+        trained = run_training(backbone, get_objective(config.loss), data, settings, evaluate=evaluate,
+                               callback=callback)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    history = [{k: v for k, v in row.items() if k != "epoch"} for row in trained.history]
     final = {k: v for k, v in (history[-1] if history else {}).items() if k not in ("step", "seconds", "loss")}
-    result = PretrainResult(output_dir, config, model_cfg, config.steps, seconds, history, final,
-                            len(bank.skipped), start, notes)
-    write_model_folder(result, trainer.model, model_name, bank)
+    result = PretrainResult(output_dir, config, model_cfg, trained.steps, trained.seconds, history, final,
+                            len(stream.skipped), trained.resumed_from, notes, init_id,
+                            {"size": image_size, "mean": list(mean), "std": list(std)})
+    backbone.to("cpu")
+    write_model_folder(result, backbone.model.to(memory_format=torch.contiguous_format), model_name or config.model,
+                       stream)
     return result
+
+
+@torch.no_grad()
+def held_out_metric(backbone, stream: PairStream, templates: str, cache_dir: Path) -> dict:
+    """Zero-shot top-1 on a labelled stream (the zero-shot head), else image-to-text recall@1 over its captions
+    (text embeddings through ``features.text``); image features from the backbone as it is now."""
+    from ..features.text import embed_texts
+    from ..heads import create_head
+
+    features = torch.cat([backbone.encode_images(images) for _, images in stream.eval_batches()]).numpy()
+    labels = stream.labels()
+    if stream.class_names and (labels >= 0).any():
+        head = create_head("zeroshot", backbone=backbone, class_names=stream.class_names, templates=templates,
+                           cache_dir=cache_dir).fit()
+        keep = labels >= 0
+        return {"zeroshot_top1": float((head.logits(features[keep]).argmax(1) == labels[keep]).mean())}
+    per_item = [stream.captions_of(int(i)) for i in stream.usable]
+    captions = sorted({c for texts in per_item for c in texts})
+    where = {c: k for k, c in enumerate(captions)}
+    text = embed_texts(backbone, captions, cache_dir)
+    best = (features @ text.T).argmax(1)
+    return {"i2t_recall@1": float(np.mean([int(best[i]) in {where[c] for c in texts}
+                                           for i, texts in enumerate(per_item)]))}
 
 
 def _source_splits(source: str) -> dict[str, str]:
@@ -313,10 +305,9 @@ def _image_size(model_cfg: dict) -> int:
     return int(size[0] if isinstance(size, list | tuple) else size)
 
 
-def _check_disjoint(bank: PairBank, eval_bank: PairBank, config: PretrainConfig) -> None:
-    shared = set(bank.item_ids) & set(eval_bank.item_ids)
+def _check_disjoint(stream: PairStream, eval_stream: PairStream, config: PretrainConfig) -> None:
+    shared = set(stream.item_ids) & set(eval_stream.item_ids)
     if shared:
         raise PretrainOptionError(f"--eval-split {config.eval_split!r} shares {len(shared)} items with "
                                   f"--split {config.split!r} (e.g. {sorted(shared)[0]}); a held-out check needs "
                                   "disjoint splits")
-
