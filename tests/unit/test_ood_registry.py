@@ -40,7 +40,8 @@ def test_every_existing_score_is_registered_with_its_needs_and_parameters():
     expected = {"msp": ({"logits"}, ()), "max-logit": ({"logits"}, ()),
                 "energy": ({"logits"}, (("temperature", 1.0),)),
                 "mcm": ({"features", "text_weights"}, (("temperature", 1.0),)),
-                "glmcm": ({"features", "text_weights", "patch_grids"}, (("temperature", 1.0), ("lambda_local", 1.0))),
+                "glmcm": ({"features", "text_weights", "patch_grids"},
+                          (("temperature", 1.0), ("lambda_local", 1.0), ("local_path", "final"))),
                 "cooked": ({"features", "fit_data"}, (("statistic", "entropy"),)),
                 "clipn-ctw": ({"features", "artefact"}, ()), "clipn-atd": ({"features", "artefact"}, ())}
     for name, (needs, params) in expected.items():
@@ -177,10 +178,15 @@ def test_everything_a_score_lacks_is_refused_before_any_image_is_embedded(tiny, 
     with pytest.raises(CliplabError, match="'linear-probe' fits on the ID train split"):
         robustness_eval.evaluate_robustness(tiny, test, "generic", head="linear-probe", corruptions=["contrast"])
 
-    def no_patches(images):
+    with pytest.raises(CliplabError, match="dense path must be one of"):
+        evaluate_ood(tiny, test, [ood], ["msp", "glmcm"], "generic", params={"local_path": "nosuch"})
+
+    def no_patches(backbone):
         raise DenseFeaturesUnavailableError("this image tower gives no patch tokens")
 
-    monkeypatch.setattr(tiny, "dense_features", no_patches)
+    import cliplab.models.dense
+
+    monkeypatch.setattr(cliplab.models.dense, "dense_tower", no_patches)
     with pytest.raises(DenseFeaturesUnavailableError, match="no patch tokens"):
         evaluate_ood(tiny, test, [ood], ["msp", "glmcm"], "generic")
 
@@ -246,3 +252,36 @@ def test_ood_package_exports_what_it_did_lazily():
                          ("energy", scores), ("max_logit", scores), ("mcm", scores), ("msp", scores)):
         assert getattr(ood, name) is getattr(module, name), name
         assert name in ood.__all__
+
+
+def test_glmcm_reads_patch_grids_from_the_dense_cache_and_a_rerun_computes_none(tiny, split_data, tmp_path,
+                                                                                 monkeypatch):
+    import torch
+
+    import cliplab.features.dense as dense
+    from cliplab.features.dense import DenseSpec, embed_dense
+    from cliplab.ood import glmcm
+
+    _, _, test, _, _, ood = split_data
+    cache = tmp_path / "cache"
+    first = evaluate_ood(tiny, test, [ood], ["glmcm"], "generic", cache_dir=cache, params={"lambda_local": 0.5})
+    w = class_weights(tiny, test.class_names, "generic", cache_dir=cache)
+    x = embed_images(tiny, test, cache)
+    images = torch.stack([tiny.preprocess(test.load_image(int(i))) for i in x.indices])
+    direct = glmcm(x.features, tiny.dense_features(images).numpy(), w, lambda_local=0.5)  # the path before the cache
+    np.testing.assert_allclose(first.scores["glmcm"]["id"], direct, rtol=1e-6)
+    value_tokens = embed_dense(tiny, test, cache, spec=DenseSpec(path="value"), progress=False).tokens
+    value = evaluate_ood(tiny, test, [ood], ["glmcm"], "generic", cache_dir=cache,
+                         params={"lambda_local": 0.5, "local_path": "value"})
+    np.testing.assert_allclose(value.scores["glmcm"]["id"], glmcm(x.features, value_tokens, w, lambda_local=0.5),
+                               rtol=1e-6)
+    assert not np.allclose(value.scores["glmcm"]["id"], direct)
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("patch tokens were extracted again")
+
+    monkeypatch.setattr(dense, "dense_tokens", no_extraction)
+    monkeypatch.setattr(tiny, "dense_features", no_extraction)
+    again = evaluate_ood(tiny, test, [ood], ["glmcm"], "generic", cache_dir=cache, params={"lambda_local": 0.5})
+    for part in ("id", "ood"):
+        np.testing.assert_array_equal(again.scores["glmcm"][part], first.scores["glmcm"][part])

@@ -3,7 +3,6 @@ write the results JSON (CLIP_benchmark layout) and plots."""
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,17 +58,20 @@ def _check_disjoint(test: ImageFeatures, other: ImageFeatures, role: str) -> Non
                                "test data must never reach fitting or tuning")
 
 
+FIT_INPUTS = ("views", "caption_features", "images")  # declared needs passed to fit by that keyword
+
+
 def fit_head(head, train: ImageFeatures | None = None, val: ImageFeatures | None = None, **fit_params):
-    """Fit ``head`` as its registry entry says: without data, or on ``train`` (with ``val`` as ``X_val``/``y_val``
-    and any ``fit_params`` its ``fit`` accepts, e.g. augmented ``views``)."""
+    """Fit ``head`` as its registration declares: without data, or on ``train`` (with ``val`` as ``X_val``/``y_val``
+    if it needs "val", and each of ``fit_params`` it declares in ``needs``, e.g. augmented ``views``)."""
     entry = head_entry(head)
     if entry.needs_train and train is None:
         raise CliplabError(f"method {entry.name!r} needs training features (pass train=...)")
     if train is None:
         return head.fit()
-    accepted = inspect.signature(head.fit).parameters
-    extra = {key: value for key, value in fit_params.items() if key in accepted and value is not None}
-    if val is not None and "X_val" in accepted:
+    extra = {key: value for key, value in fit_params.items()
+             if key in FIT_INPUTS and key in entry.needs and value is not None}
+    if val is not None and "val" in entry.needs:
         extra.update(X_val=val.features, y_val=val.labels)
     return head.fit(train.features, train.labels, **extra)
 
@@ -85,11 +87,13 @@ def evaluate(
     seed: int = 0,
     shots: int | None = None,
     split_file: str | Path | None = None,
+    fitted: bool = False,
 ) -> EvaluationReport:
-    """Fit ``head`` (on ``train``'s labelled rows if it needs training data, tuning on ``val`` if its ``fit``
-    takes ``X_val``; else without data), score the labelled rows of ``test``, and write
+    """Fit ``head`` (on ``train``'s labelled rows if it needs training data, tuning on ``val`` if it declares
+    "val"; else without data), score the labelled rows of ``test``, and write
     ``<method>_<dataset>_<split>_<model>_<hash>.json`` plus confusion and reliability PNGs to ``output_dir``.
-    Test rows never reach fitting or tuning: sharing an item with ``train`` or ``val`` is an error.
+    Test rows never reach fitting or tuning: sharing an item with ``train`` or ``val`` is an error. ``fitted``: the
+    head was already fitted on ``train``/``val`` (a head whose test features come from the Backbone it trained).
     """
     start = time.perf_counter()
     entry = head_entry(head)
@@ -101,7 +105,8 @@ def evaluate(
     for other, role in ((train, "training"), (val, "validation")):
         if other is not None:
             _check_disjoint(test, other, role)
-    fit_head(head, train, val, **(fit_params or {}))
+    if not fitted:
+        fit_head(head, train, val, **(fit_params or {}))
     scores = _scores_per_class(head, test)
     probs = softmax(scores, axis=1)
     metrics = classification_metrics(test.labels, scores, probs)

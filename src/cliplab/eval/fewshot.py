@@ -12,18 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.base import ImageDataset, Subset
-from ..errors import DatasetError
-from ..features.embed import embed_images, model_record
-from ..features.text import embed_texts
-from ..features.values import FewShotSplit, ImageFeatures
-from ..features.views import DEFAULT_VIEWS, Augmentation, AugmentedViews, stack_views
+from ..data.base import ImageDataset
+from ..features.embed import model_record
+from ..features.views import DEFAULT_VIEWS
 from ..fileio import atomic_write_text
-from ..heads.registry import create_head, head_entry
+from ..heads.registry import head_entry
 from ..models.backbone import Backbone
-from .evaluate import evaluate
+from .inputs import VIEW_SEED, caption_features, image_size, run_method, shot_views, train_split, with_aux
 
-VIEW_SEED = 0  # one set of augmented views per image, shared by every seed and shot count (and cached)
+__all__ = ["FewShotResult", "VIEW_SEED", "caption_features", "image_size", "run_fewshot", "shot_views", "with_aux"]
 
 
 @dataclass
@@ -35,54 +32,6 @@ class FewShotResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def image_size(backbone: Backbone) -> int:
-    """The model's input side in pixels (augmented views are cropped to it)."""
-    size = backbone.preprocess_config.get("size", 224)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def shot_views(backbone: Backbone, train: ImageDataset, split: FewShotSplit, views: int, cache_dir,
-               batch_size: int, workers: int | None, progress: bool) -> np.ndarray:
-    """(views, n, d) augmented-view features of the shot items, rows aligned with ``split.train``."""
-    subset = Subset(train, split.train.indices)
-    augmented = AugmentedViews(subset, views, seed=VIEW_SEED, augmentation=Augmentation(size=image_size(backbone)))
-    feats = embed_images(backbone, augmented, cache_dir, batch_size=batch_size, num_workers=workers,
-                         progress=progress)
-    if feats.failures:
-        raise DatasetError(f"{len(feats.failures)} augmented view(s) failed to decode: {feats.failures[0]}")
-    return stack_views(feats, views)
-
-
-def caption_features(backbone: Backbone, train: ImageDataset, split: FewShotSplit, cache_dir) -> np.ndarray | None:
-    """Text embeddings of the first caption of each shot item, when the dataset has captions."""
-    captions = getattr(train, "captions", None)
-    base = getattr(train, "dataset", None)
-    if captions is None and base is not None:  # a Subset (e.g. train less the held-out val) of a captioned set
-        captions = getattr(base, "captions", None)
-        indices = getattr(train, "indices", None)
-        if captions is not None and indices is not None:
-            captions = [captions[int(i)] for i in indices]
-    if not captions:
-        return None
-    texts = [captions[int(i)][0] if captions[int(i)] else "" for i in split.train.indices]
-    if not all(texts):
-        return None
-    return embed_texts(backbone, texts, cache_dir)
-
-
-def with_aux(features: ImageFeatures, aux: ImageFeatures) -> ImageFeatures:
-    """``features`` with ``aux``'s features of the same items appended column-wise (items in both only)."""
-    from dataclasses import replace
-
-    position = {item: i for i, item in enumerate(aux.item_ids)}
-    keep = [i for i, item in enumerate(features.item_ids) if item in position]
-    rows = features.subset(keep)
-    extra = np.asarray(aux.features)[[position[features.item_ids[i]] for i in keep]]
-    return replace(rows, features=np.hstack([np.asarray(rows.features), extra]).astype(np.float32),
-                   failures=features.failures + [f for f in aux.failures if f not in features.failures],
-                   model_id=f"{features.model_id}+aux:{aux.model_id}")
-
-
 def run_fewshot(
     backbone: Backbone,
     train: ImageDataset,
@@ -91,7 +40,7 @@ def run_fewshot(
     shots: list[int],
     seeds: list[int],
     *,
-    templates: str | list[str] = "generic",
+    templates: str | list[str] | None = None,
     params: dict[str, dict] | None = None,
     views: int = DEFAULT_VIEWS,
     output_dir: str | Path = "results",
@@ -101,51 +50,37 @@ def run_fewshot(
     progress: bool = True,
     on_run=None,
 ) -> FewShotResult:
-    """Run every method for every shot count and seed; write per-run JSON, split files, a summary and a curve."""
+    """Run every method for every shot count and seed; write per-run JSON, split files, a summary and a curve.
+
+    Each run is :func:`cliplab.eval.inputs.run_method` (what ``cliplab evaluate --shots k --seed s`` runs), with
+    one ``shared`` store so that features, draws, views, captions and auxiliary features are computed once;
+    ``templates=None`` gives every method its declared default. A method that needs no training data is scored
+    once and its result repeated for every shot count and seed."""
     out = Path(output_dir)
     entries = {m: head_entry(m) for m in methods}
-    train_feats = embed_images(backbone, train, cache_dir, batch_size=batch_size, num_workers=workers,
-                               progress=progress).labelled()
-    test_feats = embed_images(backbone, test, cache_dir, batch_size=batch_size, num_workers=workers,
-                              progress=progress).labelled()
+    options = {"cache_dir": cache_dir, "batch_size": batch_size, "workers": workers, "progress": progress}
+    shared: dict = {}
     result = FewShotResult()
     zeroshot_reports: dict[str, dict] = {}
-    aux_cache: dict[str, tuple[ImageFeatures, ImageFeatures]] = {}
-
-    def aux_features(name: str) -> tuple[ImageFeatures, ImageFeatures]:
-        """Train and test features with a second model's embeddings appended (AMU-Tuning's auxiliary branch)."""
-        if name not in aux_cache:
-            from ..models import load_model
-
-            aux = load_model(name, device=str(backbone.device))
-            embed = [embed_images(aux, data, cache_dir, batch_size=batch_size, num_workers=workers,
-                                  progress=progress).labelled() for data in (train, test)]
-            aux_cache[name] = with_aux(train_feats, embed[0]), with_aux(test_feats, embed[1])
-        return aux_cache[name]
-
     for seed in seeds:
         for k in shots:
-            split = train_feats.few_shot(k, seed=seed)
-            split_file = split.save(out / "splits" / f"{test.name}_{k}shot_seed{seed}.json")
-            extra: dict = {}
-            if any(_uses(entries[m], "views") for m in methods):
-                extra["views"] = shot_views(backbone, train, split, views, cache_dir, batch_size, workers, progress)
-            if any(_uses(entries[m], "caption_features") for m in methods):
-                extra["caption_features"] = caption_features(backbone, train, split, cache_dir)
+            split_file = out / "splits" / f"{test.name}_{k}shot_seed{seed}.json"
+            train_split(backbone, train, shots=k, seed=seed, save_as=split_file, shared=shared, **options)
             for method in methods:
                 entry = entries[method]
                 if not entry.needs_train and method in zeroshot_reports:
                     run = {**zeroshot_reports[method], "shots": k, "seed": seed}
                 else:
-                    method_params = (params or {}).get(method, {})
-                    method_test, method_split = test_feats, split
-                    method_extra = extra
-                    if method_params.get("aux_model"):  # views are of the CLIP model only: train on the shots
-                        aux_train, method_test = aux_features(method_params["aux_model"])
-                        method_split = aux_train.apply_split(split.record)
-                        method_extra = {key: value for key, value in extra.items() if key != "views"}
-                    run = _run_one(entry, backbone, method_test, method_split, method_extra, templates,
-                                   method_params, cache_dir, out, seed, k, split_file)
+                    start = time.perf_counter()
+                    done = run_method(method, backbone, test, train if entry.needs_train else None,
+                                      templates=templates, params=(params or {}).get(method, {}),
+                                      shots=k if entry.needs_train else None, seed=seed, output_dir=out / "runs",
+                                      views=views, save_split_as=split_file, shared=shared, **options)
+                    report = done.report
+                    run = {"method": entry.name, "shots": k, "seed": seed, "acc1": report.metrics["acc1"],
+                           "mean_per_class_recall": report.metrics["mean_per_class_recall"],
+                           "chosen": done.head.fit_summary(), "seconds": round(time.perf_counter() - start, 3),
+                           "json": str(report.files.get("json", "")), "split_file": str(split_file)}
                     if not entry.needs_train:
                         zeroshot_reports[method] = run
                 result.runs.append(run)
@@ -154,31 +89,6 @@ def run_fewshot(
     result.table = _table(result.runs)
     result.files = _write_summary(result, out, test.name, backbone, methods, shots, seeds, views)
     return result
-
-
-def _uses(entry, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(entry.cls.fit).parameters
-
-
-def _run_one(entry, backbone, test_feats: ImageFeatures, split: FewShotSplit, extra, templates, params, cache_dir,
-             out: Path, seed: int, k: int, split_file: Path) -> dict:
-    kwargs = dict(params)
-    if entry.needs_backbone:
-        kwargs.setdefault("templates", templates)
-        kwargs.setdefault("cache_dir", cache_dir)
-    head = create_head(entry.name, backbone=backbone, class_names=test_feats.class_names, **kwargs)
-    start = time.perf_counter()
-    if entry.needs_train:
-        report = evaluate(head, test_feats, split.train, val=split.val, fit_params=extra, output_dir=out / "runs",
-                          seed=seed, shots=k, split_file=split_file)
-    else:
-        report = evaluate(head, test_feats, output_dir=out / "runs", seed=seed)
-    return {"method": entry.name, "shots": k, "seed": seed, "acc1": report.metrics["acc1"],
-            "mean_per_class_recall": report.metrics["mean_per_class_recall"], "chosen": head.fit_summary(),
-            "seconds": round(time.perf_counter() - start, 3), "json": str(report.files.get("json", "")),
-            "split_file": str(split_file)}
 
 
 def _table(runs: list[dict]) -> dict[str, dict[int, tuple[float, float]]]:

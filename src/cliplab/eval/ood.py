@@ -127,26 +127,28 @@ def score_params(names: Sequence[str], params: Mapping[str, object] | None) -> d
     return out
 
 
-def patch_grids(backbone, dataset: ImageDataset, features: ImageFeatures, *, batch_size: int = 64) -> np.ndarray:
-    """Projected, L2-normalised patch tokens (n, P, d) of the embedded items of ``dataset`` (``features.indices``,
-    in that order), through ``backbone.dense_features`` in batches."""
-    return dense_features(backbone, dataset, features.indices, batch_size)
+def dense_spec(scores: Mapping[str, OODScore]):
+    """The one ``DenseSpec`` of the chosen scores that read patch grids (``OODScore.dense_spec``), or None."""
+    from ..features.dense import DenseSpec
+
+    wanted = {name: tuple(sorted(s.dense_spec().items())) for name, s in scores.items() if "patch_grids" in s.needs}
+    if not wanted:
+        return None
+    if len(set(wanted.values())) > 1:
+        raise CliplabError(f"the scores {', '.join(wanted)} read different patch grids ({wanted}); run them apart")
+    return DenseSpec(**dict(next(iter(wanted.values()))))
 
 
-def dense_features(backbone, dataset: ImageDataset, indices: Sequence[int], batch_size: int = 64) -> np.ndarray:
-    """Projected, L2-normalised patch tokens (n, P, d) of ``dataset`` items ``indices``, computed in batches
-    through ``backbone.dense_features`` (not cached)."""
-    import torch
+def patch_grids(backbone, dataset: ImageDataset, features: ImageFeatures, spec, *, cache_dir=None,
+                batch_size: int = 64, workers: int | None = None, progress: bool = False) -> np.ndarray:
+    """Patch tokens (n, P, d), L2-normalised in the joint space, of the embedded items of ``dataset``
+    (``features.indices``, in that order), read through the dense cache (``features.dense.embed_dense``: computed
+    once, memory-mapped on every later run)."""
+    from ..features.dense import embed_dense
 
-    blocks = []
-    indices = list(indices)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        batch = torch.stack([backbone.preprocess(dataset.load_image(int(i))) for i in chunk])
-        blocks.append(backbone.dense_features(batch).numpy())
-    if not blocks:
-        raise FeatureError(f"{dataset.name}: no images to compute local features for")
-    return np.concatenate(blocks)
+    dense = embed_dense(backbone, dataset, cache_dir, spec=spec, batch_size=batch_size, num_workers=workers,
+                        progress=progress)
+    return dense.take(features.indices).tokens
 
 
 @dataclass
@@ -161,6 +163,9 @@ class ScoreSet:
     context: ScoreContext
     head: object | None = None
     batch_size: int = 64
+    workers: int | None = None
+    progress: bool = False
+    dense: object = None  # the DenseSpec of the patch grids, when a score reads them
     memo: dict = field(default_factory=dict)
 
     @property
@@ -187,7 +192,9 @@ class ScoreSet:
         return ScoreInputs(
             name, np.asarray(features.features),
             logits=self.logits(name, features) if "logits" in needs else None,
-            local_features=(patch_grids(self.context.backbone, dataset, features, batch_size=self.batch_size)
+            local_features=(patch_grids(self.context.backbone, dataset, features, self.dense,
+                                        cache_dir=self.context.cache_dir, batch_size=self.batch_size,
+                                        workers=self.workers, progress=self.progress)
                             if "patch_grids" in needs else None))
 
     def run(self, inputs: ScoreInputs) -> dict[str, np.ndarray]:
@@ -196,11 +203,12 @@ class ScoreSet:
 
 def build_scores(names: Sequence[str], backbone, class_names: Sequence[str], *, templates=None,
                  params: Mapping[str, object] | None = None, head=None, artefact=None, fit_data: bool = False,
-                 probe: ImageDataset | None = None, cache_dir=None, batch_size: int = 64) -> ScoreSet:
+                 cache_dir=None, batch_size: int = 64, workers: int | None = None, progress: bool = False) -> ScoreSet:
     """Build the scores ``names`` with ``params`` (see :func:`score_params`) and check that this evaluation gives
     what each declared: logits need ``head``, ``fit_data`` needs the ID train/val splits (``fit_data=True``),
-    ``artefact`` a folder, ``patch_grids`` a model with patch tokens (tried on one image of ``probe``). Each
-    refusal is one line naming the score; nothing has been embedded yet. Then ``setup`` every score."""
+    ``artefact`` a folder, ``patch_grids`` a model whose image tower gives the patch tokens the score asks for
+    (``dense_spec``). Each refusal is one line naming the score; nothing has been embedded yet. Then ``setup``
+    every score."""
     names = list(dict.fromkeys(names))
     if not names:
         raise CliplabError("give at least one OOD score")
@@ -220,14 +228,17 @@ def build_scores(names: Sequence[str], backbone, class_names: Sequence[str], *, 
             what = getattr(score, "artefact_help", "") or "the folder it reads"
             raise CliplabError(f"OOD score {name!r} needs an artefact ({what}): pass --artefact FOLDER")
     needs = frozenset().union(*(s.needs for s in scores.values()))
-    if "patch_grids" in needs and probe is not None:  # one image tells whether this model has patch tokens
-        dense_features(backbone, probe, [0], 1)
+    spec = dense_spec(scores)
+    if spec is not None:  # the model's image tower tells whether it has these patch tokens; no image needed
+        from ..features.dense import dense_cache_key
+
+        dense_cache_key(backbone, spec)
     weights = class_weights(backbone, list(class_names), templates, cache_dir=cache_dir) \
         if "text_weights" in needs else None
     context = ScoreContext(backbone, list(class_names), templates, weights, artefact, cache_dir)
     for score in scores.values():
         score.setup(context)
-    return ScoreSet(scores, context, head, batch_size)
+    return ScoreSet(scores, context, head, batch_size, workers, progress, spec)
 
 
 # -- the evaluation ---------------------------------------------------------------------------------------------
@@ -271,8 +282,8 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
     if head_fits and fit_datasets is None:
         raise CliplabError(f"method {head_name(head)!r} fits on the ID train split: {FIT_DATA_HINT}")
     score_set = build_scores(scores, backbone, class_names, templates=templates, params=params, head=head,
-                             artefact=artefact, fit_data=fit_datasets is not None, probe=id_dataset,
-                             cache_dir=cache_dir, batch_size=batch_size)
+                             artefact=artefact, fit_data=fit_datasets is not None, cache_dir=cache_dir,
+                             batch_size=batch_size, workers=workers, progress=progress)
     fits = head_fits or "fit_data" in score_set.needs
 
     def part(dataset: ImageDataset, name: str) -> OODPart:

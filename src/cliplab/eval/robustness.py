@@ -113,8 +113,8 @@ def evaluate_robustness(
     scorer = None
     if ood is not None:
         scorer = build_scores([score], backbone, class_names, templates=templates, params=params, head=head,
-                              artefact=artefact, fit_data=fit_datasets is not None, probe=dataset,
-                              cache_dir=cache_dir, batch_size=batch_size)
+                              artefact=artefact, fit_data=fit_datasets is not None, cache_dir=cache_dir,
+                              batch_size=batch_size, workers=num_workers, progress=progress)
     test = seeded_subset(dataset, limit, seed)
     ood_data = seeded_subset(ood, limit, seed) if ood is not None else None
 

@@ -70,6 +70,11 @@ class OODScore:
         """The hyperparameters and their values (what a results JSON records)."""
         return {key: getattr(self, key) for key in self.param_names()}
 
+    def dense_spec(self) -> dict:
+        """Scores that declare ``patch_grids``: the ``cliplab.features.dense.DenseSpec`` fields of the patch tokens
+        they read (default: the final layer's tokens at the model's input)."""
+        return {}
+
     def setup(self, context: ScoreContext) -> None:
         """Before any image is embedded: keep the context; load and check an artefact here."""
         self.context_ = context

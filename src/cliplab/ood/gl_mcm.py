@@ -11,13 +11,14 @@ Following the authors' code (github.com/AtsuMiyai/GL-MCM, ``utils/detection_util
 
 The code negates the sum (lower = ID for its metric helpers); here higher = more in-distribution, as for every
 score in :mod:`cliplab.ood.scores`. Registered as the OOD score ``glmcm`` (needs features, text weights and patch
-grids; parameters ``temperature``, ``lambda_local``).
+grids; parameters ``temperature``, ``lambda_local``, ``local_path``).
 
 Departures from the authors' code:
 - Local tokens: the authors take the last block's *value* path (MaskCLIP-style: ``out_proj(v)`` + residual +
-  MLP, without query-key attention), then ``ln_post`` and ``proj``. cliplab's ``Backbone.dense_features``
-  gives the ordinary final patch tokens after ``ln_post`` and ``proj``; the score is computed on whatever
-  local features it is given, so a value-path extractor can be passed in unchanged.
+  MLP, without query-key attention), then ``ln_post`` and ``proj``. The registered score reads its local
+  features from the dense-feature cache (``cliplab.features.dense``); its default ``local_path="final"`` takes
+  the ordinary final patch tokens after ``ln_post`` and ``proj`` (what cliplab computed before the cache, kept
+  so that no number changed), ``local_path="value"`` the authors' value path.
 - Text weights: the code uses one prompt, ``"a photo of a {c}"``; cliplab passes any (ensembled) class weights.
 """
 
@@ -89,9 +90,15 @@ def glmcm(global_features, local_features, text_weights, temperature: float = 1.
 class GLMCM(OODScore):
     """MCM plus lambda times local MCM over ViT patch tokens"""
 
-    def __init__(self, temperature: float = 1.0, lambda_local: float = 1.0):
+    def __init__(self, temperature: float = 1.0, lambda_local: float = 1.0, local_path: str = "final"):
         self.temperature = temperature
         self.lambda_local = lambda_local
+        self.local_path = local_path
+
+    def dense_spec(self) -> dict:
+        """The patch tokens of ``local_path``: "final" (the last block's output tokens) or "value" (the authors'
+        MaskCLIP-style value path of the last block), read from the dense-feature cache."""
+        return {"path": self.local_path}
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         return glmcm(inputs.features, self._needs(inputs.local_features, "patch grids"),
