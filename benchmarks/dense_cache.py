@@ -2,8 +2,9 @@
 
 ViT-B-32 (random weights) on imagenette val images (224x224), one row per extraction (final layer, MaskCLIP's
 value path, sliding 224 px windows over the image resized to 320 px: four windows, a 10x10 grid). Each warm
-rerun is checked to extract nothing and to return the cold run's tokens; the table gives wall seconds, items per second, the speed-up and the bytes the cache holds. Before this
-cache GL-MCM recomputed the patch tokens on every run (the cold column).
+rerun is checked to extract nothing and to return the cold run's tokens; the table gives wall seconds, items
+per second, the speed-up and the bytes the cache holds. Before this cache GL-MCM recomputed the patch tokens
+on every run (the cold column).
 
     python benchmarks/dense_cache.py [--quick]
 """
