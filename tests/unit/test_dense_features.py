@@ -423,3 +423,18 @@ def test_a_model_left_in_training_mode_is_run_in_eval_mode_and_left_as_it_was(ti
     copy.model.train()
     assert torch.equal(dense_tokens(copy, x), dense_tokens(tiny, x))
     assert copy.model.training and copy.model.visual.training
+
+
+def test_cliplab_cache_verify_covers_the_dense_spaces(tmp_path, tiny):
+    from cliplab.features.cache import cache_spaces
+    from cliplab.features.cache_check import verify_space
+
+    data = _folder(tmp_path / "imgs", sizes=((40, 48), (32, 64)), bad=False)
+    out = embed_dense(tiny, data, tmp_path / "cache", spec=DenseSpec(input="aspect"), num_workers=0, progress=False)
+    prefix = out.cache_key.split("/")[0]
+    spaces = {space.space: space for space in cache_spaces(tmp_path / "cache")}
+    assert set(spaces) == {prefix, f"{prefix}-4x5", f"{prefix}-4x8"}
+    assert all(not verify_space(space) for space in spaces.values())
+    shard = next((tmp_path / "cache" / f"{prefix}-4x8" / "shards").glob("*.npy"))
+    shard.write_bytes(shard.read_bytes()[:-8])
+    assert [p.kind for p in verify_space(spaces[f"{prefix}-4x8"])] == ["shard"]
