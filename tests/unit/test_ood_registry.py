@@ -148,6 +148,21 @@ def test_logit_scores_read_the_chosen_head_fitted_on_train_and_val(tiny, split_d
     assert report.record["cliplab"]["method"] == "linear-probe"
     assert report.record["cliplab"]["score_params"] == {"msp": {}, "energy": {"temperature": 0.5},
                                                         "mcm": {"temperature": 0.5}}
+    assert report.record["cliplab"]["text_weights"] == "templates"  # the probe declares no class weights
+
+
+def test_text_weights_are_the_heads_class_weights_where_it_declares_them(tiny, split_data, tmp_path):
+    from cliplab.ood import mcm
+
+    _, _, test, train, val, ood = split_data
+    cache = tmp_path / "cache"
+    report = evaluate_ood(tiny, test, [ood], ["mcm"], "generic", head="ncm", fit_datasets=(train, val),
+                          cache_dir=cache)
+    t = embed_images(tiny, train, cache).labelled()
+    ncm = create_head("ncm").fit(t.features, t.labels)  # gives=("class_weights",): its class means
+    x = embed_images(tiny, test, cache).features
+    np.testing.assert_allclose(report.scores["mcm"]["id"], mcm(x, ncm.weights_), rtol=1e-6)
+    assert report.record["cliplab"]["text_weights"] == "head"
 
 
 def test_everything_a_score_lacks_is_refused_before_any_image_is_embedded(tiny, split_data, monkeypatch):

@@ -80,7 +80,7 @@ def needs_fit_data(choice: HeadChoice, names: list[str]) -> bool:
 
 def build_head(choice: HeadChoice, backbone, id_data, templates: str | None, cache_dir):
     """The chosen head for ``id_data``'s classes (unfitted), or the saved one (its classes must be the ID ones)."""
-    from ..eval.ood import build_ood_head
+    from ..eval.inputs import build_head as provider_build_head
 
     if choice.folder is not None:
         from ..heads.saving import load_head, saved_class_names
@@ -91,8 +91,8 @@ def build_head(choice: HeadChoice, backbone, id_data, templates: str | None, cac
                                f"{', ...' if len(names) > 3 else ''}), not the {len(id_data.class_names)} classes of "
                                f"{id_data.name}")
         return load_head(choice.folder, backbone)
-    return build_ood_head(choice.method, backbone, id_data.class_names, dataset_name=id_data.name,
-                          templates=templates, params=choice.params, cache_dir=cache_dir)
+    return provider_build_head(choice.method, backbone, list(id_data.class_names), dataset_name=id_data.name,
+                               templates=templates, params=choice.params, cache_dir=cache_dir)
 
 
 def _names(text: str, option: str) -> list[str]:

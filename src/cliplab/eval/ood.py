@@ -13,7 +13,7 @@ on ``templates``. The ID test set never reaches a fit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,11 @@ import numpy as np
 from ..data import ImageDataset
 from ..errors import CliplabError, FeatureError
 from ..features import ImageFeatures, class_weights, embed_images
+from ..heads.registry import head_entry
 from ..ood import FPR_CONVENTIONS, ood_metrics
 from ..ood.base import OODScore, ScoreContext, ScoreInputs
 from ..ood.registry import create_score, list_scores, score_entry
+from .inputs import FitInputs, build_head, fit_method, prepare_fit, test_features
 from .plots import plot_ood_histograms, plot_ood_roc
 from .results import results_record, write_json
 
@@ -41,31 +43,7 @@ class OODPart:
     features: ImageFeatures
 
 
-# -- the head ---------------------------------------------------------------------------------------------------
-def build_ood_head(method: str, backbone, class_names: Sequence[str], *, dataset_name: str | None = None,
-                   templates=None, params=None, cache_dir=None):
-    """An unfitted head of the registered ``method`` for ``class_names`` (the interface of
-    ``cliplab.eval.inputs.build_head``): ``templates=None`` means the method's own default (the zero-shot head:
-    the dataset's CLIP_benchmark set, else imagenet7)."""
-    import inspect
-
-    from ..data import template_sets
-    from ..heads.registry import create_head, head_entry
-
-    entry = head_entry(method)
-    kwargs = dict(params or {})
-    takes = inspect.signature(entry.cls.__init__).parameters
-    if "templates" in takes:
-        given = templates if templates is not None else kwargs.pop("templates", None)
-        if given is None and entry.name == DEFAULT_METHOD:
-            given = dataset_name if dataset_name in template_sets() else "imagenet7"
-        if given is not None:
-            kwargs["templates"] = given
-    if entry.needs_backbone and "cache_dir" in takes:
-        kwargs.setdefault("cache_dir", cache_dir)
-    return create_head(entry.name, backbone=backbone, class_names=list(class_names), **kwargs)
-
-
+# -- the head: built and fitted through the one provider (cliplab.eval.inputs) ------------------------------------
 def head_is_fitted(head) -> bool:
     """Whether ``head`` is already fitted (scikit-learn's test: a public attribute ending in ``_``)."""
     from sklearn.exceptions import NotFittedError
@@ -80,24 +58,60 @@ def head_is_fitted(head) -> bool:
 
 def head_needs_fit_data(head) -> bool:
     """Whether ``head`` still has to be fitted on labelled ID data."""
-    from ..heads.registry import head_entry
-
     return not head_is_fitted(head) and head_entry(head).needs_train
 
 
-def fit_ood_head(head, train: ImageFeatures | None = None, val: ImageFeatures | None = None):
-    """Fit ``head`` unless it is fitted: on ``train`` (tuning on ``val``) if its method needs data, else without."""
-    from .evaluate import fit_head
-
-    if head_is_fitted(head):
-        return head
-    return fit_head(head, train, val)
-
-
 def head_name(head) -> str:
-    from ..heads.registry import head_entry
-
     return head_entry(head).name
+
+
+def resolve_head(head, backbone, dataset: ImageDataset, *, templates=None, params=None, cache_dir=None):
+    """The evaluation's head: None is the zero-shot head on ``templates``; a method name is built by
+    ``cliplab.eval.inputs.build_head`` (its declared default templates; ``params`` may name others); a head is
+    used as given (fitted or not)."""
+    if head is None:
+        return build_head(DEFAULT_METHOD, backbone, list(dataset.class_names), dataset_name=dataset.name,
+                          templates=templates, params=params, cache_dir=cache_dir)
+    if isinstance(head, str):
+        return build_head(head, backbone, list(dataset.class_names), dataset_name=dataset.name, params=params,
+                          cache_dir=cache_dir)
+    return head
+
+
+def fit_ood_head(head, backbone, fit_datasets=None, *, cache_dir=None, batch_size: int = 64,
+                 workers: int | None = None, progress: bool = False, shared: dict | None = None) -> FitInputs:
+    """Fit ``head`` through the provider unless it is fitted: ``prepare_fit`` on the ID train split (every input
+    the method declares) with the ID val split as its validation part where it declares "val"; a method that
+    needs no data is fitted without. Returns the fit inputs (what its test features need, e.g. AMU's auxiliary
+    model)."""
+    entry = head_entry(head)
+    if head_is_fitted(head):
+        aux = head.get_params(deep=False).get("aux_model") if "aux_features" in entry.needs else None
+        return FitInputs(aux_model=aux)
+    if not entry.needs_train:
+        fit_method(head, FitInputs())
+        return FitInputs()
+    train_data, val_data = fit_datasets
+    shared = {} if shared is None else shared
+    options = dict(cache_dir=cache_dir, batch_size=batch_size, workers=workers, progress=progress, shared=shared)
+    inputs = prepare_fit(head, backbone, train_data, **options)
+    if "val" in entry.needs and val_data is not None:
+        inputs = replace(inputs, val=test_features(head, backbone, val_data, inputs, **options).labelled())
+    fit_method(head, inputs)
+    return inputs
+
+
+def head_view(head, backbone, inputs: FitInputs, **options):
+    """None where the head reads the plain image features; else ``(dataset, features) -> ImageFeatures`` giving
+    the rows of ``features`` as the head reads them (through the Backbone it trained, with an auxiliary model's
+    block appended: ``cliplab.eval.inputs.test_features``)."""
+    if "backbone" not in head_entry(head).gives and not inputs.aux_model:
+        return None
+
+    def view(dataset: ImageDataset, features: ImageFeatures) -> ImageFeatures:
+        return test_features(head, backbone, dataset, inputs, **options).take(features.item_ids)
+
+    return view
 
 
 # -- scores -----------------------------------------------------------------------------------------------------
@@ -166,6 +180,7 @@ class ScoreSet:
     workers: int | None = None
     progress: bool = False
     dense: object = None  # the DenseSpec of the patch grids, when a score reads them
+    view: object = None  # (dataset, features) -> the head's own features of those rows (see head_view), or None
     memo: dict = field(default_factory=dict)
 
     @property
@@ -181,17 +196,33 @@ class ScoreSet:
             if "fit_data" in score.needs:
                 score.fit(train, val)
 
-    def logits(self, name: str, features: ImageFeatures) -> np.ndarray:
+    def bind_head(self, head, view=None) -> None:
+        """Use the fitted ``head``; where a score reads text weights they are the head's class weights if it
+        declares them (``gives=("class_weights",)``: the zero-shot head's prompt weights), else the ID classes'
+        prompt-ensembled weights of the evaluation's templates."""
+        self.head, self.view = head, view
+        if "text_weights" in self.needs:
+            context = self.context
+            if "class_weights" in head_entry(head).gives:
+                context.text_weights, self.memo["text_weights"] = np.asarray(head.weights_), "head"
+            else:
+                context.text_weights = class_weights(context.backbone, context.class_names, context.templates,
+                                                     cache_dir=context.cache_dir)
+                self.memo["text_weights"] = "templates"
+
+    def logits(self, name: str, dataset: ImageDataset, features: ImageFeatures) -> np.ndarray:
+        """The head's logits (n, C) of the rows of ``features`` (memoised per dataset name)."""
         key = ("logits", name)
         if key not in self.memo:
-            self.memo[key] = np.asarray(self.head.logits(features.features))
+            rows = features if self.view is None else self.view(dataset, features)
+            self.memo[key] = np.asarray(self.head.logits(rows.features))
         return self.memo[key]
 
     def inputs(self, name: str, dataset: ImageDataset, features: ImageFeatures) -> ScoreInputs:
         needs = self.needs
         return ScoreInputs(
             name, np.asarray(features.features),
-            logits=self.logits(name, features) if "logits" in needs else None,
+            logits=self.logits(name, dataset, features) if "logits" in needs else None,
             local_features=(patch_grids(self.context.backbone, dataset, features, self.dense,
                                         cache_dir=self.context.cache_dir, batch_size=self.batch_size,
                                         workers=self.workers, progress=self.progress)
@@ -208,7 +239,7 @@ def build_scores(names: Sequence[str], backbone, class_names: Sequence[str], *, 
     what each declared: logits need ``head``, ``fit_data`` needs the ID train/val splits (``fit_data=True``),
     ``artefact`` a folder, ``patch_grids`` a model whose image tower gives the patch tokens the score asks for
     (``dense_spec``). Each refusal is one line naming the score; nothing has been embedded yet. Then ``setup``
-    every score."""
+    every score. Call ``bind_head`` with the fitted head before scoring."""
     names = list(dict.fromkeys(names))
     if not names:
         raise CliplabError("give at least one OOD score")
@@ -227,15 +258,12 @@ def build_scores(names: Sequence[str], backbone, class_names: Sequence[str], *, 
         if "artefact" in needs and artefact is None:
             what = getattr(score, "artefact_help", "") or "the folder it reads"
             raise CliplabError(f"OOD score {name!r} needs an artefact ({what}): pass --artefact FOLDER")
-    needs = frozenset().union(*(s.needs for s in scores.values()))
     spec = dense_spec(scores)
     if spec is not None:  # the model's image tower tells whether it has these patch tokens; no image needed
         from ..features.dense import dense_cache_key
 
         dense_cache_key(backbone, spec)
-    weights = class_weights(backbone, list(class_names), templates, cache_dir=cache_dir) \
-        if "text_weights" in needs else None
-    context = ScoreContext(backbone, list(class_names), templates, weights, artefact, cache_dir)
+    context = ScoreContext(backbone, list(class_names), templates, None, artefact, cache_dir)
     for score in scores.values():
         score.setup(context)
     return ScoreSet(scores, context, head, batch_size, workers, progress, spec)
@@ -272,19 +300,14 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
     class_names = list(id_dataset.class_names)
     if not class_names:
         raise CliplabError(f"{id_dataset.name}: the ID dataset has no class names")
-    if head is None:
-        head = build_ood_head(DEFAULT_METHOD, backbone, class_names, templates=templates, params=head_params,
-                              cache_dir=cache_dir)
-    elif isinstance(head, str):
-        head = build_ood_head(head, backbone, class_names, dataset_name=id_dataset.name, params=head_params,
-                              cache_dir=cache_dir)
+    head = resolve_head(head, backbone, id_dataset, templates=templates, params=head_params, cache_dir=cache_dir)
     head_fits = head_needs_fit_data(head)
     if head_fits and fit_datasets is None:
         raise CliplabError(f"method {head_name(head)!r} fits on the ID train split: {FIT_DATA_HINT}")
     score_set = build_scores(scores, backbone, class_names, templates=templates, params=params, head=head,
                              artefact=artefact, fit_data=fit_datasets is not None, cache_dir=cache_dir,
                              batch_size=batch_size, workers=workers, progress=progress)
-    fits = head_fits or "fit_data" in score_set.needs
+    options = dict(cache_dir=cache_dir, batch_size=batch_size, workers=workers, progress=progress, shared={})
 
     def part(dataset: ImageDataset, name: str) -> OODPart:
         features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
@@ -294,7 +317,7 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
         return OODPart(name, dataset, features)
 
     fit_data = None
-    if fits:
+    if head_fits or "fit_data" in score_set.needs:
         fit_data = tuple(part(d, f"{d.name} ({d.split})").features.labelled() for d in fit_datasets)
     id_part = part(id_dataset, id_dataset.name)
     if fit_data is not None:
@@ -303,8 +326,8 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
         if shared:
             raise CliplabError(f"the ID fit data (train/val) shares {len(shared)} images with the ID test set, "
                                f"e.g. {shared[0]}")
-    head = fit_ood_head(head, *(fit_data if head_fits else ()))
-    score_set.head = head
+    inputs = fit_ood_head(head, backbone, fit_datasets, **options)
+    score_set.bind_head(head, head_view(head, backbone, inputs, **options))
     if "fit_data" in score_set.needs:
         score_set.fit(*fit_data)
     ood_parts, seen = [], {id_part.name}
@@ -315,7 +338,8 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
         seen.add(name)
         ood_parts.append(part(dataset, name))
 
-    id_accuracy = accuracy(head, score_set.logits(id_part.name, id_part.features), id_part.features.labels)
+    id_accuracy = accuracy(head, score_set.logits(id_part.name, id_dataset, id_part.features),
+                           id_part.features.labels)
     values: dict[str, dict[str, np.ndarray]] = {name: {} for name in score_set.scores}
     for p in (id_part, *ood_parts):
         for name, v in score_set.run(score_set.inputs(p.name, p.dataset, p.features)).items():
@@ -327,6 +351,7 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
         metrics={"id_accuracy": id_accuracy, "ood": results},
         extra={"fpr95_convention": fpr_convention, "scores": list(score_set.scores), "score_params": score_set.params(),
                "method": head_name(head), "head_params": _head_params(head),
+               "text_weights": score_set.memo.get("text_weights"),
                "ood_datasets": [p.name for p in ood_parts], "id_split": id_dataset.split,
                "n_id": len(id_part.features), "templates": templates if isinstance(templates, str) else "custom",
                "fit_splits": None if fit_data is None else [f"{d.name} ({d.split})" for d in fit_datasets],

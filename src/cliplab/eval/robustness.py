@@ -27,13 +27,13 @@ from ..ood.metrics import ood_metrics
 from .evaluate import head_params as head_params_of
 from .metrics import expected_calibration_error, topk_accuracy
 from .ood import (
-    DEFAULT_METHOD,
     FIT_DATA_HINT,
-    build_ood_head,
     build_scores,
     fit_ood_head,
     head_name,
     head_needs_fit_data,
+    head_view,
+    resolve_head,
 )
 from .results import results_record, write_json
 
@@ -101,12 +101,7 @@ def evaluate_robustness(
         for severity in severities:
             corruption_parameter(name, severity)  # unknown names or severities fail before any work
     class_names = list(dataset.class_names)
-    if head is None:
-        head = build_ood_head(DEFAULT_METHOD, backbone, class_names, templates=templates, params=head_params,
-                              cache_dir=cache_dir)
-    elif isinstance(head, str):
-        head = build_ood_head(head, backbone, class_names, dataset_name=dataset.name, params=head_params,
-                              cache_dir=cache_dir)
+    head = resolve_head(head, backbone, dataset, templates=templates, params=head_params, cache_dir=cache_dir)
     head_fits = head_needs_fit_data(head)
     if head_fits and fit_datasets is None:
         raise CliplabError(f"method {head_name(head)!r} fits on the ID train split: {FIT_DATA_HINT}")
@@ -130,9 +125,11 @@ def evaluate_robustness(
         if shared:
             raise CliplabError(f"the fit data (train/val) shares {len(shared)} images with the test images, "
                                f"e.g. {shared[0]}")
-    head = fit_ood_head(head, *(fit_data if head_fits else ()))
+    options = dict(cache_dir=cache_dir, batch_size=batch_size, workers=num_workers, progress=progress, shared={})
+    inputs = fit_ood_head(head, backbone, fit_datasets, **options)
+    head_rows = head_view(head, backbone, inputs, **options)
     if scorer is not None:
-        scorer.head = head
+        scorer.bind_head(head, head_rows)
         if "fit_data" in scorer.needs:
             scorer.fit(*fit_data)
     clean_ood = embed(ood_data) if ood_data is not None and not ood_corrupted else None
@@ -142,10 +139,10 @@ def evaluate_robustness(
         view = test if name == "clean" else CorruptedDataset(test, name, severity, seed)
         features = embed(view)
         labelled = features.labelled()
-        x, y = np.asarray(labelled.features), labelled.labels
+        y = labelled.labels
         if len(y) == 0:
             raise DatasetError(f"{dataset.name}: no labelled image could be read")
-        logits = np.asarray(head.logits(x))
+        logits = np.asarray(head.logits((labelled if head_rows is None else head_rows(view, labelled)).features))
         row = {"corruption": name, "severity": severity,
                "parameter": None if name == "clean" else corruption_parameter(name, severity),
                "num_images": int(len(y)), "acc1": topk_accuracy(y, logits, 1),
@@ -179,6 +176,7 @@ def evaluate_robustness(
         "num_ood_images": None if ood_data is None else len(ood_data),
         "ood_score": None if scorer is None else score,
         "ood_score_params": None if scorer is None else scorer.params()[score],
+        "text_weights": None if scorer is None else scorer.memo.get("text_weights"),
         "ood_corrupted": None if ood is None else ood_corrupted,
         "corruptions": {name: list(CORRUPTIONS[name]) for name in corruptions},
         "severities": [int(s) for s in severities],
