@@ -7,15 +7,22 @@ Layout of one cache space (one model + one preprocessing)::
     <root>/<space>/shards/<uuid>.npy   float32 (k, d) blocks, each written once, atomically
     <root>/<space>/shards/<uuid>.json  the block's identities, size and sha256 (to verify it, rebuild the index)
     <root>/<space>/views/<key>.npy     a dataset's features in dataset order, read memory-mapped
-    <root>/<space>/views/<key>.json    which dataset items those rows are, and which items failed
+    <root>/<space>/views/<key>.json    which dataset items those rows are, which items failed, the view's
+                                       width, dtype, rows, sha256 and the shards it was gathered from
 
 A shard and its sidecar are renamed into place before its rows are registered, so a crash leaves at
 worst an unregistered shard (ignored) and never a registered row without data. SQLite in WAL mode with
 ``INSERT OR IGNORE`` lets several processes fill one space at once.
 
-The cache repairs itself: a damaged index database is rebuilt from the shard sidecars, a missing or
-truncated shard is dropped from the index (its items are recomputed by the run that found it), and a
-damaged view is deleted and rebuilt. Each repair is logged and listed in ``repairs``.
+The cache repairs itself: a damaged index database is rebuilt from the shard sidecars, a missing,
+truncated or altered shard is dropped from the index (its items are recomputed by the run that found it),
+and a damaged view is deleted and rebuilt. Each repair is logged and listed in ``repairs``.
+
+Nothing corrupted is served: a shard's and a view's sha256 is checked the first time this process reads
+the file (again whenever its size, mtime or inode changes), a view's header must match the width, dtype
+and rows of its sidecar and space, and a view is invalid once a shard it was gathered from is dropped.
+A cache space that cannot be written (a shared, read-only cache) is opened read-only: what it holds is
+served, views it lacks are gathered in memory, and only writes (new items, repairs) are refused.
 """
 
 from __future__ import annotations
@@ -52,6 +59,32 @@ CREATE TABLE IF NOT EXISTS shards (name TEXT PRIMARY KEY, rows INTEGER NOT NULL,
                                    sha256 TEXT NOT NULL);
 """
 NOT_WRITABLE = ("readonly", "read-only", "unable to open")
+VIEW_DTYPE = "float32"
+_VERIFIED: dict[tuple, str] = {}  # (path, size, mtime, ctime, inode) -> sha256 read in this process
+
+
+class CacheNotWritableError(CacheError):
+    """The cache folder (or its index) cannot be written."""
+
+
+def _stat_key(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+def _remember(path: Path, sha: str) -> None:
+    """Record ``sha`` as the verified hash of ``path`` as it is now (a file this process just wrote)."""
+    with contextlib.suppress(OSError):
+        _VERIFIED[_stat_key(path)] = sha
+
+
+def file_sha256_once(path: Path) -> str:
+    """sha256 of ``path``, hashed once per process for as long as its size, mtime, ctime and inode stay."""
+    key = _stat_key(path)
+    if key not in _VERIFIED:
+        with open(path, "rb") as handle:
+            _VERIFIED[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return _VERIFIED[key]
 
 
 class DamagedShardsError(CacheError):
@@ -95,37 +128,68 @@ class FeatureCache:
         self.space = space
         self.repairs: list[str] = []
         self.damaged: str | None = None
+        self.read_only = False
         self._repair = repair
         try:
-            (self.dir / "shards").mkdir(parents=True, exist_ok=True)
-            (self.dir / "views").mkdir(exist_ok=True)
-            self._write_meta(meta or {})
-        except OSError as exc:
-            raise self._not_writable(exc) from exc
-        try:
+            try:
+                (self.dir / "shards").mkdir(parents=True, exist_ok=True)
+                (self.dir / "views").mkdir(exist_ok=True)
+                self._write_meta(meta or {})
+            except OSError as exc:
+                raise self._not_writable(exc) from exc
             self._run(lambda db: db.executescript(SCHEMA), write=True)
+        except CacheNotWritableError:
+            if not self._complete():
+                raise
+            self.read_only = True  # a shared cache someone else filled: serve what it holds
+            log.info("cache %s is read-only: reading what it holds", self.dir)
         except CacheError as exc:
             if repair:
                 raise
             self.damaged = str(exc)
 
+    def _complete(self) -> bool:
+        """The space exists whole on disk (index, meta, shards, views), so it can be read without writing."""
+        return all(path.exists() for path in (self.index_path, self.dir / "meta.json", self.dir / "shards",
+                                              self.dir / "views"))
+
     def _not_writable(self, exc: Exception) -> CacheError:
         reason = getattr(exc, "strerror", None) or str(exc)
-        return CacheError(f"{self.dir}: cache folder is not writable ({reason}); pass --cache-dir DIR or set "
-                          "CLIPLAB_CACHE to a writable folder")
+        return CacheNotWritableError(f"{self.dir}: cache folder is not writable ({reason}); pass --cache-dir DIR or "
+                                     "set CLIPLAB_CACHE to a writable folder")
 
     @property
     def index_path(self) -> Path:
         return self.dir / "index.sqlite"
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            return self._connect_read_only()
         db = sqlite3.connect(self.index_path, timeout=60)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A read-only connection; ``immutable`` when SQLite cannot create the WAL index beside a read-only file."""
+        uri = self.index_path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60)
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=60)
+
+    def _refuse_write(self, what: str) -> None:
+        if self.read_only:
+            raise CacheNotWritableError(f"{self.dir}: cache folder is read-only and cannot {what}; pass --cache-dir "
+                                        "DIR or set CLIPLAB_CACHE to a writable folder")
+
     def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         """Run ``work`` on a connection (in a transaction if ``write``); a damaged index is rebuilt once."""
+        if write:
+            self._refuse_write("store or repair features")
         for attempt in (1, 2):
             try:
                 with closing(self._connect()) as db:
@@ -140,7 +204,7 @@ class FeatureCache:
                         from exc
                 if isinstance(exc, sqlite3.OperationalError) and any(w in message for w in NOT_WRITABLE):
                     raise self._not_writable(exc) from exc
-                if attempt == 2 or not self._repair:
+                if attempt == 2 or not self._repair or self.read_only:
                     raise CacheError(f"{self.index_path}: damaged cache index ({exc}); run: cliplab cache "
                                      "--repair") from exc
                 self.rebuild_index(f"{exc}")
@@ -207,12 +271,26 @@ class FeatureCache:
             db.execute(f"DELETE FROM shards WHERE name IN ({marks})", list(shards))
             return int(count)
 
+        self._refuse_write(f"drop {len(shards)} damaged shard(s) ({why}); its owner can run: cliplab cache --repair")
         dropped = self._run(forget, write=True)
         for shard in shards:
             (self.dir / "shards" / shard).unlink(missing_ok=True)
             (self.dir / "shards" / shard).with_suffix(".json").unlink(missing_ok=True)
         self._note(f"{len(shards)} damaged shard(s) dropped ({why}): {dropped} item(s) will be recomputed")
+        self._drop_views_of(set(shards))
         return dropped
+
+    def _drop_views_of(self, shards: set[str]) -> None:
+        """Delete the stored views gathered from any of ``shards`` (the array first, then its sidecar)."""
+        for side in sorted((self.dir / "views").glob("*.json")):
+            try:
+                sources = set(json.loads(side.read_text()).get("shards", []))
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue  # an unreadable sidecar: read_view deletes that view on its own
+            if sources & shards:
+                side.with_suffix(".npy").unlink(missing_ok=True)
+                side.unlink(missing_ok=True)
+                self._note(f"view {side.stem} built from a dropped shard deleted; rebuilt from the shards on next use")
 
     def _write_meta(self, meta: dict) -> None:
         path = self.dir / "meta.json"
@@ -243,6 +321,7 @@ class FeatureCache:
             try:
                 atomic_write_text((self.dir / "shards" / shard).with_suffix(".json"), json.dumps(record))
                 atomic_write(self.dir / "shards" / shard, lambda handle: handle.write(payload))
+                _remember(self.dir / "shards" / shard, record["sha256"])
             except OSError as exc:
                 raise self._not_writable(exc) from exc
             rows = [(identity, shard, row) for row, identity in enumerate(identities)]
@@ -288,16 +367,20 @@ class FeatureCache:
     def gather(self, locations: Sequence[tuple[str, int]], out: np.ndarray) -> np.ndarray:
         """Fill ``out[i]`` with the stored row at ``locations[i]``, reading shards memory-mapped.
 
-        Shards that are missing, truncated or too short are dropped from the index and reported with
-        DamagedShardsError after every healthy row is copied; the caller recomputes their items.
+        Each shard's size and sha256 are checked against the ones recorded at write time the first time
+        this process reads it. Shards that are missing, truncated, altered or too short are dropped from
+        the index and reported with DamagedShardsError after every healthy row is copied; the caller
+        recomputes their items.
         """
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for position, (shard, row) in enumerate(locations):
             by_shard.setdefault(shard, []).append((position, row))
+        recorded = self._shard_records(list(by_shard))
         damaged: dict[str, str] = {}
         for shard, pairs in by_shard.items():
             positions, rows = zip(*pairs)
             try:
+                self._check_shard_file(shard, recorded.get(shard))
                 block = np.load(self.dir / "shards" / shard, mmap_mode="r")
                 if block.ndim != 2 or block.shape[1] != out.shape[1] or max(rows) >= len(block):
                     raise ValueError(f"shape {block.shape} does not hold row {max(rows)} of width {out.shape[1]}")
@@ -311,6 +394,34 @@ class FeatureCache:
             raise DamagedShardsError(list(damaged), f"{len(damaged)} damaged cache shard(s) dropped ({why})")
         return out
 
+    def _shard_records(self, shards: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """shard -> (bytes, sha256) as registered at write time."""
+        def query(db: sqlite3.Connection) -> dict[str, tuple[int, str]]:
+            found: dict[str, tuple[int, str]] = {}
+            for start in range(0, len(shards), SQL_BATCH):
+                chunk = list(shards[start: start + SQL_BATCH])
+                marks = ",".join("?" * len(chunk))
+                for name, size, sha in db.execute(f"SELECT name, bytes, sha256 FROM shards WHERE name IN ({marks})",
+                                                  chunk):
+                    found[name] = (int(size), str(sha))
+            return found
+
+        return self._run(query) if shards else {}
+
+    def _check_shard_file(self, shard: str, recorded: tuple[int, str] | None) -> None:
+        """Raise ValueError/OSError unless the shard's size and sha256 are the recorded ones (or its sidecar's)."""
+        path = self.dir / "shards" / shard
+        if recorded is None:
+            record = read_shard_record(path.with_suffix(".json"))
+            if record is None:
+                raise ValueError("no checksum recorded for it (index row and sidecar missing)")
+            recorded = (record["bytes"], record["sha256"])
+        size, sha = recorded
+        if path.stat().st_size != size:
+            raise ValueError(f"{path.stat().st_size} bytes, {size} recorded (truncated?)")
+        if file_sha256_once(path) != sha:
+            raise ValueError("checksum differs from the one recorded at write time")
+
     def view_path(self, key: str) -> Path:
         return self.dir / "views" / f"{key}.npy"
 
@@ -320,14 +431,16 @@ class FeatureCache:
     ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
         """Store a dataset's features in dataset order, with which items they are and which failed.
 
-        Rows are gathered straight into the new file (no full copy in memory); the sidecar JSON
-        (item indices, failure reasons) is written first, so a view file never lacks it.
+        Rows are gathered straight into a temporary file (no full copy in memory); the sidecar JSON (item
+        indices, failure reasons, width, dtype, rows, sha256, source shards) is written before the file is
+        renamed into place, so a view file never lacks it. A read-only cache gathers the rows in memory.
         """
+        if self.read_only:
+            out = self.gather(locations, np.empty((len(locations), dim), dtype=np.float32))
+            return out, np.asarray([int(i) for i in indices], dtype=np.int64), dict(failures)
         path = self.view_path(key)
-        side = {"indices": [int(i) for i in indices], "failures": {str(i): r for i, r in failures.items()}}
         tmp = temporary_name(path)
         try:
-            atomic_write_text(path.with_suffix(".json"), json.dumps(side))
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(locations), dim))
             try:
                 self.gather(locations, out)
@@ -336,38 +449,74 @@ class FeatureCache:
                 del out
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+            side = {"indices": [int(i) for i in indices], "failures": {str(i): r for i, r in failures.items()},
+                    "dim": int(dim), "dtype": VIEW_DTYPE, "rows": len(locations), "sha256": file_sha256_once(tmp),
+                    "shards": sorted({shard for shard, _ in locations})}
+            atomic_write_text(path.with_suffix(".json"), json.dumps(side))
             os.replace(tmp, path)
+            _remember(path, side["sha256"])
         except OSError as exc:
             raise self._not_writable(exc) from exc
         finally:
             tmp.unlink(missing_ok=True)
         return self.read_view(key)
 
+    def view_problem(self, key: str) -> str | None:
+        """What is wrong with a stored view (None when it is sound); see :meth:`read_view`."""
+        opened = self._open_view(key)
+        return opened if isinstance(opened, str) else None
+
+    def _open_view(self, key: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]] | str:
+        """The view's (features, indices, failures), or one line saying why it must not be served."""
+        path, side_path = self.view_path(key), self.view_path(key).with_suffix(".json")
+        try:
+            side = json.loads(side_path.read_text())
+            missing = [k for k in ("indices", "failures", "dim", "dtype", "rows", "sha256", "shards") if k not in side]
+            if missing:
+                return f"sidecar lacks {', '.join(missing)} (written by an older cliplab?)"
+            indices = np.asarray(side["indices"], dtype=np.int64)
+            failures = {int(i): str(r) for i, r in side["failures"].items()}
+            dim, rows, expected_dim = int(side["dim"]), int(side["rows"]), self.meta.get("dim")
+            if side["dtype"] != VIEW_DTYPE or len(indices) != rows or indices.ndim != 1:
+                return f"sidecar says {side['dtype']} x {rows} rows for {len(indices)} items"
+            if expected_dim is not None and dim != int(expected_dim):
+                return f"width {dim}, the cache space holds width {expected_dim}"
+            features = np.load(path, mmap_mode="r")
+            if features.dtype != np.dtype(VIEW_DTYPE) or features.shape != (rows, dim):
+                return f"file holds {features.dtype} {features.shape}, its sidecar {VIEW_DTYPE} ({rows}, {dim})"
+            shards = [str(name) for name in side["shards"]]
+            gone = sorted(set(shards) - set(self._shard_records(shards)))
+            if gone:
+                return f"built from {len(gone)} shard(s) no longer in the cache ({gone[0]})"
+            if file_sha256_once(path) != side["sha256"]:
+                return "checksum differs from the one recorded at write time"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return features, indices, failures
+
     def read_view(self, key: str) -> tuple[np.ndarray, np.ndarray, dict[int, str]] | None:
         """(features memory-mapped, item indices, {index: failure reason}) of a stored view, or None.
 
-        A damaged view (unreadable, truncated, or not matching its sidecar) is deleted and reported;
-        the caller rebuilds it from the shards.
+        A view is served only when its sidecar is whole, its header has the sidecar's dtype, rows and
+        width (the space's), every shard it was gathered from is still registered, and its sha256 (checked
+        once per process) is the recorded one. Otherwise it is deleted and reported (in a read-only cache
+        only reported); the caller rebuilds it from the shards.
         """
         path, side_path = self.view_path(key), self.view_path(key).with_suffix(".json")
         if not path.exists():
             return None
-        try:
-            side = json.loads(side_path.read_text())
-            features = np.load(path, mmap_mode="r")
-            indices = np.asarray(side["indices"], dtype=np.int64)
-            failures = {int(i): str(r) for i, r in side["failures"].items()}
-            if features.ndim != 2 or len(indices) != len(features):
-                raise ValueError(f"{len(features)} rows for {len(indices)} items")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        opened = self._open_view(key)
+        if isinstance(opened, str):
+            if self.read_only:
+                self._note(f"damaged view {path.name} not used ({opened}); gathered from the shards instead")
+                return None
             for stale in (path, side_path):
                 stale.unlink(missing_ok=True)
-            self._note(f"damaged view {path.name} deleted ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                       "rebuilt from the shards")
+            self._note(f"damaged view {path.name} deleted ({opened}); rebuilt from the shards")
             return None
         with contextlib.suppress(OSError):  # the sidecar's mtime is the view's last use, for collect_garbage
             os.utime(side_path)
-        return features, indices, failures
+        return opened
 
     def collect_garbage(self, min_age_seconds: float = 3600.0,
                         view_max_age_seconds: float = VIEW_MAX_AGE) -> tuple[int, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ class Problem:
 
 def verify_space(cache: FeatureCache) -> list[Problem]:
     """Check the index database, every registered shard (present, size and sha256 as recorded at write time,
-    rows that exist, sidecar identities equal to the index's) and every stored view."""
+    rows that exist, sidecar identities equal to the index's) and every stored view (sidecar, header width and
+    dtype, source shards still registered, sha256)."""
     problems: list[Problem] = []
     try:
         with closing(cache._connect()) as db:
@@ -44,7 +44,7 @@ def verify_space(cache: FeatureCache) -> list[Problem]:
         if detail:
             problems.append(Problem(cache.space, "shard", shard, detail))
     for side in sorted((cache.dir / "views").glob("*.json")):
-        detail = _check_view(side)
+        detail = _check_view(cache, side)
         if detail:
             problems.append(Problem(cache.space, "view", side.stem, detail))
     return problems
@@ -75,18 +75,11 @@ def _check_shard(cache: FeatureCache, shard: str, members: list[tuple[str, int]]
     return None
 
 
-def _check_view(side) -> str | None:
-    array = side.with_suffix(".npy")
-    if not array.is_file():
+def _check_view(cache: FeatureCache, side) -> str | None:
+    """A view's problem: unreadable, header or width not the sidecar's, a source shard dropped, checksum."""
+    if not side.with_suffix(".npy").is_file():
         return None  # a sidecar written by a run still in progress, or left by a killed one (--gc removes it)
-    try:
-        indices = json.loads(side.read_text())["indices"]
-        features = np.load(array, mmap_mode="r")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    if features.ndim != 2 or len(features) != len(indices):
-        return f"{len(features)} rows for {len(indices)} items"
-    return None
+    return cache.view_problem(side.stem)
 
 
 def repair_space(cache: FeatureCache, problems: list[Problem]) -> list[str]:
