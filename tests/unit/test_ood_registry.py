@@ -300,3 +300,28 @@ def test_glmcm_reads_patch_grids_from_the_dense_cache_and_a_rerun_computes_none(
     again = evaluate_ood(tiny, test, [ood], ["glmcm"], "generic", cache_dir=cache, params={"lambda_local": 0.5})
     for part in ("id", "ood"):
         np.testing.assert_array_equal(again.scores["glmcm"][part], first.scores["glmcm"][part])
+
+
+def test_command_line_clipn_scores_read_the_artefact_folder(tiny, split_data, tmp_path):
+    import torch
+
+    from cliplab.cli.app import app
+    from cliplab.ood import atd_score
+    from cliplab.train.clipn import ClipnModel, clipn_probabilities
+
+    id_dir, ood_dir, test, _, _, ood = split_data
+    cache = tmp_path / "cache"
+    clipn = ClipnModel.init(tiny, n_prompts=2)
+    with torch.no_grad():  # a "no" encoder that differs from CLIP's text tower, as after training
+        clipn.prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    clipn.save(tmp_path / "clipn")
+    args = ["ood", "--model", "tiny", "--device", "cpu", "--id", str(id_dir), "--split", "test", "--ood",
+            str(ood_dir), "--cache-dir", str(cache), "-q", "--workers", "0", "--scores", "clipn-atd", "-t", "generic"]
+    refused = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert refused.exit_code == 2 and "--artefact FOLDER" in refused.output and not (tmp_path / "a").exists()
+    result = CliRunner().invoke(app, [*args, "--artefact", str(tmp_path / "clipn"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    scores = [atd_score(*clipn_probabilities(clipn, embed_images(tiny, d, cache).features, test.class_names,
+                                             "generic")) for d in (test, ood)]
+    got = json.loads((tmp_path / "b" / "ood.json").read_text())["metrics"]["ood"]["clipn-atd"]["ood"]
+    assert got == pytest.approx(ood_metrics(*scores))
