@@ -26,7 +26,7 @@ def test_synthetic_threshold_is_the_hand_computed_one():
     # MCM of (cos 1, 0) rows is e/(e+1); of (0.6, 0.8) it is softmax((0.6, 0.8))[1]; 20 calibration images,
     # TPR 0.95 keeps 19: the threshold is the 19th highest score, the lowest of the 19 confident rows.
     X = np.array([[1.0, 0.0]] * 19 + [[0.6, 0.8]])
-    scores = _reject_scores(_Head(), X, "mcm")
+    scores = _reject_scores(_Head(), X, "mcm", weights=_Head.weights_)
     assert scores[0] == pytest.approx(np.e / (np.e + 1))
     assert scores[-1] == pytest.approx(1 / (1 + np.exp(-0.2)))
     assert threshold_at_tpr(scores, 0.95) == pytest.approx(np.e / (np.e + 1))

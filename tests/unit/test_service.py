@@ -219,18 +219,18 @@ def test_a_50_mb_upload_is_413_and_the_service_keeps_running(client):
 
 
 def test_classify_gives_probabilities_and_caches_the_label_weights(built, tiny, monkeypatch):
-    import cliplab.features.text
+    import cliplab.eval.inputs
     from cliplab.heads import create_head
     from cliplab.service import create_app
 
     made = []
-    original = cliplab.features.text.class_weights
+    original = cliplab.eval.inputs.build_head  # the one provider `cliplab classify` builds its head with
 
-    def counting(backbone, names, *args, **kwargs):
+    def counting(method, backbone, names, *args, **kwargs):
         made.append(list(names))
-        return original(backbone, names, *args, **kwargs)
+        return original(method, backbone, names, *args, **kwargs)
 
-    monkeypatch.setattr(cliplab.features.text, "class_weights", counting)
+    monkeypatch.setattr(cliplab.eval.inputs, "build_head", counting)
     local = TestClient(create_app(built[0], tiny))
     data = (built[1] / "img2.png").read_bytes()
     body = _upload(local, data, "/classify", labels="cat, dog ,car").json()
@@ -271,18 +271,18 @@ def test_a_new_label_set_does_not_stall_searches(built, tiny, monkeypatch):
     """The label-set text encodings run outside the index lock: /search answers while they are under way."""
     import threading
 
-    import cliplab.features.text
+    import cliplab.eval.inputs
     from cliplab.service import create_app
 
     started, release = threading.Event(), threading.Event()
-    original = cliplab.features.text.class_weights
+    original = cliplab.eval.inputs.build_head
 
     def slow(*args, **kwargs):
         started.set()
         release.wait(20)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(cliplab.features.text, "class_weights", slow)
+    monkeypatch.setattr(cliplab.eval.inputs, "build_head", slow)
     local = TestClient(create_app(built[0], tiny))
     data = (built[1] / "img2.png").read_bytes()
     answers = []

@@ -16,6 +16,7 @@ from .common import (
     console,
     description_method,
     err_console,
+    method_list,
     report_failures,
     report_fit_problems,
     report_skipped,
@@ -29,14 +30,15 @@ def classify(
     labels_file: Path = typer.Option(None, "--labels-file", help="Class names, one per line (or JSON list)."),
     top_k: int = typer.Option(None, "--top-k", "-k", min=1, help="Predictions to show per image (default 3)."),
     output: Path = typer.Option(None, "--output", "-o", help="Write predictions to a .csv or .json file."),
-    templates: str = typer.Option(None, "--templates", "-t", help="Template set name or file (default imagenet7; with "
-                                  "--descriptions, the description method's own: DCLIP '{c}', CuPL none)."),
-    method: str = typer.Option(None, "--method", help="A zero-shot method (see: cliplab methods; default zeroshot, "
-                               "or dclip with --descriptions)."),
+    templates: str = typer.Option(None, "--templates", "-t", help="Template set name or file (default: the method's "
+                                  "own, as cliplab zeroshot; the template classifier's: imagenet7)."),
+    method: str = typer.Option(None, "--method", help="A zero-shot method (default zeroshot, or dclip with "
+                               "--descriptions): " + method_list(family="zeroshot", trained=False) + "."),
     descriptions: Path = typer.Option(None, "--descriptions", help="Classify by description: a description set "
                                       "({class: [descriptors or sentences]}, DCLIP or CuPL format) for your labels."),
-    llm: str = typer.Option(None, "--llm", help="Language model for methods that ask one (fudd, real, ...): "
-                            "replay:FILE, http://HOST:PORT/v1, openai:MODEL or hf:PATH."),
+    llm: str = typer.Option(None, "--llm", help="Language model for the methods that ask one ("
+                            + method_list(need="llm") + "): replay:FILE, http://HOST:PORT/v1, openai:MODEL or "
+                            "hf:PATH."),
     head_dir: Path = typer.Option(None, "--head", help="A fitted head saved by cliplab evaluate --save-head (its "
                                   "classes replace --labels; the model must be the one it was fitted with)."),
     reject: bool = typer.Option(False, "--reject", help="Open set: label 'unknown' the images whose --reject-score is "
@@ -49,7 +51,8 @@ def classify(
 ):
     """Classify images into your labels (zero-shot; default model ViT-B-32 LAION-2B, downloaded once)."""
     from ..data import image_files, parse_labels, read_class_names
-    from ..heads import create_head, head_entry
+    from ..eval.inputs import build_head, for_single_images
+    from ..heads import head_entry
     from ..heads.saving import load_head, saved_class_names
 
     if head_dir is not None:
@@ -78,12 +81,10 @@ def classify(
     backbone = run.load_backbone()
     if head_dir is not None:
         head = load_head(head_dir, backbone=backbone)
-    else:  # bad templates fail before any image is embedded
-        if templates is not None or descriptions is None:
-            extra["templates"] = templates or "imagenet7"
-        head = create_head(method, backbone=backbone, class_names=names, cache_dir=run.cache_dir, **extra).fit()
-    if hasattr(head, "fit_summary"):
-        report_fit_problems(head.fit_summary())
+    else:  # the method's declared default templates (as cliplab zeroshot); bad ones fail before any image is embedded
+        head = build_head(method, backbone, names, templates=templates, params=extra, cache_dir=run.cache_dir).fit()
+    head = for_single_images(head)  # one image's label never depends on the other images in the folder
+    report_fit_problems(head.fit_summary(), head)
     threshold = _reject_threshold(head, run, backbone, reject_score, reject_tpr, reject_calibration) if reject else None
     features = run.embed(backbone, dataset)
     rows = []
@@ -122,14 +123,20 @@ def _check_reject(score: str, tpr: float, calibration: str | None) -> None:
                            "classes, to set the rejection threshold")
 
 
-def _reject_scores(head, X, score: str):
-    """Open-set scores (higher = known): msp/energy on the head's logits, MCM on the features and class weights."""
+def _reject_scores(head, X, score: str, weights=None):
+    """Open-set scores (higher = known): msp/energy on the head's logits, MCM on the features and class weights
+    (``weights``, else those of a head declaring ``gives=("class_weights",)``)."""
     from ..ood import energy, mcm, msp
 
     if score == "mcm":
-        if getattr(head, "weights_", None) is None:
-            raise CliplabError("--reject-score mcm needs a zero-shot head's class text weights; use msp or energy")
-        return mcm(X, head.weights_)
+        if weights is None:
+            from ..heads import head_entry
+
+            if "class_weights" not in head_entry(head).gives:
+                raise CliplabError("--reject-score mcm needs a head with class weights in the joint space "
+                                   f"({method_list(gives='class_weights')}); use msp or energy")
+            weights = head.weights_
+        return mcm(X, weights)
     return (msp if score == "msp" else energy)(head.logits(X))
 
 

@@ -166,10 +166,20 @@ def param_value(text: str):
 
 
 def default_templates(templates: str | None, dataset_name: str) -> str:
-    """--templates as given, else the dataset's CLIP_benchmark template set, else 'imagenet7'."""
-    from ..data import template_sets
+    """--templates as given, else the dataset's CLIP_benchmark template set, else 'imagenet7' (the template
+    classifier's declared default: ``cliplab.eval.inputs.dataset_templates``)."""
+    from ..eval.inputs import dataset_templates
 
-    return templates or (dataset_name if dataset_name in template_sets() else "imagenet7")
+    return templates or dataset_templates(dataset_name)
+
+
+def method_list(family: str | None = None, *, need: str | None = None, gives: str | None = None,
+                trained: bool | None = None) -> str:
+    """Registered method names for a help text, comma-separated (read from the registrations, not typed here);
+    ``trained=False`` keeps those that need no training data."""
+    from ..heads.registry import method_names
+
+    return ", ".join(method_names(family, need=need, gives=gives, trained=trained))
 
 
 def description_method(method: str | None, descriptions: Path | None) -> str:
@@ -178,9 +188,11 @@ def description_method(method: str | None, descriptions: Path | None) -> str:
         return method or "zeroshot"
     method = "dclip" if method in (None, "zeroshot") else method
     from ..heads import head_entry
+    from ..heads.registry import method_names
 
-    if "descriptions" not in inspect.signature(head_entry(method).cls.__init__).parameters:
-        raise CliplabError(f"--method {method} takes no --descriptions (description methods: dclip, cupl, ...)")
+    if "descriptions" not in head_entry(method).needs:
+        raise CliplabError(f"--method {method} takes no --descriptions (description methods: "
+                           f"{', '.join(method_names(need='descriptions'))})")
     return method
 
 
@@ -227,11 +239,15 @@ def report_failures(failures, limit: int | None = None) -> None:
         err_console.print(f"  ... and {len(failures) - limit} more")
 
 
-def report_fit_problems(summary: dict, limit: int = 3) -> None:
+def report_fit_problems(summary: dict, method, limit: int = 3) -> None:
     """What a head's fit could not do (LLM failures per class set, synonyms not found, corpus rows skipped...):
-    every non-empty ``*fail*`` / ``*problem*`` / ``empty*`` entry of its fit summary, counted, with examples."""
+    every non-empty entry of its fit summary that the method declares a problem list (``fit_problems`` at its
+    registration; ``method``: its name or the head), counted, with examples."""
+    from ..heads import head_entry
+
+    declared = head_entry(method).fit_problems
     for key, value in summary.items():
-        if not any(word in key for word in ("fail", "problem", "empty")) or not value:
+        if key not in declared or not value:
             continue
         if isinstance(value, dict):
             items = [f"{k}: {v}" for k, v in value.items()]

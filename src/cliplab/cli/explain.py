@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import RunOptions, command, console, description_method, report_failures
+from .common import RunOptions, command, console, description_method, method_list, report_failures
 
 
 @command
@@ -19,10 +19,12 @@ def explain(
     labels_file: Path = typer.Option(None, "--labels-file", help="Class names, one per line (or JSON list)."),
     descriptions: Path = typer.Option(None, "--descriptions", help="A description set ({class: [descriptors or "
                                       "sentences]}, DCLIP or CuPL format); default method then dclip."),
-    method: str = typer.Option(None, "--method", help="zeroshot (templates), dclip or cupl (default: dclip with "
-                               "--descriptions, else zeroshot)."),
-    templates: str = typer.Option(None, "--templates", "-t", help="Template set name or file (zeroshot default "
-                                  "imagenet7; dclip default '{c}'; cupl: templates ensembled with the sentences)."),
+    method: str = typer.Option(None, "--method", help="A method whose prompts can be explained: "
+                               + method_list(gives="sentences") + " (default: dclip with --descriptions, else "
+                               "zeroshot)."),
+    templates: str = typer.Option(None, "--templates", "-t", help="Template set name or file (default: the method's "
+                                  "own, as cliplab zeroshot; the template classifier's: imagenet7; cupl: templates "
+                                  "ensembled with the sentences)."),
     top: int = typer.Option(3, "--top", min=1, help="Classes to explain per image."),
     show: int = typer.Option(8, "--show", min=1, help="Prompts shown per class in the table (the JSON has all)."),
     output_dir: Path = typer.Option(Path("explanations"), "--output-dir", "-o", help="Where the PNG and JSON go."),
@@ -32,18 +34,16 @@ def explain(
     from ..data import image_files, parse_labels, read_class_names
     from ..eval.explain import explain as explain_image
     from ..eval.explain import plot_explanation
-    from ..heads import create_head
+    from ..eval.inputs import build_head
 
     if (labels is None) == (labels_file is None):
         raise CliplabError("give the class names with exactly one of --labels or --labels-file")
     names = parse_labels(labels) if labels is not None else read_class_names(labels_file)
     method = description_method(method, descriptions)
     params = {"descriptions": descriptions} if descriptions is not None else {}
-    if templates is not None or method == "zeroshot":
-        params["templates"] = templates or "imagenet7"
     dataset = image_files(images, run.hash_content)
     backbone = run.load_backbone()
-    head = create_head(method, backbone=backbone, class_names=names, cache_dir=run.cache_dir, **params).fit()
+    head = build_head(method, backbone, names, templates=templates, params=params, cache_dir=run.cache_dir).fit()
     features = run.embed(backbone, dataset)
     output_dir.mkdir(parents=True, exist_ok=True)
     stems = [Path(item).stem for item in features.item_ids]

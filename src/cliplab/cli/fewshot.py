@@ -8,9 +8,11 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import DataOptions, RunOptions, command, console, default_templates, param_value, report_skipped
+from .common import DataOptions, RunOptions, command, console, method_list, param_value, report_skipped
 
 DEFAULT_METHODS = "zeroshot,ncm,linear-probe,tip-adapter,tip-adapter-f,gda,caps-adapter"
+# real parameters (a test checks each against the method's own): AMU's auxiliary model, Tip-Adapter's search grid
+PARAM_EXAMPLES = "amu.aux_model=ViT-S-32:openai or tip-adapter.search_step=[20,5]"
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -41,16 +43,17 @@ def _method_params(items: list[str] | None, methods: list[str]) -> dict[str, dic
 def fewshot(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Named dataset, folder with train/ and test/, or a "
                                 "manifest with a split field."),
-    methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="Comma-separated registered methods "
-                                "(cliplab methods)."),
+    methods: str = typer.Option(DEFAULT_METHODS, "--methods", help="Comma-separated registered methods: "
+                                + method_list() + "."),
     shots: str = typer.Option("1,2,4,8,16", "--shots", help="Shots per class, comma-separated."),
     seeds: str = typer.Option("1,2,3", "--seeds", help="Seeds of the shot draws, comma-separated."),
     views: int = typer.Option(10, "--views", min=1, help="Augmented views per training image for the methods "
                               "that use them (cached)."),
-    templates: str = typer.Option(None, "--templates", "-t", help="Template set or file for the zero-shot term "
-                                  "(default: the dataset's CLIP_benchmark set, else 'imagenet7')."),
+    templates: str = typer.Option(None, "--templates", "-t", help="Template set or file for every method that "
+                                  "takes templates (default: each method's own, as cliplab evaluate; the few-shot "
+                                  "heads': the dataset's CLIP_benchmark set, else 'imagenet7')."),
     params: list[str] = typer.Option(None, "--param", help="A method's parameter, METHOD.NAME=VALUE (repeatable), "
-                                     "e.g. amu.aux_model=ViT-S-32:openai or tip-adapter.beta_max=12."),
+                                     "e.g. " + PARAM_EXAMPLES + "."),
     output_dir: Path = typer.Option(Path("results/fewshot"), "--output-dir", "-o", help="Where JSON, splits and "
                                     "the curve go."),
     run: RunOptions = None,
@@ -75,14 +78,13 @@ def fewshot(
             raise CliplabError(f"{dataset} ({part.split}): has no labels")
     check_shot_counts(train.labels, train.class_names, max(shot_list), where=f"{train.name} (train)")
     backbone = run.load_backbone()
-    chosen = default_templates(templates, test.name)
 
     def progress(record: dict) -> None:
         if not run.quiet:
             console.print(f"{record['method']:>14} {record['shots']:>3} shots seed {record['seed']}: "
                           f"top-1 {100 * record['acc1']:.2f}%  {record['chosen'] or ''}", markup=False)
 
-    result = run_fewshot(backbone, train, test, names, shot_list, seed_list, templates=chosen, views=views,
+    result = run_fewshot(backbone, train, test, names, shot_list, seed_list, templates=templates, views=views,
                          params=method_params,
                          output_dir=output_dir, cache_dir=run.cache_dir, batch_size=run.batch_size,
                          workers=run.workers, progress=not run.quiet, on_run=progress)

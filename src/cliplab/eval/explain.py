@@ -42,9 +42,11 @@ class ClassExplanation:
 
 
 def _sentences(head) -> list[list[str]]:
-    if not hasattr(head, "sentences"):
-        raise CliplabError(f"{type(head).__name__} cannot explain its scores (no per-class prompts); use the "
-                           "zeroshot, cupl or dclip method")
+    from ..heads.registry import head_entry, method_names
+
+    if "sentences" not in head_entry(head).gives:
+        raise CliplabError(f"{type(head).__name__} cannot explain its scores (no per-class prompts); use one of "
+                           f"{', '.join(method_names(gives='sentences'))}")
     return head.sentences()
 
 

@@ -65,7 +65,8 @@ MAX_QUERY_CHARS = 1000
 MAX_LABELS = 64
 LABEL_SETS = 64  # label-set weights kept in memory (least recently used dropped)
 MAX_LABEL_CHARS = 200
-CLASSIFY_TEMPLATES = "imagenet7"  # the template set `cliplab classify` uses by default
+CLASSIFY_METHOD = "zeroshot"  # the head `cliplab classify` builds by default, with its declared default templates
+CLASSIFY_TEMPLATES = "imagenet7"  # what that default is without a dataset (a test checks it against the provider)
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and small form fields around an upload
 CHUNK = 1 << 20
 MAX_ID = 2**63 - 1
@@ -332,7 +333,7 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20) -> Fa
     single_threaded_faiss()
     lock = threading.Lock()  # the FAISS index and its rows
     labels_lock = threading.Lock()  # label-set weights: one new set embedded at a time, never under `lock`
-    weights: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+    weights: OrderedDict[tuple[str, ...], object] = OrderedDict()  # label set -> its fitted zero-shot head
     page = (STATIC / "index.html").read_text()
     build_id = _build_id(index)
     source = (getattr(index, "manifest", None) or {}).get("source") or {}
@@ -365,15 +366,16 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20) -> Fa
         return [HitOut(id=h.id, score=float(h.score), caption=h.caption, extra=sanitize_extra(h.extra, root),
                        url=f"/images/{h.id}", name=public_name(h.path) if h.path else "") for h in hits]
 
-    def label_weights(names: list[str]) -> np.ndarray:
-        """The (d, C) zero-shot weights of a label set: cached in memory, prompt embeddings cached on disk."""
-        from ..features import text
+    def label_head(names: list[str]):
+        """The fitted zero-shot head of a label set, built as ``cliplab classify`` builds it (one provider,
+        ``eval.inputs.build_head``): cached in memory, prompt embeddings cached on disk."""
+        from ..eval.inputs import build_head, for_single_images
 
         key = tuple(names)
         with labels_lock:
             found = weights.get(key)
             if found is None:
-                found = text.class_weights(backbone, names, CLASSIFY_TEMPLATES)
+                found = for_single_images(build_head(CLASSIFY_METHOD, backbone, names).fit())
                 weights[key] = found
                 while len(weights) > LABEL_SETS:
                     weights.popitem(last=False)
@@ -418,9 +420,9 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20) -> Fa
                  ) -> ClassifyOut:
         names = parse_labels(labels)
         picture = decode_image(read_upload(image, max_upload_bytes))
-        classes = label_weights(names)
+        head = label_head(names)
         features = backbone.encode_images(backbone.preprocess(picture).unsqueeze(0)).numpy()
-        logits = float(backbone.logit_scale) * (np.asarray(features, np.float64) @ classes)
+        logits = head.logit_scale_ * (np.asarray(features, np.float64) @ head.weights_)  # gives class_weights
         probabilities = [float(p) for p in softmax(logits, axis=1)[0]]
         ranked = sorted(zip(names, probabilities), key=lambda pair: -pair[1])
         return ClassifyOut(labels=names, probabilities=probabilities, templates=CLASSIFY_TEMPLATES,
