@@ -145,6 +145,28 @@ def test_identity_reparametrisation_is_exact_and_covers_every_projection(tiny, h
     assert {"visual.proj", "text_projection"} <= set(_identity_reparametrised(tiny)[1])
 
 
+def test_open_clip_custom_attention_blocks_are_exact_and_reparametrised():
+    """open_clip's own ``Attention`` (custom blocks: q/k norm) keeps ``in_proj_weight`` as a bare parameter."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIP(embed_dim=32, vision_cfg={**VISION, "block_type": "custom", "qk_norm": True},
+                     text_cfg=_text_cfg(block_type="custom"))
+    backbone = _wrap(model, "custom-attention")
+    _assert_tower_paths_are_exact(backbone)
+    derived, names = _identity_reparametrised(backbone)
+    blocks = [derived.model.visual.transformer.resblocks[0], derived.model.transformer.resblocks[0]]
+    assert all(type(b.attn).__name__.endswith("Attention") and not isinstance(b.attn, torch.nn.MultiheadAttention)
+               for b in blocks)
+    assert {"visual.transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.0.attn.in_proj_weight"} \
+        <= set(names)
+    _assert_tower_paths_are_exact(derived)
+    trained = backbone.derive("svd", trainable=False)
+    trained.reparametrize(singular_values)
+    _step(trained, [p for p in trained.model.parameters() if p.requires_grad])
+    s = trained.model.visual.transformer.resblocks[0].attn.parametrizations.in_proj_weight[0].s
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
 def test_singular_value_parametrisation_reconstructs_the_weight_and_merges(tiny):
     images = _images()
     with torch.no_grad():
