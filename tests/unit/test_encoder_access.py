@@ -349,6 +349,17 @@ def test_text_context_keeps_the_pooled_token_for_every_open_clip_pooling(kind):
         assert _max_diff(got, want) <= 1e-5
 
 
+def test_context_initialised_from_words_reproduces_the_hand_written_prompt(tiny, hf_dir):
+    """CoOp's init: the context vectors of "a photo of a" inserted before "cat." give "a photo of a cat."."""
+    for backbone in (tiny, load_model(str(hf_dir), device="cpu")):
+        context = backbone.context_embeddings("a photo of a")
+        assert context.shape == (4, backbone.text_tower().width) and not context.requires_grad
+        with torch.no_grad():
+            got = backbone.forward_texts(backbone.tokenize(["cat.", "dog."]), prompts=[context])
+            want = backbone.forward_texts(backbone.tokenize(["a photo of a cat.", "a photo of a dog."]))
+        assert _max_diff(got, want) <= 1e-5
+
+
 def test_a_text_without_room_for_the_context_is_refused(tiny):
     tokens = tiny.tokenize([" ".join(["word"] * 73)])  # 75 tokens of 77
     with pytest.raises(TextTooLongError, match="no room for 4 context tokens"):

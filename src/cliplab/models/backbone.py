@@ -296,6 +296,18 @@ class Backbone(ABC):
         """
         return self.forward_texts(tokens, normalize, embeddings=embeddings)
 
+    def context_embeddings(self, text: str) -> torch.Tensor:
+        """The token embeddings (p, width) of ``text``'s words, start and end tokens left out: how CoOp and
+        MaPLe initialise context vectors from words ("a photo of a" -> 4 vectors)."""
+        sequences = self._token_sequences([text])
+        if sequences is None:
+            raise self._unsupported("context_embeddings", "its tokenizer cannot give a text's ids whole")
+        ids = sequences[0][1:-1]
+        if not ids:
+            raise ValueError(f"{text!r} has no tokens between the start and end tokens")
+        with torch.no_grad():
+            return self._token_embeddings(torch.tensor([ids], device=self.device))[0].detach().clone()
+
     # -- encoder access: towers, deep prompts, reparametrisation (models/encoders.py, reparam.py) ----------
     def image_tower(self) -> Tower:
         """The image transformer run block by block (``models/encoders.py``); UnsupportedOperationError if none."""
