@@ -178,7 +178,7 @@ def test_everything_a_score_lacks_is_refused_before_any_image_is_embedded(tiny, 
     monkeypatch.setattr(robustness_eval, "embed_images", no_embedding)
     cases = [
         (dict(scores=["cooked"]), "'cooked' fits on the ID data"),
-        (dict(scores=["clipn-atd"]), "'clipn-atd' needs an artefact \\(a trained CLIPN"),
+        (dict(scores=["clipn-atd"]), "'clipn-atd' needs an artefact \\(the folder of a trained CLIPN"),
         (dict(scores=["msp"], head="linear-probe"), "'linear-probe' fits on the ID train split"),
         (dict(scores=["nosuch"]), "unknown OOD score 'nosuch'"),
         (dict(scores=["msp"], params={"temperature": 2.0}), "no chosen score takes it"),

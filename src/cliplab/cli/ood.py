@@ -23,8 +23,8 @@ HeadOpt = typer.Option(None, "--head", help="A saved head folder (cliplab evalua
 ParamOpt = typer.Option(None, "--param", help="Method parameter NAME=VALUE (repeatable).")
 ScoreParamOpt = typer.Option(None, "--score-param", help="Score parameter NAME=VALUE for every chosen score that takes "
                              "it, or SCORE.NAME=VALUE for one (repeatable; cliplab methods lists each score's).")
-ArtefactOpt = typer.Option(None, "--artefact", "--clipn", help="Folder a score reads (a trained CLIPN for "
-                           "clipn-ctw and clipn-atd).")
+ArtefactOpt = typer.Option(None, "--artefact", "--clipn", help="Folder a score reads (for clipn-ctw and "
+                           "clipn-atd: a trained CLIPN, from cliplab train-clipn).")
 TemperatureOpt = typer.Option(None, "--temperature", help="Softmax temperature T of every chosen score that takes "
                               "one, > 0 (the authors' default 1); same as --score-param temperature=T.")
 LambdaOpt = typer.Option(None, "--lambda-local", min=0.0, help="Weight of the local score (GL-MCM, default 1); same "

@@ -256,7 +256,7 @@ def build_scores(names: Sequence[str], backbone, class_names: Sequence[str], *, 
         if "fit_data" in needs and not fit_data:
             raise CliplabError(f"OOD score {name!r} fits on the ID data: {FIT_DATA_HINT}")
         if "artefact" in needs and artefact is None:
-            what = getattr(score, "artefact_help", "") or "the folder it reads"
+            what = score.artefact_help or "the folder it reads"
             raise CliplabError(f"OOD score {name!r} needs an artefact ({what}): pass --artefact FOLDER")
     spec = dense_spec(scores)
     if spec is not None:  # the model's image tower tells whether it has these patch tokens; no image needed

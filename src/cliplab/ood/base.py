@@ -58,6 +58,7 @@ class OODScore:
 
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    artefact_help: ClassVar[str] = ""  # scores that declare "artefact": what the folder is (shown when it is missing)
 
     @classmethod
     def param_names(cls) -> list[str]:

@@ -62,7 +62,7 @@ def atd_score(p_yes, p_no) -> np.ndarray:
 class _Clipn(OODScore):
     """A CLIPN decision rule's score on the trained model's yes/no probabilities (paper 18)."""
 
-    artefact_help: ClassVar[str] = "a trained CLIPN: cliplab.train.clipn.train_clipn(...).save(FOLDER)"
+    artefact_help: ClassVar[str] = "the folder of a trained CLIPN, from cliplab train-clipn"
 
     def rule(self, p_yes: np.ndarray, p_no: np.ndarray) -> np.ndarray:
         raise NotImplementedError
