@@ -34,7 +34,8 @@ import torch
 from ..errors import TextTooLongError, UnsupportedOperationError
 
 Hook = Callable[[int, torch.Tensor], "torch.Tensor | None"]
-"""``hook(j, x)`` is called before block ``j`` with the tokens (n, L, width); it may return replacements."""
+"""``hook(j, x)`` is called before block ``j`` (after that layer's prompts were put in) with the tokens
+(n, L, width), prompts included; it may return replacement tokens (None keeps them)."""
 
 TOWERS = ("image", "text")
 
