@@ -12,7 +12,7 @@ from sklearn.utils.multiclass import check_classification_targets
 
 from ..errors import CliplabError, DimensionMismatchError, FeatureError
 from ..models.backbone import Backbone
-from .base import ClipHead, ZeroShotLogitsMixin, accuracy, best_on_validation
+from .base import FEWSHOT_SKIPS, FIXED_WIDTH, ClipHead, ZeroShotLogitsMixin, accuracy, best_on_validation
 from .registry import register
 
 ALPHAS = (0.1, 0.25, 0.5, 1.0, 2.0)  # fusion weights tried on validation (the code has no search; see below)
@@ -162,6 +162,11 @@ class AMUTuning(ZeroShotLogitsMixin, ClipHead):
     - Float32 on the CPU (the code: float32 adapter on the GPU, fp16 CLIP features); AdamW runs torch's fused CPU
       kernel where available (the same update rule). Prediction computes the z-scores and kurtosis in float64.
     """
+
+    # The scikit-learn estimator checks this head cannot pass, with the reason (heads/base.py, end): the few-shot
+    # heads' skips, its features being [CLIP | auxiliary] (the CLIP block fixed by the text weights).
+    _contract_skips = {name: "features are [CLIP | auxiliary]: wider than the model's embeddings; the check feeds "
+                       "1-10 features" if reason == FIXED_WIDTH else reason for name, reason in FEWSHOT_SKIPS.items()}
 
     def __init__(
         self,

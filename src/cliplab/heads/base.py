@@ -206,3 +206,33 @@ def coop_c_search(val_accuracy: Callable[[float], float], num_steps: int) -> tup
         c_left, c_right = np.power(10, c_left), np.power(10, c_right)
     return float(c_final), path
 
+
+
+# Contract skips. A head declares the scikit-learn estimator checks it cannot pass, by name with the reason, in its
+# own class body: ``_contract_skips = {"check_name": "reason", ...}`` (as scikit-learn's estimator tags declare
+# what an estimator supports). tests/unit/test_head_contract.py skips exactly those, and
+# tests/unit/test_cliplab_contract.py runs what they would have covered at the model's real width; a key
+# ``cliplab_<property>`` there waives one of its properties (e.g. ``cliplab_subset_invariance``).
+FIXED_WIDTH = "feature width is fixed by the model's text embeddings; the check feeds 1-10 random features"
+LABELS_ARE_INDICES = "labels are integer class indices into class_names; the check fits on float or string labels"
+_FIT_PREDICT_CHECKS = (
+    "check_fit_score_takes_y", "check_estimators_overwrite_params", "check_dont_overwrite_parameters",
+    "check_estimators_fit_returns_self", "check_readonly_memmap_input", "check_n_features_in_after_fitting",
+    "check_positive_only_tag_during_fit", "check_estimators_dtypes", "check_dtype_object", "check_pipeline_consistency",
+    "check_estimators_nan_inf", "check_estimators_pickle", "check_f_contiguous_array_estimator",
+    "check_classifier_data_not_an_array", "check_classifiers_classes", "check_classifiers_train",
+    "check_supervised_y_2d", "check_decision_proba_consistency", "check_methods_sample_order_invariance",
+    "check_methods_subset_invariance", "check_fit2d_1sample", "check_fit2d_1feature", "check_dict_unchanged",
+    "check_fit_idempotent", "check_fit_check_is_fitted", "check_n_features_in", "check_fit2d_predict1d",
+)
+# Heads whose class weights come from the text tower (zero-shot, descriptions, LLM prompts): every check that fits or
+# predicts feeds the wrong width, and y is not what defines the classes.
+ZEROSHOT_SKIPS: dict[str, str] = {name: FIXED_WIDTH for name in _FIT_PREDICT_CHECKS} | {
+    "check_requires_y_none": FIXED_WIDTH,
+    "check_classifiers_one_label": "the classes come from class_names, not from y",
+    "check_classifiers_regression_target": "y is not needed (no training labels)",
+}
+# Heads that add to CLIP's zero-shot logits and learn from labels given as class indices into class_names.
+FEWSHOT_SKIPS: dict[str, str] = {name: FIXED_WIDTH for name in _FIT_PREDICT_CHECKS} | {
+    name: LABELS_ARE_INDICES for name in (
+        "check_classifiers_one_label", "check_dtype_object", "check_classifiers_classes", "check_estimators_nan_inf")}

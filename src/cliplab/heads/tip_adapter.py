@@ -12,7 +12,7 @@ from sklearn.utils.multiclass import check_classification_targets
 
 from ..errors import CliplabError, DimensionMismatchError
 from ..models.backbone import Backbone
-from .base import ClipHead, ZeroShotLogitsMixin
+from .base import FEWSHOT_SKIPS, ClipHead, ZeroShotLogitsMixin
 from .registry import register
 
 _ROWS = 1024  # rows of X per chunk when computing affinities (bounds memory to rows x cache size)
@@ -373,6 +373,9 @@ class TipAdapter(_TipBase):
       ``F.one_hot`` would give a narrower or misaligned matrix).
     """
 
+    # The scikit-learn estimator checks this head cannot pass, with the reason (heads/base.py, end).
+    _contract_skips = FEWSHOT_SKIPS
+
     def __init__(
         self,
         backbone: Backbone,
@@ -440,6 +443,9 @@ class TipAdapterF(_TipBase):
       (the same sum), and the keys' order inside training does not change the update.
     - Tip-Adapter's departures apply (search exactness, test-set search on ImageNet, empty classes).
     """
+
+    # The scikit-learn estimator checks this head cannot pass, with the reason (heads/base.py, end).
+    _contract_skips = FEWSHOT_SKIPS
 
     def __init__(
         self,
