@@ -41,8 +41,8 @@ def _int_list(text: str, option: str) -> list[int]:
 @command
 def robustness(
     dataset: str = DatasetOpt,
-    ood: str = typer.Option(None, "--ood", help="OOD dataset (named, folder or manifest) for the AUROC and FPR@95 "
-                            "columns of --score; default: none (no OOD columns)."),
+    ood: str = typer.Option(None, "--ood", help="OOD dataset (named, folder or manifest; read whole, or its test "
+                            "split) for the AUROC and FPR@95 columns of --score; default: none (no OOD columns)."),
     score: str = typer.Option("mcm", "--score", help=f"The OOD score of those columns: {SCORE_NAMES}."),
     method: str = MethodOpt,
     head: Path = HeadOpt,
@@ -87,7 +87,7 @@ def robustness(
         raise CliplabError("--score-param, --temperature, --lambda-local and --artefact are for the OOD score: "
                            "give --ood")
     test = _load(dataset, data, run, labelled=True)
-    ood_data = load_dataset(ood, data.data_root, data.split, run.hash_content) if ood else None
+    ood_data = load_dataset(ood, data.data_root, None, run.hash_content) if ood else None  # whole, or its test split
     fit_data = None
     if needs_fit_data(choice, scores):  # the method's fit or the score's: the train split, tuned on val
         fit_data = tuple(_load(dataset, data, run, split=s, labelled=True) for s in ("train", "val"))
