@@ -177,3 +177,19 @@ def test_help_texts_list_the_registered_methods_and_real_parameters():
     assert _flat(", ".join(method_names())) in evaluate
     explain = _flat(runner.invoke(app, ["explain", "--help"], terminal_width=200).output)
     assert _flat(", ".join(method_names(gives="sentences"))) in explain
+
+
+def test_caps_adapter_in_classify_labels_each_image_as_it_would_alone(setup, tmp_path):
+    """CapS-Adapter rescales its KL term over the images scored together (its evaluation mode); classify applies
+    its declared per-image mode, so an image's probabilities do not depend on the rest of the folder."""
+    root = setup["root"]
+    common = setup["common"]
+    _invoke("evaluate", "--method", "caps-adapter", "--dataset", root / "split", "--shots", "2", "--param", "gamma=5",
+            "-o", tmp_path / "e", "--save-head", tmp_path / "head", *common)
+    labels = ["--head", tmp_path / "head", "--top-k", "2", *common]
+    folder = _classify_probabilities([root / "flat", *labels], tmp_path / "all.json")
+    for image in (root / "flat" / "apple" / "0.png", root / "flat" / "pear" / "2.png"):
+        alone = _classify_probabilities([image, *labels], tmp_path / "one.json")
+        (row,) = alone.values()
+        (same,) = [probs for path, probs in folder.items() if path.endswith(f"{image.parent.name}/{image.name}")]
+        assert [same[c] for c in CLASSES] == pytest.approx([row[c] for c in CLASSES], abs=1e-6)

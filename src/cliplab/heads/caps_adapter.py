@@ -32,13 +32,14 @@ GRIDS = {
 # the weakest KL weight of the authors' list, and an even mix of image and caption similarities.
 DEFAULTS = {"alpha": 1.0, "beta": 1.0, "gamma": 0.1, "delta": 0.5}
 KL_SPACES = ("features", "classes")
+SCALINGS = ("batch", "fit")
 _CHUNK_ELEMENTS = 1 << 22  # rows per chunk x support items: bounds the (rows, support) temporaries (~16 MB float32)
 _KEEP_BYTES = 1 << 29  # similarities of the first pass are kept for the second when they fit in 512 MB
 _SCORE_ELEMENTS = 1 << 21  # (gammas x rows x classes) float64 logits scored at once in the search (16 MB)
 
 
 @register("caps-adapter", family="fewshot", paper=13, needs_train=True, needs=("val", "views", "caption_features"),
-          default_templates="dataset")
+          default_templates="dataset", per_image={"scaling": "fit"})
 class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
     """CapS-Adapter: zero-shot logits + a cache over image and caption features of the shots + a KL term.
 
@@ -61,6 +62,17 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
     - KL logits       G = -scale(KL, N) L, scale(x, t) = (x - min x) / (max x - min x) (max t - min t) + min t,
       min and max over the whole matrices (the code's ``scale_``)
     - logits          Z + gamma G + alpha H
+
+    Two modes for the min-max rescaling of G (``scaling``):
+
+    - ``"batch"`` (default; evaluation, the authors' behaviour): min and max over all rows scored together, so a
+      row's logits depend on the other rows scored with it (the method is transductive). ``cliplab evaluate`` and
+      ``cliplab fewshot`` score the whole test split this way; the published numbers were made so.
+    - ``"fit"`` (classifying single images): min and max fixed at fit time, over the validation rows (else the
+      training rows) with the chosen delta, stored as ``kl_scale_`` (a, b of ``scale(KL) = a KL + b``); a row's
+      logits are then its own. ``cliplab classify`` and the service use it (the method's declared ``per_image``),
+      so an image's label never depends on the other images in the folder. With the validation rows as the batch
+      both modes give them the same logits.
 
     With ``gamma = 0`` and ``delta = 0`` this is Tip-Adapter; with ``alpha = gamma = 0`` zero-shot CLIP.
     ``kl_divergences(X)`` gives the KL matrix alone (columns in the order of ``keys_``).
@@ -124,6 +136,7 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
         kl_space: str = "features",
         search: str = "coarse",
         logit_scale: float = 100.0,
+        scaling: str = "batch",
     ):
         self.backbone = backbone
         self.class_names = class_names
@@ -137,6 +150,7 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
         self.kl_space = kl_space
         self.search = search
         self.logit_scale = logit_scale
+        self.scaling = scaling
 
     # ------------------------------------------------------------------ fitting
 
@@ -150,6 +164,7 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
             raise CliplabError(f"{name}: search must be one of {', '.join(GRIDS)}, not {self.search!r}")
         if not self.temperature > 0:
             raise CliplabError(f"{name}: temperature must be positive, not {self.temperature!r}")
+        self._check_scaling()
         X, y = self._validate(X, y, reset=True)
         check_classification_targets(y)
         y = self._check_labels(y)
@@ -179,7 +194,15 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
         self.alpha_, self.beta_, self.gamma_, self.delta_ = (float(chosen[k]) for k in ("alpha", "beta", "gamma",
                                                                                          "delta"))
         self.searched_ = bool(searched)
+        reference = X_val if X_val is not None else X  # the rows whose KL range "fit" scaling keeps
+        terms = _Terms(self, reference, np.array([self.delta_]))
+        self.kl_scale_ = [float(terms.a[0]), float(terms.b[0])]
         return self
+
+    def _check_scaling(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise CliplabError(f"{type(self).__name__}: scaling must be one of {', '.join(SCALINGS)}, not "
+                               f"{self.scaling!r}")
 
     def _caption_keys(self, caption_features, n: int, d: int) -> np.ndarray | None:
         if caption_features is None:
@@ -232,9 +255,10 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
 
     def logits(self, X) -> np.ndarray:
         """``logit_scale f W + gamma_ (KL logits) + alpha_ (cache logits)`` (m, C), the min-max rescaling of the KL
-        term over all rows of ``X`` at once."""
+        term over all rows of ``X`` at once (``scaling="batch"``) or as fixed at fit (``"fit"``: rows independent)."""
         X = self._checked(X)
-        terms = _Terms(self, X, np.array([self.delta_]))
+        self._check_scaling()
+        terms = _Terms(self, X, np.array([self.delta_]), fixed=self.kl_scale_ if self.scaling == "fit" else None)
         out = np.empty((len(X), len(self.classes_)), np.float64)
         for rows, clip, kl_per_delta, sims in terms.chunks():
             cache = terms.cache_logits(terms.knowledge(sims, self.delta_), self.beta_)
@@ -279,9 +303,10 @@ class _Terms:
     """CLIP logits, rescaled KL logits (per delta) and similarities (new knowledge per delta) of query rows, by chunk.
 
     The min-max rescaling needs min and max over all rows first, so this makes two passes; the similarities of
-    the first pass are kept for the second when they fit in ``_KEEP_BYTES``."""
+    the first pass are kept for the second when they fit in ``_KEEP_BYTES``. With ``fixed`` = (a, b) (one delta)
+    the rescaling is ``a KL + b`` as given and there is one pass."""
 
-    def __init__(self, head: CapSAdapter, X: np.ndarray, deltas: np.ndarray):
+    def __init__(self, head: CapSAdapter, X: np.ndarray, deltas: np.ndarray, fixed=None):
         self.head, self.X, self.deltas = head, X, deltas
         labels, n_classes = head.support_labels_, len(head.classes_)
         self.shots = np.bincount(labels, minlength=n_classes).astype(np.float64)  # 1ᵀ L
@@ -302,6 +327,10 @@ class _Terms:
         # sum_{j in c} s_j and sum_{j in c} e_j: the class sums of KL in closed form
         self.class_keys = self._class_sums(self.support_t)  # (d, C)
         self.class_const = self._class_sums(self.support_const[None, :])[0]  # (C,)
+        if fixed is not None:
+            self.kept = None
+            self.a, self.b = np.array([fixed[0]], np.float64), np.array([fixed[1]], np.float64)
+            return
         keep = len(X) * n * 4 * (2 if self.has_captions and self.mixed is None else 1) <= _KEEP_BYTES
         self.kept: list | None = [] if keep else None
         kl_min, kl_max = np.inf, -np.inf

@@ -12,7 +12,7 @@ import numpy as np
 from scipy.special import log_softmax, logsumexp, softmax
 
 from ..data.prompts import check_class_names, fill_template, load_templates
-from ..errors import TemplateError
+from ..errors import LabelError, TemplateError
 from ..features.text import embed_prompts
 from ..models.backbone import Backbone
 from .base import ZEROSHOT_SKIPS, TextWeightsHead
@@ -134,8 +134,10 @@ class PerceptionCLIPClassifier(TextWeightsHead):
         contexts = list(itertools.product(*attributes.values()))  # each: one value (a synonym list) per attribute
         prompts = [_unique([context_prompt(t, name, texts) for t in templates for texts in itertools.product(*z)])
                    for name in names for z in contexts]
-        self._fit_weights(embed_prompts(self.backbone, prompts, self.cache_dir), True, X, y)
-        self.classes_ = np.arange(len(names))
+        self._fit_weights(embed_prompts(self.backbone, prompts, self.cache_dir), True, X)
+        self.classes_ = np.arange(len(names))  # the weights' columns are (class, context) pairs; labels are classes
+        if y is not None and len(np.asarray(y)) and not np.isin(np.asarray(y), self.classes_).all():
+            raise LabelError(f"perceptionclip: labels must be class indices 0..{len(names) - 1} into class_names")
         self.attribute_names_ = list(attributes)
         self.attribute_values_ = {name: [v[0] for v in values] for name, values in attributes.items()}
         self.contexts_ = [[values[0] for values in z] for z in contexts]
