@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import tempfile
-from functools import cache
+from functools import cache, partial
 
 import joblib
 import numpy as np
@@ -24,6 +24,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from cliplab.heads import create_head, list_heads
+from cliplab.heads.base import ClipHead
 from cliplab.models import load_model
 
 TINY = load_model("tiny", device="cpu")
@@ -101,29 +102,27 @@ def _fingerprint(value) -> str:
     return joblib.hash(value)
 
 
-@pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
-def test_fit_changes_no_parameter_and_adds_only_fitted_state(entry):
-    X, y, _ = _data(entry.name)
-    head = _build(entry)
-    before = {key: _fingerprint(value) for key, value in head.get_params(deep=False).items()}
-    public_before = {key for key in vars(head) if not key.startswith("_")}
+def _params(head) -> dict[str, str]:
+    return {key: _fingerprint(value) for key, value in head.get_params(deep=False).items()}
+
+
+# The properties, each a function of a head factory or a fitted head and the data; every one is shown to fail on a
+# head with the matching flaw (test_each_property_catches_its_flaw).
+
+def check_fit_keeps_params(make, X, y, X_test):
+    head = make()
+    before, public_before = _params(head), {key for key in vars(head) if not key.startswith("_")}
     assert head.fit(X, y) is head
-    after = {key: _fingerprint(value) for key, value in head.get_params(deep=False).items()}
-    assert after == before
+    assert _params(head) == before, "fit changed a parameter"
     added = {key for key in vars(head) if not key.startswith("_")} - public_before
-    assert all(key.endswith("_") for key in added), sorted(added)
+    assert all(key.endswith("_") for key in added), f"fit set public attributes {sorted(added)} without a trailing _"
     assert head.n_features_in_ == X.shape[1]
-    np.testing.assert_array_equal(head.classes_, np.arange(len(NAMES)))
 
 
-@pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
-def test_clone_is_idempotent_and_a_refit_gives_the_same_head(entry):
-    X, y, X_test = _data(entry.name)
-    fitted = _fitted(entry.name)
-    params = {key: _fingerprint(value) for key, value in fitted.get_params(deep=False).items()}
+def check_clone_and_refit(make, X, y, X_test):
+    fitted = make().fit(X, y)
     twice = clone(clone(fitted))
-    assert type(twice) is type(fitted)
-    assert {key: _fingerprint(value) for key, value in twice.get_params(deep=False).items()} == params
+    assert type(twice) is type(fitted) and _params(twice) == _params(fitted)
     with pytest.raises(NotFittedError):
         check_is_fitted(twice)
     expected = _outputs(fitted, X_test)
@@ -131,66 +130,85 @@ def test_clone_is_idempotent_and_a_refit_gives_the_same_head(entry):
     _assert_same_outputs(_outputs(twice.fit(X, y), X_test), expected)  # fitting again: the same head
 
 
+def check_order_invariance(fitted, X_test):
+    order = np.random.default_rng(1).permutation(len(X_test))
+    expected = {method: value[order] for method, value in _outputs(fitted, X_test).items()}
+    _assert_same_outputs(_outputs(fitted, X_test[order]), expected)
+
+
+def check_pickle(fitted, X_test):
+    restored = pickle.loads(pickle.dumps(fitted))
+    assert type(restored) is type(fitted) and _params(restored).keys() == _params(fitted).keys()
+    _assert_same_outputs(_outputs(restored, X_test), _outputs(fitted, X_test), rtol=0, atol=0)
+
+
+def check_input_kinds(make, X, y, X_test, folder):
+    """float64, read-only, memory-mapped and Fortran-ordered input: the same head and answers as float32."""
+    expected = _outputs(make().fit(X, y), X_test)
+    readonly = X.copy()
+    readonly.flags.writeable = False
+    np.save(folder / "x.npy", X)
+    for variant in (X.astype(np.float64), readonly, np.load(folder / "x.npy", mmap_mode="r"), np.asfortranarray(X)):
+        y_readonly = y.copy()
+        y_readonly.flags.writeable = False
+        test = X_test.astype(variant.dtype)
+        test.flags.writeable = False
+        _assert_same_outputs(_outputs(make().fit(variant, y_readonly), test), expected)
+
+
+def check_subset_invariance(fitted, X_test):
+    full = _outputs(fitted, X_test)
+    for rows in (slice(0, 1), slice(1, 5), slice(5, None)):
+        _assert_same_outputs(_outputs(fitted, X_test[rows]), {m: v[rows] for m, v in full.items()})
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
+def test_fit_changes_no_parameter_and_adds_only_fitted_state(entry):
+    check_fit_keeps_params(lambda: _build(entry), *_data(entry.name))
+    np.testing.assert_array_equal(_fitted(entry.name).classes_, np.arange(len(NAMES)))
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
+def test_clone_is_idempotent_and_a_refit_gives_the_same_head(entry):
+    check_clone_and_refit(lambda: _build(entry), *_data(entry.name))
+
+
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
 def test_predictions_follow_a_permutation_of_the_rows(entry):
-    _, _, X_test = _data(entry.name)
-    head = _fitted(entry.name)
-    order = np.random.default_rng(1).permutation(len(X_test))
-    expected = {method: value[order] for method, value in _outputs(head, X_test).items()}
-    _assert_same_outputs(_outputs(head, X_test[order]), expected)
+    check_order_invariance(_fitted(entry.name), _data(entry.name)[2])
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
 def test_a_pickled_fitted_head_gives_the_same_answers(entry):
-    _, _, X_test = _data(entry.name)
-    head = _fitted(entry.name)
-    restored = pickle.loads(pickle.dumps(head))
-    assert type(restored) is type(head) and restored.get_params(deep=False).keys() == head.get_params(deep=False).keys()
-    _assert_same_outputs(_outputs(restored, X_test), _outputs(head, X_test), rtol=0, atol=0)
+    check_pickle(_fitted(entry.name), _data(entry.name)[2])
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
 def test_float64_read_only_and_memory_mapped_input_give_the_same_head(entry, tmp_path):
-    X, y, X_test = _data(entry.name)
-    expected = _outputs(_fitted(entry.name), X_test)
-    readonly = X.copy()
-    readonly.flags.writeable = False
-    path = tmp_path / "x.npy"
-    np.save(path, X)
-    mapped = np.load(path, mmap_mode="r")
-    for variant in (X.astype(np.float64), readonly, mapped, np.asfortranarray(X)):
-        y_readonly = y.copy()
-        y_readonly.flags.writeable = False
-        head = _build(entry).fit(variant, y_readonly)
-        test_readonly = X_test.astype(variant.dtype)
-        test_readonly.flags.writeable = False
-        _assert_same_outputs(_outputs(head, test_readonly), expected)
-
-
-def _check_subset_invariance(head, X_test):
-    full = _outputs(head, X_test)
-    for rows in (slice(0, 1), slice(1, 5), slice(5, None)):
-        _assert_same_outputs(_outputs(head, X_test[rows]), {m: v[rows] for m, v in full.items()})
+    check_input_kinds(lambda: _build(entry), *_data(entry.name), tmp_path)
 
 
 def _subset_params(entry) -> list:
     marks = []
     reason = _skips(entry).get("cliplab_subset_invariance")
-    if reason:
+    if reason:  # a declared waiver must still be needed: a strict expected failure
         marks.append(pytest.mark.xfail(reason=reason, strict=True, raises=AssertionError))
     return [pytest.param(entry, id=entry.name, marks=marks)]
 
 
 @pytest.mark.parametrize("entry", [p for e in ENTRIES for p in _subset_params(e)])
 def test_a_rows_logits_do_not_depend_on_the_rows_scored_with_it(entry):
-    _, _, X_test = _data(entry.name)
-    _check_subset_invariance(_fitted(entry.name), X_test)
+    check_subset_invariance(_fitted(entry.name), _data(entry.name)[2])
 
 
-@pytest.mark.parametrize("entry", [e for e in ENTRIES if getattr(e, "per_image", None)], ids=lambda e: e.name)
+PER_IMAGE = [e for e in ENTRIES if getattr(e, "per_image", None)]
+
+
+@pytest.mark.skipif(not PER_IMAGE, reason="no head declares per-image parameters")
+@pytest.mark.parametrize("entry", PER_IMAGE, ids=[e.name for e in PER_IMAGE])
 def test_the_per_image_parameters_make_a_head_subset_invariant(entry):
     X, y, X_test = _data(entry.name)
-    _check_subset_invariance(_build(entry, **entry.per_image).fit(X, y), X_test)
+    check_subset_invariance(_build(entry, **entry.per_image).fit(X, y), X_test)
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
@@ -199,3 +217,66 @@ def test_declared_waivers_are_known_properties_with_reasons(entry):
         if not name.startswith("check_"):
             assert name in WAIVABLE, f"{entry.name} waives {name!r}; known: {sorted(WAIVABLE)}"
         assert isinstance(reason, str) and len(reason.split()) >= 3, f"{entry.name}: {name} needs a reason"
+
+
+class _Flawed(ClipHead):
+    """Nearest class mean with one chosen flaw: what each property must catch."""
+
+    def __init__(self, flaw: str = "none", scale: float = 10.0):
+        self.flaw = flaw
+        self.scale = scale
+
+    def fit(self, X, y):
+        if self.flaw == "writes-input":
+            np.asarray(X)[:0] *= 1  # an in-place write: refused on read-only input
+        given = np.asarray(X).dtype
+        X, y = self._validate(X, y, reset=True)
+        self.classes_ = np.unique(y)
+        self.means_ = np.stack([X[y == c].mean(axis=0) for c in self.classes_])
+        if self.flaw == "changes-param":
+            self.scale = self.scale * 2
+        if self.flaw == "public-state":
+            self.means = self.means_
+        if self.flaw == "unseeded":
+            self.means_ = self.means_ + np.random.default_rng().normal(size=self.means_.shape)
+        if self.flaw == "unpicklable":
+            self.norm_ = lambda v: v
+        if self.flaw == "float64-differs" and given != np.float32:
+            self.means_ = -self.means_
+        return self
+
+    def logits(self, X):
+        X = self._checked(X)
+        out = self.scale * X @ self.means_.T
+        if self.flaw == "batch":  # scores rescaled over the rows scored together
+            out = out - out.mean(axis=0)
+        if self.flaw == "row-order":
+            out = out + np.arange(len(X))[:, None]
+        return out
+
+
+FLAWS = {  # flaw -> (the property that must catch it, how it shows)
+    "changes-param": (check_fit_keeps_params, AssertionError), "public-state": (check_fit_keeps_params, AssertionError),
+    "unseeded": (check_clone_and_refit, AssertionError), "row-order": (check_order_invariance, AssertionError),
+    "unpicklable": (check_pickle, (AttributeError, pickle.PicklingError)),
+    "writes-input": (check_input_kinds, ValueError), "float64-differs": (check_input_kinds, AssertionError),
+    "batch": (check_subset_invariance, AssertionError),
+}
+
+
+@pytest.mark.parametrize("flaw", FLAWS)
+def test_each_property_catches_its_flaw(flaw, tmp_path):
+    X, y, X_test = _data("ncm")
+    check, error = FLAWS[flaw]
+
+    def run(name):
+        make = partial(_Flawed, flaw=name)
+        if check in (check_fit_keeps_params, check_clone_and_refit):
+            return check(make, X, y, X_test)
+        if check is check_input_kinds:
+            return check(make, X, y, X_test, tmp_path)
+        return check(make().fit(X, y), X_test)
+
+    run("none")  # the sound head passes
+    with pytest.raises(error):
+        run(flaw)
