@@ -86,6 +86,9 @@ def build(
     index_dir: Path = INDEX_DIR,
     index_type: str = typer.Option("auto", "--index-type", help="auto (exact below 50,000 images, IVF above), flat, "
                                    "ivf, ivfpq, hnsw, or a FAISS factory string such as IVF1024,Flat."),
+    serve_outside: bool = typer.Option(False, "--serve-outside", help="Let cliplab serve show indexed files that "
+                                       "lie outside the indexed folder (symlinks leading out of it, manifest rows "
+                                       "with ../ paths); off: such files are refused."),
     run: RunOptions = None,
     data: DataOptions = None,
 ):
@@ -103,7 +106,7 @@ def build(
     spec = {key: value for key, value in model_spec(run).items() if key != "device"}  # reloads exactly this model
     report = build_index(backbone, source, index_dir, cache_dir=run.cache_dir, index_type=index_type,
                          batch_size=run.batch_size, workers=run.workers, progress=not run.quiet,
-                         hash_content=run.hash_content, model_spec=spec)
+                         hash_content=run.hash_content, model_spec=spec, serve_outside=serve_outside)
     _print(report, "built")
 
 

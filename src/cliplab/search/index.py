@@ -490,7 +490,8 @@ def _manifest(backbone, kind: str, factory: str, params: dict, requested: str, c
 
 def build_index(backbone, source, index_dir, *, cache_dir=None, index_type: str = "auto", batch_size: int = 64,
                 workers: int | None = None, progress: bool = True, hash_content: bool = False,
-                search_params: dict | None = None, model_spec: str | dict | None = None) -> IndexReport:
+                search_params: dict | None = None, model_spec: str | dict | None = None,
+                serve_outside: bool = False) -> IndexReport:
     """Embed ``source`` (through the feature cache) and write a complete index into ``index_dir``.
 
     ``source``: a folder (scanned recursively), a manifest or named dataset, an ``ImageDataset``, or a folder of
@@ -498,6 +499,8 @@ def build_index(backbone, source, index_dir, *, cache_dir=None, index_type: str 
     match). Images that cannot be read are listed in the report and the manifest. A damaged index folder is
     replaced; a folder that is not an index is refused. Over an existing index, ids continue from its
     ``next_id``. ``model_spec``: the ``load_model`` keywords (or ``name[:pretrained]``) that reload the model.
+    ``serve_outside``: recorded in the manifest (kept by updates); lets ``cliplab serve`` show indexed files that
+    lie outside the indexed folder (symlinks leading out, manifest rows with ``../`` paths).
     """
     started = time.perf_counter()
     target = Path(index_dir)
@@ -506,11 +509,11 @@ def build_index(backbone, source, index_dir, *, cache_dir=None, index_type: str 
         check_target(target)
         return _build_locked(backbone, source, target, started, cache_dir=cache_dir, index_type=index_type,
                              batch_size=batch_size, workers=workers, progress=progress, hash_content=hash_content,
-                             search_params=search_params, model_spec=model_spec)
+                             search_params=search_params, model_spec=model_spec, serve_outside=serve_outside)
 
 
 def _build_locked(backbone, source, target: Path, started: float, *, cache_dir, index_type, batch_size, workers,
-                  progress, hash_content, search_params, model_spec) -> IndexReport:
+                  progress, hash_content, search_params, model_spec, serve_outside=False) -> IndexReport:
     first_id = _next_id(target)
     resolved = _resolve(source, hash_content)
     skipped = [(str(p), r) for p, r in getattr(resolved.dataset, "skipped", [])]
@@ -562,6 +565,7 @@ def _build_locked(backbone, source, target: Path, started: float, *, cache_dir, 
                          resolved.record, hash_content, failures, model_spec, len(ids),
                          _trained_sample(index, factory, len(ids)))
     manifest["calibration"] = calibration
+    manifest["serve_outside"] = bool(serve_outside)
     _write_and_publish(target, index, vectors, ids, rows, captions, caption_vectors, manifest)
     return IndexReport(target, len(ids), kind, added=len(ids), computed=computed, captions=len(captions),
                        failures=failures, skipped=skipped, seconds=time.perf_counter() - started,
@@ -746,6 +750,7 @@ def _update_locked(backbone, target: Path, source, started: float, *, cache_dir,
     new_manifest = _manifest(backbone, kind, factory, params, requested, len(ids), next_id, resolved.record,
                              hash_content, failures_all, manifest.get("model_kwargs") or manifest.get("model_spec"),
                              trained_on, sample)
+    new_manifest["serve_outside"] = bool(manifest.get("serve_outside", False))
     old.close()
     _write_and_publish(target, index, vectors, ids, rows, captions, caption_vectors, new_manifest)
     return IndexReport(target, len(ids), kind, added=sum(1 for p in new_positions if keys[p] not in stored),
