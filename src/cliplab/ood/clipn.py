@@ -84,7 +84,8 @@ class _Clipn(OODScore):
         memo = self.context_.memo
         key = ("clipn", inputs.name)
         if key not in memo:
-            memo[key] = clipn_probabilities(memo["clipn-model"], inputs.features, self.context_.class_names,
+            features = np.array(inputs.features)  # a writable copy: torch warns on read-only arrays
+            memo[key] = clipn_probabilities(memo["clipn-model"], features, self.context_.class_names,
                                             self.context_.templates)
         return self.rule(*memo[key])
 
