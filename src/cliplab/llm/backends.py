@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,17 +31,21 @@ class OpenAICompatible(LLM):
     Env: ``CLIPLAB_LLM_BASE_URL`` (default the OpenAI API), ``CLIPLAB_LLM_API_KEY`` or ``OPENAI_API_KEY``,
     ``CLIPLAB_LLM_MODEL``. JSON requests send ``response_format={"type": "json_object"}``. Temperature 0 by
     default so that answers repeat where the server allows.
+
+    ``timeout`` is a deadline for the whole request, from connecting to the last byte of the answer (a server
+    that keeps the connection alive by trickling bytes is cut off too), and never past the ``budget`` left.
     """
 
     backend = "openai-compatible"
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
                  timeout: float = 60.0, *, temperature: float = 0.0, max_tokens: int | None = None,
-                 attempts: int = 3, backoff: float = 0.5, cache: bool | str | Path = True):
+                 attempts: int = 3, backoff: float = 0.5, cache: bool | str | Path = True,
+                 budget: float | None = None):
         model = model or os.environ.get("CLIPLAB_LLM_MODEL")
         if not model:
             raise LLMError(f"{self.backend}: no model given: pass model= or set CLIPLAB_LLM_MODEL")
-        super().__init__(model, attempts=attempts, backoff=backoff, cache=cache)
+        super().__init__(model, attempts=attempts, backoff=backoff, cache=cache, budget=budget)
         self.base_url = (base_url or os.environ.get("CLIPLAB_LLM_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = api_key or os.environ.get("CLIPLAB_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
@@ -63,9 +68,14 @@ class OpenAICompatible(LLM):
             headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
                                          headers=headers, method="POST")
+        left = self.time_left()
+        limit = self.timeout if left is None else min(self.timeout, left)
+        deadline = time.monotonic() + limit
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
+            with urllib.request.urlopen(request, timeout=max(limit, 0.001)) as response:
+                payload = _read_until(response, deadline)
+        except _DeadlineError:
+            raise RetryableError(f"no complete answer within {limit:g} s") from None
         except urllib.error.HTTPError as error:
             detail = _clip(error.read().decode("utf-8", "replace")) if error.fp else ""
             message = f"HTTP {error.code} from {self.base_url}/chat/completions {detail}".rstrip()
@@ -93,6 +103,33 @@ class OpenAICompatible(LLM):
         return message.get("content") or ""
 
 
+class _DeadlineError(Exception):
+    pass
+
+
+def _read_until(response, deadline: float, chunk: int = 65536) -> bytes:
+    """The whole body of ``response``, or _DeadlineError once ``deadline`` (time.monotonic) passes.
+
+    Each read may wait at most the time left: the socket's timeout is narrowed to it before every read
+    (where urllib exposes the socket), so a server trickling a byte at a time cannot keep a request alive.
+    """
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    parts: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlineError
+        if sock is not None:
+            sock.settimeout(left)
+        try:
+            part = response.read1(chunk) if hasattr(response, "read1") else response.read(chunk)
+        except TimeoutError:
+            raise _DeadlineError from None
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+
+
 def prompt_key(prompt: str, system: str | None = None, json_mode: bool = False) -> str:
     """Backend-independent key of a request, for replay files: sha256 of (prompt, system, JSON asked or not)."""
     payload = json.dumps([prompt, system, bool(json_mode)])
@@ -108,18 +145,21 @@ class Replay(LLM):
 
     backend = "replay"
 
-    def __init__(self, path: str | Path, *, cache: bool | str | Path = False):
+    def __init__(self, path: str | Path, *, cache: bool | str | Path = False, budget: float | None = None):
         self.path = Path(path)
         try:
             answers = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise LLMError(f"replay file {self.path} does not exist") from None
+        except RecursionError:
+            raise LLMError(f"replay file {self.path} is nested too deeply to read (not a {{prompt: answer}} "
+                           "object)") from None
         except (OSError, ValueError) as error:
-            raise LLMError(f"replay file {self.path} is not valid JSON: {error}") from None
+            raise LLMError(f"replay file {self.path} is not valid JSON: {_clip(str(error))}") from None
         if not isinstance(answers, dict):
             raise LLMError(f"replay file {self.path} must hold a JSON object {{prompt: answer}}")
         self.answers: dict[str, Any] = answers
-        super().__init__(self.path.name, attempts=1, backoff=0.0, cache=cache)
+        super().__init__(self.path.name, attempts=1, backoff=0.0, cache=cache, budget=budget)
 
     @property
     def backend_id(self) -> str:
@@ -150,8 +190,9 @@ class Transformers(LLM):
     backend = "transformers"
 
     def __init__(self, model_name_or_path: str, *, max_new_tokens: int = 512, device: Any = None,
-                 attempts: int = 2, backoff: float = 0.0, cache: bool | str | Path = True):
-        super().__init__(str(model_name_or_path), attempts=attempts, backoff=backoff, cache=cache)
+                 attempts: int = 2, backoff: float = 0.0, cache: bool | str | Path = True,
+                 budget: float | None = None):
+        super().__init__(str(model_name_or_path), attempts=attempts, backoff=backoff, cache=cache, budget=budget)
         self.max_new_tokens = max_new_tokens
         self.device = device
         self._pipe = None

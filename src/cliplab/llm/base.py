@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,7 @@ from ..errors import LLMError
 from ..fileio import atomic_write_text, default_cache_root
 
 JSON_SYSTEM = "Answer with valid JSON only, no prose and no code fences."
+BUDGET_ENV = "CLIPLAB_LLM_BUDGET"  # seconds one LLM object may spend on requests in all (default: no limit)
 Validator = Callable[[Any], object]
 _JSON_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "boolean": bool}
 
@@ -62,7 +65,7 @@ def parse_json(text: str) -> Any:
     for candidate in candidates:
         try:
             return json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's JSON reader goes
             continue
     raise ValueError(f"malformed JSON answer: {_clip(stripped)!r}")
 
@@ -84,13 +87,26 @@ class LLM:
 
     ``attempts`` tries per call, waiting ``backoff * 2**i`` seconds after failed try ``i``. ``cache``: True
     for ``<cache root>/llm``, a folder, or False for none. ``requests`` counts the attempts actually made.
+    ``budget``: seconds this object may spend on requests and their back-off in all, over every call (default
+    ``$CLIPLAB_LLM_BUDGET``, else no limit); once spent, every call without a cached answer is an ``LLMError``
+    at once, and a request never runs past what is left (``time_left``).
     """
 
     backend = "llm"
 
-    def __init__(self, model: str, *, attempts: int = 3, backoff: float = 0.5, cache: bool | str | Path = True):
+    def __init__(self, model: str, *, attempts: int = 3, backoff: float = 0.5, cache: bool | str | Path = True,
+                 budget: float | None = None):
         if attempts < 1:
             raise LLMError(f"{self.backend}: attempts must be at least 1, got {attempts}")
+        if budget is None and os.environ.get(BUDGET_ENV):
+            try:
+                budget = float(os.environ[BUDGET_ENV])
+            except ValueError:
+                raise LLMError(f"{BUDGET_ENV}={os.environ[BUDGET_ENV]!r}: not a number of seconds") from None
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0 and not math.isnan(budget)):
+            raise LLMError(f"{self.backend}: budget must be a positive number of seconds, got {budget!r}")
+        self.budget = None if budget is None else float(budget)
+        self.spent = 0.0  # seconds spent in requests and back-off, counted against ``budget``
         self.model = model
         self.attempts = attempts
         self.backoff = backoff
@@ -112,6 +128,16 @@ class LLM:
         """One attempt: the raw answer text. Raise RetryableError to retry, LLMError to give up at once."""
         raise NotImplementedError
 
+    def time_left(self) -> float | None:
+        """Seconds of ``budget`` left (None without a budget)."""
+        return None if self.budget is None else max(0.0, self.budget - self.spent)
+
+    def _over_budget(self) -> str | None:
+        left = self.time_left()
+        if left is not None and left <= 0:
+            return f"time budget of {self.budget:g} s for LLM requests spent"
+        return None
+
     def _cache_path(self, key: str) -> Path | None:
         return self.cache_dir / f"{key}.json" if self.cache_dir is not None else None
 
@@ -125,7 +151,7 @@ class LLM:
             return
         rejected = path.with_name(path.name[: -len(".json")] + ".rejected.json")
         kept: list[Any] = []
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, RecursionError):
             kept = json.loads(rejected.read_text(encoding="utf-8"))
         if not isinstance(kept, list):
             kept = [kept]
@@ -155,7 +181,7 @@ class LLM:
             raw = record["answer"]
             if not isinstance(raw, str):
                 raise TypeError("answer is not text")
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return False, None  # an unreadable entry is a miss; the fresh answer overwrites it
         try:
             value = self._usable(raw, json_schema, validate)
@@ -182,11 +208,19 @@ class LLM:
             return value
         reason = "no attempt made"
         for attempt in range(self.attempts):
+            if self._over_budget():
+                raise LLMError(f"{self.backend_id} ({self.model}): {self._over_budget()}; prompt {_clip(prompt)!r} "
+                               "not asked")
+            started = time.monotonic()
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                left = self.time_left()
+                wait = self.backoff * 2 ** (attempt - 1)
+                time.sleep(wait if left is None else min(wait, left))
             self.requests += 1
             raw = None
             try:
+                if self._over_budget():
+                    raise RetryableError(self._over_budget())
                 raw = self._request(prompt, system, want_json)
                 if not raw or not raw.strip():
                     raise RetryableError("empty answer")
@@ -198,6 +232,8 @@ class LLM:
                 if isinstance(error, ValueError) and raw:
                     self._reject(path, self._record(prompt, system, json_schema, raw), reason)
                 continue
+            finally:
+                self.spent += time.monotonic() - started
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(self._record(prompt, system, json_schema, raw),
