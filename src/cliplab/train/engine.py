@@ -4,7 +4,7 @@ What it does: trains the parameters of ``module`` that require grad (an ``nn.Mod
 ``model``) with AdamW or SGD; sets the learning rate from a warm-up (linear, or constant at ``warmup_lr`` as
 Dassl/CoOp) and a cosine decay; clips the gradient norm; runs the objective under bf16 autocast when asked;
 shows loss, lr and the latest held-out numbers in a progress bar; runs on CUDA when present; and, given a
-``checkpoint_dir``, writes ``train_state.pt`` atomically every ``checkpoint_every`` steps and/or
+``checkpoint_dir``, writes ``checkpoint.pt`` there atomically every ``checkpoint_every`` steps and/or
 ``checkpoint_seconds`` seconds, from which a killed run resumes and ends with the same weights, bit for bit,
 as an uninterrupted one (CPU; CUDA kernels are deterministic only where torch makes them so).
 
@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from ..errors import CliplabError
 from ..fileio import atomic_write
 
-STATE_FILE = "train_state.pt"
+STATE_FILE = "checkpoint.pt"
 FORMAT = "cliplab-train-1"
 _OBJECTIVES: dict[str, type] = {}
 
@@ -334,7 +334,8 @@ def run_training(module: Any, objective: Callable, data: Callable[..., Iterable]
                                       fused=fused)
     else:
         optimizer = torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    in_groups = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = [p for p in net.parameters() if id(p) in in_groups]  # module order, as open_clip clips
     state_path = Path(settings.checkpoint_dir) / STATE_FILE if settings.checkpoint_dir else None
     step, epoch, position, history, seconds = 0, 0, 0, [], 0.0
     if state_path is not None and state_path.is_file():

@@ -181,14 +181,15 @@ class PairStream:
             self._per_item, self.caption_source = caption_lists(dataset, templates)
         else:
             self._per_item, self.caption_source = None, "none"
-        usable, distinct = [], set()
+        usable, distinct = [], {}  # caption -> first-occurrence rank; kept only for template captions (few)
         for i in tqdm(range(len(dataset)), desc=f"checking {dataset.name}", disable=not progress, leave=False):
             if need_captions:
                 texts = _clean_captions(self._per_item[i], dataset.item_id(i), self.skipped)
                 if not texts:
                     self.skipped.append((dataset.item_id(i), "no usable caption"))
                     continue
-                distinct.update(texts)
+                for text in texts:
+                    distinct.setdefault(text, len(distinct))
             path = _item_path(dataset, i)
             reason = probe_image(path) if path is not None else None
             if reason is not None:
@@ -197,6 +198,10 @@ class PairStream:
             usable.append(i)
         self.usable = np.asarray(usable, dtype=np.int64)
         self.caption_count = len(distinct)
+        # Distinct captions of a batch are encoded in the order they first occur in the dataset (what PairBank
+        # numbered them by). Template captions are few: their first-occurrence rank is kept; for a source's own
+        # captions the rank is (item, position), the same order wherever a caption belongs to one item.
+        self._template_rank = distinct if self.caption_source == "templates" else None
         self.labels_known = has_labels(dataset)
         if not len(self.usable):
             reasons = "; ".join(f"{i}: {r}" for i, r in self.skipped[:3])
@@ -268,11 +273,15 @@ class PairStream:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
             items = order[position * batch_size:(position + 1) * batch_size]
             draws = torch.rand(len(items), generator=generator).tolist()
-            chosen = []
+            chosen, rank = [], {}
             for u, p in zip(draws, items):
-                texts = self.captions_of(int(self.usable[p]))
-                chosen.append(texts[int(u * len(texts))])
-            unique = sorted(set(chosen))
+                index = int(self.usable[p])
+                texts = self.captions_of(index)
+                j = int(u * len(texts))
+                chosen.append(texts[j])
+                key = self._template_rank[texts[j]] if self._template_rank is not None else (index, j)
+                rank[texts[j]] = min(rank.get(texts[j], key), key)
+            unique = sorted(rank, key=rank.__getitem__)
             where = {t: k for k, t in enumerate(unique)}
             images = to_model_input(self.images(items.tolist(), order), self.mean, self.std)
             images = random_resized_crop(images, generator, crop_scale, flip=flip)
