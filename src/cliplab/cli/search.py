@@ -1,10 +1,15 @@
-"""``cliplab search``: query a search index by text, by image, or (``--captions``) an image against captions."""
+"""``cliplab search``: query a search index by text, by image, or (``--captions``) an image against captions.
+
+The table names each hit relative to the indexed folder (as the service does), so it fits a terminal;
+``--output`` keeps the full paths.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -58,7 +63,8 @@ def search(
                 index.search_text(backbone, query, k)
             records = [{"rank": r + 1, "id": h.id, "score": h.score, "path": h.path, "caption": h.caption,
                         "extra": h.extra} for r, h in enumerate(hits)]
-    _show(records, captions)
+        root = indexed_root(index.manifest, [r["path"] for r in records])
+    _show(records, captions, root)
     if output is not None:
         _save(records, output)
         console.print(f"wrote {output}")
@@ -69,13 +75,47 @@ def search(
         console.print(f"wrote {sheet}")
 
 
-def _show(records: list[dict], captions: bool) -> None:
+def indexed_root(manifest: dict, paths: list[str]) -> str | None:
+    """The folder an index covers: its source folder, a manifest file's folder, else the common folder of
+    ``paths``; None when nothing says."""
+    source = manifest.get("source") or {}
+    kind, location = source.get("kind"), source.get("location")
+    if location and kind in ("folder", "dataset-object"):
+        return str(location)
+    if location and kind == "dataset":
+        return os.path.dirname(str(location))
+    folders = sorted({os.path.dirname(p) for p in paths if p})
+    if not folders:
+        return None
+    try:
+        return os.path.commonpath(folders)
+    except ValueError:  # different drives
+        return None
+
+
+def display_name(path: str, root: str | None) -> str:
+    """``path`` relative to ``root`` when it lies inside it, else as stored."""
+    if path and root:
+        try:
+            relative = os.path.relpath(path, root)
+        except ValueError:
+            return path
+        if relative != "." and not relative.startswith(".." + os.sep) and relative != "..":
+            return Path(relative).as_posix()
+    return path
+
+
+def _show(records: list[dict], captions: bool, root: str | None = None) -> None:
+    if root:
+        console.print(f"in {root}", soft_wrap=True)
     table = Table()
-    columns = ("rank", "score", "text", "path") if captions else ("rank", "score", "path", "caption")
+    columns = ("rank", "score", "text", "name") if captions else ("rank", "score", "name", "caption")
     for column in columns:
-        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left",
+                         overflow="fold" if column == "name" else "ellipsis")
     for record in records:
-        table.add_row(*(f"{record[c]:.4f}" if c == "score" else str(record[c] or "") for c in columns))
+        shown = {**record, "name": display_name(record["path"], root)}
+        table.add_row(*(f"{shown[c]:.4f}" if c == "score" else str(shown[c] or "") for c in columns))
     console.print(table)
 
 
