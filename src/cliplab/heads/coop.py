@@ -298,6 +298,7 @@ class CoOp(ZeroShotLogitsMixin, ClipHead):
         if n_ctx < n_init:
             raise CliplabError(f"CoOp: n_ctx={n_ctx} is shorter than ctx_init {self.ctx_init!r} ({n_init} tokens)")
         tokens, start = self._context_start(n_ctx)
+        tokens = tokens.to(backbone.device)
         with torch.no_grad():
             embedded = backbone.token_embeddings(tokens)
             width = embedded.shape[-1]
@@ -308,7 +309,8 @@ class CoOp(ZeroShotLogitsMixin, ClipHead):
             ctx = torch.cat(parts).to(embedded.device)
         scale = self.logit_scale if self.logit_scale is not None else backbone.logit_scale
         length = causal_length(backbone, embedded, tokens) if self.truncate else None
-        return PromptLearner(backbone, ctx, embedded[:, :start], embedded[:, start + n_ctx:], tokens, scale, length)
+        learner = PromptLearner(backbone, ctx, embedded[:, :start], embedded[:, start + n_ctx:], tokens, scale, length)
+        return learner.to(backbone.device)
 
     # ------------------------------------------------------------------ fitting
 
