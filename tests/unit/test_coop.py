@@ -4,9 +4,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.model import CustomTextCLIP
 from PIL import Image
 from sklearn.metrics import log_loss
 
@@ -14,6 +16,8 @@ from cliplab.errors import CliplabError, DimensionMismatchError, LabelError
 from cliplab.heads import create_head, head_entry
 from cliplab.heads.coop import CoOp, authors_epochs
 from cliplab.heads.saving import load_head, save_head
+from cliplab.models import BackboneInfo
+from cliplab.models.openclip import OpenClipBackbone, transform_for
 from cliplab.train.engine import list_objectives
 
 NAMES = ["cat", "dog", "traffic light"]
@@ -75,6 +79,27 @@ def test_the_text_tower_runs_to_the_last_end_of_text_only_with_the_same_features
     reference = create_head("coop", backbone=tiny, class_names=NAMES, max_epoch=2, lr=0.5, truncate=False).fit(X, y)
     assert fitted.text_positions_ == longest + 1 and reference.text_positions_ == tiny.context_length
     np.testing.assert_allclose(fitted.weights_, reference.weights_, atol=1e-5)
+
+
+def test_a_bidirectional_text_tower_runs_whole_and_still_starts_at_zero_shot(tmp_path):
+    """Padding that attends everywhere (no causal mask) changes the pooled output: no truncation there."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CustomTextCLIP(embed_dim=32, vision_cfg={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                                         "head_width": 32},
+                               text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                                         "layers": 2, "pool_type": "last", "no_causal_mask": True, "pad_id": 0})
+    model.text.use_pad_mask = True
+    open_clip.set_model_preprocess_cfg(model, {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    info = BackboneInfo(name="bidirectional", pretrained=None, source="test", random_weights=True)
+    backbone = OpenClipBackbone(model.eval(), transform_for(model), open_clip.SimpleTokenizer(context_length=16),
+                                info, "test:bidirectional", "cpu")
+    assert CoOp(backbone, NAMES).build_learner().length is None
+    head = create_head("coop", backbone=backbone, class_names=NAMES, max_epoch=0).fit(_features(3, 32), [0, 1, 2])
+    zeroshot = create_head("zeroshot", backbone=backbone, class_names=NAMES, templates=["a photo of a {c}."],
+                           cache_dir=tmp_path).fit()
+    np.testing.assert_allclose(head.weights_, zeroshot.weights_, atol=1e-6)
+    assert head.text_positions_ == 16
 
 
 def test_random_context_and_longer_context_with_init(tiny):
