@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import typer
@@ -30,17 +29,12 @@ def with_index_model(run: RunOptions, index_dir: Path) -> RunOptions:
     --model was not given. A missing index is left to the command; a damaged manifest is reported as such."""
     if run.model is not None:
         return run
-    from ..errors import SearchIndexError
+    from ..search.index import index_manifest
 
-    path = Path(index_dir) / "manifest.json"
-    if not Path(index_dir).is_dir() or not path.exists():
-        return run  # SearchIndex.open says what is missing (or recovers an interrupted publish)
-    try:
-        manifest = json.loads(path.read_text())
-        spec = manifest.get("model_kwargs") or manifest.get("model_spec")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise SearchIndexError(f"{index_dir}: index is half-written or damaged (manifest.json unreadable); "
-                               "run cliplab index build again") from exc
+    manifest = index_manifest(index_dir)  # recovers an interrupted publish first
+    if manifest is None:
+        return run  # SearchIndex.open says what is missing
+    spec = manifest.get("model_kwargs") or manifest.get("model_spec")
     if isinstance(spec, str) and spec:
         return dataclasses.replace(run, model=spec)
     if not isinstance(spec, dict) or not spec.get("name"):

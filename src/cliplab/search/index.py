@@ -12,8 +12,14 @@ Layout of an index folder (every file is listed, with size and sha256, in ``mani
 A build or update holds an exclusive ``fcntl.flock`` on ``.NAME.lock`` beside the index folder (a second
 writer fails with one line), writes into a hidden folder beside the target and renames it into place; the old
 index is set aside as ``.NAME.old-*`` first, and when a kill lands between the two renames the next writer or
-reader puts it back. ``SearchIndex.open`` refuses a folder whose manifest is missing or whose files do not
-match it. Ids continue from the previous build's ``next_id``: an id never names another image.
+reader puts it back (before anything reads the manifest: ``index_manifest``). ``SearchIndex.open`` refuses a
+folder whose manifest is missing or whose files do not match it. Ids continue from the previous build's
+``next_id``: an id never names another image.
+
+Every published folder holds ``cliplab-index.json`` (format name, marker version and a fresh id, repeated in the
+manifest as ``index_id``). A build replaces only an empty folder, one with that marker, or an index written
+before markers (a manifest listing the folder's own files at their sizes), and never a folder holding files of
+its own: a user's ``manifest.json`` or ``vectors.npy`` is left alone.
 
 Index types (``index_type``): ``flat`` (exact), ``ivf`` (IVF, nlist ~ sqrt(n), trained on ~64 seeded vectors
 a cell with 15 k-means iterations: seconds at 1M x 512), ``ivfpq`` (IVF with
@@ -65,7 +71,10 @@ IVF_NPROBE_FRACTION = 1 / 16  # the calibration's first rung (search/calibrate.p
 CALIBRATE_MIN = 10_000  # builds of at least this many vectors choose their search breadth by measured recall
 MANIFEST = "manifest.json"
 REBUILD = "run cliplab index build again"
-_OURS = {MANIFEST, "index.faiss", "vectors.npy", "ids.npy", "items.sqlite", "captions.npy"}
+MARKER = "cliplab-index.json"
+MARKER_FORMAT = "cliplab-search-index"
+MARKER_VERSION = 1
+_OURS = {MANIFEST, MARKER, "index.faiss", "vectors.npy", "ids.npy", "items.sqlite", "captions.npy"}
 
 
 @dataclass
@@ -333,6 +342,9 @@ def _write_folder(folder: Path, index, vectors: np.ndarray, ids: np.ndarray, row
     write_store(folder / "items.sqlite", rows, captions)
     if caption_vectors is not None:
         np.save(folder / "captions.npy", np.ascontiguousarray(caption_vectors, dtype=np.float32))
+    index_id = uuid.uuid4().hex
+    atomic_write_text(folder / MARKER, json.dumps({"format": MARKER_FORMAT, "version": MARKER_VERSION,
+                                                   "id": index_id}))
     files = {}
     for name in sorted(_OURS - {MANIFEST}):
         path = folder / name
@@ -340,7 +352,7 @@ def _write_folder(folder: Path, index, vectors: np.ndarray, ids: np.ndarray, row
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
             files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    atomic_write_text(folder / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
+    atomic_write_text(folder / MANIFEST, json.dumps({**manifest, "index_id": index_id, "files": files}, indent=1))
 
 
 def _olds(target: Path) -> list[Path]:
@@ -353,7 +365,7 @@ def _valid_manifest(folder: Path) -> dict | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -449,9 +461,60 @@ def _scratch(target: Path) -> Path:
 
 
 def check_target(target: Path) -> None:
-    """Refuse to replace a folder that is not a cliplab index (a photo folder given as --index-dir by mistake)."""
-    if target.exists() and (not target.is_dir() or any(p.name not in _OURS for p in target.iterdir())):
+    """Refuse to replace a folder cliplab did not publish: anything but an empty folder, a folder holding only an
+    index's files with cliplab's marker, or an index from before markers (a photo folder, or a user's own
+    ``manifest.json``/``vectors.npy``, given as --index-dir by mistake)."""
+    if not target.exists():
+        return
+    if not target.is_dir() or any(p.name not in _OURS for p in target.iterdir()):
         raise SearchIndexError(f"{target}: exists and is not a cliplab search index; choose another --index-dir")
+    if any(target.iterdir()) and not published_by_cliplab(target):
+        raise SearchIndexError(f"{target}: holds files named like a search index's, but cliplab did not write them "
+                               f"(no {MARKER}); choose another --index-dir, or move those files away")
+
+
+def published_by_cliplab(folder: Path) -> bool:
+    """True for a folder cliplab published: its marker (format, a version this cliplab knows, an id), or an
+    index written before markers existed (a manifest listing exactly files present at the recorded sizes)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        if (isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT
+                and isinstance(marker.get("version"), int) and 1 <= marker["version"] <= MARKER_VERSION
+                and isinstance(marker.get("id"), str) and marker["id"]):
+            return True
+    except (OSError, ValueError, RecursionError):
+        pass
+    manifest = _valid_manifest(folder)
+    if manifest is None or (folder / MARKER).exists() or not isinstance(manifest.get("format_version"), int):
+        return False
+    files = manifest["files"]
+    try:
+        return bool(files) and set(files) <= _OURS and all(
+            (folder / name).is_file() and (folder / name).stat().st_size == facts["size"]
+            for name, facts in files.items())
+    except (TypeError, KeyError, OSError):
+        return False
+
+
+def index_manifest(index_dir) -> dict | None:
+    """The manifest of the index at ``index_dir`` after recovering an interrupted publish (the set-aside index is
+    put back, or read where it lies while a writer is busy); None when there is no index there.
+
+    Read this, not ``manifest.json`` directly: after a kill between the two publish renames the folder is gone
+    until a writer or reader recovers it."""
+    root = _readable_root(Path(index_dir))
+    path = root / MANIFEST
+    if not root.is_dir() or not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SearchIndexError(f"{index_dir}: index is half-written or damaged ({MANIFEST} unreadable); "
+                               f"{REBUILD}") from exc
+    if not isinstance(manifest, dict):
+        raise SearchIndexError(f"{index_dir}: index is half-written or damaged ({MANIFEST} is not an object); "
+                               f"{REBUILD}")
+    return manifest
 
 
 def _caption_data(backbone, dataset: ImageDataset | None, positions: Sequence[int], ids: Sequence[int], cache_dir):
