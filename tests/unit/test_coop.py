@@ -206,6 +206,7 @@ def test_saved_head_gives_identical_logits(tiny, tmp_path):
     loaded = load_head(save_head(head, tmp_path / "coop"), backbone=tiny)
     np.testing.assert_array_equal(loaded.logits(X), head.logits(X))
     np.testing.assert_array_equal(loaded.ctx_, head.ctx_)
+    assert loaded.history_ == head.history_ and head.history_[-1]["val_acc"] == head.val_accuracy_
     assert loaded.get_params()["max_epoch"] == 2 and head.val_accuracy_ == head.score(X, y)
 
 

@@ -156,6 +156,11 @@ class CoOp(ZeroShotLogitsMixin, ClipHead):
     train on the un-augmented image. ``X_val``/``y_val``, if given, are only scored (``val_accuracy_``, and
     in the progress bar with ``progress=True``): as the authors' few-shot runs, nothing is selected on them.
 
+    Fitted state: ``ctx_`` (M, width), ``weights_`` (d, C), ``logit_scale_``, ``epochs_``, ``training_loss_`` (mean
+    step loss per epoch), ``val_accuracy_`` (None without validation), ``history_`` (the loop's evaluations: step,
+    epoch, loss, ``val_acc``) and ``text_positions_``; ``heads/saving.py`` stores them (safetensors + JSON) and
+    a loaded head scores with ``weights_`` alone.
+
     Other parameters: ``logit_scale`` (None: the model's), ``random_state`` (the random context vectors and the
     epochs' order and views), ``progress`` (a progress bar with loss, lr and validation accuracy), and
     ``cache_dir``, taken as the other heads take it (CoOp embeds no text through the text cache).
@@ -372,7 +377,7 @@ class CoOp(ZeroShotLogitsMixin, ClipHead):
         self.training_loss_ = _epoch_means(losses, epochs)
         self.val_accuracy_ = (accuracy(self.logits(validation[0]), validation[1]) if validation is not None
                               else None)
-        self.history_ = [dict(h) for h in history]
+        self.history_ = [{k: v for k, v in h.items() if k != "seconds"} for h in history]  # deterministic state
         return self
 
     def train_settings(self, epochs: int) -> TrainSettings:
