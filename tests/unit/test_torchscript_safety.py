@@ -126,3 +126,23 @@ def test_openai_style_archive_loads_without_jit_load(tmp_path, monkeypatch):
     for key, value in model.state_dict().items():
         if key != "attn_mask":
             assert torch.equal(backbone.model.state_dict()[key], value), key
+
+
+def test_classes_without_declarations_keep_every_tensor(tmp_path):
+    """Archives whose code text lists no __buffers__ (older TorchScript) still give their buffers."""
+    import re
+    import zipfile
+
+    module = _Plain().eval()
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(module), str(path))
+    expected = torch.jit.load(str(path)).state_dict()
+    stripped = tmp_path / "stripped.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(stripped, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith(".py"):
+                data = re.sub(rb"\n\s+__buffers__ = \[[^\]]*\]", b"", data)
+            target.writestr(info, data)
+    got = read_torchscript_state(stripped)
+    assert "kept" in got and set(expected) <= set(got)

@@ -107,7 +107,8 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _declarations(archive: zipfile.ZipFile, prefix: str, path: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """``{"__torch__.pkg.Class": (parameters, buffers)}`` read from the archive's code text."""
+    """``{"__torch__.pkg.Class": (parameters, buffers)}`` read from the archive's code text; a class whose text
+    declares no ``__parameters__``/``__buffers__`` list is left out, and all its tensors are kept."""
     found: dict[str, tuple[list[str], list[str]]] = {}
     code_root = f"{prefix}/code/"
     for name in archive.namelist():
@@ -122,13 +123,16 @@ def _declarations(archive: zipfile.ZipFile, prefix: str, path: Path) -> dict[str
         starts = list(_CLASS.finditer(text))
         for index, match in enumerate(starts):
             body = text[match.end(): starts[index + 1].start() if index + 1 < len(starts) else len(text)]
-            found[f"{module}.{match.group(1)}"] = (_names(body, "__parameters__"), _names(body, "__buffers__"))
+            params, buffers = _names(body, "__parameters__"), _names(body, "__buffers__")
+            if params is not None and buffers is not None:  # else: keep every tensor of the class
+                found[f"{module}.{match.group(1)}"] = (params, buffers)
     return found
 
 
-def _names(body: str, field: str) -> list[str]:
+def _names(body: str, field: str) -> list[str] | None:
+    """The names a class body declares in ``field``; None when it declares none (older archives)."""
     match = re.search(rf"^\s+{field}{_LIST}", body, re.M)
-    return re.findall(r'"([^"]+)"', match.group(1)) if match else []
+    return re.findall(r'"([^"]+)"', match.group(1)) if match else None
 
 
 def _flatten(obj: _ScriptObject, decls: dict, prefix: str, out: dict[str, torch.Tensor], path: Path,
