@@ -55,22 +55,21 @@ def run_one(job: dict) -> dict:
 def time_steps(arch: str, data_root: str, batch_size: int, threads: int, steps: int = 6) -> dict:
     import torch
 
+    from cliplab.train import pretrain
     from cliplab.train.config import PretrainConfig
-    from cliplab.train.loop import _Trainer, resolve_model_config
-    from cliplab.train.pairs import load_bank
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         config = PretrainConfig(source="cifar10", model=model_file(arch, Path(tmp)), data_root=data_root,
-                                batch_size=batch_size, steps=steps)
-        _, cfg = resolve_model_config(config.model)
-        bank = load_bank("cifar10", "train", 32, config.templates, data_root, progress=False)
-        trainer = _Trainer(config, cfg, bank, torch.device("cpu"))
-        times = []
-        for step in range(steps):
-            began = time.perf_counter()
-            trainer.step(step)
-            times.append(time.perf_counter() - began)
+                                batch_size=batch_size, steps=steps, eval_split=None)
+        times, last = [], [time.perf_counter()]
+
+        def tick(step, loss):  # time between steps (the first one includes the setup, dropped below)
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+        pretrain(config, Path(tmp) / "out", progress=False, callback=tick)
     best = sorted(times[1:])[len(times[1:]) // 2]
     return {"arch": arch, "batch_size": batch_size, "threads": threads, "median_step_s": best,
             "samples_per_s": batch_size / best}

@@ -233,3 +233,32 @@ def test_bad_settings_are_one_line_errors():
     with pytest.raises(TrainOptionError, match="nothing to train"):
         run_training(torch.nn.Linear(2, 2).requires_grad_(False), _noisy_mse, _data,
                      TrainSettings(steps=1, progress=False, device="cpu"))
+
+
+def test_clip_and_siglip_objectives_are_the_written_out_losses(tiny):
+    model = tiny.derive("objective-test", trainable=True)
+    model.model.logit_bias = torch.nn.Parameter(torch.tensor(-3.0))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = model.tokenize(["a cat", "a dog"])
+    index = torch.tensor([0, 1, 1, 0])  # images 1 and 2 share a caption, as do 0 and 3
+    batch = {"images": images, "tokens": tokens, "text_index": index}
+    with torch.no_grad():
+        i = torch.nn.functional.normalize(model.model.encode_image(images), dim=-1)
+        t = torch.nn.functional.normalize(model.model.encode_text(tokens), dim=-1)[index]
+        s, b = model.model.logit_scale.exp(), model.model.logit_bias
+        logits = s * i @ t.T
+        target = torch.arange(4)
+        ce = torch.nn.functional.cross_entropy
+        clip = (ce(logits, target) + ce(logits.T, target)) / 2
+        signs = 2 * torch.eye(4) - 1
+        siglip = -torch.nn.functional.logsigmoid(signs * (logits + b)).sum() / 4
+    got_clip, _ = get_objective("clip")(model, batch)
+    got_siglip, logs = get_objective("siglip")(model, batch)
+    assert got_clip.item() == pytest.approx(clip.item(), rel=1e-5)
+    assert got_siglip.item() == pytest.approx(siglip.item(), rel=1e-5) and logs["logit_bias"] == -3.0
+    with torch.no_grad():
+        model.model.logit_scale.fill_(9.0)
+    get_objective("clip").after_step(model)
+    assert float(model.model.logit_scale) == pytest.approx(math.log(100))
+    with pytest.raises(CliplabError, match="logit_bias"):
+        get_objective("siglip")(tiny, batch)
