@@ -313,3 +313,17 @@ def test_cli_pretrain_fine_tunes_an_init_model(colour_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "fine-tuned tiny" in result.output
     assert json.loads((tmp_path / "m" / "model_card.json").read_text())["init_model"]["spec"] == "tiny"
+
+
+def test_new_options_leave_recipe_hashes_unchanged():
+    from cliplab.fileio import digest
+    from cliplab.train.config import resolve_model_config
+    from cliplab.train.recipes import recipe_config, recipe_folder
+
+    config = recipe_config("cifar10-signal", checkpoint_seconds=60)
+    _, model_cfg = resolve_model_config(config.model)
+    earlier = ("eval_every", "checkpoint_every", "device", "data_root")  # the options hashed before the engine
+    options = {k: v for k, v in config.to_dict().items() if k not in earlier + ("checkpoint_seconds", "init_model")}
+    assert config.recipe_hash(model_cfg) == digest(json.dumps(options, sort_keys=True),
+                                                   json.dumps(model_cfg, sort_keys=True))
+    assert recipe_folder(config, "cifar10-signal").name == "cifar10-signal-bb35648a65a4d494"  # cached models stay

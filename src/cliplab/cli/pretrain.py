@@ -43,6 +43,8 @@ def pretrain(
                                    "to skip."),
     eval_every: int = typer.Option(200, "--eval-every", min=1, help="Steps between held-out checks."),
     checkpoint_every: int = typer.Option(200, "--checkpoint-every", min=1, help="Steps between checkpoints."),
+    checkpoint_minutes: float = typer.Option(0.0, "--checkpoint-minutes", min=0.0, help="Also checkpoint when this "
+                                             "many minutes passed since the last checkpoint (0: by steps only)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 autocast (CUDA, or CPUs with "
                                   "bf16 instructions)."),
     device: str = RUN_OPTIONS["device"],
@@ -58,14 +60,15 @@ def pretrain(
 
     device = check_device(device)
     if recipe:
-        config = recipe_config(recipe, data_root, device=device, seed=seed,
+        config = recipe_config(recipe, data_root, device=device, seed=seed, checkpoint_seconds=60 * checkpoint_minutes,
                                **({"init_model": init_model} if init_model else {}))
     elif source:
         config = PretrainConfig(
             source=source, model=model, split=split, eval_split=None if eval_split == "none" else eval_split,
             templates=templates, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup=warmup, loss=loss, crop_scale=crop_scale, flip=flip, seed=seed, eval_every=eval_every,
-            checkpoint_every=checkpoint_every, device=device, precision=precision,
+            checkpoint_every=checkpoint_every, checkpoint_seconds=60 * checkpoint_minutes, device=device,
+            precision=precision,
             data_root=str(data_root) if data_root else None, init_model=init_model)
     else:
         raise typer.BadParameter("give a SOURCE or --recipe NAME")

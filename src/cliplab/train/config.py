@@ -63,9 +63,10 @@ class PretrainConfig:
     precision: str = "fp32"
     data_root: str | None = None
     init_model: str | None = None  # a load_model spec to fine-tune (None: random weights of ``model``)
+    checkpoint_seconds: float = 0.0  # also checkpoint when this many seconds passed since the last one (0: off)
 
     # Options that change neither weights nor data order: a resumed run may change them.
-    RESUMABLE = ("eval_every", "checkpoint_every", "device", "data_root")
+    RESUMABLE = ("eval_every", "checkpoint_every", "device", "data_root", "checkpoint_seconds")
 
     def __post_init__(self):
         if self.loss not in ("clip", "siglip"):

@@ -240,7 +240,8 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, progress: bool = Tr
         steps=config.steps, lr=config.lr, optimizer="adamw", betas=(0.9, config.beta2), eps=config.eps,
         weight_decay=config.weight_decay, warmup_steps=config.warmup, warmup="linear", schedule="cosine",
         grad_clip=config.grad_clip, precision=config.precision, seed=config.seed, device=config.device,
-        checkpoint_dir=output_dir / STATE_DIR, checkpoint_every=config.checkpoint_every, progress=progress,
+        checkpoint_dir=output_dir / STATE_DIR, checkpoint_every=config.checkpoint_every,
+        checkpoint_seconds=config.checkpoint_seconds, progress=progress,
         eval_every=config.eval_every if eval_stream is not None else 0, desc="pretrain", identity=identity)
 
     def data(epoch: int, start: int = 0):
