@@ -30,6 +30,7 @@ signatures or attribute names (one provider, ``cliplab.eval.inputs``, builds the
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -284,6 +285,7 @@ def method_names(family: str | None = None, *, need: str | None = None, gives: s
                   and need in (None, *needs) and gives in (None, *given) and trained in (None, train))
 
 
+@functools.cache  # the files of an installed package do not change while it runs: help texts scan once
 def _scan_registrations() -> list[tuple[str, str, frozenset, frozenset, bool]] | None:
     """(name, family, needs, gives, needs_train) of every ``@register(...)`` in the package, from its text only."""
     folder = Path(__file__).resolve().parent
