@@ -262,3 +262,15 @@ def test_clip_and_siglip_objectives_are_the_written_out_losses(tiny):
     assert float(model.model.logit_scale) == pytest.approx(math.log(100))
     with pytest.raises(CliplabError, match="logit_bias"):
         get_objective("siglip")(tiny, batch)
+
+
+def test_a_finished_run_resumed_trains_evaluates_and_saves_nothing(tmp_path):
+    settings = TrainSettings(steps=3, lr=0.01, progress=False, device="cpu", checkpoint_dir=tmp_path)
+    calls = []
+    first = run_training(_net(), _noisy_mse, _data, settings, evaluate=lambda: calls.append(1) or {"m": 1.0})
+    written = (tmp_path / STATE_FILE).read_bytes()
+    net = _net()
+    again = run_training(net, _noisy_mse, _data, settings, evaluate=lambda: calls.append(1) or {"m": 1.0})
+    assert calls == [1] and again.history == first.history and again.steps == 3
+    assert (tmp_path / STATE_FILE).read_bytes() == written
+    assert torch.equal(net[0].weight, read_checkpoint(tmp_path / STATE_FILE)["model"]["0.weight"])

@@ -390,7 +390,9 @@ def run_training(module: Any, objective: Callable, data: Callable[..., Iterable]
     starts = _takes_start(data)
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    already_done = _finished(settings, step, epoch)  # a finished run resumed: nothing to train, evaluate or save
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         modes.train()
         while not _finished(settings, step, epoch):
             batches = data(epoch, start=position) if starts else data(epoch)
@@ -441,10 +443,11 @@ def run_training(module: Any, objective: Callable, data: Callable[..., Iterable]
                 if settings.by_epoch and settings.eval_every and epoch % settings.eval_every == 0 \
                         and epoch < settings.epochs:
                     run_eval(epoch)
-        run_eval(settings.total)
-        checkpoint()
-        if callback is not None:
-            callback(step, last_loss)
+        if not already_done:
+            run_eval(settings.total)
+            checkpoint()
+            if callback is not None:
+                callback(step, last_loss)
     bar.close()
     modes.eval()
     return TrainResult(step, epoch, time.perf_counter() - began, history, last_loss, dict(metrics), resumed_from)
