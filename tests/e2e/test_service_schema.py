@@ -29,7 +29,11 @@ def service_app(tiny, tmp_path_factory):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
         (images / f"img{i}.png").write_bytes(buffer.getvalue())
     build_index(tiny, images, root / "index", cache_dir=root / "cache", progress=False, workers=0)
-    return create_app(root / "index", tiny, max_upload_bytes=2**20)
+    from cliplab.service.hosts import AllowedHosts
+
+    # schemathesis calls the app as Host "testserver"; any other Host is refused (DNS-rebinding guard)
+    return create_app(root / "index", tiny, max_upload_bytes=2**20, allowed_hosts=AllowedHosts("127.0.0.1",
+                                                                                               ["testserver"]))
 
 
 @pytest.mark.slow

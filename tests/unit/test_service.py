@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 N_IMAGES = 8
+LOCAL = "http://localhost"  # the service answers only the Host names it is served under
 
 
 def _png(seed: int, size: int = 40) -> bytes:
@@ -42,7 +43,7 @@ def built(tiny, tmp_path_factory):
 def client(built, tiny):
     from cliplab.service import create_app
 
-    with TestClient(create_app(built[0], tiny)) as test_client:
+    with TestClient(create_app(built[0], tiny), base_url=LOCAL) as test_client:
         yield test_client
 
 
@@ -173,7 +174,7 @@ def test_uploads_over_the_limit_are_413(built, tiny):
     from cliplab.service.app import FORM_OVERHEAD
 
     limit = 5000
-    small = TestClient(create_app(built[0], tiny, max_upload_bytes=limit))
+    small = TestClient(create_app(built[0], tiny, max_upload_bytes=limit), base_url=LOCAL)
     # a file just over the limit (the request still fits the framing allowance: the endpoint's chunked read refuses)
     assert "limit" in _error(_upload(small, b"\0" * (limit + 1)), 413)
     # a request much larger than the limit: refused from its Content-Length before the body is read
@@ -231,7 +232,7 @@ def test_classify_gives_probabilities_and_caches_the_label_weights(built, tiny, 
         return original(method, backbone, names, *args, **kwargs)
 
     monkeypatch.setattr(cliplab.eval.inputs, "build_head", counting)
-    local = TestClient(create_app(built[0], tiny))
+    local = TestClient(create_app(built[0], tiny), base_url=LOCAL)
     data = (built[1] / "img2.png").read_bytes()
     body = _upload(local, data, "/classify", labels="cat, dog ,car").json()
     assert body["labels"] == ["cat", "dog", "car"]
@@ -256,7 +257,7 @@ def test_repeated_label_fields_keep_their_commas(built, tiny):
 
     assert parse_labels(["hot dog, sausage", "cat"]) == ["hot dog, sausage", "cat"]
     assert parse_labels(["hot dog, sausage"]) == ["hot dog", "sausage"]  # one field: comma-separated
-    local = TestClient(create_app(built[0], tiny))
+    local = TestClient(create_app(built[0], tiny), base_url=LOCAL)
     data = (built[1] / "img2.png").read_bytes()
     response = local.post("/classify", files={"image": ("q.png", data, "image/png")},
                           data={"labels": ["hot dog, sausage", " cat "]})
@@ -283,7 +284,7 @@ def test_a_new_label_set_does_not_stall_searches(built, tiny, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(cliplab.eval.inputs, "build_head", slow)
-    local = TestClient(create_app(built[0], tiny))
+    local = TestClient(create_app(built[0], tiny), base_url=LOCAL)
     data = (built[1] / "img2.png").read_bytes()
     answers = []
     worker = threading.Thread(target=lambda: answers.append(_upload(local, data, "/classify", labels="a,b")))
@@ -320,7 +321,7 @@ def test_images_revalidate_with_an_etag(tiny, tmp_path):
     for i in range(3):
         (images / f"img{i}.png").write_bytes(_png(200 + i))
     build_index(tiny, images, tmp_path / "index", cache_dir=tmp_path / "cache", progress=False, workers=0)
-    local = TestClient(create_app(tmp_path / "index", tiny))
+    local = TestClient(create_app(tmp_path / "index", tiny), base_url=LOCAL)
     hit = local.get("/search", params={"q": "x", "k": 1}).json()["hits"][0]
     first = local.get(hit["url"])
     assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
@@ -337,7 +338,7 @@ def test_images_revalidate_with_an_etag(tiny, tmp_path):
     assert changed.status_code == 200 and changed.headers["etag"] != tag
     # a rebuilt index (an id may now name another file): every tag changes, even for the same id and file
     build_index(tiny, images, tmp_path / "index", cache_dir=tmp_path / "cache", progress=False, workers=0)
-    again = TestClient(create_app(tmp_path / "index", tiny))
+    again = TestClient(create_app(tmp_path / "index", tiny), base_url=LOCAL)
     same = next(h for h in again.get("/search", params={"q": "x", "k": 3}).json()["hits"] if h["name"] == hit["name"])
     rebuilt = again.get(same["url"], headers={"If-None-Match": changed.headers["etag"]})
     assert rebuilt.status_code == 200 and rebuilt.headers["etag"] not in (tag, changed.headers["etag"])
@@ -363,7 +364,7 @@ def test_a_shards_built_index_hides_paths(tiny, tmp_path):
                  mtimes=[p.stat().st_mtime for p in paths], identities=[f"id{i}" for i in range(3)],
                  captions=["a photo", None, None], embeddings=vectors)
     build_index(tiny, tmp_path / "shards", tmp_path / "index", cache_dir=tmp_path / "cache", progress=False)
-    local = TestClient(create_app(tmp_path / "index", tiny))
+    local = TestClient(create_app(tmp_path / "index", tiny), base_url=LOCAL)
     response = local.get("/search", params={"q": "a photo", "k": 3})
     assert response.status_code == 200, response.text
     assert "secret" not in response.text and str(tmp_path) not in response.text
@@ -434,7 +435,7 @@ def test_concurrent_decodes_are_bounded(monkeypatch):
     import threading
     import time
 
-    from cliplab.service import app as service_app
+    from cliplab.service import uploads as service_app
 
     running, peak, guard = [0], [0], threading.Lock()
     original = service_app._decode
@@ -516,7 +517,7 @@ def test_serve_command_builds_the_app_with_the_index_model(built, tmp_path, monk
     assert result.exit_code == 0, result.output
     assert ran["port"] == 8123 and ran["host"] == "127.0.0.1" and "serving 8 images" in result.output
     assert ran["app"].state.max_upload_bytes == 2**20
-    assert TestClient(ran["app"]).get("/healthz").json()["count"] == N_IMAGES
+    assert TestClient(ran["app"], base_url=LOCAL).get("/healthz").json()["count"] == N_IMAGES
     # another model: refused in one line naming the mismatch, nothing served
     ran.clear()
     result = CliRunner().invoke(app, ["serve", "--index-dir", str(index_dir), "--model", "tiny", "--seed", "1",
@@ -533,7 +534,7 @@ def test_an_image_deleted_after_indexing_is_404_not_500(tiny, tmp_path):
     for i in range(3):
         (images / f"img{i}.png").write_bytes(_png(100 + i))
     build_index(tiny, images, tmp_path / "index", cache_dir=tmp_path / "cache", progress=False, workers=0)
-    local = TestClient(create_app(tmp_path / "index", tiny))
+    local = TestClient(create_app(tmp_path / "index", tiny), base_url=LOCAL)
     hits = local.get("/search", params={"q": "x", "k": 3}).json()["hits"]
     gone = next(h for h in hits if h["name"] == "img1.png")
     (images / "img1.png").unlink()

@@ -3,64 +3,74 @@
 Images are served by integer id only (the index maps ids to files; no request ever names a path), with an
 ETag of (index build, id, file size, mtime) and ``Cache-Control: no-cache``: ids are reassigned when an index
 is rebuilt, so a browser revalidates (304 when unchanged) instead of showing another image from its cache.
-Answers never carry a file system path: a hit's ``name`` is the file's base name and its ``extra`` fields are
-cleaned (``sanitize_extra``: ``name`` made relative to the indexed folder or cut to a base name, any other
-absolute-path value dropped), whatever the index stores (a shards-built index stores absolute paths).
+Only regular image files still inside the indexed folder are served, checked when requested (``files.py``:
+resolved path, no symlink or ``../`` escape unless the index was built with ``--serve-outside``, bytes PIL
+identifies and verifies). Answers never carry a file system path: a hit's ``name`` is the file's base name
+and its ``extra`` fields are cleaned (``sanitize_extra``: ``name`` made relative to the indexed folder or cut
+to a base name, any other absolute-path value dropped), whatever the index stores.
 
 Uploads are size-limited twice: an ASGI guard answers 413 as soon as the request body passes the limit (plus
-room for the multipart framing), and each endpoint reads the file in chunks up to the limit. Images are
-decoded by PIL restricted to ``UPLOAD_FORMATS`` (anything else, TIFF, EPS, PSD..., is a 415 before a decoder
-runs), with a pixel-count guard (decompression bombs: 413), ``verify()``, JPEG draft-mode downscaling and a
-conversion to RGB; at most ``DECODE_SLOTS`` uploads decode at once, which bounds the decoding memory whatever
-the number of concurrent requests. Every error answer is JSON ``{"detail": "<one message>"}``.
+room for the multipart framing), and each endpoint reads the file in chunks up to the limit. Reading, decoding
+(PIL restricted to ``UPLOAD_FORMATS``, pixel guard, ``verify()``) and the model's preprocessing run inside one
+bounded section (``uploads.py``: ``DECODE_SLOTS`` at once, ``PIXELS_IN_FLIGHT`` decoded pixels at most, a
+bounded queue, then 503): only the model's input tensor waits for the model, so memory stays flat whatever the
+number of requests. Every error answer is JSON ``{"detail": "<one message>"}``. Requests whose Host header is
+not a name the server is served under are answered 400 (``hosts.py``, DNS rebinding).
 
-Endpoints are plain functions, so FastAPI runs them in its threadpool. The model's forward passes run
-without a lock (PyTorch inference is thread-safe); one lock guards the FAISS search and the SQLite rows, held
-only for the search itself. ``/classify`` embeds a new label set through ``cliplab.features.text`` (prompt
-embeddings cached on disk) under its own lock, never under the index lock, so a new label set cannot stall
-searches. FAISS runs single-threaded in the server (``faiss.omp_set_num_threads(1)``, set by ``create_app``):
-a single query gains nothing from OpenMP, and concurrent requests each spinning up an OpenMP team contend
-badly (measured 68 ms against 2 ms per query under contention); concurrency comes from the threadpool.
+Endpoints are plain functions, so FastAPI runs them in its threadpool. Each request answers from one snapshot
+of the index (``reload.py``): a version published by ``cliplab index update`` is loaded on the next request and
+swapped in atomically, requests under way finish on the one they started with. The model's forward passes run
+without a lock (PyTorch inference is thread-safe); a lock per snapshot guards its FAISS search and SQLite rows,
+held only for the search itself. ``/classify`` label sets (``labels.py``) are computed outside any shared lock,
+kept in memory (least recently used dropped) and, with a ``label_cache_dir``, on disk within bounds.
+``create_app`` changes two process-wide settings: glibc's mmap threshold (``uploads.map_large_buffers``) and
+FAISS's thread count. FAISS runs
+single-threaded in the server (``faiss.omp_set_num_threads(1)``, set by ``create_app``): a single query gains
+nothing from OpenMP, and concurrent requests each spinning up an OpenMP team contend badly (measured 68 ms
+against 2 ms per query under contention); concurrency comes from the threadpool.
 """
-
 from __future__ import annotations
 
 import hashlib
-import io
-import mimetypes
 import os
 import re
-import threading
-import warnings
-from collections import OrderedDict
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps
 from pydantic import BaseModel, Field
 from scipy.special import softmax
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import CliplabError
+from .files import NotServed
+from .hosts import AllowedHosts, HostGuard
+from .labels import LabelSets
+from .reload import LiveIndex
+from .reload import build_id as _build_id  # noqa: F401 - the name tests and callers know
+from .uploads import (  # noqa: F401 - re-exported: the upload rules are part of this module's contract
+    DECODE_SLOTS,
+    DRAFT_SIDE,
+    FORMATS_HINT,
+    MAX_PIXELS,
+    PIXELS_IN_FLIGHT,
+    UPLOAD_FORMATS,
+    decode_image,
+    map_large_buffers,
+    prepare_upload,
+    read_upload,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 100
 DEFAULT_K = 20
-# An upload with more pixels is refused before it is decoded (413). 24 Mpx admits full-size photos of common
-# cameras (6000x4000) while one decoded RGB image stays under about 72 MB (a few copies during conversion):
-# with DECODE_SLOTS concurrent decodes, a few hundred MB at most, whatever the number of requests.
-MAX_PIXELS = 24_000_000
-UPLOAD_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")  # the only decoders PIL may run on an upload
-FORMATS_HINT = "upload a JPEG, PNG, GIF, WebP or BMP file"
-DECODE_SLOTS = 3  # uploads decoded at the same time (the others wait): bounds decoding memory
-DRAFT_SIDE = 512  # JPEGs are decoded at the smallest 1/2, 1/4, 1/8 scale keeping both sides >= this
-_DECODING = threading.BoundedSemaphore(DECODE_SLOTS)
 MAX_QUERY_CHARS = 1000
 MAX_LABELS = 64
 LABEL_SETS = 64  # label-set weights kept in memory (least recently used dropped)
@@ -97,6 +107,8 @@ class HealthOut(BaseModel):
     dim: int
     index_type: str
     version: str
+    reload_error: str | None = Field(None, description="Set while a newer published index version could not be "
+                                                       "loaded (the previous one is served).")
 
 
 class LabelProbability(BaseModel):
@@ -121,51 +133,6 @@ def _fail(status: int, detail: str) -> HTTPException:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:g} MiB"
-
-
-def read_upload(upload: UploadFile, limit: int) -> bytes:
-    """The uploaded file's bytes, read in chunks; 413 as soon as it passes ``limit``, 400 when it is empty."""
-    chunks, total = [], 0
-    upload.file.seek(0)
-    while chunk := upload.file.read(CHUNK):
-        total += len(chunk)
-        if total > limit:
-            raise _fail(413, f"upload larger than the {_mib(limit)} limit")
-        chunks.append(chunk)
-    if not total:
-        raise _fail(400, "the uploaded file is empty")
-    return b"".join(chunks)
-
-
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode untrusted bytes to an RGB image: only ``UPLOAD_FORMATS`` (else 415), pixel guard (413),
-    ``verify()``, JPEG draft downscaling, EXIF rotation; at most ``DECODE_SLOTS`` decodes at once."""
-    with _DECODING:
-        return _decode(data, max_pixels)
-
-
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            probe = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-            width, height = probe.size
-            if width * height > max_pixels:
-                raise _fail(413, f"image too large: {width}x{height} pixels (limit {max_pixels:,} pixels)")
-            probe.verify()
-            image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-            if image.format == "JPEG" and min(width, height) >= 2 * DRAFT_SIDE:
-                image.draft("RGB", (DRAFT_SIDE, DRAFT_SIDE))  # DCT scaling: a fraction of the work and memory
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except HTTPException:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _fail(413, f"image too large: {exc}") from exc
-    except Image.UnidentifiedImageError as exc:
-        raise _fail(415, f"not an image in an accepted format; {FORMATS_HINT}") from exc
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error...) on bad files
-        raise _fail(415, f"not a readable image ({type(exc).__name__}: {str(exc)[:200]}); {FORMATS_HINT}") from exc
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
@@ -299,14 +266,6 @@ def single_threaded_faiss() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def _build_id(index) -> str:
-    """What identifies this build of the index: its manifest's digest (ids are reassigned by a rebuild)."""
-    try:
-        return hashlib.sha256((Path(index.root) / "manifest.json").read_bytes()).hexdigest()[:16]
-    except OSError:
-        return hashlib.sha256(repr(sorted((getattr(index, "manifest", None) or {}).items())).encode()).hexdigest()[:16]
-
-
 def image_etag(build_id: str, image_id: int, size: int, mtime_ns: int) -> str:
     """A strong ETag of an image as served: the index build, the id, and the file's size and mtime."""
     return '"' + hashlib.sha256(f"{build_id}:{image_id}:{size}:{mtime_ns}".encode()).hexdigest()[:32] + '"'
@@ -320,30 +279,43 @@ def _matches(if_none_match: str | None, tag: str) -> bool:
     return "*" in tags or tag in tags
 
 
-def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20) -> FastAPI:
+def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20, allowed_hosts: AllowedHosts | None = None,
+               label_cache_dir: str | Path | None = None) -> FastAPI:
     """The search service over the index in ``index_dir``, queried with ``backbone`` (checked against it).
 
+    ``allowed_hosts``: the Host headers answered (default: those of a loopback bind, ``localhost``,
+    ``127.0.0.1``, ``::1``; ``cliplab serve`` passes its ``--host`` and ``--allowed-hosts``).
+    ``label_cache_dir``: where ``/classify`` label sets are kept on disk (bounded; default: memory only).
     Raises ``SearchIndexError`` for a missing or broken index and ``ModelMismatchError`` when ``backbone``
     is not the model the index was built with.
     """
-    from ..search import SearchIndex
-
-    index = SearchIndex.open(index_dir)
-    index.check_model(backbone)
+    live = LiveIndex(index_dir, backbone)
     single_threaded_faiss()
-    lock = threading.Lock()  # the FAISS index and its rows
-    labels_lock = threading.Lock()  # label-set weights: one new set embedded at a time, never under `lock`
-    weights: OrderedDict[tuple[str, ...], object] = OrderedDict()  # label set -> its fitted zero-shot head
+    map_large_buffers()  # decoded pictures go back to the system when freed (uploads.py)
     page = (STATIC / "index.html").read_text()
-    build_id = _build_id(index)
-    source = (getattr(index, "manifest", None) or {}).get("source") or {}
-    root = source.get("location") if source.get("kind") == "folder" else None
+
+    def compute_label_head(names: list[str]):
+        """The fitted zero-shot head of a label set, built as ``cliplab classify`` builds it (one provider,
+        ``eval.inputs.build_head``); its prompt embeddings go to a scratch cache removed right after, so
+        labels sent to the service never pile up in the feature cache."""
+        from ..eval.inputs import build_head, for_single_images
+
+        with tempfile.TemporaryDirectory(prefix="cliplab-labels-") as scratch:
+            return for_single_images(build_head(CLASSIFY_METHOD, backbone, names, cache_dir=scratch).fit())
+
+    label_sets = LabelSets(compute_label_head, {"model_id": backbone.model_id, "method": CLASSIFY_METHOD,
+                                                "templates": CLASSIFY_TEMPLATES,
+                                                "tokenizer": getattr(backbone, "tokenizer_id", None)},
+                           label_cache_dir, dim=int(backbone.embed_dim), memory=LABEL_SETS)
 
     app = FastAPI(title="cliplab search", version=__version__,
                   description="Search an indexed image collection by text or by image, classify an image "
-                              "zero-shot, fetch indexed images by id. The web page is at /.")
-    app.state.index, app.state.backbone, app.state.max_upload_bytes = index, backbone, max_upload_bytes
+                              "zero-shot, fetch indexed images by id. The web page is at /. A request whose "
+                              "Host header is not a name the server is served under is answered 400.")
+    app.state.live, app.state.backbone, app.state.max_upload_bytes = live, backbone, max_upload_bytes
+    app.state.label_sets = label_sets
     app.add_middleware(UploadLimit, limit=max_upload_bytes + FORM_OVERHEAD)
+    app.add_middleware(HostGuard, allowed=allowed_hosts if allowed_hosts is not None else AllowedHosts())
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(StarletteHTTPException)
@@ -362,25 +334,18 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20) -> Fa
     async def _cliplab_error(request: Request, exc: CliplabError):
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
-    def hits_out(hits) -> list[HitOut]:
+    def hits_out(hits, root: str | None) -> list[HitOut]:
         return [HitOut(id=h.id, score=float(h.score), caption=h.caption, extra=sanitize_extra(h.extra, root),
                        url=f"/images/{h.id}", name=public_name(h.path) if h.path else "") for h in hits]
 
     def label_head(names: list[str]):
-        """The fitted zero-shot head of a label set, built as ``cliplab classify`` builds it (one provider,
-        ``eval.inputs.build_head``): cached in memory, prompt embeddings cached on disk."""
-        from ..eval.inputs import build_head, for_single_images
+        """The zero-shot head of a label set (``labels.LabelSets``: computed once, outside any shared lock)."""
+        return label_sets.get(names)
 
-        key = tuple(names)
-        with labels_lock:
-            found = weights.get(key)
-            if found is None:
-                found = for_single_images(build_head(CLASSIFY_METHOD, backbone, names).fit())
-                weights[key] = found
-                while len(weights) > LABEL_SETS:
-                    weights.popitem(last=False)
-            weights.move_to_end(key)
-            return found
+    def query_image(image: UploadFile) -> np.ndarray:
+        """The uploaded image's embedding: read, decoded and preprocessed in the bounded section, then encoded."""
+        pixels = prepare_upload(image, max_upload_bytes, backbone.preprocess)
+        return backbone.encode_images(pixels.unsqueeze(0)).numpy().astype(np.float32)
 
     @app.get("/", include_in_schema=False)
     def home() -> HTMLResponse:
@@ -388,8 +353,9 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20) -> Fa
 
     @app.get("/healthz", response_model=HealthOut, summary="Service and index status")
     def healthz() -> HealthOut:
+        index = live.current().index
         return HealthOut(status="ok", model_id=index.model_id, count=index.count, dim=index.dim,
-                         index_type=str(index.index_type), version=__version__)
+                         index_type=str(index.index_type), version=__version__, reload_error=live.error)
 
     @app.get("/search", response_model=SearchOut, responses=_errors(400, 422), summary="Search images by text")
     def search(q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="What to look for."),
@@ -397,59 +363,60 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20) -> Fa
         text = q.strip()
         if not text:
             raise _fail(422, "q: the query is empty; type some words to search for")
-        query = index.text_vector(backbone, text)  # the forward pass: no lock
-        with lock:
-            hits = index.search_vectors(query, k)[0]
-        return SearchOut(k=k, hits=hits_out(hits))
+        snapshot = live.current()
+        query = snapshot.index.text_vector(backbone, text)  # the forward pass: no lock
+        with snapshot.lock:
+            hits = snapshot.index.search_vectors(query, k)[0]
+        return SearchOut(k=k, hits=hits_out(hits, snapshot.root))
 
-    @app.post("/search/image", response_model=SearchOut, responses=_errors(400, 413, 415, 422),
+    @app.post("/search/image", response_model=SearchOut, responses=_errors(400, 413, 415, 422, 503),
               summary="Search images by an example image")
     def search_image(image: UploadFile = File(..., description="The query image."),
                      k: int = Query(DEFAULT_K, ge=1, le=MAX_K, description="How many results.")) -> SearchOut:
-        picture = decode_image(read_upload(image, max_upload_bytes))
-        query = index.image_vector(backbone, picture)
-        with lock:
-            hits = index.search_vectors(query, k)[0]
-        return SearchOut(k=k, hits=hits_out(hits))
+        query = query_image(image)
+        snapshot = live.current()
+        with snapshot.lock:
+            hits = snapshot.index.search_vectors(query, k)[0]
+        return SearchOut(k=k, hits=hits_out(hits, snapshot.root))
 
-    @app.post("/classify", response_model=ClassifyOut, responses=_errors(400, 413, 415, 422),
+    @app.post("/classify", response_model=ClassifyOut, responses=_errors(400, 413, 415, 422, 503),
               summary="Zero-shot classification of an image among the given labels")
     def classify(image: UploadFile = File(..., description="The image to classify."),
                  labels: list[str] = Form(..., description=f"Labels (at most {MAX_LABELS}): one per repeated "
                                                            "field (commas kept), or one comma-separated field.")
                  ) -> ClassifyOut:
         names = parse_labels(labels)
-        picture = decode_image(read_upload(image, max_upload_bytes))
+        pixels = prepare_upload(image, max_upload_bytes, backbone.preprocess)
         head = label_head(names)
-        features = backbone.encode_images(backbone.preprocess(picture).unsqueeze(0)).numpy()
+        features = backbone.encode_images(pixels.unsqueeze(0)).numpy()
         logits = head.logit_scale_ * (np.asarray(features, np.float64) @ head.weights_)  # gives class_weights
         probabilities = [float(p) for p in softmax(logits, axis=1)[0]]
         ranked = sorted(zip(names, probabilities), key=lambda pair: -pair[1])
         return ClassifyOut(labels=names, probabilities=probabilities, templates=CLASSIFY_TEMPLATES,
                            predictions=[LabelProbability(label=n, probability=p) for n, p in ranked])
 
-    @app.get("/images/{image_id}", response_class=FileResponse, responses=_errors(404, 422),
-             summary="An indexed image's bytes, by id")
+    @app.get("/images/{image_id}", response_class=StreamingResponse, responses=_errors(403, 404, 422),
+             summary="An indexed image's bytes, by id (a regular image file inside the indexed folder)")
     def image_bytes(request: Request,
                     image_id: int = PathParam(..., ge=0, le=MAX_ID, description="The id from a search hit.")):
-        with lock:  # the index's own messages name folders: the answers below name only the id
-            if index.item(image_id) is None:
-                raise _fail(404, f"no image with id {image_id} in the index")
-            try:
-                path = Path(index.image_file(image_id))
-            except CliplabError:
-                path = None
+        snapshot = live.current()
+        with snapshot.lock:  # the index's own messages name folders: the answers below name only the id
+            row = snapshot.index.item(image_id)
+        if row is None:
+            raise _fail(404, f"no image with id {image_id} in the index")
         try:
-            stat = path.stat() if path is not None and path.is_file() else None
-        except OSError:
-            stat = None
-        if stat is None:
-            raise _fail(404, f"the image of id {image_id} is no longer on disk; run `cliplab index update`")
-        tag = image_etag(build_id, image_id, stat.st_size, stat.st_mtime_ns)
-        headers = {"ETag": tag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+            opened = snapshot.files.open(row["path"], row["size"], row["mtime"])
+        except NotServed as refused:
+            raise _fail(refused.status, f"the image of id {image_id} {refused.reason}") from None
+        facts = opened.stat
+        tag = image_etag(snapshot.build_id, image_id, facts.st_size, facts.st_mtime_ns)
+        headers = {"ETag": tag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                   "Content-Length": str(facts.st_size)}
         if _matches(request.headers.get("if-none-match"), tag):
+            opened.close()
+            headers.pop("Content-Length")
             return Response(status_code=304, headers=headers)
-        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, media_type=media_type, headers=headers, stat_result=stat)
+        return StreamingResponse(opened.chunks(), media_type=opened.media_type, headers=headers,
+                                 background=BackgroundTask(opened.close))
 
     return app
