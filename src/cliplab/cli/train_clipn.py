@@ -32,13 +32,20 @@ def train_clipn(
     """Train CLIPN (CLIP that can say "no") on captioned images; writes the folder cliplab ood --clipn reads.
 
     The image tower and CLIP's own text tower stay frozen: image features come from the feature cache, and only a
-    copy of the text tower and the "no" prompts train (seeded, resumable from OUTPUT/train_state).
+    copy of the text tower and the "no" prompts train (seeded, resumable from OUTPUT/train_state). A source with
+    splits trains on its train split unless --split names another.
     """
-    from ..data import load_dataset
+    from ..data import dataset_splits, load_dataset
     from ..data.base import Subset
     from ..train.clipn import train_clipn as train
 
-    dataset = load_dataset(source, data.data_root, data.split, run.hash_content)
+    split = data.split
+    if split is None:  # a source with splits trains on its train split, one without on all of it
+        try:
+            split = "train" if "train" in dataset_splits(source) else None
+        except (OSError, ValueError):
+            split = None
+    dataset = load_dataset(source, data.data_root, split, run.hash_content)
     report_skipped(dataset)
     if dataset.captions is None:
         raise CliplabError(f"{source}: CLIPN trains on image-caption pairs; this source has no captions")
