@@ -16,7 +16,7 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port to listen on."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001, help="Largest accepted upload (MiB)."),
     allowed_hosts: list[str] = typer.Option(
-        [], "--allowed-hosts", help="Other names the server is reached by (repeat, or comma-separated; "
+        [], "--allowed-hosts", metavar="NAME", help="Other names the server is reached by (repeat, or comma-separated; "
                                     "*.example.org for sub-domains, * for any). Requests naming another Host are "
                                     "refused (DNS rebinding); the bound address (and localhost for a loopback "
                                     "bind) is always allowed."),
