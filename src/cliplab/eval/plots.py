@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,41 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .metrics import calibration_bins, expected_calibration_error, normalized_confusion  # noqa: E402
+
+MARGIN_PX = 4  # a title keeps this far from the figure's edges
+
+
+def _titles(fig) -> list:
+    """The figure's title texts, the non-empty ones: its suptitle (in ``fig.texts``) and every axes' title."""
+    return [t for t in [*fig.texts, *(ax.title for ax in fig.axes)] if t.get_text()]
+
+
+def _rewrap(text, width: int, lines: list[str]) -> None:
+    text.set_text("\n".join(textwrap.fill(line, width, break_long_words=True, break_on_hyphens=False) or line
+                             for line in lines))
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay the figure out with every title wrapped to fit inside it (a long model path or run name is never
+    clipped at the figure's edge), then write the PNG and close the figure."""
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    right = fig.bbox.width - MARGIN_PX
+    for text in _titles(fig):
+        lines = text.get_text().split("\n")
+        width = max(len(line) for line in lines)
+        for _ in range(20):  # shrink the wrap width in proportion to the overflow until the title fits
+            box = text.get_window_extent(renderer)
+            if (box.x0 >= MARGIN_PX and box.x1 <= right) or width <= 8:
+                break
+            centre = (box.x0 + box.x1) / 2
+            room = 2 * min(centre - MARGIN_PX, right - centre)  # the title stays centred where it is
+            width = max(8, min(width - 1, int(width * room / box.width)))
+            _rewrap(text, width, lines)
+            fig.tight_layout()  # room for the added lines
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_confusion(y_true, y_pred, class_names: Sequence[str], path: Path, title: str) -> Path:
@@ -33,10 +69,7 @@ def plot_confusion(y_true, y_pred, class_names: Sequence[str], path: Path, title
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_reliability(y_true, probs, path: Path, title: str, n_bins: int = 15) -> Path:
@@ -59,10 +92,7 @@ def plot_reliability(y_true, probs, path: Path, title: str, n_bins: int = 15) ->
     hist.set_xlabel("confidence (max probability)")
     hist.set_ylabel("images")
     hist.set_xlim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_fewshot_curve(table: dict[str, dict[int, tuple[float, float]]], path: Path, title: str) -> Path:
@@ -81,10 +111,7 @@ def plot_fewshot_curve(table: dict[str, dict[int, tuple[float, float]]], path: P
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_ood_roc(scores: dict[str, dict[str, np.ndarray]], id_name: str, path: Path, title: str) -> Path:
@@ -109,10 +136,7 @@ def plot_ood_roc(scores: dict[str, dict[str, np.ndarray]], id_name: str, path: P
     ax.set_ylim(0, 1.01)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_ood_histograms(scores: dict[str, dict[str, np.ndarray]], id_name: str, path: Path, title: str,
@@ -130,10 +154,7 @@ def plot_ood_histograms(scores: dict[str, dict[str, np.ndarray]], id_name: str, 
         ax.legend(fontsize=7)
     axes[-1, 0].set_xlabel("score (higher = more in-distribution)")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_robustness(rows: Sequence[dict], path: Path, title: str) -> Path:
@@ -159,7 +180,4 @@ def plot_robustness(rows: Sequence[dict], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
