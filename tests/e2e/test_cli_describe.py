@@ -16,15 +16,17 @@ REPLAY = Path(__file__).parents[1] / "data" / "describe_replay_cifar10.json"
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def test_describe_cifar10_from_the_replay_file(tmp_path):
-    out = tmp_path / "cupl.json"
+def test_describe_cifar10_from_the_replay_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal width and a long path: output that is not a terminal
+    out = tmp_path.joinpath(*["a_long_folder_name_as_in_a_deep_clone"] * 4) / "cupl.json"  # prints them whole
+    out.parent.mkdir(parents=True)
     result = runner.invoke(app, ["describe", "--dataset", "cifar10", "--style", "cupl", "--llm", f"replay:{REPLAY}",
                                  "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
     descriptions = load_descriptions(out, CIFAR10)
     assert descriptions["cat"][0] == "A cat has four legs, pointed ears and whiskers."
     assert "A cat has four legs, pointed ears and whiskers." in result.output  # the table's first description
-    assert "wrote" in result.output and "10 classes" in result.output
+    assert f"wrote {out}: 10 classes; " in result.output.splitlines()[-1]  # one line, the path whole
 
 
 def test_labels_file_dclip_and_a_missing_class(tmp_path):

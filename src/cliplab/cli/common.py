@@ -13,13 +13,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.text import Text
 
 from ..errors import CliplabError
 
-console = Console()
-err_console = Console(stderr=True)
+UNWRAPPED_WIDTH = 100_000  # "no limit" for rich: tables do not expand, so lines stay as long as their content
+
+
+class _Console(Console):
+    """rich's Console, except that output that is not a terminal (a pipe, a file, a log, a test runner) is never
+    wrapped, folded or elided at the terminal width (80 or $COLUMNS there): a path or a summary line stays whole on
+    one line, so it can be copied and grepped. On a terminal rich's own width applies. Decided at each print, since
+    the stream (sys.stdout/sys.stderr) may be replaced after import."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return size if self.is_terminal else ConsoleDimensions(max(size.width, UNWRAPPED_WIDTH), size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 STATE = {"debug": False}
 RECIPE_PREFIX = "recipe:"
 DEFAULT_MODEL_SPEC = "ViT-B-32:laion2b_s34b_b79k"  # = cliplab.models.DEFAULT_MODEL_SPEC (a test keeps them equal)
