@@ -69,6 +69,7 @@ from .uploads import (  # noqa: F401 - re-exported: the upload rules are part of
 )
 
 STATIC = Path(__file__).resolve().parent / "static"
+DOCS_ASSETS = "/docs-assets"  # Swagger UI and ReDoc served from an installed package, never a CDN: /docs works offline
 MAX_K = 100
 DEFAULT_K = 20
 MAX_QUERY_CHARS = 1000
@@ -279,6 +280,29 @@ def _matches(if_none_match: str | None, tag: str) -> bool:
     return "*" in tags or tag in tags
 
 
+def _offline_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts, styles and icon from the installed fastapi-offline
+    package under /docs-assets, so the API documentation renders on a machine without internet access."""
+    from importlib.resources import files
+
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def _swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def _redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                              redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
+
+
 def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20, allowed_hosts: AllowedHosts | None = None,
                label_cache_dir: str | Path | None = None) -> FastAPI:
     """The search service over the index in ``index_dir``, queried with ``backbone`` (checked against it).
@@ -308,7 +332,7 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20, allow
                                                 "tokenizer": getattr(backbone, "tokenizer_id", None)},
                            label_cache_dir, dim=int(backbone.embed_dim), memory=LABEL_SETS)
 
-    app = FastAPI(title="cliplab search", version=__version__,
+    app = FastAPI(title="cliplab search", version=__version__, docs_url=None, redoc_url=None,
                   description="Search an indexed image collection by text or by image, classify an image "
                               "zero-shot, fetch indexed images by id. The web page is at /. A request whose "
                               "Host header is not a name the server is served under is answered 400.")
@@ -317,6 +341,7 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20, allow
     app.add_middleware(UploadLimit, limit=max_upload_bytes + FORM_OVERHEAD)
     app.add_middleware(HostGuard, allowed=allowed_hosts if allowed_hosts is not None else AllowedHosts())
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _offline_docs(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
