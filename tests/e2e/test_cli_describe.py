@@ -108,3 +108,14 @@ def test_show_prompts_asks_nothing():
     assert result.exit_code == 0, result.output
     prompts = json.loads(result.output)
     assert len(prompts["cat"]) == 5 and "a cat (a photo of a pet)" in prompts["cat"][0]
+
+
+def test_an_endpoint_without_a_model_name_names_the_option(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLIPLAB_LLM_MODEL", raising=False)
+    result = runner.invoke(app, ["describe", "--labels", "cat,dog", "--llm", "http://127.0.0.1:9/v1", "-o",
+                                 str(tmp_path / "d.json")])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--llm-model NAME" in errors[0] and "CLIPLAB_LLM_MODEL" in errors[0]
+    assert "model=" not in result.output  # the Python keyword is not an option a user can pass
+    assert not (tmp_path / "d.json").exists()

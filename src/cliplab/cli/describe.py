@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -79,7 +80,11 @@ def describe(
         raise CliplabError("give the file to write with --output/-o (a .json or .json.gz)")
     if not (output.name.endswith(".json") or output.name.endswith(".json.gz")):
         raise CliplabError(f"--output {output}: use a .json or .json.gz file name")
-    kwargs = {"model": llm_model} if llm_model and llm.startswith(("http://", "https://")) else {}
+    endpoint = llm.startswith(("http://", "https://"))
+    if endpoint and not (llm_model or os.environ.get("CLIPLAB_LLM_MODEL")):  # the backend would say "model="
+        raise LLMError(f"--llm {llm}: no model name for this endpoint: pass --llm-model NAME or set "
+                       "CLIPLAB_LLM_MODEL")
+    kwargs = {"model": llm_model} if llm_model and endpoint else {}
     model = load_llm(llm, **kwargs)
     descriptions, failures = generate_descriptions(model, names, style, n_per_prompt=n_per_prompt, domain=domain,
                                                    mention=mention, record=record, progress=not quiet)
