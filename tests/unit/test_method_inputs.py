@@ -186,3 +186,9 @@ def test_a_head_that_gives_a_backbone_has_its_test_images_embedded_through_it(ti
 
 def test_create_head_still_builds_with_the_heads_own_defaults(tiny):
     assert create_head("tip-adapter", backbone=tiny, class_names=NAMES).templates == "generic"
+
+
+def test_the_service_names_the_templates_its_classifier_gets():
+    from cliplab.service.app import CLASSIFY_METHOD, CLASSIFY_TEMPLATES
+
+    assert resolve_templates(CLASSIFY_METHOD) == CLASSIFY_TEMPLATES  # no dataset: the declared default's fallback
