@@ -64,21 +64,38 @@ class RunOptions:
     runtime: str | None = None
     long_text: str | None = None
     long_text_positions: bool = False
+    build_recipe: bool = False
+
+    def model_name(self) -> str:
+        """The ``load_model`` name of ``--model``: a ``recipe:NAME`` is its built folder. A recipe not built yet
+        is an error saying how long a build takes and how to start one, unless ``--build-recipe`` was given."""
+        name = self.model or DEFAULT_MODEL_SPEC
+        if not name.startswith(RECIPE_PREFIX):
+            return name
+        from ..train.recipes import recipe_model
+
+        def announce(line: str) -> None:
+            err_console.print(Text.assemble(("note: ", "yellow"), line), soft_wrap=True)
+
+        recipe = name[len(RECIPE_PREFIX):]
+        with interrupted_build(recipe):
+            return str(recipe_model(recipe, progress=not self.quiet, build=self.build_recipe, announce=announce))
 
     def load_backbone(self):
-        """``load_model`` with these options; prints notes about random weights or a guessed activation."""
+        """``load_model`` with these options; prints notes about random weights or a guessed activation.
+        The backbone's ``display_name`` is ``--model`` as given (``recipe:NAME``, the path, the open_clip name)."""
         from ..models import load_model
 
-        name = self.model or DEFAULT_MODEL_SPEC
-        if name.startswith(RECIPE_PREFIX):  # a cliplab pretraining recipe: trained on first use, then cached
-            from ..train.recipes import recipe_model
-
-            name = str(recipe_model(name[len(RECIPE_PREFIX):], progress=not self.quiet))
-        with console.status(f"loading {name}", spinner="dots"):
+        given = self.model or DEFAULT_MODEL_SPEC
+        name = self.model_name()
+        with console.status(f"loading {given}", spinner="dots"):
             backbone = load_model(name, self.pretrained, self.device, arch=self.arch, config=self.config,
                                   quick_gelu=self.quick_gelu, seed=self.seed, precision=self.precision,
                                   runtime=self.runtime, long_text=self.long_text,
                                   long_text_positions=self.long_text_positions)
+        if given != name:
+            backbone.display_name = given
+        name = given
         if backbone.info.random_weights:
             err_console.print(Text.assemble(("note: ", "yellow"), f"{name} has random weights; "
                                             "predictions are meaningless"))
@@ -134,6 +151,9 @@ RUN_OPTIONS = {
                               "kept, a warning counts them), chunk (embed context-sized pieces and average) or error."),
     "long_text_positions": typer.Option(False, "--long-positions", help="Stretch the text positional embedding as "
                                         "Long-CLIP does (77 -> 248 tokens, zero-shot; model id gets +longpos20x4)."),
+    "build_recipe": typer.Option(False, "--build-recipe", help="With --model recipe:NAME not built yet: train it "
+                                 "now (minutes; cliplab pretrain --recipe NAME does the same). Without it such a "
+                                 "--model is an error saying how long a build takes."),
 }
 DATA_OPTIONS = {
     "data_root": typer.Option(None, "--data-root", help="Folder holding named datasets (default: $CLIPLAB_DATA or "
@@ -213,6 +233,29 @@ def description_method(method: str | None, descriptions: Path | None) -> str:
         raise CliplabError(f"--method {method} takes no --descriptions (description methods: "
                            f"{', '.join(method_names(need='descriptions'))})")
     return method
+
+
+@contextlib.contextmanager
+def interrupted_build(recipe: str | None = None, folder: Path | None = None):
+    """Ctrl-C during a training run: say what was kept (the last checkpoint) or that nothing was, and exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from ..train.loop import CHECKPOINT, STATE_DIR
+
+        if folder is None and recipe is not None:
+            from ..train.recipes import recipe_config, recipe_folder
+
+            folder = recipe_folder(recipe_config(recipe), recipe)
+        checkpoint = None if folder is None else Path(folder) / STATE_DIR / CHECKPOINT
+        again = f"cliplab pretrain --recipe {recipe}" if recipe else "the same command"
+        if checkpoint is not None and checkpoint.is_file():
+            err_console.print(f"interrupted: the last checkpoint is kept in {checkpoint.parent}; run {again} "
+                              "to resume from it", highlight=False, soft_wrap=True)
+        else:
+            err_console.print("interrupted before the first checkpoint: nothing was kept; a new run starts from the "
+                              "beginning", highlight=False, soft_wrap=True)
+        sys.exit(130)
 
 
 def configure_logging(debug: bool) -> None:

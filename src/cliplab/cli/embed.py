@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..errors import CliplabError
-from .common import DEFAULT_MODEL_SPEC, RECIPE_PREFIX, DataOptions, RunOptions, command, console, report_failures
+from .common import DataOptions, RunOptions, command, console, report_failures
 from .evaluate import _load
 
 ENGINES = ("local", "ray")
@@ -17,11 +17,7 @@ ENGINES = ("local", "ray")
 def model_spec(run: RunOptions) -> dict:
     """``load_model`` keyword arguments from the run options (``recipe:NAME`` resolved to its folder), for
     processes that load the model themselves (Ray actors)."""
-    name = run.model or DEFAULT_MODEL_SPEC
-    if name.startswith(RECIPE_PREFIX):
-        from ..train.recipes import recipe_model
-
-        name = str(recipe_model(name[len(RECIPE_PREFIX):], progress=not run.quiet))
+    name = run.model_name()
     import dataclasses
     import inspect
 

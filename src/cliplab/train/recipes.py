@@ -20,11 +20,19 @@ from .loop import WEIGHTS, pretrain
 RECIPES: dict[str, dict] = {
     "cifar10-signal": {"source": "cifar10", "model": "cliplab-rn-32px", "templates": "cifar10", "steps": 1600,
                        "batch_size": 256, "lr": 2e-3, "warmup": 100, "crop_scale": 0.5, "eval_every": 200,
-                       "checkpoint_every": 100},
+                       "checkpoint_every": 100, "checkpoint_seconds": 120.0},
     "cifar10-ci": {"source": "cifar10", "model": "cliplab-rn-32px", "templates": "cifar10", "steps": 40,
                    "batch_size": 128, "lr": 2e-3, "warmup": 5, "crop_scale": 0.5, "eval_every": 20,
-                   "checkpoint_every": 20},
+                   "checkpoint_every": 20, "checkpoint_seconds": 120.0},
 }
+# what a build costs, from benchmarks/results/pretrain_cifar10.json (cifar10-signal: 1,600 steps in 15.5 min on 2
+# idle CPU cores, 0.58 s a step) and recipe_speed_cifar10-ci.json (cifar10-ci); a busy machine takes longer
+DURATIONS = {"cifar10-signal": "about 16 min on 2 idle CPU cores, longer on a busy machine",
+             "cifar10-ci": "about 2 min on 2 idle CPU cores, longer on a busy machine"}
+
+
+class RecipeNotBuiltError(PretrainOptionError):
+    """A recipe model was asked for without permission to train it."""
 
 
 def recipe_config(name: str, data_root: str | Path | None = None, **overrides) -> PretrainConfig:
@@ -42,15 +50,25 @@ def recipe_folder(config: PretrainConfig, name: str, models_dir: str | Path | No
 
 
 def recipe_model(name: str, data_root: str | Path | None = None, models_dir: str | Path | None = None,
-                 progress: bool = True, **overrides) -> Path:
+                 progress: bool = True, build: bool = True, announce=None, **overrides) -> Path:
     """The folder of recipe ``name``'s trained model, training it first if no finished copy is cached.
 
-    A half-finished build (killed) resumes from its last checkpoint; concurrent callers wait on a lock.
+    ``build=False`` raises :class:`RecipeNotBuiltError` (saying how long a build takes and how to start one)
+    instead of training; ``announce(line)`` is told before a build starts. A half-finished build (killed)
+    resumes from its last checkpoint; concurrent callers wait on a lock.
     """
     config = recipe_config(name, data_root, **overrides)
     folder = recipe_folder(config, name, models_dir)
     if is_finished(folder):
         return folder
+    if not build:
+        raise RecipeNotBuiltError(
+            f"recipe:{name} is not built yet: building it trains a model here ({DURATIONS.get(name, 'minutes')}); "
+            f"build it with: cliplab pretrain --recipe {name} (or add --build-recipe to this command)")
+    if announce is not None:
+        announce(f"building recipe:{name} ({config.steps:,} training steps, {DURATIONS.get(name, 'minutes')}; "
+                 f"checkpoints every {config.checkpoint_every} steps or {config.checkpoint_seconds / 60:g} min, an "
+                 f"interrupted build resumes from the last one) into {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
