@@ -44,7 +44,7 @@ def test_metrics_match_an_independent_computation(tiny, tmp_path):
                           "glmcm": glmcm(x, tiny.dense_features(images).numpy(), w, lambda_local=0.5)}
         if name == "id":
             accuracy = np.mean(logits.argmax(1) == data.labels)
-    record = json.loads((tmp_path / "out" / "ood.json").read_text())
+    record = json.loads(report.files["json"].read_text())
     assert record["metrics"]["id_accuracy"] == pytest.approx(accuracy)
     assert record["cliplab"]["fpr95_convention"] == "id-positive"
     for score in ("msp", "energy", "mcm", "glmcm"):
@@ -54,8 +54,28 @@ def test_metrics_match_an_independent_computation(tiny, tmp_path):
         want = ood_metrics(report.scores[score]["id"], report.scores[score]["ood"])
         assert got == pytest.approx(want)
         assert got["fpr95_convention"] == "id-positive" and got["n_id"] == 12 and got["n_ood"] == 5
-    for name in ("ood.json", "ood_roc.png", "ood_hist.png"):
-        assert (tmp_path / "out" / name).stat().st_size > 0
+    stem = report.files["json"].stem
+    assert stem.startswith("ood_zeroshot_id_") and "_tiny_" in stem  # what ran, on what, with which model
+    assert report.files["roc"].name == f"{stem}_roc.png" and report.files["histogram"].name == f"{stem}_hist.png"
+    for path in report.files.values():
+        assert path.parent == tmp_path / "out" and path.stat().st_size > 0
+
+
+def test_runs_with_other_settings_do_not_overwrite_each_other(tiny, tmp_path):
+    id_data, ood_data = (load_dataset(p) for p in _folders(tmp_path))
+    out = tmp_path / "out"
+
+    def run(scores):
+        return evaluate_ood(tiny, id_data, [ood_data], scores, ["a photo of a {c}."], out,
+                            cache_dir=tmp_path / "cache", batch_size=4).files
+
+    first = run(["msp"])
+    kept = first["json"].read_bytes()
+    second = run(["energy"])
+    assert set(first.values()).isdisjoint(second.values())
+    assert first["json"].read_bytes() == kept  # the first run's results are still there
+    assert run(["msp"]) == first  # the same run again replaces its own files
+    assert len(list(out.glob("*.json"))) == 2 and len(list(out.glob("*.png"))) == 4
 
 
 def test_a_new_score_plugs_in_by_registering_it_here(tiny, tmp_path, monkeypatch):
@@ -104,7 +124,9 @@ def test_cli_end_to_end_labels_the_fpr_convention(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "FPR@95 (ood-positive)" in result.output and "AUROC" in result.output
-    record = json.loads((out / "ood.json").read_text())
+    (path,) = out.glob("ood_*.json")
+    assert str(path) in result.output  # the command names the file it wrote
+    record = json.loads(path.read_text())
     assert record["cliplab"]["fpr95_convention"] == "ood-positive"
     assert set(record["metrics"]["ood"]["mcm"]) == {"ood", "ood'"}
     assert all(m["fpr95_convention"] == "ood-positive" for s in record["metrics"]["ood"].values() for m in s.values())

@@ -247,7 +247,8 @@ def test_command_line_runs_a_saved_head_or_a_method(tiny, split_data, tmp_path):
         out = tmp_path / how[0].strip("-")
         result = CliRunner().invoke(app, [*common, *how, "--scores", "msp,max-logit", "-o", str(out)])
         assert result.exit_code == 0, result.output
-        got = json.loads((out / "ood.json").read_text())["metrics"]["ood"]["msp"]["ood"]
+        (path,) = out.glob("ood_*.json")
+        got = json.loads(path.read_text())["metrics"]["ood"]["msp"]["ood"]
         assert got == pytest.approx(want), how
     both = CliRunner().invoke(app, [*common, "--head", str(tmp_path / "head"), "--method", "ncm"])
     assert both.exit_code == 2 and "not both" in both.output
@@ -323,5 +324,6 @@ def test_command_line_clipn_scores_read_the_artefact_folder(tiny, split_data, tm
     assert result.exit_code == 0, result.output
     scores = [atd_score(*clipn_probabilities(clipn, embed_images(tiny, d, cache).features, test.class_names,
                                              "generic")) for d in (test, ood)]
-    got = json.loads((tmp_path / "b" / "ood.json").read_text())["metrics"]["ood"]["clipn-atd"]["ood"]
+    (path,) = (tmp_path / "b").glob("ood_*.json")
+    got = json.loads(path.read_text())["metrics"]["ood"]["clipn-atd"]["ood"]
     assert got == pytest.approx(ood_metrics(*scores))

@@ -86,13 +86,17 @@ def test_command_end_to_end(tmp_path):
     result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "seeded subset of 5" in result.output and "AUROC" in result.output
-    record = json.loads((out / "robustness_id.json").read_text())
+    (path,) = out.glob("robustness_*.json")
+    assert path.name.startswith("robustness_zeroshot_id_") and "_tiny_" in path.name
+    record = json.loads(path.read_text())
     cells = record["cliplab"]["cells"]
     assert [(c["corruption"], c["severity"]) for c in cells] == [
         ("clean", 0), ("pixelate", 2), ("pixelate", 4), ("brightness", 2), ("brightness", 4)]
     assert all(0 <= c["acc1"] <= 1 and 0 <= c["auroc"] <= 1 for c in cells)
-    assert (out / "robustness_id.png").is_file()
+    assert path.with_suffix(".png").is_file()
     bad = CliRunner().invoke(app, ["0" if a == "2,4" else a for a in args], terminal_width=200)
     assert bad.exit_code == 2 and "severity" in bad.output
     no_ood = CliRunner().invoke(app, [a for a in args if a not in ("--ood", str(tmp_path / "ood"))])
     assert no_ood.exit_code == 0 and "AUROC" not in no_ood.output
+    runs = sorted(out.glob("robustness_*.json"))  # the run without --ood did not overwrite the one with it
+    assert len(runs) == 2 and path in runs and json.loads(path.read_text()) == record

@@ -127,7 +127,8 @@ def ood(
                                   "takes templates (default: its own)."),
     temperature: float = TemperatureOpt,
     lambda_local: float = LambdaOpt,
-    output_dir: Path = typer.Option(Path("results"), "--output-dir", "-o", help="Where ood.json and the PNGs go."),
+    output_dir: Path = typer.Option(Path("results"), "--output-dir", "-o", help="Where the results JSON and "
+                                    "PNGs go (ood_METHOD_DATASET_SPLIT_MODEL_HASH.*: no run overwrites another)."),
     run: RunOptions = None,
     data: DataOptions = None,
 ):

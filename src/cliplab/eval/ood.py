@@ -26,6 +26,7 @@ from ..ood import FPR_CONVENTIONS, ood_metrics
 from ..ood.base import OODScore, ScoreContext, ScoreInputs
 from ..ood.registry import create_score, list_scores, score_entry
 from .inputs import FitInputs, build_head, fit_method, prepare_fit, test_features
+from .naming import run_stem
 from .plots import plot_ood_histograms, plot_ood_roc
 from .results import results_record, write_json
 
@@ -284,8 +285,9 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
                  progress: bool = False, fit_datasets: tuple[ImageDataset, ImageDataset] | None = None,
                  artefact=None) -> OODReport:
     """Per score x OOD set: AUROC, FPR@95 (``fpr_convention``), AUPR-in/out (:func:`cliplab.ood.ood_metrics`), plus
-    the head's ID accuracy. Writes ``ood.json`` (atomically), ``ood_roc.png`` and ``ood_hist.png`` to
-    ``output_dir`` when given.
+    the head's ID accuracy. Writes ``<stem>.json`` (atomically), ``<stem>_roc.png`` and ``<stem>_hist.png`` to
+    ``output_dir`` when given, ``<stem>`` = ``ood_<method>_<ID dataset>_<split>_<model>_<settings hash>``
+    (:func:`cliplab.eval.naming.run_stem`: another run never overwrites this one).
 
     ``head``: None (the zero-shot head on ``templates``), a registered method name (built with ``head_params``,
     templates its own default unless ``head_params`` has them; fitted on ``fit_datasets`` when it needs data) or
@@ -360,9 +362,11 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
     if output_dir is not None:
         output_dir = Path(output_dir)
         title = f"{id_part.name} vs OOD · {id_part.features.model_id}"
-        files["json"] = write_json(record, output_dir / "ood.json")
-        files["roc"] = plot_ood_roc(values, id_part.name, output_dir / "ood_roc.png", title)
-        files["histogram"] = plot_ood_histograms(values, id_part.name, output_dir / "ood_hist.png", title)
+        stem = run_stem("ood", record, method=head_name(head), dataset=id_part.name, split=id_dataset.split,
+                        keys=[p.features.cache_key for p in (id_part, *ood_parts)])
+        files["json"] = write_json(record, output_dir / f"{stem}.json")
+        files["roc"] = plot_ood_roc(values, id_part.name, output_dir / f"{stem}_roc.png", title)
+        files["histogram"] = plot_ood_histograms(values, id_part.name, output_dir / f"{stem}_hist.png", title)
     return OODReport(record, values, files)
 
 

@@ -26,6 +26,7 @@ from ..models.backbone import Backbone
 from ..ood.metrics import ood_metrics
 from .evaluate import head_params as head_params_of
 from .metrics import expected_calibration_error, topk_accuracy
+from .naming import run_stem
 from .ood import (
     FIT_DATA_HINT,
     build_scores,
@@ -87,7 +88,8 @@ def evaluate_robustness(
     num_workers: int | None = None,
     progress: bool = True,
 ) -> RobustnessReport:
-    """Measure every cell; write ``robustness_<dataset>.json`` and ``.png`` under ``output_dir`` if given.
+    """Measure every cell; write ``<stem>.json`` and ``<stem>.png`` under ``output_dir`` if given, ``<stem>`` =
+    ``robustness_<method>_<dataset>_<split>_<model>_<settings hash>`` (another run never overwrites this one).
 
     ``head``: None (the zero-shot head on ``templates``), a registered method (built with ``head_params``, its own
     default templates unless they are in ``head_params``; fitted on ``fit_datasets`` = ID train and val when it
@@ -196,7 +198,8 @@ def evaluate_robustness(
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"robustness_{dataset.name}"
+        stem = run_stem("robustness", record, method=extra["method"], dataset=dataset.name, split=dataset.split,
+                        keys=[features.cache_key])
         report.files["json"] = write_json(record, out / f"{stem}.json")
         title = (f"{dataset.name} ({len(test)} images) · {features.model_id}"
                  + (f" · OOD {ood.name}" if ood is not None else ""))
