@@ -11,14 +11,14 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from _server import serving
 
 CHROMIUM = os.environ.get("CLIPLAB_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -53,7 +53,6 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny, images):
     """Base URL of ``cliplab serve`` (a real uvicorn process) over an index of ``images``."""
-    import httpx
 
     from cliplab.search import build_index
 
@@ -62,31 +61,9 @@ def server(tiny, images):
     port = _free_port()
     command = [sys.executable, "-m", "cliplab", "serve", "--index-dir", str(index_dir), "--model", "tiny",
                "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--quiet"]
-    log = images.parent / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"cliplab serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"cliplab serve did not answer within 90 s:\n{log.read_text()}")
-            time.sleep(0.3)
+    with serving(command, f"{base}/healthz", images.parent / "server"):  # slow start tolerated, death reported
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +172,29 @@ def test_errors_are_shown_on_the_page(page, tmp_path):
     page.wait_for_function("document.querySelector('#error').textContent.includes('422')")
     page.screenshot(path=str(tmp_path / "error.png"))
     assert (tmp_path / "error.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_api_docs_render_offline(page, server):
+    """/docs draws the API in Swagger UI with nothing fetched from another host (requests there are refused)."""
+    context = page.context.browser.new_context()
+    tab = context.new_page()
+    elsewhere = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(server):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    tab.route("**/*", only_this_server)
+    try:
+        tab.goto(f"{server}/docs")
+        tab.wait_for_selector(".swagger-ui .info .title", timeout=TIMEOUT_MS)
+        assert "cliplab search" in tab.text_content(".swagger-ui .info .title")
+        tab.wait_for_selector(".swagger-ui .opblock", timeout=TIMEOUT_MS)  # the operations are listed
+        assert "/search" in tab.text_content(".swagger-ui")
+        assert elsewhere == []
+    finally:
+        context.close()
