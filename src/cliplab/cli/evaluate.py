@@ -105,7 +105,7 @@ def zeroshot(
                                run.batch_size, run.workers, progress=not run.quiet, seed=run.seed, method=method,
                                embed=run.embed, **kwargs)
     _print_report(report, f"{method} · {test.name} ({test.split}, {len(report.features)} images) · "
-                          f"{backbone.model_id}")
+                          f"{backbone.display_name}")
 
 
 @command
@@ -145,11 +145,13 @@ def evaluate(
                       workers=run.workers, progress=not run.quiet, embed=run.embed, report_shots=shots)
     test, split_path = done.test, done.inputs.split_file
     _print_report(done.report, f"{method} · {test.dataset} ({test.split}, {len(test)} images)"
-                               + (f" · {shots} shots, seed {run.seed}" if shots else "") + f" · {backbone.model_id}")
+                               + (f" · {shots} shots, seed {run.seed}" if shots else "")
+                               + f" · {backbone.display_name}")
     if split_path is not None:
         console.print(f"split: {split_path}")
     if save_head is not None:
         from ..heads.saving import save_head as write_head
 
-        write_head(done.head, save_head, model_id=backbone.model_id, class_names=list(test.class_names))
+        write_head(done.head, save_head, model_id=backbone.model_id, class_names=list(test.class_names),
+                   model=backbone.display_name)
         console.print(f"head: {save_head}")

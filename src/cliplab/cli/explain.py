@@ -53,9 +53,9 @@ def explain(
             from ..fileio import digest
 
             stem = f"{stem}-{digest(item)[:8]}"
-        png = plot_explanation(found, output_dir / f"explain_{stem}.png", f"{item} · {method} · {backbone.model_id}"
+        png = plot_explanation(found, output_dir / f"explain_{stem}.png", f"{item} · {method} · {backbone.display_name}"
                                + (" · random weights" if backbone.info.random_weights else ""))
-        record = {"image": item, "method": method, "model": backbone.model_id,
+        record = {"image": item, "method": method, "model": backbone.display_name, "model_id": backbone.model_id,
                   "weights": "random" if backbone.info.random_weights else "pretrained",
                   "classes": [e.as_dict() for e in found]}
         json_path = output_dir / f"explain_{stem}.json"

@@ -89,7 +89,8 @@ def fewshot(
                          output_dir=output_dir, cache_dir=run.cache_dir, batch_size=run.batch_size,
                          workers=run.workers, progress=not run.quiet, on_run=progress)
     weights = " · random weights" if backbone.info.random_weights else ""
-    table = Table(title=f"few-shot top-1 (mean ± std over seeds {seeds}) · {test.name} · {backbone.model_id}{weights}")
+    table = Table(title=f"few-shot top-1 (mean ± std over seeds {seeds}) · {test.name} · "
+                        f"{backbone.display_name}{weights}")
     table.add_column("method")
     for k in shot_list:
         table.add_column(f"{k} shot{'s' if k > 1 else ''}", justify="right")

@@ -159,7 +159,7 @@ def ood(
                           batch_size=run.batch_size, workers=run.workers, progress=not run.quiet,
                           fit_datasets=fit_data, artefact=artefact)
     metrics = report.record["metrics"]
-    table = Table(title=f"OOD detection · ID {id_data.name} ({id_data.split}) · {backbone.model_id} · "
+    table = Table(title=f"OOD detection · ID {id_data.name} ({id_data.split}) · {backbone.display_name} · "
                         f"{report.record['cliplab']['method']} head, ID accuracy {100 * metrics['id_accuracy']:.2f}%")
     for column in ("score", "OOD set", "AUROC", f"FPR@95 ({fpr_convention})", "AUPR-in", "AUPR-out"):
         table.add_column(column, justify="left" if column in ("score", "OOD set") else "right")

@@ -39,7 +39,7 @@ def retrieval_eval(
     report = evaluate_retrieval(backbone, value, output_dir, run.cache_dir, run.batch_size, run.workers,
                                 progress=not run.quiet, recall_k=ks)
     table = Table(title=f"retrieval · {value.name} ({value.split}, {report.num_images} images, "
-                        f"{report.num_texts} captions) · {backbone.model_id}")
+                        f"{report.num_texts} captions) · {backbone.display_name}")
     table.add_column("direction")
     for k in ks:
         table.add_column(f"R@{k}", justify="right")

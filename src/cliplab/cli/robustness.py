@@ -101,7 +101,7 @@ def robustness(
                                  batch_size=run.batch_size, num_workers=run.workers, progress=not run.quiet)
     subset = (f"a seeded subset of {report.num_images} (--limit {limit}, --seed {run.seed})"
               if report.num_images < len(test) else f"all {report.num_images}")
-    table = Table(title=f"robustness · {test.name} ({test.split}, {subset} images) · {backbone.model_id} · "
+    table = Table(title=f"robustness · {test.name} ({test.split}, {subset} images) · {backbone.display_name} · "
                   f"{report.record['cliplab']['method']} head"
                   + (f" · OOD {ood_data.name} ({report.num_ood} images, {scores[0]})" if ood_data is not None else ""))
     for column in ("corruption", "severity", "top-1", "ECE") + (("AUROC", "FPR@95") if ood_data is not None else ()):

@@ -19,6 +19,7 @@ from ..fileio import atomic_write_text
 from ..heads.registry import head_entry
 from ..models.backbone import Backbone
 from .inputs import VIEW_SEED, caption_features, image_size, run_method, shot_views, train_split, with_aux
+from .results import results_model_name
 
 __all__ = ["FewShotResult", "VIEW_SEED", "caption_features", "image_size", "run_fewshot", "shot_views", "with_aux"]
 
@@ -103,7 +104,7 @@ def _write_summary(result: FewShotResult, out: Path, dataset: str, backbone: Bac
     from .plots import plot_fewshot_curve
     out.mkdir(parents=True, exist_ok=True)
     record = model_record(backbone)
-    model, pretrained, weights = record["model"], record["pretrained"], record["weights"]
+    model, pretrained, weights = results_model_name(record), record["pretrained"], record["weights"]
     summary = {"dataset": dataset, "model": model, "pretrained": pretrained, "model_id": backbone.model_id,
                "weights": weights, "methods": methods, "shots": shots, "seeds": seeds, "views": views,
                "table_acc1_mean_std": {m: {str(k): v for k, v in by_k.items()} for m, by_k in result.table.items()},

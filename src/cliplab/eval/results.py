@@ -10,7 +10,17 @@ from .. import __version__
 from ..features.embed import RANDOM_WEIGHTS_NOTE
 from ..fileio import atomic_write_text
 
-__all__ = ["RANDOM_WEIGHTS_NOTE", "results_record", "write_json"]
+__all__ = ["RANDOM_WEIGHTS_NOTE", "results_model_name", "results_record", "write_json"]
+
+
+def results_model_name(model: dict) -> str:
+    """The results JSON's ``model``: CLIP_benchmark's architecture name where the person named an open_clip
+    model (``ViT-B-32`` with ``pretrained`` beside it, ``tiny``), else the name they gave (``recipe:NAME``, the
+    folder or file path), never the internal id (``dir:<hash>:qgelu0``, kept in the ``cliplab`` block)."""
+    arch, shown = str(model.get("model", "")), str(model.get("display_name") or "")
+    if not shown or shown == arch or shown.startswith(arch + ":"):
+        return arch
+    return shown
 
 
 def results_record(*, dataset: str, model: dict, task: str, metrics: dict, extra: dict) -> dict:
@@ -21,7 +31,7 @@ def results_record(*, dataset: str, model: dict, task: str, metrics: dict, extra
     """
     return {
         "dataset": dataset,
-        "model": model.get("model", ""),
+        "model": results_model_name(model),
         "pretrained": model.get("pretrained", ""),
         "task": task,
         "metrics": metrics,

@@ -136,7 +136,8 @@ def model_record(backbone: Backbone) -> dict:
     """The model as results JSON names it: CLIP_benchmark's ``model``/``pretrained``, id and weights note."""
     model, pretrained = backbone.benchmark_names()
     weights = RANDOM_WEIGHTS_NOTE if backbone.info.random_weights else f"{backbone.info.source} weights"
-    return {"model": model, "pretrained": pretrained, "model_id": backbone.model_id, "weights": weights}
+    return {"model": model, "pretrained": pretrained, "model_id": backbone.model_id, "weights": weights,
+            "display_name": getattr(backbone, "display_name", model)}
 
 
 def _compute(backbone, dataset, missing, identities, cache, batch_size, num_workers, progress

@@ -27,7 +27,7 @@ from .registry import create_head, head_entry
 
 FORMAT = "cliplab-head/1"
 SIMPLE = (str, int, float, bool, type(None))
-RECORD_KEYS = {"format", "method", "params", "fitted", "class_names", "model_id"}
+RECORD_KEYS = {"format", "method", "params", "fitted", "class_names", "model_id", "model"}
 FITTED_NAME = re.compile(r"^[A-Za-z](?:[A-Za-z0-9]|_(?!_))*_$")  # no leading underscore, no dunder
 NOT_PARAMS = ("backbone", "cache_dir")
 ARRAY_KINDS = "biuf"  # bool, signed and unsigned integers, floats
@@ -44,9 +44,11 @@ def _jsonable(value) -> bool:
     return False
 
 
-def save_head(head, path: str | Path, model_id: str | None = None, class_names: list[str] | None = None) -> Path:
+def save_head(head, path: str | Path, model_id: str | None = None, class_names: list[str] | None = None,
+              model: str | None = None) -> Path:
     """Write a fitted ``head`` to the folder ``path``; ``model_id`` is that of the features it was fitted on
-    (default: its backbone's); ``class_names`` name its classes (default: the head's own ``class_names``)."""
+    (default: its backbone's); ``class_names`` name its classes (default: the head's own ``class_names``);
+    ``model`` is the ``--model`` value that loads that model (default: its backbone's ``display_name``)."""
     from safetensors.numpy import save
 
     entry = head_entry(head)
@@ -63,7 +65,8 @@ def save_head(head, path: str | Path, model_id: str | None = None, class_names: 
     backbone = getattr(head, "backbone", None)
     names = list(class_names or getattr(head, "class_names", None) or [])
     record = {"format": FORMAT, "method": entry.name, "params": params, "fitted": scalars, "class_names": names,
-              "model_id": model_id or (backbone.model_id if backbone is not None else None)}
+              "model_id": model_id or (backbone.model_id if backbone is not None else None),
+              "model": model or getattr(backbone, "display_name", None)}
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     payload = save(arrays, metadata={"format": FORMAT}) if arrays else save({"_empty": np.zeros(0)})
@@ -103,8 +106,13 @@ def load_head(path: str | Path, backbone=None, model_id: str | None = None):
         raise CliplabError(f"{path}: unknown head format {found!r}")
     current = model_id or (backbone.model_id if backbone is not None else None)
     if record.get("model_id") and current and record["model_id"] != current:
+        given = record.get("model") if isinstance(record.get("model"), str) else None
+        shown = getattr(backbone, "display_name", None)
+        hint = ("load it with --model " + given + (" and the options it was fitted with (--seed, --quick-gelu, "
+                                                   "--long-positions)" if given == shown else "")
+                if given else "load it with the model it was fitted with")
         raise CliplabError(f"{path}: this head was fitted on features of model {record['model_id']}, not "
-                           f"{current}; load it with that model")
+                           f"{current}; {hint}")
     _check_record(path, record, arrays)
     try:
         head = create_head(record["method"], backbone=backbone, **record["params"])
@@ -163,6 +171,8 @@ def _check_record(path: Path, record: dict, arrays: dict[str, np.ndarray]) -> No
         raise refuse("class_names is not a list of distinct strings")
     if record.get("model_id") is not None and not isinstance(record["model_id"], str):
         raise refuse("model_id is not a string")
+    if record.get("model") is not None and not isinstance(record["model"], str):
+        raise refuse("model is not a string")
     overlap = set(record["fitted"]) & set(arrays)
     if overlap:
         raise refuse(f"{sorted(overlap)[0]!r} is saved twice")

@@ -227,6 +227,22 @@ class Backbone(ABC):
         self.engine = Engine(precision, runtime, onnx_dir)
         return self
 
+    @property
+    def display_name(self) -> str:
+        """The model as a person named it, for tables, titles, results JSON and messages: what was given to
+        ``--model`` where it was set (``recipe:NAME``), else ``ARCH:TAG`` for open_clip weights, else the name or
+        path loaded. ``model_id`` stays the identity that keys the caches."""
+        given = getattr(self, "_display_name", None)
+        if given:
+            return given
+        if self.info.source == "open_clip" and self.info.pretrained:
+            return f"{self.info.name}:{self.info.pretrained}"
+        return self.info.name
+
+    @display_name.setter
+    def display_name(self, value: str | None) -> None:
+        self._display_name = value
+
     def benchmark_names(self) -> tuple[str, str]:
         """``(model, pretrained)`` as CLIP_benchmark writes them in its results JSON."""
         if self.info.benchmark is not None:

@@ -104,6 +104,8 @@ class SearchOut(BaseModel):
 class HealthOut(BaseModel):
     status: str
     model_id: str
+    model: str = Field("", description="The model as it was named (--model: recipe:NAME, a path, ARCH:TAG), for "
+                                       "people; model_id is its identity.")
     count: int
     dim: int
     index_type: str
@@ -379,7 +381,8 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20, allow
     @app.get("/healthz", response_model=HealthOut, summary="Service and index status")
     def healthz() -> HealthOut:
         index = live.current().index
-        return HealthOut(status="ok", model_id=index.model_id, count=index.count, dim=index.dim,
+        return HealthOut(status="ok", model_id=index.model_id, model=getattr(backbone, "display_name", ""),
+                         count=index.count, dim=index.dim,
                          index_type=str(index.index_type), version=__version__, reload_error=live.error)
 
     @app.get("/search", response_model=SearchOut, responses=_errors(400, 422), summary="Search images by text")

@@ -150,5 +150,5 @@ drop.addEventListener("drop", (event) => {
 });
 
 call("/healthz")
-  .then((h) => { $("status").textContent = `${h.count} images, model ${h.model_id}, ${h.index_type} index`; })
+  .then((h) => { $("status").textContent = `${h.count} images, model ${h.model || h.model_id}, ${h.index_type} index`; })
   .catch((err) => showError(err.message));
