@@ -51,24 +51,28 @@ def classify(
 ):
     """Classify images into your labels (zero-shot; default model ViT-B-32 LAION-2B, downloaded once)."""
     from ..data import image_files, parse_labels, read_class_names
-    from ..eval.inputs import build_head, for_single_images
-    from ..heads import head_entry
-    from ..heads.saving import load_head, saved_class_names
 
     if head_dir is not None:
         if labels is not None or labels_file is not None:
             raise CliplabError("--head brings its own classes: leave out --labels and --labels-file")
+        from ..heads.saving import saved_class_names
+
         names = saved_class_names(head_dir)
     elif (labels is None) == (labels_file is None):
         raise CliplabError("give the class names with exactly one of --labels or --labels-file (or a saved --head)")
     else:
         names = parse_labels(labels) if labels is not None else read_class_names(labels_file)
+    if output is not None and output.suffix.lower() not in (".csv", ".json"):
+        raise CliplabError(f"--output {output}: use a .csv or .json file name")
+    dataset = image_files(paths, run.hash_content)  # a missing path is answered before torch loads
+    from ..eval.inputs import build_head, for_single_images
+    from ..heads import head_entry
+    from ..heads.saving import load_head
+
     method = description_method(method, descriptions)
     extra = {key: value for key, value in (("descriptions", descriptions), ("llm", llm)) if value is not None}
     if head_dir is not None and extra:
         raise CliplabError("--head is a fitted head: leave out --descriptions and --llm")
-    if output is not None and output.suffix.lower() not in (".csv", ".json"):
-        raise CliplabError(f"--output {output}: use a .csv or .json file name")
     if head_dir is None and head_entry(method).needs_train:
         raise CliplabError(f"--method {method}: needs training data; fit it with cliplab evaluate --save-head DIR "
                            "and pass --head DIR")
@@ -77,7 +81,6 @@ def classify(
     top_k = min(top_k or 3, len(names))
     if reject:
         _check_reject(reject_score, reject_tpr, reject_calibration)
-    dataset = image_files(paths, run.hash_content)
     backbone = run.load_backbone()
     if head_dir is not None:
         head = load_head(head_dir, backbone=backbone)

@@ -116,10 +116,58 @@ class RunOptions:
 
 @dataclass
 class DataOptions:
-    """Where named datasets live and which split to read."""
+    """Where named datasets live, which split to read, and the hold-out that splits a folder without splits."""
 
     data_root: Path | None = None
     split: str | None = None
+    holdout: float | None = None
+
+    def load(self, dataset: str, split: str | None = None, hash_content: bool = False,
+             output_dir: Path | None = None):
+        """``load_dataset(dataset, split or --split)``; with ``--holdout F`` a folder without splits is split into
+        train/val/test once (seeded, stratified; the item ids saved under ``output_dir/splits``, reused after)."""
+        from ..data import load_dataset
+
+        split = split or self.split
+        if self.holdout is None:
+            return load_dataset(dataset, self.data_root, split, hash_content)
+        parts = holdout_parts(dataset, self, hash_content, output_dir)
+        if (split or "test") not in parts:
+            raise CliplabError(f"--split {split}: --holdout makes the splits train, val and test")
+        return parts[split or "test"]
+
+
+NO_TRAIN_SPLIT = ("{dataset}: {what} needs a train split, and it has none (a folder of class sub-folders without "
+                  "train/ and test/): add --holdout 0.2 to split it (seeded, stratified, saved), or give a folder "
+                  "with train/ and test/")
+_HOLDOUTS: dict = {}
+
+
+def holdout_parts(dataset: str, data: DataOptions, hash_content: bool, output_dir: Path | None) -> dict:
+    """train/val/test of ``dataset`` by ``--holdout`` (``data.splits.holdout_splits``), saved as a split file
+    ``<output_dir>/splits/holdout_<name>_<fraction>_seed0.json`` and repeated from it when it exists."""
+    import json
+
+    from ..data import load_dataset
+    from ..data.splits import HOLDOUT_SEED, apply_holdout_record, holdout_record, holdout_splits
+    from ..fileio import atomic_write_text
+
+    key = (dataset, str(data.data_root), data.holdout, hash_content, str(output_dir))
+    if key in _HOLDOUTS:
+        return _HOLDOUTS[key]
+    whole = load_dataset(dataset, data.data_root, None, hash_content)
+    parts = holdout_splits(whole, data.holdout, HOLDOUT_SEED)  # checks the fraction and that there are no splits
+    folder = Path(output_dir or ".") / "splits"
+    path = folder / f"holdout_{whole.name}_{data.holdout:g}_seed{HOLDOUT_SEED}.json".replace("/", "-")
+    if path.is_file():
+        parts = apply_holdout_record(whole, json.loads(path.read_text()))
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(holdout_record(parts), indent=1))
+    for part in parts.values():
+        part.split_info = {**part.split_info, "holdout": {**part.split_info["holdout"], "file": str(path)}}
+    _HOLDOUTS[key] = parts
+    return parts
 
 
 RUN_OPTIONS = {
@@ -160,6 +208,10 @@ DATA_OPTIONS = {
                               "../shared/datasets)."),
     "split": typer.Option(None, "--split", help="train, val or test (default: test for named datasets; a folder "
                           "or manifest without splits is read whole). cliplab datasets lists each one's splits."),
+    "holdout": typer.Option(None, "--holdout", metavar="FRACTION", help="Split a folder of class sub-folders "
+                            "without train/ test/ into test (this fraction of each class), val (10% of the rest) "
+                            "and train, seeded and stratified; the item ids are saved under OUTPUT_DIR/splits and "
+                            "reused, and recorded in every results JSON."),
 }
 _GROUPS = {"run": (RunOptions, RUN_OPTIONS), "data": (DataOptions, DATA_OPTIONS)}
 

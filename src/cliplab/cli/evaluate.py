@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..errors import CliplabError
 from .common import (
+    NO_TRAIN_SPLIT,
     DataOptions,
     RunOptions,
     command,
@@ -29,11 +30,13 @@ TemplatesOpt = typer.Option(None, "--templates", "-t", help="Template set or fil
                             "else 'imagenet7').")
 
 
-def _load(dataset: str, data: DataOptions, run: RunOptions, split: str | None = None, labelled: bool = False):
-    """The dataset; with ``labelled``, one without labels is refused before any model is loaded."""
-    from ..data import has_labels, load_dataset
+def _load(dataset: str, data: DataOptions, run: RunOptions, split: str | None = None, labelled: bool = False,
+          output_dir: Path | None = None):
+    """The dataset (``--holdout``: the part of its hold-out split); with ``labelled``, one without labels is refused
+    before any model is loaded."""
+    from ..data import has_labels
 
-    value = load_dataset(dataset, data.data_root, split or data.split, run.hash_content)
+    value = data.load(dataset, split, run.hash_content, output_dir)
     report_skipped(value)
     if labelled and not has_labels(value):
         raise CliplabError(f"{dataset}: has no labels to evaluate against (an unlabelled folder?); use "
@@ -87,18 +90,18 @@ def zeroshot(
     data: DataOptions = None,
 ):
     """Zero-shot top-1/top-5/mean per-class recall/ECE; CLIP_benchmark-style JSON + confusion and reliability PNGs."""
+    kwargs = _parse_params(params)
+    test = _load(dataset, data, run, labelled=True, output_dir=output_dir)  # typos answered before torch loads
     from ..eval import evaluate_zeroshot
     from ..heads import head_entry
 
     method = description_method(method, descriptions)
     if head_entry(method).needs_train:
         raise CliplabError(f"--method {method} needs training data: use cliplab evaluate --method {method}")
-    kwargs = _parse_params(params)
     if descriptions is not None:
         kwargs["descriptions"] = descriptions
     if llm is not None:
         kwargs["llm"] = llm
-    test = _load(dataset, data, run, labelled=True)
     backbone = run.load_backbone()
     # templates=None: the method's declared default (the template classifier: the dataset's set, else imagenet7)
     report = evaluate_zeroshot(backbone, test, templates, output_dir, run.cache_dir,
@@ -124,16 +127,19 @@ def evaluate(
     data: DataOptions = None,
 ):
     """Evaluate any method: fit on the train split (or a few-shot draw of it) when it needs data, test on --split."""
+    if shots is not None and split_file is not None:
+        raise CliplabError("give --shots (a seeded draw) or --split-file (a saved one), not both")
+    test_data = _load(dataset, data, run, labelled=True, output_dir=output_dir)  # typos answered before torch loads
+    if test_data.split == "train":
+        raise CliplabError("--split train: the test split must not be the training split")
     from ..eval.inputs import run_method
     from ..heads import head_entry
 
     entry = head_entry(method)
-    if shots is not None and split_file is not None:
-        raise CliplabError("give --shots (a seeded draw) or --split-file (a saved one), not both")
-    test_data = _load(dataset, data, run, labelled=True)
-    if test_data.split == "train":
-        raise CliplabError("--split train: the test split must not be the training split")
-    train_data = _load(dataset, data, run, split="train", labelled=True) if entry.needs_train else None
+    if entry.needs_train and test_data.split == "all" and data.split is None:
+        raise CliplabError(NO_TRAIN_SPLIT.format(dataset=dataset, what=f"--method {method}"))
+    train_data = (_load(dataset, data, run, split="train", labelled=True, output_dir=output_dir)
+                  if entry.needs_train else None)
     if train_data is not None and shots is not None:  # before the model loads and anything is embedded
         from ..features.values import check_shot_counts
 

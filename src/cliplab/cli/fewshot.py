@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import DataOptions, RunOptions, command, console, method_list, param_value, report_skipped
+from .common import NO_TRAIN_SPLIT, DataOptions, RunOptions, command, console, method_list, param_value, report_skipped
 
 DEFAULT_METHODS = "zeroshot,ncm,linear-probe,tip-adapter,tip-adapter-f,gda,caps-adapter"
 # real parameters (a test checks each against the method's own): AMU's auxiliary model, Tip-Adapter's search grid
@@ -60,23 +60,27 @@ def fewshot(
     data: DataOptions = None,
 ):
     """Few-shot adaptation: mean ± std top-1 per method and shot count over seeds, a curve, a JSON per run."""
-    from ..data import has_labels, load_dataset
-    from ..eval.fewshot import run_fewshot
+    from ..data import has_labels
     from ..features.values import check_shot_counts
-    from ..heads import head_entry
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    for name in names:
-        head_entry(name)  # unknown methods fail before any work
     shot_list, seed_list = _ints(shots, "--shots"), _ints(seeds, "--seeds")
     method_params = _method_params(params, names)
-    test = load_dataset(dataset, data.data_root, data.split or "test", run.hash_content)
-    train = load_dataset(dataset, data.data_root, "train", run.hash_content)
+    # the data first: a typo in --dataset/--split is answered before torch loads
+    test = data.load(dataset, None, run.hash_content, output_dir)
+    if test.split == "all" and data.split is None:  # a folder without splits, read whole
+        raise CliplabError(NO_TRAIN_SPLIT.format(dataset=dataset, what="few-shot"))
+    train = data.load(dataset, "train", run.hash_content, output_dir)
     for part in (train, test):
         report_skipped(part)
         if not has_labels(part):
             raise CliplabError(f"{dataset} ({part.split}): has no labels")
     check_shot_counts(train.labels, train.class_names, max(shot_list), where=f"{train.name} (train)")
+    from ..eval.fewshot import run_fewshot
+    from ..heads import head_entry
+
+    for name in names:
+        head_entry(name)  # unknown methods fail before any model loads or image is embedded
     backbone = run.load_backbone()
 
     def progress(record: dict) -> None:

@@ -81,3 +81,58 @@ def select_split(name: str, sources: Mapping[str, SplitSource], split: str) -> I
     dataset.split = split
     dataset.split_info = info
     return dataset
+
+
+HOLDOUT_FILE_FORMAT = "cliplab-holdout/1"
+
+
+def holdout_splits(dataset: ImageDataset, fraction: float, seed: int = HOLDOUT_SEED,
+                   val_fraction: float = HOLDOUT_FRACTION) -> dict[str, ImageDataset]:
+    """train/val/test of a labelled dataset without splits (a folder of class sub-folders): ``test`` is a
+    seeded, stratified ``fraction`` of each class, ``val`` a stratified ``val_fraction`` of the rest, ``train``
+    what remains; no item is in two. Each part has ``split`` and ``split_info`` (the recipe) set."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--holdout {fraction:g}: give the test fraction, strictly between 0 and 1 (e.g. 0.2)")
+    if getattr(dataset, "split", "all") != "all":
+        raise DatasetError(f"{dataset.name}: already has splits (train/ val/ test/ or a 'split' field); "
+                           "leave out --holdout")
+    labels = np.asarray(dataset.labels)
+    if not len(labels) or (labels < 0).any():
+        raise DatasetError(f"{dataset.name}: --holdout splits a labelled folder (class sub-folders); this one has "
+                           "unlabelled images")
+    rest, test = stratified_holdout(labels, fraction, seed)
+    kept, held = stratified_holdout(labels[rest], val_fraction, seed + 1)
+    parts = {"train": rest[kept], "val": rest[held], "test": test}
+    recipe = {"from": "all", "test_fraction": fraction, "val_fraction_of_rest": val_fraction, "seed": seed,
+              "stratified": True}
+    out = {}
+    for split, indices in parts.items():
+        part = Subset(dataset, indices)
+        part.split = split
+        part.split_info = {"split": split, "source": f"seeded stratified hold-out of the whole folder "
+                           f"(test {fraction:g}, val {val_fraction:g} of the rest, seed {seed})", "holdout": recipe}
+        out[split] = part
+    return out
+
+
+def holdout_record(parts: Mapping[str, ImageDataset]) -> dict:
+    """The item ids of each hold-out part, with the recipe: what the split file keeps."""
+    first = next(iter(parts.values()))
+    return {"format": HOLDOUT_FILE_FORMAT, "dataset": first.name, **dict(first.split_info["holdout"]),
+            "splits": {split: part.item_ids() for split, part in parts.items()}}
+
+
+def apply_holdout_record(dataset: ImageDataset, record: Mapping) -> dict[str, ImageDataset]:
+    """The parts a saved :func:`holdout_record` names, by item id (items no longer in the folder are dropped;
+    items added since are in no part, so the parts stay as they were)."""
+    if record.get("format") != HOLDOUT_FILE_FORMAT:
+        raise DatasetError(f"not a cliplab hold-out split file (format {record.get('format')!r})")
+    index = {item: i for i, item in enumerate(dataset.item_ids())}
+    fresh = holdout_splits(dataset, float(record["test_fraction"]), int(record["seed"]),
+                           float(record["val_fraction_of_rest"]))
+    out = {}
+    for split, ids in record["splits"].items():
+        part = Subset(dataset, [index[item] for item in ids if item in index])
+        part.split, part.split_info = split, fresh[split].split_info
+        out[split] = part
+    return out
