@@ -137,9 +137,9 @@ class DataOptions:
         return parts[split or "test"]
 
 
-NO_TRAIN_SPLIT = ("{dataset}: {what} needs a train split, and it has none (a folder of class sub-folders without "
-                  "train/ and test/): add --holdout 0.2 to split it (seeded, stratified, saved), or give a folder "
-                  "with train/ and test/")
+NO_TRAIN_SPLIT = ("{dataset}: has no splits (no train/ and test/ folders, no 'split' field) and {what} needs a "
+                  "train split: add --holdout 0.2 to split it (seeded, stratified, saved), or give a folder with "
+                  "train/ and test/")
 _HOLDOUTS: dict = {}
 
 

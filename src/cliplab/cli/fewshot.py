@@ -63,7 +63,15 @@ def fewshot(
     from ..data import has_labels
     from ..features.values import check_shot_counts
 
+    from ..heads.registry import method_names
+
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    known = set(method_names())  # read from the registrations without importing the heads
+    for name in names:
+        if name not in known:
+            from ..heads import head_entry
+
+            head_entry(name)  # the registry's own error for an unknown method (with suggestions)
     shot_list, seed_list = _ints(shots, "--shots"), _ints(seeds, "--seeds")
     method_params = _method_params(params, names)
     # the data first: a typo in --dataset/--split is answered before torch loads
