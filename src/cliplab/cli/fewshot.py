@@ -62,7 +62,6 @@ def fewshot(
     """Few-shot adaptation: mean ± std top-1 per method and shot count over seeds, a curve, a JSON per run."""
     from ..data import has_labels
     from ..features.values import check_shot_counts
-
     from ..heads.registry import method_names
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
