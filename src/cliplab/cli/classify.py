@@ -32,10 +32,12 @@ def classify(
     output: Path = typer.Option(None, "--output", "-o", help="Write predictions to a .csv or .json file."),
     templates: str = typer.Option(None, "--templates", "-t", help="Template set name or file (default: the method's "
                                   "own, as cliplab zeroshot; the template classifier's: imagenet7)."),
-    method: str = typer.Option(None, "--method", help="A zero-shot method (default zeroshot, or dclip with "
-                               "--descriptions): " + method_list(family="zeroshot", trained=False) + "."),
+    method: str = typer.Option(None, "--method", help="A zero-shot method (default zeroshot; with --descriptions: "
+                               "cupl for a file of sentences, dclip for descriptor phrases): "
+                               + method_list(family="zeroshot", trained=False) + "."),
     descriptions: Path = typer.Option(None, "--descriptions", help="Classify by description: a description set "
-                                      "({class: [descriptors or sentences]}, DCLIP or CuPL format) for your labels."),
+                                      "({class: [descriptors or sentences]}, DCLIP or CuPL format) for your labels; "
+                                      "the format is detected and the method used is named."),
     llm: str = typer.Option(None, "--llm", help="Language model for the methods that ask one ("
                             + method_list(need="llm") + "): replay:FILE, http://HOST:PORT/v1, openai:MODEL or "
                             "hf:PATH."),

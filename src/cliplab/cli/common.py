@@ -273,17 +273,43 @@ def method_list(family: str | None = None, *, need: str | None = None, gives: st
     return ", ".join(method_names(family, need=need, gives=gives, trained=trained))
 
 
+def description_kind(descriptions: dict[str, list[str]]) -> tuple[str, float]:
+    """``("sentences", share)`` for CuPL-style text (whole sentences: ending in a full stop, question or exclamation
+    mark), else ``("descriptors", share)`` for DCLIP-style phrases ("has antennae"); ``share`` is the fraction of
+    sentences. The released sets are far apart: every CuPL sentence ends so, no DCLIP descriptor does."""
+    texts = [text.strip() for values in descriptions.values() for text in values if text.strip()]
+    share = sum(text.endswith((".", "!", "?")) for text in texts) / max(len(texts), 1)
+    return ("sentences" if share >= 0.5 else "descriptors"), share
+
+
 def description_method(method: str | None, descriptions: Path | None) -> str:
-    """The head for ``--descriptions``: ``--method`` if it takes descriptions (zeroshot means DCLIP), else DCLIP."""
+    """The head for ``--descriptions``: ``--method`` if it takes descriptions; without one (or zeroshot), CuPL for a
+    file of sentences and DCLIP for descriptor phrases (:func:`description_kind`). Says which runs, and warns when
+    sentences go to DCLIP (which phrases each as "a photo of a {c}, which {descriptor}")."""
     if descriptions is None:
         return method or "zeroshot"
-    method = "dclip" if method in (None, "zeroshot") else method
+    from ..data.descriptions import read_descriptions
+
+    kind, share = description_kind(read_descriptions(descriptions))
+    seen = (f"{descriptions.name} reads as {'CuPL sentences' if kind == 'sentences' else 'DCLIP descriptor phrases'} "
+            f"({100 * share:.0f}% of its texts are whole sentences)")
+    chosen = method not in (None, "zeroshot")
+    if not chosen:
+        method = "cupl" if kind == "sentences" else "dclip"
     from ..heads import head_entry
     from ..heads.registry import method_names
 
     if "descriptions" not in head_entry(method).needs:
         raise CliplabError(f"--method {method} takes no --descriptions (description methods: "
                            f"{', '.join(method_names(need='descriptions'))})")
+    if chosen and method == "dclip" and kind == "sentences":
+        err_console.print(Text.assemble(("warning: ", "yellow"), f"{seen}, but --method dclip phrases each text as a "
+                                        "descriptor ('a photo of a {c}, which ...'); --method cupl scores sentences "
+                                        "as they are"), soft_wrap=True, highlight=False)
+    else:
+        err_console.print(Text.assemble(("note: ", "yellow"), f"{seen}: scored with --method {method}"
+                                        + ("" if chosen else " (pass --method to choose another)")),
+                          soft_wrap=True, highlight=False)
     return method
 
 

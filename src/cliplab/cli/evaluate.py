@@ -79,7 +79,8 @@ def zeroshot(
     method: str = typer.Option(None, "--method", help="A zero-shot method (default zeroshot): "
                                + method_list(family="zeroshot", trained=False) + "."),
     descriptions: Path = typer.Option(None, "--descriptions", help="A description set ({class: [descriptors or "
-                                      "sentences]}, DCLIP or CuPL format) for a description method (default dclip; "
+                                      "sentences]}, DCLIP or CuPL format) for a description method (default: cupl for "
+                                      "sentences, dclip for descriptor phrases, detected and named; "
                                       "those taking one: " + method_list(need="descriptions") + ")."),
     llm: str = typer.Option(None, "--llm", help="Language model for the methods that ask one ("
                             + method_list(need="llm") + "): replay:FILE, http://HOST:PORT/v1 (OpenAI-compatible; key "
