@@ -5,7 +5,7 @@ Builds recipe NAME into a temporary models folder (the cached copy is not touche
 (this process and its decoding workers, ``resource.getrusage``), plus the time before the first step (reading
 and decoding the images). The README's recipe durations are restated from these figures.
 
-    python benchmarks/recipe_speed.py [--recipe cifar10-ci]
+    python benchmarks/recipe_speed.py [--recipe cifar10-ci] [--steps N]
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ def cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="cifar10-ci", choices=sorted(RECIPES))
+    parser.add_argument("--steps", type=int, default=None, help="time only the first N steps (same batch, model "
+                        "and data; no held-out check): the per-step cost of a long recipe in a few minutes")
     args = parser.parse_args()
-    config = recipe_config(args.recipe, DATA_ROOT)
+    overrides = {} if args.steps is None else {"steps": args.steps, "eval_split": None}
+    config = recipe_config(args.recipe, DATA_ROOT, **overrides)
+    name = f"recipe_speed_{args.recipe}" + ("" if args.steps is None else f"_{args.steps}steps")
     marks: list[tuple[float, float]] = []
     load_before = load_average()
     began, cpu_began = time.perf_counter(), cpu_seconds()
@@ -44,7 +48,7 @@ def main() -> None:
     stepping = marks[-1][0] - marks[0][0]
     cpu_stepping = marks[-1][1] - marks[0][1]
     per_step = stepping / max(steps - 1, 1)
-    record = header(f"recipe_speed_{args.recipe}", __doc__.strip().splitlines()[0], False)
+    record = header(name, __doc__.strip().splitlines()[0], False)
     record.update(recipe=args.recipe, options=config.to_dict(), steps=steps, wall_seconds=round(wall, 1),
                   cpu_seconds=round(cpu, 1), seconds_before_first_step=round(first_step, 1),
                   seconds_per_step_median=round(statistics.median(gaps), 3) if gaps else None,
@@ -59,7 +63,7 @@ def main() -> None:
              f"- {record['steps_per_second']} steps/s (median {record['seconds_per_step_median']} s per step), "
              f"{record['cpu_seconds_per_step']} CPU seconds per step (all threads and workers)",
              f"- load average before {load_before}, after {record['load_average_after']}"]
-    write_results(f"recipe_speed_{args.recipe}", record, "\n".join(lines))
+    write_results(name, record, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -78,3 +78,10 @@ def test_recipes_checkpoint_by_time_and_the_cli_keeps_it_unless_told():
     for name in recipes.RECIPES:
         assert recipes.recipe_config(name).checkpoint_seconds == 120.0
     assert recipes.recipe_config("cifar10-ci", checkpoint_seconds=0.0).checkpoint_seconds == 0.0
+
+
+def test_the_offline_no_weights_error_names_the_recipe():
+    from cliplab.models.loader import _unavailable
+
+    text = str(_unavailable("ViT-B-32 (laion2b_s34b_b79k)"))
+    assert "--model recipe:cifar10-signal" in text and "cliplab pretrain --recipe cifar10-signal" in text

@@ -16,8 +16,8 @@ def pretrain(
                                  "manifest with captions (JSONL/CSV/JSON, e.g. from cliplab curate), a COCO "
                                  "captions JSON, or a labelled folder (captions made from --templates)."),
     recipe: str = typer.Option(None, "--recipe", help="A named recipe instead of SOURCE and the training "
-                               "options: cifar10-signal (about 16 min on 2 idle CPU cores) or cifar10-ci "
-                               "(about 2 min); longer on a busy machine."),
+                               "options: cifar10-signal (16 min measured on 2 idle CPU cores, hours on a busy "
+                               "machine) or cifar10-ci (40 steps, about 5 min on 2 busy cores)."),
     model: str = typer.Option("cliplab-rn-32px", "--model", "-m", help="Architecture: a built-in config "
                               "(cliplab-rn-32px, cliplab-vit-32px), an open_clip name (ViT-S-32, RN50, ...) or a "
                               "model-config JSON file."),

@@ -49,7 +49,7 @@ HUB_HOST = ("huggingface.co", 443)
 OFFLINE_HINT = (
     "pass --model PATH to local weights (an open_clip .pt/.bin/.safetensors with --arch, a Hugging Face "
     "CLIPModel folder or an OpenAI .pt); for a model that carries signal without downloading, train one here "
-    "with cliplab pretrain --recipe cifar10-signal (about 16 min on 2 CPU cores) and pass --model "
+    "with cliplab pretrain --recipe cifar10-signal (16 min on 2 idle CPU cores) and pass --model "
     "recipe:cifar10-signal; or --model tiny to try cliplab with random weights"
 )
 

@@ -3,7 +3,8 @@
 ``cifar10-signal`` is the recipe that gives weights carrying signal: a small ModifiedResNet CLIP trained on
 the CIFAR-10 train images (9,000 after the validation hold-out) with CIFAR-10 template captions. It was
 chosen on the validation split (``scripts/pretrain_sweep.py``, results in benchmarks/results/); the test
-split was never used to choose it. ``cifar10-ci`` is a one-minute version for CI.
+split was never used to choose it. ``cifar10-ci`` is a 40-step version for CI. Build times (``DURATIONS``) are
+measured by benchmarks/pretrain_cifar10.py and benchmarks/recipe_speed.py (steps per second, CPU seconds a step).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ RECIPES: dict[str, dict] = {
                    "batch_size": 128, "lr": 2e-3, "warmup": 5, "crop_scale": 0.5, "eval_every": 20,
                    "checkpoint_every": 20, "checkpoint_seconds": 120.0},
 }
-# what a build costs, from benchmarks/results/pretrain_cifar10.json (cifar10-signal: 1,600 steps in 15.5 min on 2
-# idle CPU cores, 0.58 s a step) and recipe_speed_cifar10-ci.json (cifar10-ci); a busy machine takes longer
-DURATIONS = {"cifar10-signal": "about 16 min on 2 idle CPU cores, longer on a busy machine",
-             "cifar10-ci": "about 2 min on 2 idle CPU cores, longer on a busy machine"}
+# what a build costs, measured (benchmarks/results/): cifar10-signal took 15.5 min on 2 idle CPU cores when it was
+# made (pretrain_cifar10.md, 0.58 s a step); with the load average at 7-11, 16 s a step, 5.1 CPU s a step
+# (recipe_speed_cifar10-signal_12steps.md); cifar10-ci 5.3 min with the load at 5-8 (7.6 s a step, 3.2 CPU s a step,
+# recipe_speed_cifar10-ci.md)
+DURATIONS = {"cifar10-signal": "1,600 steps: 16 min measured on 2 idle CPU cores, hours on a busy machine",
+             "cifar10-ci": "40 steps: about 5 min measured on 2 busy CPU cores"}
 
 
 class RecipeNotBuiltError(PretrainOptionError):
