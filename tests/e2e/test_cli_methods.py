@@ -104,9 +104,10 @@ def test_classify_caps_top_k_at_the_number_of_labels(split_folder, tmp_path):
     assert out.read_text().splitlines()[0] == "path,label_1,probability_1,label_2,probability_2,error"
 
 
-def test_datasets_lists_splits():
-    result = _invoke("datasets")
-    assert result.exit_code == 0 and "hold-out" in result.output and "imagenet" in result.output
+def test_datasets_lists_splits(tmp_path):
+    (tmp_path / "imagenet").mkdir()  # its own data root: the test does not depend on where datasets lie here
+    result = _invoke("datasets", "--data-root", tmp_path)
+    assert result.exit_code == 0 and "hold-out" in result.output and "imagenet/" in result.output
 
 
 def test_save_a_fitted_head_and_classify_with_it(split_folder, tmp_path):
