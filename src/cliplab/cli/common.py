@@ -208,12 +208,13 @@ DATA_OPTIONS = {
                               "../shared/datasets)."),
     "split": typer.Option(None, "--split", help="train, val or test (default: test for named datasets; a folder "
                           "or manifest without splits is read whole). cliplab datasets lists each one's splits."),
-    "holdout": typer.Option(None, "--holdout", metavar="FRACTION", help="Split a folder of class sub-folders "
-                            "without train/ test/ into test (this fraction of each class), val (10% of the rest) "
-                            "and train, seeded and stratified; the item ids are saved under OUTPUT_DIR/splits and "
-                            "reused, and recorded in every results JSON."),
 }
 _GROUPS = {"run": (RunOptions, RUN_OPTIONS), "data": (DataOptions, DATA_OPTIONS)}
+# --holdout: only the commands that read train and test parts (zeroshot, evaluate, fewshot) take it
+HOLDOUT_OPTION = typer.Option(None, "--holdout", metavar="FRACTION", min=0.0, max=1.0, help="Split a folder of class "
+                              "sub-folders without train/ test/ into test (this fraction of each class), val (10% of "
+                              "the rest) and train, seeded and stratified; the item ids are saved under "
+                              "OUTPUT_DIR/splits and reused, and recorded in every results JSON.")
 
 
 def shared_options(command):

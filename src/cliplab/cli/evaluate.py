@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..errors import CliplabError
 from .common import (
+    HOLDOUT_OPTION,
     NO_TRAIN_SPLIT,
     DataOptions,
     RunOptions,
@@ -87,10 +88,12 @@ def zeroshot(
                             "from CLIPLAB_LLM_API_KEY), openai:MODEL or hf:PATH."),
     params: list[str] = typer.Option(None, "--param", help="Method parameter NAME=VALUE (repeatable)."),
     output_dir: Path = OutputDirOpt,
+    holdout: float = HOLDOUT_OPTION,
     run: RunOptions = None,
     data: DataOptions = None,
 ):
     """Zero-shot top-1/top-5/mean per-class recall/ECE; CLIP_benchmark-style JSON + confusion and reliability PNGs."""
+    data.holdout = holdout
     kwargs = _parse_params(params)
     test = _load(dataset, data, run, labelled=True, output_dir=output_dir)  # typos answered before torch loads
     from ..eval import evaluate_zeroshot
@@ -124,10 +127,12 @@ def evaluate(
     output_dir: Path = OutputDirOpt,
     save_head: Path = typer.Option(None, "--save-head", help="Save the fitted head to this folder (safetensors + "
                                    "JSON) for cliplab classify --head."),
+    holdout: float = HOLDOUT_OPTION,
     run: RunOptions = None,
     data: DataOptions = None,
 ):
     """Evaluate any method: fit on the train split (or a few-shot draw of it) when it needs data, test on --split."""
+    data.holdout = holdout
     if shots is not None and split_file is not None:
         raise CliplabError("give --shots (a seeded draw) or --split-file (a saved one), not both")
     test_data = _load(dataset, data, run, labelled=True, output_dir=output_dir)  # typos answered before torch loads

@@ -8,7 +8,17 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
-from .common import NO_TRAIN_SPLIT, DataOptions, RunOptions, command, console, method_list, param_value, report_skipped
+from .common import (
+    HOLDOUT_OPTION,
+    NO_TRAIN_SPLIT,
+    DataOptions,
+    RunOptions,
+    command,
+    console,
+    method_list,
+    param_value,
+    report_skipped,
+)
 
 DEFAULT_METHODS = "zeroshot,ncm,linear-probe,tip-adapter,tip-adapter-f,gda,caps-adapter"
 # real parameters (a test checks each against the method's own): AMU's auxiliary model, Tip-Adapter's search grid
@@ -56,10 +66,12 @@ def fewshot(
                                      "e.g. " + PARAM_EXAMPLES + "."),
     output_dir: Path = typer.Option(Path("results/fewshot"), "--output-dir", "-o", help="Where JSON, splits and "
                                     "the curve go."),
+    holdout: float = HOLDOUT_OPTION,
     run: RunOptions = None,
     data: DataOptions = None,
 ):
     """Few-shot adaptation: mean ± std top-1 per method and shot count over seeds, a curve, a JSON per run."""
+    data.holdout = holdout
     from ..data import has_labels
     from ..features.values import check_shot_counts
     from ..heads.registry import method_names
