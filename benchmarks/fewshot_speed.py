@@ -31,8 +31,9 @@ class StandInBackbone:
     logit_scale = 100.0
     model_id = "synthetic-512"
     tokenizer_id = "none"
+    long_text = "truncate"
 
-    def encode_texts(self, texts):
+    def encode_texts(self, texts, long_text=None):
         rows = []
         for text in texts:
             seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")

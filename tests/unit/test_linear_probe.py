@@ -1,4 +1,5 @@
-"""Linear probe: scikit-learn's LogisticRegression exactly, with C chosen by CoOp's search on validation only."""
+"""Linear probe with solver="sklearn": scikit-learn's LogisticRegression exactly, with C chosen by CoOp's search on
+validation only (the default torch solver is bounded against it in test_logistic.py)."""
 
 import warnings
 
@@ -73,7 +74,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def searched():
-    return LinearProbe().fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL)
+    return LinearProbe(solver="sklearn").fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL)
 
 
 def test_c_search_equals_coops_loop(searched, reference):
@@ -84,7 +85,7 @@ def test_c_search_equals_coops_loop(searched, reference):
     assert searched.fit_summary()["C"] == finals[-1] and searched.fit_summary()["searched"] is True
     assert [acc for _, acc in searched.search_path_[:7]] == pytest.approx(acc_list, abs=0)
     # no steps: the coarse sweep's first best (CoOp's code would have no final classifier)
-    assert c_peak == LinearProbe(num_steps=0).fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL).C_
+    assert c_peak == LinearProbe(solver="sklearn", num_steps=0).fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL).C_
 
 
 def test_fitted_model_is_sklearns_at_the_chosen_c_on_training_data_only(searched):
@@ -95,19 +96,19 @@ def test_fitted_model_is_sklearns_at_the_chosen_c_on_training_data_only(searched
     np.testing.assert_allclose(searched.predict_proba(X_TEST), reference.predict_proba(X_TEST), rtol=0, atol=1e-6)
     np.testing.assert_allclose(searched.logits(X_TEST), reference.decision_function(X_TEST), rtol=0, atol=1e-6)
     # the final fit never sees the validation items: the same as fitting at that C without validation data
-    fixed = LinearProbe(C=searched.C_).fit(X_TRAIN, Y_TRAIN)
+    fixed = LinearProbe(solver="sklearn", C=searched.C_).fit(X_TRAIN, Y_TRAIN)
     np.testing.assert_array_equal(fixed.coef_, searched.coef_)
     assert fixed.fit_summary()["searched"] is False
 
 
 def test_without_validation_data_the_c_hyperparameter_is_used():
-    head = LinearProbe(C=0.5).fit(X_TRAIN, Y_TRAIN)
+    head = LinearProbe(solver="sklearn", C=0.5).fit(X_TRAIN, Y_TRAIN)
     reference = _sklearn(0.5)
     assert head.fit_summary() == {"C": 0.5, "searched": False, "n_iter": int(reference.n_iter_[0]), "tol": 1e-4 / 40}
     np.testing.assert_allclose(head.predict_proba(X_TEST), reference.predict_proba(X_TEST), rtol=0, atol=1e-6)
-    assert LinearProbe().C == 0.316 and LinearProbe().fit(X_TRAIN, Y_TRAIN).C_ == 0.316
+    assert LinearProbe(solver="sklearn").C == 0.316 and LinearProbe(solver="sklearn").fit(X_TRAIN, Y_TRAIN).C_ == 0.316
     # search=False keeps C even when validation data is given
-    fixed = LinearProbe(C=0.5, search=False).fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL)
+    fixed = LinearProbe(solver="sklearn", C=0.5, search=False).fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL)
     assert fixed.fit_summary()["C"] == 0.5 and not fixed.fit_summary()["searched"]
     np.testing.assert_array_equal(fixed.coef_, head.coef_)
 
@@ -115,7 +116,7 @@ def test_without_validation_data_the_c_hyperparameter_is_used():
 def test_two_classes_with_any_labels_match_sklearns_binary_model():
     mask = Y_TRAIN < 2
     X, y = X_TRAIN[mask], np.where(Y_TRAIN[mask] == 0, "cat", "dog")
-    head = LinearProbe(C=3.0).fit(X, y)
+    head = LinearProbe(solver="sklearn", C=3.0).fit(X, y)
     reference = _sklearn(3.0, X, y)
     assert head.coef_.shape == (1, X.shape[1]) and list(head.classes_) == ["cat", "dog"]
     logits = head.logits(X_TEST)
@@ -130,13 +131,13 @@ def test_validation_labels_decide_c_and_nothing_else_does(searched):
     # two labelings of the same validation features: what the least and the most regularised probes predict
     weak, strong = _sklearn(1e6).predict(X_VAL), _sklearn(1e-6).predict(X_VAL)
     assert (weak != strong).any()
-    c_weak = LinearProbe(num_steps=1).fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=weak).C_
-    c_strong = LinearProbe(num_steps=1).fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=strong).C_
+    c_weak = LinearProbe(solver="sklearn", num_steps=1).fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=weak).C_
+    c_strong = LinearProbe(solver="sklearn", num_steps=1).fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=strong).C_
     assert c_weak in (1e5, 1e7)  # the sweep peaks at 1e6 (100% there); one step picks an end of [0.1, 10] x peak
     assert c_strong < 1e5
     # the same validation items in another order: the same accuracies, C and fitted state
     order = np.random.default_rng(0).permutation(len(Y_VAL))
-    again = LinearProbe().fit(X_TRAIN, Y_TRAIN, X_val=X_VAL[order], y_val=Y_VAL[order])
+    again = LinearProbe(solver="sklearn").fit(X_TRAIN, Y_TRAIN, X_val=X_VAL[order], y_val=Y_VAL[order])
     assert again.C_ == searched.C_ and again.search_path_ == searched.search_path_
     np.testing.assert_array_equal(again.coef_, searched.coef_)
 
@@ -157,22 +158,22 @@ def test_registered_and_fitted_by_the_generic_evaluation_with_validation(referen
     common = dict(class_names=names, dataset="toy", model_id="m", model={}, cache_key="k")
     train = ImageFeatures(X_TRAIN, Y_TRAIN, ids[:len(Y_TRAIN)], np.arange(len(Y_TRAIN)), split="train", **common)
     val = ImageFeatures(X_VAL, Y_VAL, ids[len(Y_TRAIN):], np.arange(len(Y_VAL)), split="val", **common)
-    head = fit_head(create_head("linear-probe", num_steps=2), train, val)
+    head = fit_head(create_head("linear-probe", num_steps=2, solver="sklearn"), train, val)
     assert head.fit_summary()["searched"] is True
     assert reference[3][1] == head.C_  # CoOp's C after two steps
 
 
 def test_bad_validation_input_is_refused():
     with pytest.raises(ValueError, match="both X_val and y_val"):
-        LinearProbe().fit(X_TRAIN, Y_TRAIN, X_val=X_VAL)
+        LinearProbe(solver="sklearn").fit(X_TRAIN, Y_TRAIN, X_val=X_VAL)
     with pytest.raises(DimensionMismatchError):
-        LinearProbe().fit(X_TRAIN, Y_TRAIN, X_val=X_VAL[:, :10], y_val=Y_VAL)
+        LinearProbe(solver="sklearn").fit(X_TRAIN, Y_TRAIN, X_val=X_VAL[:, :10], y_val=Y_VAL)
     with pytest.raises(ValueError, match="rows"):
-        LinearProbe().fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL[:-1])
+        LinearProbe(solver="sklearn").fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL[:-1])
     with pytest.raises(LabelError, match="no validation label"):
-        LinearProbe().fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL + 10)
+        LinearProbe(solver="sklearn").fit(X_TRAIN, Y_TRAIN, X_val=X_VAL, y_val=Y_VAL + 10)
     with pytest.raises(ValueError, match="C must be"):
-        LinearProbe(C=0).fit(X_TRAIN, Y_TRAIN)
+        LinearProbe(solver="sklearn", C=0).fit(X_TRAIN, Y_TRAIN)
 
 
 def test_stopping_tolerance_is_coops_gradient_criterion_not_scikit_learns_averaged_one():
@@ -186,9 +187,9 @@ def test_stopping_tolerance_is_coops_gradient_criterion_not_scikit_learns_averag
     X, X_test = X[:400], X[400:]
     plain = _sklearn(1.0, X, y, tol=1e-4)
     assert plain.n_iter_[0] == 0 and (plain.predict(X_test) == y).mean() <= 0.02
-    head = LinearProbe(C=1.0).fit(X, y)
+    head = LinearProbe(solver="sklearn", C=1.0).fit(X, y)
     assert head.tol_ == 1e-4 / 400 and head.n_iter_ > 0 and (head.predict(X_test) == y).mean() > 0.9
     np.testing.assert_allclose(head.predict_proba(X_test), _sklearn(1.0, X, y).predict_proba(X_test), atol=1e-6)
     # an explicit tol is scikit-learn's own
-    same = LinearProbe(C=1.0, tol=1e-4).fit(X, y)
+    same = LinearProbe(solver="sklearn", C=1.0, tol=1e-4).fit(X, y)
     np.testing.assert_array_equal(same.coef_, plain.coef_)

@@ -231,6 +231,55 @@ def test_pruned_search_keeps_argmax_ties_to_the_lower_class():
                                   expected)
 
 
+def _serial_search_reference(zeroshot, X_val, keys, y_val, labels, n_classes, betas, alphas):
+    """The search as it was before chunks ran on threads (commit 2414d8f): one loop over chunks of 256 rows,
+    BLAS with its own threads; ``accuracy_counts(workers=1)`` is that loop."""
+    return accuracy_counts(zeroshot, X_val, keys, y_val, labels, n_classes, betas, alphas, workers=1)
+
+
+def test_threaded_search_counts_equal_the_serial_loop_and_the_brute_force():
+    # 700 validation rows: three chunks of 256, the last one short; 40 classes x 4 shots of 32-d features
+    rng = np.random.default_rng(21)
+    n_classes, shots, dim, m = 40, 4, 32, 700
+    centres = rng.normal(size=(n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), shots)
+    keys = _unit(centres[labels] + 1.2 * rng.normal(size=(len(labels), dim)))
+    y_val = rng.integers(0, n_classes, m)
+    X_val = _unit(centres[y_val] + 1.2 * rng.normal(size=(m, dim)))
+    zeroshot = 100 * X_val @ _unit(centres + 2.0 * rng.normal(size=centres.shape)).T
+    betas, alphas = search_values(7.0, 40), search_values(3.0, 10)
+    serial = _serial_search_reference(zeroshot, X_val, keys, y_val, labels, n_classes, betas, alphas)
+    threaded = accuracy_counts(zeroshot, X_val, keys, y_val, labels, n_classes, betas, alphas, workers=3)
+    default = accuracy_counts(zeroshot, X_val, keys, y_val, labels, n_classes, betas, alphas)
+    np.testing.assert_array_equal(threaded, serial)
+    np.testing.assert_array_equal(default, serial)
+    expected = accuracy_counts_bruteforce(zeroshot, X_val @ keys.T, y_val, labels, n_classes, betas, alphas)
+    np.testing.assert_array_equal(serial, expected)
+    assert 0 < expected.min() < expected.max() < m  # the grid really varies
+
+
+def test_fit_picks_the_serial_loops_alpha_beta_and_reads_read_only_input(tiny, tmp_path, monkeypatch):
+    import warnings
+
+    from cliplab.heads import tip_adapter as module
+
+    X, y, X_val, y_val, X_test, _ = _task(seed=12, val_per_class=52)  # 260 validation rows: two chunks
+    views = np.stack([_unit(X + 0.1 * np.random.default_rng(3).normal(size=X.shape)) for _ in range(2)])
+    for array in (X, X_val, views):
+        array.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "The given NumPy array is not writable"
+        head = _head(tiny, tmp_path).fit(X, y, X_val, y_val)
+        tuned = _head(tiny, tmp_path, TipAdapterF, epochs=2).fit(X, y, X_val, y_val, views=views)
+    original = module.accuracy_counts
+    monkeypatch.setattr(module, "accuracy_counts", lambda *a, **k: original(*a, **k, workers=1))
+    serial = _head(tiny, tmp_path).fit(X, y, X_val, y_val)
+    assert (head.alpha_, head.beta_) == (serial.alpha_, serial.beta_) and head.searched_
+    np.testing.assert_array_equal(head.search_accuracy_, serial.search_accuracy_)
+    np.testing.assert_array_equal(head.logits(X_test), serial.logits(X_test))
+    assert tuned.searched_ and len(tuned.training_loss_) == 2
+
+
 # --------------------------------------------------------------------------------------------- Tip-Adapter-F
 
 

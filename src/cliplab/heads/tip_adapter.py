@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def _row_max(values: np.ndarray, rows: np.ndarray, out: np.ndarray, reduce) -> N
     out[unique] = reduce(out[unique], reduce.reduceat(values, first, axis=0))
 
 
-def accuracy_counts(zeroshot, X, keys, y, labels, n_classes, betas, alphas) -> np.ndarray:
+def accuracy_counts(zeroshot, X, keys, y, labels, n_classes, betas, alphas, workers: int | None = None) -> np.ndarray:
     """Correct validation rows (B, A) at every (beta, alpha) of the grid, the same counts as
     :func:`accuracy_counts_bruteforce` (up to float64 rounding of exact near-ties), without computing
     the cache logits of every (row, class, beta).
@@ -131,7 +132,13 @@ def accuracy_counts(zeroshot, X, keys, y, labels, n_classes, betas, alphas) -> n
 
     Outside alpha >= 0 and beta > 0 it falls back to the brute force. Bounds carry a margin of 1e-9 of the
     largest logit, far above float64 round-off, so no decision depends on rounding.
+
+    Chunks of 256 validation rows are independent (their counts add up): ``workers`` threads (default: the
+    usable CPUs, at most 4) work on them at once, each with single-threaded BLAS; ``workers=1`` is the serial
+    loop. The counts are the same either way (integers summed; each chunk's arithmetic is unchanged).
     """
+    if workers is None:
+        workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     betas = np.asarray(betas, np.float64)
     alphas = np.asarray(alphas, np.float64)
     y = np.asarray(y)
@@ -155,7 +162,8 @@ def accuracy_counts(zeroshot, X, keys, y, labels, n_classes, betas, alphas) -> n
     span_lo = np.array([betas[s:e + 1].min() for s, e in zip(starts, ends)])
     span_hi = np.array([betas[s:e + 1].max() for s, e in zip(starts, ends)])
     top = min(_TOP, n_classes - 1)
-    for start in range(0, m, _SEARCH_ROWS):
+    def chunk_counts(start: int) -> np.ndarray:
+        """Counts (B, A) of the validation rows start:start + _SEARCH_ROWS."""
         z = np.asarray(zeroshot[start:start + _SEARCH_ROWS], np.float64)
         yc = y[start:start + _SEARCH_ROWS]
         n = len(yc)
@@ -234,7 +242,20 @@ def accuracy_counts(zeroshot, X, keys, y, labels, n_classes, betas, alphas) -> n
             pair_lo[(slope == 0) & np.where(before, offset <= 0, offset < 0)] = np.inf
             _row_max(pair_lo, pair_row, lo[:, first:last], np.maximum)
             _row_max(pair_hi, pair_row, hi[:, first:last], np.minimum)
-        counts += ((alphas > lo[..., None]) & (alphas < hi[..., None])).sum(axis=0)
+        return ((alphas > lo[..., None]) & (alphas < hi[..., None])).sum(axis=0)
+
+    chunks = range(0, m, _SEARCH_ROWS)
+    if workers > 1 and len(chunks) > 1:  # NumPy releases the GIL: chunks on parallel threads, BLAS on one each
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            for part in pool.map(chunk_counts, chunks):
+                counts += part
+    else:
+        for start in chunks:
+            counts += chunk_counts(start)
     return counts
 
 
@@ -507,7 +528,7 @@ class TipAdapterF(_TipBase):
         adapter = torch.nn.Linear(d, len(keys), bias=False)
         adapter.weight = torch.nn.Parameter(torch.from_numpy(np.array(layout.arrange(keys), np.float32)))
         values = torch.from_numpy(labels.astype(np.int64))
-        text = torch.from_numpy(self.text_weights_)
+        text = torch.tensor(self.text_weights_)  # a copy: the fitted array may be read-only
         targets = torch.from_numpy(y.astype(np.int64))
         options = {"lr": float(self.lr), "eps": 1e-4, "weight_decay": float(self.weight_decay)}
         try:  # the fused kernel is the same update in one pass over the keys
@@ -519,7 +540,7 @@ class TipAdapterF(_TipBase):
         generator = torch.Generator().manual_seed(int(self.random_state))
         losses = []
         for epoch in range(epochs):
-            features = torch.from_numpy(np.ascontiguousarray(samples[epoch % n_views]))
+            features = torch.tensor(samples[epoch % n_views])  # a copy: views may be read-only
             order = torch.randperm(n, generator=generator)
             epoch_losses = []
             for start in range(0, n, batch):

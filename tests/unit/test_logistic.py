@@ -1,0 +1,104 @@
+"""The torch L-BFGS logistic fits (heads/logistic.py) against scikit-learn's LogisticRegression on the same
+objective: the objective within a small tolerance of scikit-learn's solution, test accuracy within 0.1 point,
+and CoOp's C search landing on the same C."""
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from cliplab.heads.base import logistic_fits
+from cliplab.heads.linear_probe import LinearProbe
+from cliplab.heads.logistic import TorchLogistic, logistic_objective
+
+K, SHOTS, DIM = 30, 8, 48
+
+
+def _task(seed: int, per_class: int, noise: float = 2.5):
+    """Unit features around fixed class centres, with a shared direction (as CLIP features have)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(5).normal(size=(K, DIM))
+    common = np.random.default_rng(6).normal(size=DIM)
+    y = np.repeat(np.arange(K), per_class)
+    X = centres[y] + noise * rng.normal(size=(len(y), DIM)) + 2.0 * common
+    return (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32), y
+
+
+X, Y = _task(1, SHOTS)
+X_VAL, Y_VAL = _task(2, 4)
+X_TEST, Y_TEST = _task(3, 70)  # 2,100 rows: 0.1 point = 2 rows
+TOL = 1e-4 / len(X)
+
+
+def _sklearn(C):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return LogisticRegression(C=C, max_iter=1000, tol=TOL).fit(X.astype(np.float64), Y)
+
+
+def _accuracy(coef, intercept):
+    return float(np.mean(np.argmax(X_TEST @ coef.T + intercept, axis=1) == Y_TEST))
+
+
+def test_objective_is_scikit_learns_written_out():
+    rng = np.random.default_rng(0)
+    coef, intercept = rng.normal(size=(K, DIM)), rng.normal(size=K)
+    for C in (0.01, 3.0):
+        cross_entropy = -log_softmax(X.astype(np.float64) @ coef.T + intercept, axis=1)[np.arange(len(Y)), Y]
+        expected = cross_entropy.mean() + np.sum(coef ** 2) / (2 * C * len(Y))  # intercept unpenalised
+        assert logistic_objective(X, Y, C, coef, intercept) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("C", [1e-2, 1.0, 1e2])  # float64 below C = 1, float32 above
+def test_torch_fit_reaches_scikit_learns_objective_and_accuracy(C):
+    reference = _sklearn(C)
+    coef, intercept, n_iter = logistic_fits(X, Y, 1000, TOL, solver="torch")(C)
+    assert coef.shape == (K, DIM) and intercept.shape == (K,) and n_iter > 0
+    f_sklearn = logistic_objective(X, Y, C, reference.coef_, reference.intercept_)
+    f_torch = logistic_objective(X, Y, C, coef, intercept)
+    # within 1e-5 of the starting objective (log K at zero) above scikit-learn's optimum, or below it
+    assert f_torch - f_sklearn <= 1e-5 * np.log(K)
+    assert abs(_accuracy(coef, intercept) - _accuracy(reference.coef_, reference.intercept_)) <= 0.001
+    assert abs(intercept.sum()) < 1e-6  # centred, as scikit-learn's multinomial intercepts
+
+
+def test_warm_started_fits_are_within_the_same_tolerance_of_a_cold_start():
+    fitter = TorchLogistic(X, Y, 1000, TOL)
+    path = [fitter.fit(C) for C in (1e4, 1e2, 10.0, 3.0)]  # each from the nearest C >= 1 fitted before
+    cold = TorchLogistic(X, Y, 1000, TOL).fit(3.0)
+    f_warm, f_cold = (logistic_objective(X, Y, 3.0, c, b) for c, b, _ in (path[-1], cold))
+    assert abs(f_warm - f_cold) <= 1e-5 * np.log(K)
+    assert abs(_accuracy(*path[-1][:2]) - _accuracy(*cold[:2])) <= 0.001
+    # below C = 1 every fit starts from zero: the same answer whatever was fitted before
+    np.testing.assert_array_equal(fitter.fit(0.01)[0], TorchLogistic(X, Y, 1000, TOL).fit(0.01)[0])
+
+
+def test_search_with_the_torch_solver_lands_on_coops_c():
+    torch_head = LinearProbe().fit(X, Y, X_val=X_VAL, y_val=Y_VAL)
+    sklearn_head = LinearProbe(solver="sklearn").fit(X, Y, X_val=X_VAL, y_val=Y_VAL)
+    assert LinearProbe().solver == "torch"
+    assert {acc for _, acc in sklearn_head.search_path_[:7]} != {1.0}  # C matters on this task
+    assert torch_head.C_ == sklearn_head.C_
+    # the accuracies along the search agree within 2 of 120 validation rows wherever the logits are not
+    # rounding-sized (C >= 1e-4); at the largest C both solvers stop on the gradient test far from the optimum
+    for (c, a_torch), (c_sk, a_sk) in zip(torch_head.search_path_, sklearn_head.search_path_):
+        assert c == c_sk
+        if c >= 1e-4:
+            assert abs(a_torch - a_sk) <= 2 / len(Y_VAL) + 1e-12
+    assert abs(torch_head.score(X_TEST, Y_TEST) - sklearn_head.score(X_TEST, Y_TEST)) <= 0.001
+    f = [logistic_objective(X, Y, torch_head.C_, h.coef_, h.intercept_) for h in (torch_head, sklearn_head)]
+    assert f[0] - f[1] <= 1e-5 * np.log(K)
+
+
+def test_two_classes_and_unknown_solvers():
+    mask = Y < 2
+    coef, intercept, _ = logistic_fits(X[mask], Y[mask], 1000, TOL, solver="torch")(1.0)
+    reference = LogisticRegression(C=1.0, max_iter=1000, tol=TOL).fit(X[mask].astype(np.float64), Y[mask])
+    np.testing.assert_array_equal(coef, reference.coef_)  # scikit-learn's binary model, as before
+    with pytest.raises(ValueError, match="solver"):
+        logistic_fits(X, Y, 1000, TOL, solver="newton")
+    with pytest.raises(ValueError, match="solver"):
+        LinearProbe(solver="newton").fit(X, Y)
