@@ -77,9 +77,8 @@ def test_warm_started_fits_are_within_the_same_tolerance_of_a_cold_start():
 
 
 def test_search_with_the_torch_solver_lands_on_coops_c():
-    torch_head = LinearProbe().fit(X, Y, X_val=X_VAL, y_val=Y_VAL)
+    torch_head = LinearProbe(solver="torch").fit(X, Y, X_val=X_VAL, y_val=Y_VAL)
     sklearn_head = LinearProbe(solver="sklearn").fit(X, Y, X_val=X_VAL, y_val=Y_VAL)
-    assert LinearProbe().solver == "torch"
     assert {acc for _, acc in sklearn_head.search_path_[:7]} != {1.0}  # C matters on this task
     assert torch_head.C_ == sklearn_head.C_
     # the accuracies along the search agree within 2 of 120 validation rows wherever the logits are not
@@ -91,6 +90,19 @@ def test_search_with_the_torch_solver_lands_on_coops_c():
     assert abs(torch_head.score(X_TEST, Y_TEST) - sklearn_head.score(X_TEST, Y_TEST)) <= 0.001
     f = [logistic_objective(X, Y, torch_head.C_, h.coef_, h.intercept_) for h in (torch_head, sklearn_head)]
     assert f[0] - f[1] <= 1e-5 * np.log(K)
+
+
+def test_auto_uses_torch_for_large_problems_only(monkeypatch):
+    from cliplab.heads import base, logistic
+
+    used = []
+    monkeypatch.setattr(logistic.TorchLogistic, "fit", lambda self, C: used.append(C) or (None, None, 0))
+    assert LinearProbe().solver == "auto"
+    logistic_fits(X, Y, 1000, TOL, solver="auto")(1.0)  # 240 x 48 x 30 = 3.5e5: scikit-learn
+    assert used == []
+    monkeypatch.setattr(base, "TORCH_FROM", X.shape[0] * X.shape[1] * K)
+    logistic_fits(X, Y, 1000, TOL, solver="auto")(1.0)
+    assert used == [1.0]
 
 
 def test_two_classes_and_unknown_solvers():

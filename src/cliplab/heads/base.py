@@ -171,24 +171,31 @@ def best_on_validation(candidates, score) -> tuple:
 COOP_SEARCH_LIST = (1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6)
 
 
+#: n x d x classes from which ``logistic_fits(solver="auto")`` uses torch (100 classes x 16 shots x 512-d is 8e7).
+TORCH_FROM = 10_000_000
+
+
 def logistic_fits(X: np.ndarray, y: np.ndarray, max_iter: int, tol: float, solver: str = "sklearn"
                   ) -> Callable[[float], tuple[np.ndarray, np.ndarray, int]]:
     """``fit_at(C) -> (coef, intercept, n_iter)``: L2 logistic regression on ``X, y``, memoised per C.
 
     ``solver="sklearn"``: scikit-learn's ``LogisticRegression(solver="lbfgs")``, exactly. ``"torch"``: the same
     objective by L-BFGS in torch, warm-started from the nearest C fitted before (``heads/logistic.py``; the answer
-    is within a tested tolerance of scikit-learn's, not equal to it); two classes always use scikit-learn's
-    (binary) model."""
+    is within a tested tolerance of scikit-learn's, not equal to it). ``"auto"``: torch where one pass over the
+    data is large (n x d x classes >= ``TORCH_FROM``, e.g. 1000 classes x 16 shots), else scikit-learn (small
+    problems: its fits take fractions of a second). Two classes always use scikit-learn's (binary) model."""
     X64 = np.asarray(X, dtype=np.float64)
     fits: dict[float, tuple[np.ndarray, np.ndarray, int]] = {}
     classes = np.unique(y)
     torch_fitter = None
+    if solver == "auto":
+        solver = "torch" if X64.shape[0] * X64.shape[1] * len(classes) >= TORCH_FROM else "sklearn"
     if solver == "torch" and len(classes) > 2:
         from .logistic import TorchLogistic
 
         torch_fitter = TorchLogistic(X64, np.searchsorted(classes, y), max_iter, tol)
     elif solver not in ("sklearn", "torch"):
-        raise ValueError(f"logistic fit: solver must be 'sklearn' or 'torch', got {solver!r}")
+        raise ValueError(f"logistic fit: solver must be 'auto', 'sklearn' or 'torch', got {solver!r}")
 
     def fit_at(c: float) -> tuple[np.ndarray, np.ndarray, int]:
         key = float(c)

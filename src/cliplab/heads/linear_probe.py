@@ -50,10 +50,10 @@ class LinearProbe(ClipHead):
     CLIP authors' README, github.com/openai/CLIP; small C shrinks the probe towards a class-centroid classifier,
     the safe side with few shots), ``num_steps`` (8, CoOp's ``--num_step``), ``search`` (True: search C when
     validation data is given), ``max_iter`` (1000, CoOp's), ``tol`` (None: 1e-4 / n_train, see below; a number
-    is passed to scikit-learn as is), ``solver`` ("torch", see below; "sklearn": scikit-learn's own fits, as
-    CoOp ran them). L-BFGS is deterministic: no seed.
+    is passed to scikit-learn as is), ``solver`` ("auto": "torch" when n x d x classes >= 1e7, e.g. 100 classes
+    x 16 shots x 512-d, else "sklearn"; see below). L-BFGS is deterministic: no seed.
 
-    Solver. ``solver="torch"`` (default) minimises the same objective by L-BFGS in torch (``heads/logistic.py``:
+    Solver. ``solver="torch"`` minimises the same objective by L-BFGS in torch (``heads/logistic.py``:
     centred features, each fit warm-started from the nearest C already fitted, float32 for C >= 1): at 1000
     classes x 16 shots x 512-d the full search takes minutes instead of about an hour
     (benchmarks/results/fewshot_fit_speed). Its answers are not scikit-learn's to the last digit: the objective
@@ -84,7 +84,7 @@ class LinearProbe(ClipHead):
     """
 
     def __init__(self, C: float = 0.316, num_steps: int = 8, search: bool = True, max_iter: int = 1000,
-                 tol: float | None = None, solver: str = "torch"):
+                 tol: float | None = None, solver: str = "auto"):
         self.C = C
         self.num_steps = num_steps
         self.search = search
@@ -102,8 +102,8 @@ class LinearProbe(ClipHead):
         if self.tol is not None and (not isinstance(self.tol, Real) or isinstance(self.tol, bool) or
                                      not np.isfinite(self.tol) or self.tol <= 0):
             raise ValueError(f"LinearProbe: tol must be a positive number or None, got {self.tol!r}")
-        if self.solver not in ("torch", "sklearn"):
-            raise ValueError(f"LinearProbe: solver must be 'torch' or 'sklearn', got {self.solver!r}")
+        if self.solver not in ("auto", "torch", "sklearn"):
+            raise ValueError(f"LinearProbe: solver must be 'auto', 'torch' or 'sklearn', got {self.solver!r}")
 
     def fit(self, X, y, X_val=None, y_val=None):
         """Fit on ``X, y``; with ``X_val, y_val`` choose C by CoOp's search on them first."""
