@@ -1,9 +1,12 @@
 """train/engine.py: the objective registry, the learning-rate schedule against its closed form, gradient
-clipping, and resume after a simulated kill equal to an uninterrupted run, bit for bit."""
+clipping, resume after a simulated kill equal to an uninterrupted run, bit for bit, and the progress bar's
+time left (the mean step time after the slow first steps)."""
 
 from __future__ import annotations
 
 import math
+import re
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from cliplab.train.engine import (
     register_objective,
     run_training,
     scheduled_lr,
+    steady_eta,
 )
 
 X = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
@@ -274,3 +278,25 @@ def test_a_finished_run_resumed_trains_evaluates_and_saves_nothing(tmp_path):
     assert calls == [1] and again.history == first.history and again.steps == 3
     assert (tmp_path / STATE_FILE).read_bytes() == written
     assert torch.equal(net[0].weight, read_checkpoint(tmp_path / STATE_FILE)["model"]["0.weight"])
+
+
+def test_steady_eta_is_the_mean_step_time_times_the_steps_left():
+    assert steady_eta(10.0, 16.0, 3, 5) == pytest.approx(10.0)  # 2 s a step, 5 left
+    assert steady_eta(0.0, 1.5, 1, 0) == 0.0
+    assert steady_eta(4.0, 4.0, 0, 9) is None  # no step timed yet
+
+
+def test_progress_bar_time_left_leaves_out_a_slow_first_step(capsys):
+    """The first batch takes 1 s, the rest nothing: counted in, it would show over 3.6 s left at step 3 of 14."""
+
+    def data(epoch, start=0):
+        for b in range(start, 14):
+            if b == 0:
+                time.sleep(1.0)
+            yield {"x": X[:8], "y": Y[:8]}
+
+    run_training(_net(), _noisy_mse, data, TrainSettings(steps=14, lr=0.01, progress=True))
+    shown = re.findall(r"eta=([^,\]\s]+)", capsys.readouterr().err)
+    assert shown[:2] == ["?", "?"]  # the first ETA_SKIP steps are not timed
+    minutes, seconds = shown[2].split(":")  # at step 3, 11 left: the slow step counted in gives >= 1/3 * 11 s
+    assert int(minutes) * 60 + int(seconds) <= 2

@@ -3,10 +3,11 @@
 What it does: trains the parameters of ``module`` that require grad (an ``nn.Module``, or a Backbone: its
 ``model``) with AdamW or SGD; sets the learning rate from a warm-up (linear, or constant at ``warmup_lr`` as
 Dassl/CoOp) and a cosine decay; clips the gradient norm; runs the objective under bf16 autocast when asked;
-shows loss, lr and the latest held-out numbers in a progress bar; runs on CUDA when present; and, given a
-``checkpoint_dir``, writes ``checkpoint.pt`` there atomically every ``checkpoint_every`` steps and/or
-``checkpoint_seconds`` seconds, from which a killed run resumes and ends with the same weights, bit for bit,
-as an uninterrupted one (CPU; CUDA kernels are deterministic only where torch makes them so).
+shows loss, lr, the latest held-out numbers and the time left (``steady_eta``: the mean step time after the
+first steps) in a progress bar; runs on CUDA when present; and, given a ``checkpoint_dir``, writes
+``checkpoint.pt`` there atomically every ``checkpoint_every`` steps and/or ``checkpoint_seconds`` seconds, from
+which a killed run resumes and ends with the same weights, bit for bit, as an uninterrupted one (CPU; CUDA
+kernels are deterministic only where torch makes them so).
 
 How it stays exact: torch's global RNG is reseeded from (seed, step) before each step (inside ``fork_rng``,
 so the caller's RNG is untouched), so dropout, augmentation or caption draws that an objective takes from
@@ -262,6 +263,21 @@ def read_checkpoint(path: str | Path) -> dict:
                            "delete it to start over") from exc
 
 
+ETA_SKIP = 2  # steps of a session left out of the progress bar's rate (the first ones read, allocate, compile)
+
+
+def steady_eta(first: float, last: float, steps: int, remaining: int) -> float | None:
+    """Seconds left for ``remaining`` steps at the mean rate of the ``steps`` steps run between times ``first``
+    and ``last`` (the steps after a session's first ``ETA_SKIP``); None before any such step."""
+    if steps < 1:
+        return None
+    return max(0.0, (last - first) / steps * max(remaining, 0))
+
+
+def _eta_text(seconds: float | None) -> str:
+    return "?" if seconds is None else tqdm.format_interval(round(seconds))
+
+
 def _takes_start(data: Callable) -> bool:
     try:
         return "start" in inspect.signature(data).parameters
@@ -385,8 +401,11 @@ def run_training(module: Any, objective: Callable, data: Callable[..., Iterable]
 
     sized = _epoch_length(data, 0) if settings.by_epoch else None
     total = settings.steps if not settings.by_epoch else (settings.epochs * sized if sized else None)
+    # tqdm's own remaining time smooths over the last few steps, the slow first ones included; the bar shows
+    # ``steady_eta`` instead (the mean step time after this session's first ETA_SKIP steps)
     bar = tqdm(total=total, initial=step if total else 0, desc=settings.desc, disable=not settings.progress,
-               unit="step", leave=False)
+               unit="step", leave=False, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+    session_steps, warm_end = 0, None
     starts = _takes_start(data)
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -425,8 +444,15 @@ def run_training(module: Any, objective: Callable, data: Callable[..., Iterable]
                 if not settings.by_epoch and settings.eval_every and step % settings.eval_every == 0 \
                         and step < settings.steps:
                     run_eval(step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", **{k: f"{v:.3f}" for k, v in metrics.items()})
+                session_steps += 1
+                if session_steps == ETA_SKIP:
+                    warm_end = time.perf_counter()
+                if settings.progress:
+                    eta = None if warm_end is None or not total else \
+                        steady_eta(warm_end, time.perf_counter(), session_steps - ETA_SKIP, total - step)
+                    bar.update(1)
+                    bar.set_postfix(eta=_eta_text(eta), loss=f"{last_loss:.3f}", lr=f"{lr:.2e}",
+                                    **{k: f"{v:.3f}" for k, v in metrics.items()})
                 done = _finished(settings, step, epoch)
                 if not done and ((settings.checkpoint_every and step % settings.checkpoint_every == 0) or
                                  (settings.checkpoint_seconds and
