@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cliplab.heads.registry import NOT_HEADS
+
 SRC = Path(__file__).resolve().parents[2] / "src" / "cliplab"
 # Data flows down these ranks; a module may import from its own layer and the ranks before it. The root package
 # (``cliplab/__init__.py``) is rank 0: every module loads it, so it imports nothing eagerly but ``_lazy``.
@@ -25,7 +27,7 @@ ROOT_RANK = 0
 # Modules allowed a dynamic import the check cannot resolve, with the reason.
 DYNAMIC_OK = {("_lazy",): "imports a submodule of the package that calls lazy_exports (a name relative to it)"}
 # heads/ modules that are not heads: the shared code, the registry (which imports every head) and the package.
-HEADS_SHARED = {"__init__", "base", "registry", "saving"}
+HEADS_SHARED = {"__init__", *NOT_HEADS}
 ANY = "*"  # a statically unknown submodule: ``import_module(f"{__package__}.{name}")``
 
 Module = tuple[str, ...]  # a module's dotted name below ``cliplab``: ("heads", "gda"); () is the root package

@@ -206,7 +206,9 @@ def logistic_fits(X: np.ndarray, y: np.ndarray, max_iter: int, tol: float, solve
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf = LogisticRegression(solver="lbfgs", max_iter=max_iter, C=key, tol=tol).fit(X64, y)
-            fits[key] = (clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64), int(np.max(clf.n_iter_)))
+            # C order, as a saved head loads them: the same BLAS path before and after a save/load round trip
+            fits[key] = (np.ascontiguousarray(clf.coef_, dtype=np.float64),
+                         np.ascontiguousarray(clf.intercept_, dtype=np.float64), int(np.max(clf.n_iter_)))
         return fits[key]
 
     return fit_at

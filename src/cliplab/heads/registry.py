@@ -40,7 +40,8 @@ from pathlib import Path
 
 from ..errors import CliplabError
 
-NOT_HEADS = {"base", "registry", "saving"}
+# heads/ modules that are not heads: shared code (base, the logistic solver), the registry, saving
+NOT_HEADS = frozenset({"base", "logistic", "registry", "saving"})
 FAMILIES = ("zeroshot", "fewshot", "ood", "encoder")
 NEEDS = ("val", "views", "caption_features", "aux_features", "descriptions", "llm", "images", "artefact")
 GIVES = ("class_weights", "sentences", "backbone")
