@@ -300,3 +300,23 @@ def test_progress_bar_time_left_leaves_out_a_slow_first_step(capsys):
     assert shown[:2] == ["?", "?"]  # the first ETA_SKIP steps are not timed
     minutes, seconds = shown[2].split(":")  # at step 3, 11 left: the slow step counted in gives >= 1/3 * 11 s
     assert int(minutes) * 60 + int(seconds) <= 2
+
+
+class _Payload:
+    """Unpickling this would call os.getcwd: what a hostile checkpoint does with a worse function."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_a_checkpoint_that_pickles_code_is_one_line_without_torchs_unsafe_advice(tmp_path):
+    """Issue 21 item 5: the refusal names the global, never torch's advice to load with weights_only=False."""
+    path = tmp_path / STATE_FILE
+    torch.save({"step": 1, "payload": _Payload()}, path)
+    with pytest.raises(CliplabError) as caught:
+        read_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and "weights_only" not in message
+    assert "unreadable training checkpoint" in message and "getcwd" in message

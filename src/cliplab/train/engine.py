@@ -256,10 +256,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A training checkpoint, read without unpickling arbitrary objects."""
+    from ..models.checkpoints import load_error_line
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for damaged files
-        raise CliplabError(f"{path}: unreadable training checkpoint ({str(exc).splitlines()[0]}); "
+        raise CliplabError(f"{path}: unreadable training checkpoint ({load_error_line(exc)}); "
                            "delete it to start over") from exc
 
 
