@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._sources import decorated_classes, first_doc_line, literal_arguments
 from ..errors import CliplabError
 
 # heads/ modules that are not heads: shared code (base, the logistic solver), the registry, saving
@@ -206,49 +207,18 @@ def describe_heads(family: str | None = None) -> list[HeadSummary]:
 
 def _scan_sources() -> list[HeadSummary] | None:
     """Every ``@register(...)`` class in the package's modules, or None where one cannot be read statically."""
-    folder = Path(__file__).resolve().parent
-    found: list[HeadSummary] = []
-    for module in pkgutil.iter_modules([str(folder)]):
-        if module.name in NOT_HEADS or module.name.startswith("_"):
-            continue
-        path = folder / f"{module.name}.py"
-        if module.ispkg or not path.is_file():
-            return None
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError):
-            return None
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ClassDef):
-                for decorator in node.decorator_list:
-                    if _is_register_call(decorator):
-                        summary = _summary_of(node, decorator)
-                        if summary is None:
-                            return None
-                        found.append(summary)
-    return found
-
-
-def _is_register_call(node: ast.expr) -> bool:
-    func = node.func if isinstance(node, ast.Call) else node
-    return (isinstance(func, ast.Name) and func.id == "register") or (
-        isinstance(func, ast.Attribute) and func.attr == "register")
+    decorated = decorated_classes(Path(__file__).resolve().parent, NOT_HEADS, "register")
+    if decorated is None:
+        return None
+    found = [_summary_of(cls, decorator) for cls, decorator, _ in decorated]
+    return None if any(summary is None for summary in found) else found
 
 
 def _summary_of(cls: ast.ClassDef, decorator: ast.expr) -> HeadSummary | None:
     """The registry's facts for one decorated class, as ``register`` would compute them; None if not literal."""
-    if not isinstance(decorator, ast.Call) or any(isinstance(a, ast.Starred) for a in decorator.args):
+    params = literal_arguments(decorator, register)
+    if params is None:
         return None
-    try:
-        args = [ast.literal_eval(a) for a in decorator.args]
-        kwargs = {k.arg: ast.literal_eval(k.value) for k in decorator.keywords if k.arg is not None}
-        if len(kwargs) != len(decorator.keywords):
-            return None
-        bound = inspect.signature(register).bind(*args, **kwargs)
-    except (ValueError, TypeError, SyntaxError):
-        return None
-    bound.apply_defaults()
-    params = bound.arguments
     needs_backbone = params["needs_backbone"]
     if needs_backbone is None:
         init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
@@ -257,14 +227,12 @@ def _summary_of(cls: ast.ClassDef, decorator: ast.expr) -> HeadSummary | None:
         spec = init.args
         names = [a.arg for a in [*spec.posonlyargs, *spec.args, spec.vararg, *spec.kwonlyargs, spec.kwarg] if a]
         needs_backbone = "backbone" in names
-    doc = ast.get_docstring(cls, clean=False)
-    summary = doc.strip().splitlines()[0] if doc and doc.strip() else ""
     try:
         facts = _checked_facts(*(params[k] for k in ("name", "family", "needs", "default_templates", "gives",
                                                      "fit_problems", "per_image")))
     except CliplabError:
         return None  # register would refuse it too: let the import say so
-    return HeadSummary(params["name"], params["family"], params["paper"], summary, params["needs_train"],
+    return HeadSummary(params["name"], params["family"], params["paper"], first_doc_line(cls), params["needs_train"],
                        needs_backbone, **facts)
 
 
@@ -301,12 +269,10 @@ def _scan_registrations() -> list[tuple[str, str, frozenset, frozenset, bool]] |
         for match in _REGISTER_CALL.finditer(text):
             try:
                 call = ast.parse(match.group(0)[1:-len("class ")].strip(), mode="eval").body
-                args = [ast.literal_eval(a) for a in call.args]
-                kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-                bound = inspect.signature(register).bind(*args, **kwargs)
-            except (SyntaxError, ValueError, TypeError, AttributeError):
+            except SyntaxError:
                 return None
-            bound.apply_defaults()
-            p = bound.arguments
+            p = literal_arguments(call, register)
+            if p is None:
+                return None
             rows.append((p["name"], p["family"], frozenset(p["needs"]), frozenset(p["gives"]), p["needs_train"]))
     return rows

@@ -16,6 +16,7 @@ import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._sources import decorated_classes, first_doc_line, literal_arguments
 from ..errors import CliplabError
 
 NOT_SCORES = {"base", "registry", "metrics"}
@@ -150,34 +151,11 @@ def describe_scores() -> list[ScoreSummary]:
 
 def _scan_sources() -> list[ScoreSummary] | None:
     """Every ``@register_score(...)`` class in the package's modules, or None where one cannot be read statically."""
-    folder = Path(__file__).resolve().parent
-    found: list[ScoreSummary] = []
-    for module in pkgutil.iter_modules([str(folder)]):
-        if module.name in NOT_SCORES or module.name.startswith("_"):
-            continue
-        path = folder / f"{module.name}.py"
-        if module.ispkg or not path.is_file():
-            return None
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError):
-            return None
-        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ClassDef):
-                for decorator in node.decorator_list:
-                    if _is_register_call(decorator):
-                        summary = _summary_of(node, decorator, classes)
-                        if summary is None:
-                            return None
-                        found.append(summary)
-    return found
-
-
-def _is_register_call(node: ast.expr) -> bool:
-    func = node.func if isinstance(node, ast.Call) else node
-    return (isinstance(func, ast.Name) and func.id == "register_score") or (
-        isinstance(func, ast.Attribute) and func.attr == "register_score")
+    decorated = decorated_classes(Path(__file__).resolve().parent, NOT_SCORES, "register_score")
+    if decorated is None:
+        return None
+    found = [_summary_of(cls, decorator, classes) for cls, decorator, classes in decorated]
+    return None if any(summary is None for summary in found) else found
 
 
 def _init_params(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> tuple[tuple[str, object], ...] | None:
@@ -206,22 +184,12 @@ def _init_params(cls: ast.ClassDef, classes: dict[str, ast.ClassDef]) -> tuple[t
 
 def _summary_of(cls: ast.ClassDef, decorator: ast.expr, classes: dict[str, ast.ClassDef]) -> ScoreSummary | None:
     """The registry's facts for one decorated class, as ``register_score`` computes them; None if not literal."""
-    if not isinstance(decorator, ast.Call) or any(isinstance(a, ast.Starred) for a in decorator.args):
+    arguments = literal_arguments(decorator, register_score)
+    if arguments is None:
         return None
-    try:
-        args = [ast.literal_eval(a) for a in decorator.args]
-        kwargs = {k.arg: ast.literal_eval(k.value) for k in decorator.keywords if k.arg is not None}
-        if len(kwargs) != len(decorator.keywords):
-            return None
-        bound = inspect.signature(register_score).bind(*args, **kwargs)
-    except (ValueError, TypeError, SyntaxError):
-        return None
-    bound.apply_defaults()
     params = _init_params(cls, classes)
     if params is None:
         return None
-    needs = _check_needs(bound.arguments["name"], bound.arguments["needs"])
-    doc = ast.get_docstring(cls, clean=False)
-    summary = doc.strip().splitlines()[0] if doc and doc.strip() else ""
-    return ScoreSummary(bound.arguments["name"], bound.arguments["paper"], tuple(n for n in NEEDS if n in needs),
-                        params, summary)
+    needs = _check_needs(arguments["name"], arguments["needs"])
+    return ScoreSummary(arguments["name"], arguments["paper"], tuple(n for n in NEEDS if n in needs), params,
+                        first_doc_line(cls))
