@@ -32,6 +32,7 @@ def test_typos_are_reported_without_importing_torch(tmp_path):
     cases = [
         (["zeroshot", "--dataset", str(tmp_path / "missing")], "unknown dataset"),
         (["evaluate", "--method", "ncm", "--dataset", "cifra10"], "unknown dataset 'cifra10'"),
+        (["evaluate", "--method", "cooop", "--dataset", "cifra10"], "unknown method 'cooop'"),
         (["fewshot", "--dataset", str(split_folder), "--split", "tset"], "no split 'tset'"),
         (["zeroshot", "--dataset", str(split_folder), "--split", "tset"], "no split 'tset'"),
         (["classify", str(split_folder), "--labels-file", str(bad_labels)], "unreadable"),

@@ -135,6 +135,11 @@ def evaluate(
     data.holdout = holdout
     if shots is not None and split_file is not None:
         raise CliplabError("give --shots (a seeded draw) or --split-file (a saved one), not both")
+    from ..heads.registry import method_names
+
+    known = method_names()  # read from the registrations, heads not imported: a misspelled method is answered first
+    if method not in known:
+        raise CliplabError(f"unknown method {method!r}; known: {', '.join(known)}")
     test_data = _load(dataset, data, run, labelled=True, output_dir=output_dir)  # typos answered before torch loads
     if test_data.split == "train":
         raise CliplabError("--split train: the test split must not be the training split")
