@@ -23,7 +23,8 @@ from sklearn.base import clone
 from sklearn.utils.estimator_checks import estimator_checks_generator
 
 import cliplab.heads
-from cliplab.heads import create_head, list_heads
+from cliplab.data.base import ArrayImageDataset
+from cliplab.heads import create_head, head_entry, list_heads
 from cliplab.heads.registry import NOT_HEADS
 from cliplab.models import load_model
 
@@ -149,7 +150,11 @@ def test_two_classes_give_a_margin_and_full_logits(head):
     if "aux_model" in head.get_params():  # AMU-Tuning: CLIP features followed by an auxiliary model's
         X = np.hstack([X, X])
     head.set_params(**{key: 2 for key in ("epochs", "max_epoch") if key in head.get_params()})  # trainers: short
-    head.fit(X, y)
+    images = {}
+    if "images" in head_entry(head).needs:  # heads that train through the image tower: one picture per row
+        pixels = np.random.default_rng(0).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+        images["images"] = ArrayImageDataset(pixels, y, ["a", "b"], "rows.npy", "rows")
+    head.fit(X, y, **images)
     logits = head.logits(X)
     assert logits.shape == (8, 2)
     np.testing.assert_allclose(head.decision_function(X), logits[:, 1] - logits[:, 0], rtol=1e-6)
