@@ -29,6 +29,7 @@ from .pretrain import pretrain
 from .retrieval import retrieval_eval
 from .robustness import robustness
 from .search import search
+from .segment import segment, segment_eval
 from .serve import serve
 from .train_clipn import train_clipn
 
@@ -79,7 +80,8 @@ def _register(command) -> None:
 
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
-                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn):
+                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn,
+                 segment, segment_eval):
     _register(_command)
 app.add_typer(index_app, name="index")
 
