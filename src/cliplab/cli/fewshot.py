@@ -66,6 +66,10 @@ def fewshot(
                                      "e.g. " + PARAM_EXAMPLES + "."),
     output_dir: Path = typer.Option(Path("results/fewshot"), "--output-dir", "-o", help="Where JSON, splits and "
                                     "the curve go."),
+    base_to_new: bool = typer.Option(False, "--base-to-new", help="CoCoOp's base-to-new protocol: train on the "
+                                     "first half of the classes (ceil(C/2), the dataset's order), report base "
+                                     "accuracy, new-class accuracy (through what the method learned; n/a for a "
+                                     "method that cannot score other classes) and their harmonic mean."),
     holdout: float = HOLDOUT_OPTION,
     run: RunOptions = None,
     data: DataOptions = None,
@@ -103,15 +107,36 @@ def fewshot(
     backbone = run.load_backbone()
 
     def progress(record: dict) -> None:
-        if not run.quiet:
+        if run.quiet:
+            return
+        if base_to_new:
+            new = "n/a" if record["new_acc1"] is None else f"{100 * record['new_acc1']:.2f}%"
+            harmonic = "n/a" if record["harmonic_mean"] is None else f"{100 * record['harmonic_mean']:.2f}%"
             console.print(f"{record['method']:>14} {record['shots']:>3} shots seed {record['seed']}: "
-                          f"top-1 {100 * record['acc1']:.2f}%  {record['chosen'] or ''}", markup=False)
+                          f"base {100 * record['base_acc1']:.2f}%  new {new}  H {harmonic}", markup=False)
+            return
+        console.print(f"{record['method']:>14} {record['shots']:>3} shots seed {record['seed']}: "
+                      f"top-1 {100 * record['acc1']:.2f}%  {record['chosen'] or ''}", markup=False)
 
     result = run_fewshot(backbone, train, test, names, shot_list, seed_list, templates=templates, views=views,
                          params=method_params,
                          output_dir=output_dir, cache_dir=run.cache_dir, batch_size=run.batch_size,
-                         workers=run.workers, progress=not run.quiet, on_run=progress)
+                         workers=run.workers, progress=not run.quiet, on_run=progress, base_to_new=base_to_new)
     weights = " · random weights" if backbone.info.random_weights else ""
+    if base_to_new:
+        from ..eval.fewshot import base_new_cell
+
+        table = Table(title=f"base-to-new top-1: base / new / H (mean ± std over seeds {seeds}) · {test.name} · "
+                            f"{backbone.display_name}{weights}")
+        table.add_column("method")
+        for k in shot_list:
+            table.add_column(f"{k} shot{'s' if k > 1 else ''}", justify="right")
+        for name in names:
+            table.add_row(name, *(base_new_cell(result.base_to_new[name][k]) for k in shot_list))
+        console.print(table)
+        for kind, path in result.files.items():
+            console.print(f"{kind}: {path}")
+        return
     table = Table(title=f"few-shot top-1 (mean ± std over seeds {seeds}) · {test.name} · "
                         f"{backbone.display_name}{weights}")
     table.add_column("method")
