@@ -245,3 +245,16 @@ def measure_cab(backbone, dataset: ImageDataset, *, attribute: str = "class", si
             "size": float(size), "seed": int(seed), "dataset": dataset.name, "split": dataset.split,
             "templates": templates if templates is None or isinstance(templates, str) else list(templates),
             "name_object": bool(name_object), "model": model, "paper": 25, "skipped": int(len(drawn) - len(rows))}
+
+
+def write_cab_results(result: dict, output_dir: str | Path) -> Path:
+    """``cab_<attribute>_<dataset>_<split>_<model>_<hash>.json`` under ``output_dir`` (CLIP_benchmark's keys, the
+    summary as metrics, everything else in the ``cliplab`` block)."""
+    from ..eval.naming import run_stem
+    from ..eval.results import results_record, write_json
+
+    extra = {key: value for key, value in result.items() if key not in ("summary", "model", "dataset")}
+    record = results_record(dataset=result["dataset"], model=result["model"], task="concept_association_bias",
+                            metrics=result["summary"], extra=extra)
+    stem = run_stem("cab", record, method=result["attribute"], dataset=result["dataset"], split=result["split"])
+    return write_json(record, Path(output_dir) / f"{stem}.json")

@@ -261,3 +261,19 @@ def paired_features(backbone, dataset, *, templates: str | list[str] | None = No
     info = {"dataset": dataset.name, "split": dataset.split, "pairs": len(keep), "texts": source,
             "skipped": len(dataset) - len(keep), "model": images.model}
     return text, image, info
+
+
+def write_sce_results(result: SCEResult, info: dict, output_dir: str | Path) -> Path:
+    """``sce_<dataset>_<split>_<model>_<hash>.json`` under ``output_dir``: CLIP_benchmark's keys (metrics: the SCE,
+    the prompt diversity and the shares) and a ``cliplab`` block with the settings and where the pairs came from."""
+    from ..eval.naming import run_stem
+    from ..eval.results import results_record, write_json
+
+    metrics = {"sce": result.sce, "prompt_diversity": result.prompt_diversity,
+               "complement_share": result.complement_share, "explained_share": result.explained_share}
+    settings = {key: value for key, value in result.as_dict().items() if key not in metrics}
+    extra = {"paper": 20, **settings, **{key: value for key, value in info.items() if key != "model"}}
+    record = results_record(dataset=str(info.get("dataset", "pairs")), model=info.get("model") or {"model": "none"},
+                            task="sce", metrics=metrics, extra=extra)
+    stem = run_stem("sce", record, dataset=str(info.get("dataset", "pairs")), split=info.get("split"))
+    return write_json(record, Path(output_dir) / f"{stem}.json")

@@ -13,6 +13,7 @@ import re
 import typer
 
 from .. import __version__
+from .analyse import analyse_app
 from .cache import cache
 from .classify import classify
 from .common import configure_logging
@@ -28,8 +29,8 @@ from .ood import ood
 from .pretrain import pretrain
 from .retrieval import retrieval_eval
 from .robustness import robustness
+from .robustness_fit import robustness_fit
 from .search import search
-from .segment import segment, segment_eval
 from .serve import serve
 from .train_clipn import train_clipn
 
@@ -80,10 +81,11 @@ def _register(command) -> None:
 
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
-                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn,
-                 segment, segment_eval):
+                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn):
     _register(_command)
+_register(robustness_fit)
 app.add_typer(index_app, name="index")
+app.add_typer(analyse_app, name="analyse")
 
 
 def main() -> None:

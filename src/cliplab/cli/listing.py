@@ -55,7 +55,7 @@ def methods(family: str = typer.Option(None, "--family", help="Only this family 
     from ..heads import describe_heads
 
     heads = describe_heads()
-    families = sorted({h.family for h in heads})
+    families = sorted({h.family for h in heads}) + ["analysis"]  # analyses: cliplab.analysis.registry
     if family is not None and family not in families:
         raise CliplabError(f"no methods of family {family!r}; families: {', '.join(families)}")
     table = Table(title="methods (run one: cliplab evaluate --method NAME)")
@@ -66,7 +66,8 @@ def methods(family: str = typer.Option(None, "--family", help="Only this family 
             continue
         needs = ", ".join(n for n, flag in (("train data", entry.needs_train), ("model", entry.needs_backbone)) if flag)
         table.add_row(entry.name, entry.family, str(entry.paper or "-"), needs or "-", entry.summary)
-    console.print(table)
+    if family != "analysis":
+        console.print(table)
     if family in (None, "ood"):
         from ..ood.registry import describe_scores
 
@@ -79,6 +80,15 @@ def methods(family: str = typer.Option(None, "--family", help="Only this family 
             scores.add_row(entry.name, str(entry.paper or "-"), ", ".join(entry.needs).replace("_", " "),
                            params or "-", entry.summary)
         console.print(scores)
+    if family in (None, "analysis"):
+        from ..analysis.registry import list_analyses
+
+        analyses = Table(title="analyses (run: the command shown; from Python: cliplab.analysis)")
+        for column in ("name", "paper", "command", "summary"):
+            analyses.add_column(column)
+        for entry in list_analyses():
+            analyses.add_row(entry.name, str(entry.paper or "-"), entry.command, entry.summary)
+        console.print(analyses)
 
 
 @friendly_errors
