@@ -31,6 +31,7 @@ from .retrieval import retrieval_eval
 from .robustness import robustness
 from .robustness_fit import robustness_fit
 from .search import search
+from .segment import segment, segment_eval
 from .serve import serve
 from .train_clipn import train_clipn
 
@@ -81,7 +82,8 @@ def _register(command) -> None:
 
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
-                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn):
+                 methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn,
+                 segment, segment_eval):
     _register(_command)
 _register(robustness_fit)
 app.add_typer(index_app, name="index")
