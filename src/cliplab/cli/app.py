@@ -15,6 +15,7 @@ import typer
 from .. import __version__
 from .analyse import analyse_app
 from .cache import cache
+from .caption_score import caption_score
 from .classify import classify
 from .common import configure_logging
 from .curate import curate
@@ -25,6 +26,7 @@ from .explain import explain
 from .fewshot import fewshot
 from .index import index_app
 from .listing import datasets, methods, models, templates
+from .match import match
 from .ood import ood
 from .pretrain import pretrain
 from .retrieval import retrieval_eval
@@ -83,7 +85,7 @@ def _register(command) -> None:
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
                  methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn,
-                 segment, segment_eval):
+                 segment, segment_eval, caption_score, match):
     _register(_command)
 _register(robustness_fit)
 app.add_typer(index_app, name="index")

@@ -163,7 +163,8 @@ def score_rows(backbone, rows: Sequence[CaptionRow], cache_dir: str | Path | Non
     features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
                             progress=progress)
     row_of = {paths[int(item)]: k for k, item in enumerate(features.indices)}
-    failed = {str(dataset.paths[int(item)]): reason for item, reason in features.failures}
+    by_item = {dataset.item_id(k): p for k, p in enumerate(paths)}
+    failed = {by_item.get(item, item): reason for item, reason in features.failures}
 
     def embed(texts: list[str]) -> np.ndarray:
         return embed_texts(backbone, prompted(texts, prompt), cache_dir) if texts else np.zeros((0, 1))
@@ -189,3 +190,73 @@ def score_rows(backbone, rows: Sequence[CaptionRow], cache_dir: str | Path | Non
             record["grammar"] = float(grammar.probability(captions[i:i + 1])[0])
         out.append(record)
     return CaptionScores(out, sorted(failed.items()), time.perf_counter() - start)
+
+
+def _row(record: dict, where: str, base: Path) -> CaptionRow:
+    if not isinstance(record, dict):
+        raise CliplabError(f"{where}: expected an object with 'image' and 'caption'")
+    image, caption = record.get("image"), record.get("caption")
+    if not isinstance(image, str) or not image.strip() or not isinstance(caption, str) or not caption.strip():
+        raise CliplabError(f"{where}: needs a non-empty 'image' path and 'caption' text")
+    refs = record.get("references")
+    if isinstance(refs, str):
+        refs = [r.strip() for r in refs.split("|") if r.strip()]
+    if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
+        raise CliplabError(f"{where}: 'references' must be a list of strings (CSV: separated by '|')")
+    baseline = record.get("baseline") or None
+    if baseline is not None and not isinstance(baseline, str):
+        raise CliplabError(f"{where}: 'baseline' must be a caption string")
+    path = Path(image).expanduser()
+    return CaptionRow(str(path if path.is_absolute() else base / path), caption, refs or None, baseline)
+
+
+def read_caption_rows(path: str | Path, references: str | Path | None = None) -> list[CaptionRow]:
+    """Rows of a captions file: JSONL (one object a line) or a JSON list with ``image``, ``caption`` and optional
+    ``references`` (a list; CSV: ``|``-separated) and ``baseline``, or a CSV with those columns. Image paths are
+    relative to the file's folder. ``references``: a JSON object mapping an image (as written in the rows, or its
+    file stem, as Hessel's ``references_json``) to its reference captions (a list or one string)."""
+    import csv
+    import json
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliplabError(f"{path}: cannot read the captions ({exc})") from exc
+    base = path.parent
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+            raise CliplabError(f"{path}: a CSV needs 'image' and 'caption' columns")
+        rows = [_row(dict(r), f"{path}: row {n}", base) for n, r in enumerate(reader, 2)]
+    else:
+        try:
+            if path.suffix.lower() == ".json":
+                records = json.loads(text)
+                if not isinstance(records, list):
+                    raise CliplabError(f"{path}: a JSON file must hold a list of caption objects")
+                numbered = list(enumerate(records, 1))
+            else:
+                numbered = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        except ValueError as exc:
+            raise CliplabError(f"{path}: not valid JSON ({exc})") from None
+        rows = [_row(r, f"{path}: row {n}", base) for n, r in numbered]
+    if not rows:
+        raise CliplabError(f"{path}: no captions")
+    originals = [r.image for r in rows]
+    if references is not None:
+        try:
+            mapping = json.loads(Path(references).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CliplabError(f"{references}: cannot read the references ({exc})") from None
+        if not isinstance(mapping, dict):
+            raise CliplabError(f"{references}: expected an object mapping images to reference captions")
+        for row, image in zip(rows, originals):
+            name = Path(image)
+            found = next((mapping[k] for k in (str(image), name.name, name.stem) if k in mapping), None)
+            if found is None:
+                found = next((v for k, v in mapping.items() if (base / k) == name), None)
+            if found is None:
+                raise CliplabError(f"{references}: no references for {name.name}")
+            row.references = [found] if isinstance(found, str) else [str(r) for r in found]
+    return rows

@@ -55,6 +55,7 @@ from .hosts import AllowedHosts, HostGuard
 from .labels import LabelSets
 from .reload import LiveIndex
 from .reload import build_id as _build_id  # noqa: F401 - the name tests and callers know
+from .scoring import score_routes
 from .uploads import (  # noqa: F401 - re-exported: the upload rules are part of this module's contract
     DECODE_SLOTS,
     DRAFT_SIDE,
@@ -344,6 +345,7 @@ def create_app(index_dir, backbone, *, max_upload_bytes: int = 10 * 2**20, allow
     app.add_middleware(HostGuard, allowed=allowed_hosts if allowed_hosts is not None else AllowedHosts())
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _offline_docs(app)
+    app.include_router(score_routes(backbone, max_upload_bytes))  # POST /score (scoring.py)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
