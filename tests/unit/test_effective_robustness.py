@@ -90,3 +90,17 @@ def test_plot_is_written(tmp_path):
     runs = [Run("a", 0.4, 0.2), Run("b", 0.7, 0.45), Run("c", 0.55, 0.4)]
     path = plot_effective_robustness(effective_robustness(runs), tmp_path / "er.png", "title")
     assert path.stat().st_size > 1000
+
+
+def test_registry_lists_each_analysis_with_its_paper_and_command():
+    from cliplab.analysis.registry import analysis_entry, list_analyses, register_analysis
+
+    found = {entry.name: (entry.paper, entry.command) for entry in list_analyses()}
+    assert found["sce"] == (20, "cliplab analyse sce") and found["cab"] == (25, "cliplab analyse cab")
+    assert found["effective-robustness"] == (22, "cliplab robustness-fit")
+    assert analysis_entry("effective-robustness").function is effective_robustness
+    assert analysis_entry("sce").summary.startswith("Schur complement entropy")
+    with pytest.raises(CliplabError, match="registered twice"):
+        register_analysis("sce", paper=20, command="x")(lambda: None)
+    with pytest.raises(CliplabError, match="no analysis 'nosuch'"):
+        analysis_entry("nosuch")
