@@ -15,6 +15,7 @@ import cliplab.heads.grip as grip_module
 from cliplab.errors import CliplabError, UnsupportedOperationError
 from cliplab.features.values import ImageFeatures
 from cliplab.heads import create_head, head_entry
+from cliplab.heads.saving import load_head, save_head
 from cliplab.models import BackboneInfo, load_model
 from cliplab.models.openclip import OpenClipBackbone, transform_for
 from cliplab.train.prompts import PromptLearner, initial_context
@@ -125,6 +126,7 @@ def test_bad_input_is_one_line_before_training(tiny, task, monkeypatch):
         ({}, dict(unlabelled=U[:5]), "0 pseudolabels per class"),
         ({"setting": "fully"}, dict(unlabelled=U), "setting must be one of"),
         ({"rounds": 3}, dict(unlabelled=U), "rounds=3 is more than"),
+        ({"selection": "best"}, dict(unlabelled=U), "selection must be one of"),
     ]
     for params, extra, message in cases:
         head = create_head("grip", backbone=tiny, class_names=NAMES, **{**FAST, **params})
@@ -225,3 +227,12 @@ def test_visual_prompts_on_a_resnet_image_tower_are_refused_in_one_line(monkeypa
         with pytest.raises(UnsupportedOperationError, match="ModifiedResNet") as info:
             head.fit(X[:6], np.repeat(np.arange(3), 2), unlabelled=X[6:])
         assert "\n" not in str(info.value)
+
+
+def test_a_saved_textual_head_gives_identical_logits(tiny, task, tmp_path):
+    (X, y), (U, _), (Xt, _) = task
+    head = create_head("grip", backbone=tiny, class_names=NAMES, **FAST).fit(X, y, unlabelled=U)
+    save_head(head, tmp_path / "grip")
+    loaded = load_head(tmp_path / "grip", tiny)
+    np.testing.assert_array_equal(loaded.logits(Xt), head.logits(Xt))
+    assert loaded.rounds_ == head.rounds_

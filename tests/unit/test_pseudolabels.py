@@ -85,3 +85,16 @@ def test_grip_schedule_hand_computed():
     assert grip_schedule(5, 10, 10) == [0] * 10
     with pytest.raises(CliplabError, match="step_quantile"):
         grip_schedule(100, 2, 0)
+
+
+def test_the_authors_leaderboard_restated_hand_computed():
+    """Rows a, b, c in that order, k=2. Their board for class 0 fills with a (.5) and b (.9) unsorted; c (.7) is
+    compared with the last entry (.9), refused, and offered to classes 1 (.2) and 2 (.1), which both take it.
+    The default rule keeps b and c for class 0 (the two most confident) and gives a to class 1 (its .3 beats .2)."""
+    probs = np.array([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.7, 0.2, 0.1]])
+    rows, labels = select_top_k(probs, 2, rule="authors")
+    assert rows.tolist() == [0, 1, 2, 2] and labels.tolist() == [0, 0, 1, 2]
+    rows, labels = select_top_k(probs, 2)
+    assert rows.tolist() == [1, 2, 0] and labels.tolist() == [0, 0, 1]
+    with pytest.raises(CliplabError, match="rule must be"):
+        select_top_k(probs, 2, rule="other")

@@ -20,7 +20,7 @@ from ..errors import CliplabError, DimensionMismatchError, FeatureError
 from ..models.backbone import Backbone
 from ..train.engine import TrainSettings, register_objective, run_training
 from ..train.prompts import PromptLearner, causal_length, initial_context
-from ..train.pseudolabels import grip_schedule, rounds_for, select_top_k
+from ..train.pseudolabels import RULES, grip_schedule, rounds_for, select_top_k
 from .base import FEWSHOT_SKIPS, ClipHead, ZeroShotLogitsMixin, accuracy
 from .registry import register
 
@@ -93,6 +93,7 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         setting: str = "semi-supervised",
         step_quantile: int = 10,
         rounds: int | None = None,
+        selection: str = "balanced",
         n_ctx: int | None = None,
         ctx_init: str | None = "a photo of a",
         n_vis_ctx: int | None = None,
@@ -115,6 +116,7 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         self.setting = setting
         self.step_quantile = step_quantile
         self.rounds = rounds
+        self.selection = selection
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
         self.n_vis_ctx = n_vis_ctx
@@ -147,6 +149,8 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         name = self._name()
         if self.setting not in SETTINGS:
             raise CliplabError(f"{name}: setting must be one of {', '.join(SETTINGS)}, got {self.setting!r}")
+        if self.selection not in RULES:
+            raise CliplabError(f"{name}: selection must be one of {', '.join(RULES)}, got {self.selection!r}")
         rounds_for(self.step_quantile)
         for key, low in (("rounds", 0), ("n_ctx", 1), ("n_vis_ctx", 1), ("max_epoch", 0), ("warmup_epochs", 0),
                          ("batch_size", 1)):
@@ -303,7 +307,7 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
             rows, labels = np.zeros(0, np.int64), np.zeros(0, np.int64)
             if k > 0:
                 probs = self._pool_probs(pool, pool_images, current, targets, scale)
-                rows, labels = select_top_k(probs, k)
+                rows, labels = select_top_k(probs, k, rule=self.selection)
                 labels = targets[labels]
             train_p, held = self._hold_out(rows, k, r)
             module = self._module(text0, use_images)
@@ -381,8 +385,8 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         """One round's training through the one loop; returns the last step's loss (None without training)."""
         epochs = int(self.max_epoch)
         n_l, n_p = len(labelled_rows), len(p_rows)
-        if epochs == 0 or n_l + n_p == 0:
-            return None
+        if epochs == 0 or n_l + n_p == 0 or not any(p.requires_grad for p in module.parameters()):
+            return None  # nothing to train (a visual modality without images learns nothing)
         features = np.concatenate([X[labelled_rows], pool[p_rows] if n_p else X[:0]]).astype(np.float32)
         labels = torch.from_numpy(np.concatenate([y[labelled_rows], p_labels]).astype(np.int64))
         pseudo = torch.from_numpy(np.r_[np.zeros(n_l, bool), np.ones(n_p, bool)])
@@ -530,7 +534,9 @@ _DOC = """GRIP (paper 23 in ../shared/papers.md, Menghini et al., NeurIPS 2023):
       former's random start).
     - Multimodal: the textual context and the visual tokens are learned side by side; the authors couple them
       through a small shared transformer (UPT: width 128, 1 layer) that is not built here.
-    - Pseudolabel selection is order-independent and keeps a row for one class at most (``train.pseudolabels``).
+    - Pseudolabel selection (``selection="balanced"``) is order-independent and keeps a row for one class at most;
+      ``selection="authors"`` restates their one-pass leaderboard (pool order; a row may be kept twice), which
+      equals their functions' selection on the same logits (``train.pseudolabels``, outside comparison).
     - Schedule: the one loop's warm-up is linear from lr/5 at epoch 0 (theirs from 0) and its cosine runs over
       all epochs (theirs over the epochs after warm-up).
     - Visual prompts start from ``width^-0.5 * N(0, 1)`` (theirs), seeded by ``random_state + 1``; precision float32
