@@ -27,7 +27,7 @@ Following the authors' code (aziksh-ospanov/CLIP-DISSECTION, ``SCE/metric/algori
 Departures: float64 numpy on the CPU instead of float32 torch on the GPU (in float32 the pseudo-inverse cut-off,
 about 6e-4 instead of 1e-12, drops most of ``C_xx``'s spectrum and the numbers change); the frequencies ``W`` come
 from ``numpy.random.default_rng(seed)`` (theirs from torch's global generator; ``omegas=`` takes any); the default
-``rff_dim`` is 1000 (their demo: 2500; matrices are 2 rff_dim square); their exact-kernel variant (a Cholesky of
+``rff_dim`` is 500 (their demo: 2500; matrices are 2 rff_dim square); their exact-kernel variant (a Cholesky of
 the joint 2n x 2n Gram matrix, used for their mode pictures) and the Gaussian correction (which draws fresh
 frequencies for the corrected feature) are not offered. Note that with ``2 rff_dim >= n`` the feature map of x
 has full row rank and the complement is close to zero for any y: use more pairs than features.
@@ -45,7 +45,7 @@ from .registry import register_analysis
 
 KERNELS = ("gaussian", "cosine")
 DEFAULT_SIGMA = 3.5  # the authors' demo.py
-DEFAULT_RFF_DIM = 1000
+DEFAULT_RFF_DIM = 500
 RIDGE = 1e-12  # added to C_xx before the pseudo-inverse, as their code
 EIGEN_FLOOR = 1e-10  # schur_vendi_from_eigs clamps the eigenvalues here
 

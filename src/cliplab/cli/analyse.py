@@ -37,8 +37,8 @@ def sce(
     kernel: str = typer.Option("gaussian", "--kernel", help="gaussian (random Fourier features, the authors' SCE "
                                "default) or cosine (feature columns' cosine similarity)."),
     sigma: float = typer.Option(3.5, "--sigma", min=1e-6, help="Gaussian kernel bandwidth (the authors' demo: 3.5)."),
-    rff_dim: int = typer.Option(1000, "--rff-dim", min=1, help="Random Fourier frequencies (matrices are 2x this "
-                                "square; use fewer than half the pairs)."),
+    rff_dim: int = typer.Option(500, "--rff-dim", min=1, help="Random Fourier frequencies (matrices are 2x this "
+                                "square; use fewer than half the pairs; the authors' demo: 2500)."),
     output_dir: Path = OUTPUT_DIR,
     run: RunOptions = None,
     data: DataOptions = None,
