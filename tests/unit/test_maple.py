@@ -154,10 +154,12 @@ def test_one_epoch_changes_only_the_prompts(tiny):
 
 
 def test_fits_an_easy_task_better_than_zero_shot(tiny):
+    """The authors' settings (5 epochs, SGD 0.0035, batch 4, J = 9 capped at tiny's 2 blocks) on held-out images."""
     train, test = _images(8, 0), _images(10, 1)
     X = _features(tiny, train)
     zero = MaPLe(tiny, NAMES, max_epoch=0).fit(X, train.labels, images=train)
-    head = MaPLe(tiny, NAMES, max_epoch=6, lr=0.1, random_state=2).fit(X, train.labels, images=train)
+    head = MaPLe(tiny, NAMES, random_state=2).fit(X, train.labels, images=train)
+    assert head.epochs_ == 5 and head.prompt_depth_ == 2
     assert head.training_loss_[-1] < head.training_loss_[0]
     assert _accuracy(head, test) >= 0.9 > _accuracy(zero, test) + 0.2
 
