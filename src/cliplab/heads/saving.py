@@ -9,6 +9,10 @@ the known top-level keys; hyperparameters the method takes, with finite numbers;
 fitted state is (``name_``), never an attribute or method of the head's class; numeric arrays; a
 positive ``n_features_in_``; ``classes_`` and the class names agreeing in count; and a probe: the rebuilt
 head's logits on a few unit vectors are finite, one column per class. Anything else is refused in one line.
+
+Heads that give a derived Backbone (``gives=("backbone",)``: CLIP-SVD, MaPLe) keep what they learned as numpy fitted
+state; their ``backbone_`` is not saved but rebuilt on loading by ``head.rebuild_backbone(backbone)`` from the base
+backbone (which must then be given). Training-run paths (``cache_dir``, ``checkpoint_dir``) are not saved.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ FORMAT = "cliplab-head/1"
 SIMPLE = (str, int, float, bool, type(None))
 RECORD_KEYS = {"format", "method", "params", "fitted", "class_names", "model_id", "model"}
 FITTED_NAME = re.compile(r"^[A-Za-z](?:[A-Za-z0-9]|_(?!_))*_$")  # no leading underscore, no dunder
-NOT_PARAMS = ("backbone", "cache_dir")
+NOT_PARAMS = ("backbone", "cache_dir", "checkpoint_dir")  # never saved: the model, run-local paths
+REBUILT = ("backbone_",)  # fitted state rebuilt on loading (rebuild_backbone), never saved
 ARRAY_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 PROBE_ROWS = 8
 
@@ -53,12 +58,16 @@ def save_head(head, path: str | Path, model_id: str | None = None, class_names: 
 
     entry = head_entry(head)
     fitted = {k: v for k, v in vars(head).items() if k.endswith("_") and not k.startswith("_")}
+    if "backbone" in entry.gives:
+        if not callable(getattr(head, "rebuild_backbone", None)):
+            raise CliplabError(f"{entry.name}: gives a backbone but has no rebuild_backbone, so it cannot be saved")
+        fitted = {k: v for k, v in fitted.items() if k not in REBUILT}
     if not fitted:
         raise CliplabError(f"{entry.name}: the head is not fitted; fit it before saving")
     arrays = {k: np.ascontiguousarray(v) for k, v in fitted.items() if isinstance(v, np.ndarray)}
     scalars = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in fitted.items() if k not in arrays}
     bad = [k for k, v in scalars.items() if not _jsonable(v)]
-    params = {k: v for k, v in head.get_params(deep=False).items() if k not in ("backbone", "cache_dir")}
+    params = {k: v for k, v in head.get_params(deep=False).items() if k not in NOT_PARAMS}
     bad += [k for k, v in params.items() if not _jsonable(v)]
     if bad:
         raise CliplabError(f"{entry.name}: cannot save {bad[0]!r} (not an array or JSON value)")
@@ -86,11 +95,13 @@ def saved_class_names(path: str | Path) -> list[str]:
     return [str(n) for n in names]
 
 
-def load_head(path: str | Path, backbone=None, model_id: str | None = None):
-    """A head saved by :func:`save_head`; ``backbone`` (or ``model_id``) must be the model it was fitted on.
+def load_head(path: str | Path, backbone=None, model_id: str | None = None, method: str | None = None):
+    """A head saved by :func:`save_head`; ``backbone`` (or ``model_id``) must be the model it was fitted on, and
+    ``method``, if given, the method it is.
 
     The saved files are checked against the schema (module docstring) first; a damaged or crafted head is a
-    one-line CliplabError, and nothing from the files is set on the head except checked fitted state.
+    one-line CliplabError, and nothing from the files is set on the head except checked fitted state. A head that
+    gives a Backbone gets its ``backbone_`` rebuilt from ``backbone`` (``rebuild_backbone``).
     """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -104,6 +115,8 @@ def load_head(path: str | Path, backbone=None, model_id: str | None = None):
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise CliplabError(f"{path}: unknown head format {found!r}")
+    if method is not None and record.get("method") != method:
+        raise CliplabError(f"{path}: holds a {record.get('method')!r} head, not {method!r}")
     current = model_id or (backbone.model_id if backbone is not None else None)
     if record.get("model_id") and current and record["model_id"] != current:
         given = record.get("model") if isinstance(record.get("model"), str) else None
@@ -128,7 +141,23 @@ def load_head(path: str | Path, backbone=None, model_id: str | None = None):
     for key, value in state.items():
         setattr(head, key, value)
     _probe(path, head, record)
+    if "backbone" in head_entry(head).gives:
+        _rebuild(path, head, backbone)
     return head
+
+
+def _rebuild(path: Path, head, backbone) -> None:
+    """Set ``backbone_`` of a loaded head that gives a Backbone, rebuilt from the base ``backbone``."""
+    if backbone is None:
+        raise CliplabError(f"{path}: a {head_entry(head).name} head rebuilds its model from the base model: load it "
+                           "with the backbone it was fitted on")
+    try:
+        head.backbone_ = head.rebuild_backbone(backbone)
+    except CliplabError as exc:
+        raise CliplabError(f"{path}: {exc}") from None
+    except Exception as exc:  # saved state of the wrong shape or type
+        raise CliplabError(f"{path}: saved head does not rebuild its model ({_line(exc)}); refit and save it "
+                           "again") from None
 
 
 def _finite(value) -> bool:
