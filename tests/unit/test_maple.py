@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cliplab.data.base import ArrayImageDataset
-from cliplab.errors import CliplabError, UnsupportedOperationError
+from cliplab.errors import CliplabError, TextTooLongError, UnsupportedOperationError
 from cliplab.heads import create_head, head_entry
 from cliplab.heads.maple import MaPLe, MaPLeObjective
 from cliplab.models import BackboneInfo, load_model
@@ -232,4 +232,7 @@ def test_a_resnet_image_tower_and_too_deep_prompts_are_refused_before_training(t
         MaPLe(tiny, NAMES, max_epoch=0).fit(_features(tiny, train), train.labels)
     with pytest.raises(CliplabError, match="n_ctx=5"):
         MaPLe(tiny, NAMES, n_ctx=5).fit(_features(tiny, train), train.labels, images=unread)
+    with pytest.raises(TextTooLongError) as error:  # a class whose prompt does not fit the text tower's context
+        MaPLe(tiny, ["red", "very " * 80 + "blue"]).fit(_features(tiny, train), train.labels, images=unread)
+    assert "\n" not in str(error.value) and "77" in str(error.value)
     assert MaPLe(tiny, NAMES).build_learner().couplings.__len__() == 2  # default 9, capped at tiny's 2 blocks

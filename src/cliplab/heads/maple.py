@@ -197,8 +197,8 @@ class MaPLe(ZeroShotLogitsMixin, ClipHead):
     - Widths: their compound text prompts are (p, 512) and their couplings Linear(512, 768), ViT-B/16's widths;
       here the towers' own widths, so any open_clip or Hugging Face ViT CLIP works.
     - Vision prompt position: they append the prompt tokens after the patches, cliplab's towers put them after the
-      class token; without an attention mask in the image tower the outputs are the same (tested in
-      test_encoder_access).
+      class token; without an attention mask in the image tower the outputs are the same (tested against a
+      hand-built run of their layout in tests/unit/test_maple.py).
     - Init: their code initialises from the words when ``n_ctx <= 4`` and silently falls back to random vectors
       otherwise (and with ``n_ctx`` over the init's tokens would embed the end-of-text and padding tokens as
       context); here ``n_ctx`` up to the init's token count takes its first tokens and a longer one is refused.
