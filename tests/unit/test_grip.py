@@ -236,3 +236,14 @@ def test_a_saved_textual_head_gives_identical_logits(tiny, task, tmp_path):
     loaded = load_head(tmp_path / "grip", tiny)
     np.testing.assert_array_equal(loaded.logits(Xt), head.logits(Xt))
     assert loaded.rounds_ == head.rounds_
+
+
+def test_max_unlabelled_is_a_seeded_subsample_of_the_pool(tiny, task):
+    """Fitting with max_unlabelled equals fitting on those rows given alone; pseudo_rows_ index the whole pool."""
+    (X, y), (U, _), _ = task
+    head = create_head("grip", backbone=tiny, class_names=NAMES, max_unlabelled=20, **FAST).fit(X, y, unlabelled=U)
+    keep = np.sort(np.random.default_rng(1).choice(len(U), 20, replace=False))  # random_state=1
+    alone = create_head("grip", backbone=tiny, class_names=NAMES, **FAST).fit(X, y, unlabelled=U[keep])
+    assert head.pool_size_ == 20
+    np.testing.assert_array_equal(head.round_weights_, alone.round_weights_)
+    np.testing.assert_array_equal(head.pseudo_rows_, keep[alone.pseudo_rows_])

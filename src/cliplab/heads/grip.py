@@ -78,6 +78,55 @@ class GripModule(torch.nn.Module):
         return self.logit_scale * (self.image_features(batch).to(text.dtype) @ text.T)
 
 
+class _ImageRows:
+    """Images addressed by row over datasets laid end to end (only ``load_image`` is read, never a label),
+    preprocessed when a batch needs them: nothing holds a whole pool of decoded images."""
+
+    def __init__(self, backbone: Backbone, parts: list):
+        self.backbone, self.parts = backbone, parts
+        self.starts = np.cumsum([0] + [len(part) for part in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, rows: np.ndarray) -> _ImageRows:
+        return _ImageRows(self.backbone, [_Picked(self, np.asarray(rows, dtype=np.int64))])
+
+    def load_image(self, row: int):
+        part = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.parts[part].load_image(int(row - self.starts[part]))
+
+    def load(self, rows) -> torch.Tensor:
+        preprocess = self.backbone.preprocess
+        return torch.stack([preprocess(self.load_image(int(row))) for row in rows])
+
+
+class _Picked:
+    """Rows ``rows`` of an ``_ImageRows``."""
+
+    def __init__(self, source: _ImageRows, rows: np.ndarray):
+        self.source, self.rows = source, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load_image(self, i: int):
+        return self.source.load_image(int(self.rows[i]))
+
+
+class _Epoch:
+    """One epoch's batches, made as they are reached (images decoded per batch); ``len`` is the batch count."""
+
+    def __init__(self, make, count: int, start: int = 0):
+        self.make, self.count, self.start = make, count, start
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        return (self.make(b) for b in range(self.start, self.count))
+
+
 class _Grip(ZeroShotLogitsMixin, ClipHead):
     """The method; the registered classes fix the prompt modality (see :class:`Grip`'s docstring)."""
 
@@ -94,6 +143,7 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         step_quantile: int = 10,
         rounds: int | None = None,
         selection: str = "balanced",
+        max_unlabelled: int | None = None,
         n_ctx: int | None = None,
         ctx_init: str | None = "a photo of a",
         n_vis_ctx: int | None = None,
@@ -117,6 +167,7 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         self.step_quantile = step_quantile
         self.rounds = rounds
         self.selection = selection
+        self.max_unlabelled = max_unlabelled
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
         self.n_vis_ctx = n_vis_ctx
@@ -152,10 +203,10 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         if self.selection not in RULES:
             raise CliplabError(f"{name}: selection must be one of {', '.join(RULES)}, got {self.selection!r}")
         rounds_for(self.step_quantile)
-        for key, low in (("rounds", 0), ("n_ctx", 1), ("n_vis_ctx", 1), ("max_epoch", 0), ("warmup_epochs", 0),
-                         ("batch_size", 1)):
+        for key, low in (("rounds", 0), ("max_unlabelled", 1), ("n_ctx", 1), ("n_vis_ctx", 1), ("max_epoch", 0),
+                         ("warmup_epochs", 0), ("batch_size", 1)):
             value = getattr(self, key)
-            if value is None and key in ("rounds", "n_ctx", "n_vis_ctx"):
+            if value is None and key in ("rounds", "max_unlabelled", "n_ctx", "n_vis_ctx"):
                 continue
             if isinstance(value, bool) or int(value) != value or value < low:
                 raise CliplabError(f"{name}: {key} must be an integer >= {low}, got {value!r}")
@@ -224,15 +275,14 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
                                "nothing to pseudolabel")
         return self._validate(features)
 
-    def _image_tensor(self, images, n: int, what: str) -> torch.Tensor:
-        """Preprocessed images (n, 3, H, W) of a dataset aligned with ``n`` feature rows (only ``load_image``)."""
+    def _checked_images(self, images, n: int, what: str):
+        """``images``, a dataset aligned with ``n`` feature rows (only its ``load_image`` is used)."""
         if images is None:
             raise CliplabError(f"{self._name()}: the {self.modality} prompts train through the image tower and need "
                                f"{what} (a dataset aligned with its feature rows)")
         if len(images) != n:
             raise CliplabError(f"{self._name()}: {what} has {len(images)} images for {n} feature rows")
-        preprocess = self.backbone.preprocess
-        return torch.stack([preprocess(images.load_image(i)) for i in range(n)])
+        return images
 
     # ------------------------------------------------------------------ fitting
 
@@ -275,6 +325,25 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
             if len(targets) == 0:
                 raise CliplabError(f"{name}: transductive setting, but every class has labelled rows: no unseen "
                                    "class to pseudolabel (use setting='semi-supervised')")
+        labelled_images = None
+        if use_images:
+            if len(labelled_rows):
+                labelled_images = _ImageRows(backbone, [self._checked_images(images, len(X), "images")])
+            if pool is not None:
+                parts = []
+                if unlabelled is not None:
+                    parts.append(self._checked_images(unlabelled_images, len(pool) - (len(X) if self.setting ==
+                                                      "unsupervised" else 0), "unlabelled_images"))
+                if self.setting == "unsupervised":
+                    parts.append(self._checked_images(images, len(X), "images"))
+                pool_images = _ImageRows(backbone, parts)
+        pool_rows = None if pool is None else np.arange(len(pool))
+        if pool is not None and self.max_unlabelled is not None and len(pool) > self.max_unlabelled:
+            pool_rows = np.sort(np.random.default_rng(int(self.random_state)).choice(
+                len(pool), int(self.max_unlabelled), replace=False))  # a seeded subsample of the pool
+            pool = pool[pool_rows]
+            pool_images = None if pool_images is None else pool_images.take(pool_rows)
+
         schedule = []
         if pool is not None:
             schedule = grip_schedule(len(pool), len(targets), int(self.step_quantile))
@@ -285,19 +354,6 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
             schedule = schedule[:self.rounds] if self.rounds is not None else schedule
         elif self.rounds != 0:
             schedule = [0]  # labelled rows only: one round
-        labelled_images = None
-        if use_images:
-            if len(labelled_rows):
-                labelled_images = self._image_tensor(images, len(X), "images")
-            if pool is not None:
-                parts = []
-                if unlabelled is not None:
-                    parts.append(self._image_tensor(unlabelled_images, len(pool) - (len(X) if self.setting ==
-                                                    "unsupervised" else 0), "unlabelled_images"))
-                if self.setting == "unsupervised":
-                    parts.append(self._image_tensor(images, len(X), "images"))
-                pool_images = torch.cat(parts)
-
         text0 = self._zeroshot_weights()  # (d, C): round 0, the zero-shot model that labels round 1
         scale = self._scale()
         round_weights, rounds_log = [text0], []
@@ -325,7 +381,7 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
             if validation is not None and not use_images:
                 entry["val_acc"] = accuracy(scale * (validation[0] @ text), validation[1])
             rounds_log.append(entry)
-            self.pseudo_rows_, self.pseudo_labels_ = rows, labels
+            self.pseudo_rows_, self.pseudo_labels_ = (rows if pool_rows is None else pool_rows[rows]), labels
 
         if not schedule:
             self.pseudo_rows_, self.pseudo_labels_ = np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -345,7 +401,7 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         self.n_features_in_ = X.shape[1]
         self.rounds_ = rounds_log
         self.schedule_ = [int(k) for k in schedule]
-        self.pool_size_ = 0 if pool is None else int(len(pool))
+        self.pool_size_ = 0 if pool is None else int(len(pool))  # after max_unlabelled
         self.target_classes_ = targets.astype(np.int64)
         self.val_accuracy_ = rounds_log[-1].get("val_acc") if rounds_log else (
             accuracy(self.logits(validation[0]), validation[1]) if validation is not None else None)
@@ -372,12 +428,13 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         probs = np.exp(logits)
         return probs / probs.sum(axis=1, keepdims=True)
 
-    def _encode(self, images: torch.Tensor, visual: np.ndarray) -> np.ndarray:
+    def _encode(self, images: _ImageRows, visual: np.ndarray) -> np.ndarray:
         prompt = torch.from_numpy(visual).to(self.backbone.device)
         out = []
         with torch.no_grad():
             for s in range(0, len(images), ENCODE_BATCH):
-                out.append(self.backbone.forward_images(images[s:s + ENCODE_BATCH], prompts=[prompt]).float().cpu())
+                batch = images.load(range(s, min(s + ENCODE_BATCH, len(images))))
+                out.append(self.backbone.forward_images(batch, prompts=[prompt]).float().cpu())
         return torch.cat(out).numpy()
 
     def _train_round(self, module: GripModule, r: int, X, y, labelled_rows, pool, p_rows, p_labels,
@@ -391,10 +448,9 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         labels = torch.from_numpy(np.concatenate([y[labelled_rows], p_labels]).astype(np.int64))
         pseudo = torch.from_numpy(np.r_[np.zeros(n_l, bool), np.ones(n_p, bool)])
         images = None
-        if module.visual is not None:
-            parts = ([labelled_images[torch.from_numpy(labelled_rows)]] if n_l else []) + (
-                [pool_images[torch.from_numpy(p_rows)]] if n_p else [])
-            images = torch.cat(parts)
+        if module.visual is not None:  # the round's training images: labelled rows, then pseudolabelled ones
+            images = _ImageRows(self.backbone, ([labelled_images.take(labelled_rows)] if n_l else [])
+                                + ([pool_images.take(p_rows)] if n_p else []))
         balance = n_l / n_p if n_p and n_l else 1.0
         # semi-supervised: balance * CE(labelled) + CE(pseudo); transductive: CE(labelled) + balance * CE(pseudo)
         w_l, w_p = (1.0, balance) if self.setting == "transductive" else (balance, 1.0)
@@ -402,17 +458,18 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         n, batch = n_l + n_p, int(self.batch_size)
         seed = int(self.random_state)
 
-        def data(epoch: int) -> list[dict]:
+        def data(epoch: int, start: int = 0) -> _Epoch:
             order = torch.from_numpy(np.random.default_rng([seed, r, int(epoch)]).permutation(n))
-            out = []
-            for s in range(0, n, batch):  # the authors' DataLoader keeps the last, smaller batch
-                rows = order[s:s + batch]
+
+            def make(b: int) -> dict:
+                rows = order[b * batch:(b + 1) * batch]  # the authors' DataLoader keeps the last, smaller batch
                 item = {"features": feats[rows], "labels": labels[rows], "pseudo": pseudo[rows],
                         "w_labelled": w_l, "w_pseudo": w_p}
                 if images is not None:
-                    item["images"] = images[rows]
-                out.append(item)
-            return out
+                    item["images"] = images.load(rows.tolist())
+                return item
+
+            return _Epoch(make, -(-n // batch), start)
 
         model = self.backbone.model
         frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -487,7 +544,8 @@ _DOC = """GRIP (paper 23 in ../shared/papers.md, Menghini et al., NeurIPS 2023):
     Modality (one registered name each): ``grip`` learns the textual context (CoOp's, ``train.prompts``) on cached
     image features; ``grip-visual`` learns VPT-shallow tokens after the image tower's class token with the
     zero-shot class weights fixed; ``grip-multimodal`` both. The visual ones train through the image tower on the
-    images (``images``/``unlabelled_images``, no augmentation, as the authors' ``transform``) and give a derived
+    images (``images``/``unlabelled_images``, decoded and preprocessed batch by batch, no augmentation, as the
+    authors' ``transform``; the pool is re-encoded with the prompts each round to relabel it) and give a derived
     Backbone (``backbone_``, the prompts attached) whose features ``logits`` scores.
 
     Settings (``setting``), the paper's three, one loss (the authors' ``define_loss_function``, batch means):
@@ -502,9 +560,11 @@ _DOC = """GRIP (paper 23 in ../shared/papers.md, Menghini et al., NeurIPS 2023):
     ``K_r = floor(r * floor(m / R) / C)`` per class (``train.pseudolabels.grip_schedule``, class-balanced top-K by
     ``select_top_k``), re-initialises the prompts to the same start and trains them from scratch on the labelled
     rows and those pseudolabels. ``rounds`` stops after that many (0: zero-shot; the benchmark runs fewer, say
-    so). From K_r >= 10 the authors train on 80% of the pseudolabels and keep 20% as a validation set that
-    selects nothing (``pseudo_val_fraction``; the rows held out by a (random_state, r) generator): the held-out
-    part's agreement with the model is logged. The last epoch's prompts are kept, as theirs.
+    so). ``max_unlabelled`` (None: all) first draws that many pool rows (seeded by ``random_state``), for CPU-sized
+    runs on a whole train split (``pseudo_rows_`` still index the whole pool). From K_r >= 10 the authors train on
+    80% of the pseudolabels and keep 20% as a validation set that selects nothing (``pseudo_val_fraction``; the
+    rows held out by a (random_state, r) generator): the held-out part's agreement with the model is logged. The
+    last epoch's prompts are kept, as theirs.
 
     Training (the authors' ``grip_*_config.yml``): SGD, momentum 0.9, weight decay 0.1, lr 0.1 (textual, visual)
     or 0.01 (multimodal), batches of 16 in a seeded random order (the last smaller batch kept), ``max_epoch`` 150
