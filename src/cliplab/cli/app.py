@@ -35,6 +35,7 @@ from .robustness_fit import robustness_fit
 from .search import search
 from .segment import segment, segment_eval
 from .serve import serve
+from .train import train
 from .train_clipn import train_clipn
 
 HELP_WIDTH = 100
@@ -85,7 +86,7 @@ def _register(command) -> None:
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
                  methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn,
-                 segment, segment_eval, caption_score, match):
+                 segment, segment_eval, caption_score, match, train):
     _register(_command)
 _register(robustness_fit)
 app.add_typer(index_app, name="index")

@@ -91,7 +91,7 @@ def classify(
     head = for_single_images(head)  # one image's label never depends on the other images in the folder
     report_fit_problems(head.fit_summary(), head)
     threshold = _reject_threshold(head, run, backbone, reject_score, reject_tpr, reject_calibration) if reject else None
-    features = run.embed(backbone, dataset)
+    features = run.embed(getattr(head, "backbone_", None) or backbone, dataset)  # a head's own trained model
     rows = []
     if len(features):
         order, probs = head.top_k(features.features, top_k)
