@@ -12,6 +12,7 @@ from cliplab.data.base import ArrayImageDataset
 from cliplab.errors import CliplabError, TextTooLongError, UnsupportedOperationError
 from cliplab.heads import create_head, head_entry
 from cliplab.heads.maple import MaPLe, MaPLeObjective
+from cliplab.heads.saving import load_head, save_head
 from cliplab.models import BackboneInfo, load_model
 from cliplab.models.openclip import OpenClipBackbone, transform_for
 from cliplab.train.config import BUILTIN_CONFIGS
@@ -176,6 +177,19 @@ def test_with_classes_scores_new_names_with_the_learned_prompts(tiny):
     assert new.class_names == ["green", "traffic light"] and head.class_names == NAMES
     rebuilt = head.rebuild_backbone(tiny)
     assert rebuilt.model_id == head.backbone_.model_id
+
+
+def test_a_saved_head_rebuilds_the_same_prompted_backbone(tiny, tmp_path):
+    train, test = _images(4, 0), _images(3, 1)
+    head = MaPLe(tiny, NAMES, max_epoch=1, lr=0.05).fit(_features(tiny, train), train.labels, images=train)
+    save_head(head, tmp_path / "maple")
+    loaded = load_head(tmp_path / "maple", tiny, method="maple")
+    assert loaded.backbone_.model_id == head.backbone_.model_id != tiny.model_id
+    X, X_loaded = _features(head.backbone_, test), _features(loaded.backbone_, test)
+    np.testing.assert_array_equal(X_loaded, X)
+    np.testing.assert_array_equal(loaded.logits(X_loaded), head.logits(X))
+    np.testing.assert_allclose(loaded.with_classes(["green"]).weights_, head.with_classes(["green"]).weights_,
+                               atol=0)
 
 
 def test_a_killed_fit_resumes_to_the_same_prompts(tiny, tmp_path, monkeypatch):
