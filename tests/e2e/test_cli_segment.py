@@ -55,3 +55,18 @@ def test_segment_eval_on_mosaic(tmp_path, data_root):
     assert sum(row["truth_pixels"] for row in record["per_class"].values()) == 3 * 64 * 64
     assert (out / "segment_maskclip_mosaic_test.png").is_file()
     assert "mIoU" in result.output
+
+
+def test_segment_with_dinoiser_and_method_params(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(path), "--labels", "cat,dog", "--method", "dinoiser", "--param",
+                                 "guidance_layer=0", "--param", "gamma=0.5", "--model", "tiny", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "a.json").read_text())
+    assert record["method"] == "dinoiser" and record["params"]["gamma"] == 0.5
+    assert record["params"]["guidance_layer"] == 0 and record["params"]["guidance"] == "clip"
+    bad = runner.invoke(app, ["segment", str(path), "--labels", "cat", "--method", "dinoiser", "--param",
+                              "gama=0.5", "--model", "tiny", "-o", str(out), "-q"])
+    assert bad.exit_code != 0 and "takes no parameter 'gama'" in bad.output

@@ -161,3 +161,26 @@ def test_registry_names_and_errors():
         create_dense("maskclp")
     with pytest.raises(CliplabError, match="takes no parameter 'temp'; it takes temperature"):
         create_dense("maskclip", temp=1.0)
+
+
+@torch.no_grad()
+def test_the_vit_recipe_is_patch_4_on_32_px_and_runs_on_larger_grids():
+    import open_clip
+    from open_clip.model import CLIP
+
+    from cliplab.models.backbone import BackboneInfo
+    from cliplab.models.openclip import OpenClipBackbone, transform_for
+    from cliplab.train.config import resolve_model_config
+    from cliplab.train.recipes import recipe_config
+
+    _, cfg = resolve_model_config(recipe_config("cifar10-vit-signal").model)
+    assert cfg["vision_cfg"]["patch_size"] == 4 and cfg["vision_cfg"]["image_size"] == 32
+    torch.manual_seed(0)
+    model = CLIP(**cfg).eval()
+    open_clip.set_model_preprocess_cfg(model, {"size": 32, "mean": open_clip.OPENAI_DATASET_MEAN,
+                                               "std": open_clip.OPENAI_DATASET_STD})
+    backbone = OpenClipBackbone(model, transform_for(model), open_clip.get_tokenizer("ViT-B-32"),
+                                BackboneInfo(name="vit-recipe", source="test", pretrained=None,
+                                             random_weights=True), "cpu")
+    method, _ = _setup(backbone, classes=10)
+    assert method.patch_scores(torch.randn(1, 3, 64, 96)).shape == (1, 10, 16, 24)  # positions resampled

@@ -33,6 +33,18 @@ THRESHOLD_HELP = ("Pixels whose best class probability is below this become back
                   "other where the labels include it.")
 SHORT_HELP = "Resize images so the shorter side has this many pixels (aspect kept; default: the model's input size "
 STRIDE_HELP = "Sliding-window step in pixels, a multiple of the patch (default: half the model's window)."
+GUIDANCE_HELP = ("Weights file of a timm ViT (e.g. DINO ViT-S/16 as .safetensors or a state dict) whose last-block "
+                 "keys guide correlation pooling (dinoiser --param guidance=encoder; set by this option).")
+
+
+def _guidance(path: Path | None, arch: str, params: dict):
+    """The guidance encoder of --guidance (None without it); tells dinoiser to use it."""
+    if path is None:
+        return None
+    from ..dense.guidance import timm_guidance
+
+    params.setdefault("guidance", "encoder")
+    return timm_guidance(path, arch=arch)
 
 
 @command
@@ -47,6 +59,9 @@ def segment(
                                                help=THRESHOLD_HELP),
     short_side: int = typer.Option(None, "--short-side", min=1, help=SHORT_HELP + "for cliplab segment)."),
     stride: int = typer.Option(None, "--stride", min=1, help=STRIDE_HELP),
+    guidance: Path = typer.Option(None, "--guidance", help=GUIDANCE_HELP),
+    guidance_arch: str = typer.Option("vit_small_patch16_224", "--guidance-arch", help="timm architecture of "
+                                      "--guidance (vit_small_patch16_224: DINO ViT-S/16; vit_base_patch16_224)."),
     output_dir: Path = typer.Option(Path("segmentations"), "--output-dir", "-o", help="Where the PNGs and JSON go."),
     run: RunOptions = None,
 ):
@@ -67,9 +82,10 @@ def segment(
     from ..dense.inference import Segmenter, SegmentSettings
 
     settings = SegmentSettings(short_side=short_side, stride=stride, background_threshold=background_threshold)
+    encoder = _guidance(guidance, guidance_arch, params)
     backbone = run.load_backbone()
     segmenter = Segmenter(backbone, method, names, templates=templates, params=params, settings=settings,
-                          cache_dir=run.cache_dir)
+                          guidance=encoder, cache_dir=run.cache_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stems: list[str] = []
     for path in images:
@@ -144,6 +160,9 @@ def segment_eval(
     short_side: int = typer.Option(None, "--short-side", min=1, help=SHORT_HELP + "448 for coco_mini_seg as "
                                    "CLIP-DINOiser's COCO, each image's own size for mosaic)."),
     stride: int = typer.Option(None, "--stride", min=1, help=STRIDE_HELP),
+    guidance: Path = typer.Option(None, "--guidance", help=GUIDANCE_HELP),
+    guidance_arch: str = typer.Option("vit_small_patch16_224", "--guidance-arch", help="timm architecture of "
+                                      "--guidance (vit_small_patch16_224: DINO ViT-S/16; vit_base_patch16_224)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N images."),
     mosaic_count: int = typer.Option(200, "--mosaic-count", min=1, help="mosaic: images in the set."),
     mosaic_k: int = typer.Option(2, "--mosaic-k", min=1, help="mosaic: k x k tiles per image."),
@@ -167,10 +186,11 @@ def segment_eval(
     from ..eval.segmentation import evaluate_segmentation
 
     settings = SegmentSettings(short_side=short_side, stride=stride, background_threshold=background_threshold)
+    encoder = _guidance(guidance, guidance_arch, params)
     backbone = run.load_backbone()
     result = evaluate_segmentation(backbone, sets, method, params=params, settings=settings, templates=templates,
                                    limit=limit, output_dir=output_dir, grid_items=grid, cache_dir=run.cache_dir,
-                                   progress=not run.quiet)
+                                   progress=not run.quiet, guidance=encoder)
     record = result.record
     weights = " · random weights" if record["weights"] == "random" else ""
     table = Table(title=f"{method} · {sets.name} {sets.split} ({record['items']} images) · "

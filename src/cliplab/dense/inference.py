@@ -31,7 +31,7 @@ from .base import DenseContext
 from .registry import create_dense
 
 BACKGROUND = "background"
-STRIP_FLOATS = 1 << 22  # the upsampling works on at most this many floats (C x rows x W) at a time: 16 MB
+STRIP_FLOATS = 1 << 21  # the upsampling works on at most this many floats (C x rows x W) at a time: 8 MB
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,16 @@ def upsample_argmax(grid: torch.Tensor, size: tuple[int, int], background_thresh
     height, width = size
     r0, r1, rw = bilinear_weights(height, h)
     c0, c1, cw = bilinear_weights(width, w)
-    across = grid[:, :, c0] * (1 - cw) + grid[:, :, c1] * cw  # (C, h, W): small (h rows of the grid)
     dtype = np.uint8 if classes + 1 < 255 else np.int32
     out = np.empty((height, width), dtype=dtype)
     rows = max(1, strip_floats // max(1, classes * width))
     for top in range(0, height, rows):
         sl = slice(top, min(height, top + rows))
+        lo, hi = int(r0[sl].min()), int(r1[sl].max()) + 1  # the grid rows this strip reads
+        part = grid[:, lo:hi]
+        across = part[:, :, c0] * (1 - cw) + part[:, :, c1] * cw  # (C, hi - lo, W)
         wgt = rw[sl].view(1, -1, 1)
-        strip = across[:, r0[sl]] * (1 - wgt) + across[:, r1[sl]] * wgt  # (C, rows, W)
+        strip = across[:, r0[sl] - lo] * (1 - wgt) + across[:, r1[sl] - lo] * wgt  # (C, rows, W)
         best, labels = strip.max(dim=0)
         if background_threshold is not None:
             labels[best < background_threshold] = background_label

@@ -18,7 +18,7 @@ from pathlib import Path
 from .._sources import decorated_classes, first_doc_line, literal_arguments
 from ..errors import CliplabError
 
-NOT_METHODS = {"base", "registry", "inference"}
+NOT_METHODS = {"base", "registry", "inference", "guidance"}
 #: What a dense method may declare it reads (``cliplab.dense.base.DenseContext`` carries each):
 #: ``text_weights`` (d, C) class text weights (the templates' prompt ensemble, L2-normalised columns);
 #: ``tower``        the backbone's ViT image tower block by block (``cliplab.models.dense.dense_tower``);

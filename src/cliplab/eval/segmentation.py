@@ -106,10 +106,12 @@ class SegmentationRun:
 
 def evaluate_segmentation(backbone, dataset, method: str, *, params: dict | None = None, settings=None,
                           templates=None, limit: int | None = None, output_dir: Path | None = None,
-                          grid_items: int = 4, cache_dir=None, progress: bool = False) -> SegmentationRun:
+                          grid_items: int = 4, cache_dir=None, progress: bool = False, guidance=None
+                          ) -> SegmentationRun:
     """Segment the first ``limit`` items (all by default) of a ``SegmentationDataset`` with the dense ``method`` and
     score them; writes ``segment_<method>_<dataset>_<split>.json`` and a PNG grid of image / truth / prediction
-    for the first ``grid_items`` items when ``output_dir`` is given."""
+    for the first ``grid_items`` items when ``output_dir`` is given. ``guidance``: a guidance encoder for methods
+    that declare one (``cliplab.dense.guidance``)."""
     from ..dense.inference import Segmenter, SegmentSettings
 
     settings = settings or SegmentSettings()
@@ -121,7 +123,8 @@ def evaluate_segmentation(backbone, dataset, method: str, *, params: dict | None
     templates = templates or _default_templates(dataset)
     started = time.perf_counter()
     segmenter = Segmenter(backbone, method, dataset.class_names, templates=templates, params=params,
-                          settings=settings, background_index=dataset.background_index, cache_dir=cache_dir)
+                          settings=settings, background_index=dataset.background_index, guidance=guidance,
+                          cache_dir=cache_dir)
     setup_s = time.perf_counter() - started
     count = len(dataset) if limit is None else min(limit, len(dataset))
     num_classes = len(dataset.class_names)
