@@ -247,3 +247,47 @@ def test_max_unlabelled_is_a_seeded_subsample_of_the_pool(tiny, task):
     assert head.pool_size_ == 20
     np.testing.assert_array_equal(head.round_weights_, alone.round_weights_)
     np.testing.assert_array_equal(head.pseudo_rows_, keep[alone.pseudo_rows_])
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 3)):
+        for c, colour in enumerate(((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+            path = tmp_path / "toy" / split / f"class{c}"
+            path.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(path / f"{i}.png")
+    return tmp_path / "toy"
+
+
+def test_the_protocol_gives_the_rest_of_the_train_split_unlabelled(tiny, folder, tmp_path, monkeypatch):
+    """cliplab's one provider: the few-shot draw labelled, the other train rows as ``unlabelled`` with labels -1
+    (and their images for the visual heads), no test row anywhere."""
+    from cliplab.data import load_dataset
+    from cliplab.eval.inputs import build_head, fit_method, prepare_fit
+
+    train = load_dataset(folder, split="train")
+    seen = {}
+    original = grip_module._Grip._fit
+
+    def spy(self, X, y, X_val=None, y_val=None, unlabelled=None, images=None, unlabelled_images=None):
+        seen.update(X=X, val=X_val, unlabelled=unlabelled, images=images, unlabelled_images=unlabelled_images)
+        return original(self, X, y, X_val, y_val, unlabelled, images, unlabelled_images)
+
+    monkeypatch.setattr(grip_module._Grip, "_fit", spy)
+    for name in ("grip", "grip-visual"):
+        head = build_head(name, tiny, train.class_names, params={**FAST, "templates": None, "step_quantile": 100})
+        inputs = prepare_fit(head, tiny, train, shots=1, seed=0, cache_dir=tmp_path / "cache", workers=0,
+                             progress=False)
+        fit_method(head, inputs)
+        unlabelled = seen["unlabelled"]
+        drawn = set(inputs.train.item_ids) | set(inputs.val.item_ids)
+        assert len(unlabelled.features) == len(train) - len(drawn) and not drawn & set(unlabelled.item_ids)
+        assert (unlabelled.labels == -1).all()
+        if name == "grip-visual":
+            assert len(seen["unlabelled_images"]) == len(unlabelled.features) and len(seen["images"]) == 3
+        else:
+            assert seen["unlabelled_images"] is None and seen["images"] is None
+        assert head.pool_size_ == len(unlabelled.features)

@@ -58,7 +58,8 @@ def _check_disjoint(test: ImageFeatures, other: ImageFeatures, role: str) -> Non
                                "test data must never reach fitting or tuning")
 
 
-FIT_INPUTS = ("views", "caption_features", "images")  # declared needs passed to fit by that keyword
+FIT_INPUTS = ("views", "caption_features", "images", "unlabelled")  # declared needs passed to fit by that keyword
+WITH_NEED = {"unlabelled_images": "unlabelled"}  # fit inputs passed to a head that declares the need named
 
 
 def fit_head(head, train: ImageFeatures | None = None, val: ImageFeatures | None = None, **fit_params):
@@ -69,8 +70,8 @@ def fit_head(head, train: ImageFeatures | None = None, val: ImageFeatures | None
         raise CliplabError(f"method {entry.name!r} needs training features (pass train=...)")
     if train is None:
         return head.fit()
-    extra = {key: value for key, value in fit_params.items()
-             if key in FIT_INPUTS and key in entry.needs and value is not None}
+    extra = {key: value for key, value in fit_params.items() if value is not None and (
+             key in FIT_INPUTS and key in entry.needs or WITH_NEED.get(key) in entry.needs)}
     if val is not None and "val" in entry.needs:
         extra.update(X_val=val.features, y_val=val.labels)
     return head.fit(train.features, train.labels, **extra)

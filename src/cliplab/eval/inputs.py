@@ -9,7 +9,9 @@ What a method needs is declared at its registration (``heads/registry.py``: ``ne
 - :func:`prepare_fit`: the labelled train features, the few-shot draw (``shots`` + ``seed``) or a saved split
   file, its validation part, and every declared extra input: augmented ``views`` of the shots, their
   ``caption_features``, a second model's features appended column-wise ("aux_features", AMU's ``aux_model``),
-  the training ``images`` (a dataset aligned with the rows, for heads that train through the encoders).
+  the training ``images`` (a dataset aligned with the rows, for heads that train through the encoders), the
+  ``unlabelled`` rest of the split outside the draw, labels removed (pseudolabel methods; with "images" also
+  their ``unlabelled_images``).
 - :func:`test_features`: the test split's features as the fitted head reads them: through the head's derived
   Backbone (``gives=("backbone",)``: its ``backbone_``, cached under its own model id), with the auxiliary block
   appended where the fit had one.
@@ -180,6 +182,12 @@ def prepare_fit(head, backbone: Backbone, train_data: ImageDataset | None = None
             fit_train = aux_train
     if "images" in entry.needs:
         fit_params["images"] = Subset(train_data, np.asarray(fit_train.indices))
+    if "unlabelled" in entry.needs and drawn is not None and not aux_model:
+        drawn_rows = np.concatenate([fit_train.indices] + ([val.indices] if val is not None else []))
+        rest = train.subset(~np.isin(train.indices, drawn_rows))
+        fit_params["unlabelled"] = replace(rest, labels=np.full(len(rest.labels), -1))  # their labels never go in
+        if "images" in entry.needs:
+            fit_params["unlabelled_images"] = Subset(train_data, np.asarray(rest.indices))
     return FitInputs(fit_train, val, fit_params, split_path, aux_model)
 
 

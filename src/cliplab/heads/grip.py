@@ -286,7 +286,7 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, X, y, X_val=None, y_val=None, unlabelled=None, images=None, unlabelled_images=None):
+    def _fit(self, X, y, X_val=None, y_val=None, unlabelled=None, images=None, unlabelled_images=None):
         """Learn the prompts on the labelled rows ``X, y`` and GRIP's pseudolabels of ``unlabelled`` (features
         (m, d) or an ``ImageFeatures``, whose labels are never read); the visual modalities also take ``images``
         and ``unlabelled_images`` (datasets aligned with those rows). See :class:`Grip`."""
@@ -571,6 +571,9 @@ _DOC = """GRIP (paper 23 in ../shared/papers.md, Menghini et al., NeurIPS 2023):
     per round with 5 warm-up epochs then cosine, set once an epoch; through ``train.engine.run_training``
     (objective ``"grip"``), one checkpoint folder per round under ``checkpoint_dir`` (a killed fit resumes).
 
+    Through the protocol (``eval.inputs.prepare_fit``, needs "unlabelled"): the semi-supervised setting on the
+    few-shot draw, ``unlabelled`` = the rest of the train split, labels removed (``max_unlabelled`` bounds it).
+
     Unlabelled data never carry labels into fit: ``unlabelled`` is reduced to its features on entry (an
     ``ImageFeatures``' labels are not read; a test poisons them), ``unlabelled_images`` is only asked for
     ``load_image``. An empty ``unlabelled`` set, a transductive fit without one, a pool too small for one
@@ -604,22 +607,38 @@ _DOC = """GRIP (paper 23 in ../shared/papers.md, Menghini et al., NeurIPS 2023):
     """
 
 
-@register("grip", family="encoder", paper=23, needs=("val",), default_templates="dataset",
+@register("grip", family="encoder", paper=23, needs=("val", "unlabelled"), default_templates="dataset",
           gives=("class_weights",))
 class Grip(_Grip):
     __doc__ = _DOC
     modality = "textual"
 
+    def fit(self, X, y, X_val=None, y_val=None, unlabelled=None):
+        """Learn the context on ``X, y`` and GRIP's pseudolabels of ``unlabelled`` (features or an
+        ``ImageFeatures``, labels never read); ``X_val``/``y_val`` are only scored each round."""
+        return self._fit(X, y, X_val, y_val, unlabelled)
 
-@register("grip-visual", family="encoder", paper=23, needs=("images",), default_templates="dataset",
+
+@register("grip-visual", family="encoder", paper=23, needs=("images", "unlabelled"), default_templates="dataset",
           gives=("backbone",))
 class GripVisual(_Grip):
     __doc__ = "GRIP with visual prompts (VPT-shallow); see :class:`Grip`."
     modality = "visual"
 
+    def fit(self, X, y, unlabelled=None, images=None, unlabelled_images=None):
+        """Learn the prompts on ``X, y`` (``images`` aligned with them) and GRIP's pseudolabels of ``unlabelled``
+        (``unlabelled_images`` aligned with it; labels never read)."""
+        return self._fit(X, y, None, None, unlabelled, images, unlabelled_images)
 
-@register("grip-multimodal", family="encoder", paper=23, needs=("images",), default_templates="dataset",
+
+@register("grip-multimodal", family="encoder", paper=23, needs=("images", "unlabelled"),
+          default_templates="dataset",
           gives=("backbone",))
 class GripMultimodal(_Grip):
     __doc__ = "GRIP with textual and visual prompts; see :class:`Grip`."
     modality = "multimodal"
+
+    def fit(self, X, y, unlabelled=None, images=None, unlabelled_images=None):
+        """Learn the prompts on ``X, y`` (``images`` aligned with them) and GRIP's pseudolabels of ``unlabelled``
+        (``unlabelled_images`` aligned with it; labels never read)."""
+        return self._fit(X, y, None, None, unlabelled, images, unlabelled_images)

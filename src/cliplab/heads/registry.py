@@ -13,7 +13,9 @@ signatures or attribute names (one provider, ``cliplab.eval.inputs``, builds the
   part as ``X_val``/``y_val``), "views" (augmented views (V, n, d) of the training items), "caption_features"
   (text embeddings of the training items' captions), "aux_features" (a second model's features appended
   column-wise, named by the ``aux_model`` parameter), "descriptions" (takes a description set), "llm" (takes a
-  language model spec), "images" (reads images itself: a corpus or a dataset), "artefact" (a trained folder).
+  language model spec), "images" (reads images itself: a corpus or a dataset), "artefact" (a trained folder),
+  "unlabelled" (the train split's rows outside the few-shot draw as ``unlabelled`` features with their labels
+  removed, and with "images" their ``unlabelled_images``: pseudolabel methods).
 - ``default_templates``: what ``templates=None`` means for the method everywhere: None = the method takes no
   templates; "dataset" = the dataset's CLIP_benchmark set, else "imagenet7" (also without a dataset); ``()`` =
   no templates (the head's own None, e.g. CuPL's sentences alone); else a template-set name or a tuple of
@@ -44,7 +46,7 @@ from ..errors import CliplabError
 # heads/ modules that are not heads: shared code (base, the logistic solver), the registry, saving
 NOT_HEADS = frozenset({"base", "logistic", "registry", "saving"})
 FAMILIES = ("zeroshot", "fewshot", "ood", "encoder")
-NEEDS = ("val", "views", "caption_features", "aux_features", "descriptions", "llm", "images", "artefact")
+NEEDS = ("val", "views", "caption_features", "aux_features", "descriptions", "llm", "images", "artefact", "unlabelled")
 GIVES = ("class_weights", "sentences", "backbone")
 DATASET_TEMPLATES = "dataset"
 
