@@ -291,3 +291,19 @@ def test_the_protocol_gives_the_rest_of_the_train_split_unlabelled(tiny, folder,
         else:
             assert seen["unlabelled_images"] is None and seen["images"] is None
         assert head.pool_size_ == len(unlabelled.features)
+
+
+def test_a_saved_visual_head_rebuilds_the_prompted_backbone(tiny, tmp_path):
+    images, pool = _Images(6, 0), _Images(12, 1)
+    with torch.no_grad():
+        X = tiny.encode_images(torch.stack([tiny.preprocess(images.load_image(i)) for i in range(6)])).numpy()
+        U = tiny.encode_images(torch.stack([tiny.preprocess(pool.load_image(i)) for i in range(12)])).numpy()
+    head = create_head("grip-visual", backbone=tiny, class_names=NAMES, **{**FAST, "n_vis_ctx": 2})
+    head.fit(X, np.repeat(np.arange(3), 2), unlabelled=U, images=images, unlabelled_images=pool)
+    save_head(head, tmp_path / "visual")
+    loaded = load_head(tmp_path / "visual", tiny)
+    assert loaded.backbone_.model_id == head.backbone_.model_id
+    batch = torch.stack([tiny.preprocess(pool.load_image(i)) for i in range(4)])
+    np.testing.assert_array_equal(loaded.backbone_.encode_images(batch).numpy(),
+                                  head.backbone_.encode_images(batch).numpy())
+    np.testing.assert_array_equal(loaded.logits(U), head.logits(U))
