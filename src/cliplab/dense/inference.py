@@ -85,7 +85,7 @@ def upsample_argmax(grid: torch.Tensor, size: tuple[int, int], background_thresh
     height, width = size
     r0, r1, rw = bilinear_weights(height, h)
     c0, c1, cw = bilinear_weights(width, w)
-    dtype = np.uint8 if classes + 1 < 255 else np.int32
+    dtype = np.uint8 if classes < 255 else np.int32
     out = np.empty((height, width), dtype=dtype)
     rows = max(1, strip_floats // max(1, classes * width))
     for top in range(0, height, rows):
@@ -182,19 +182,28 @@ class Segmenter:
         scored = upsample_argmax(grid, (image.size[1], image.size[0]), threshold,
                                  None if threshold is None else -1)
         labels = _remap(scored, self.scored, self.background_index)
-        counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(self.class_names))
+        counts = _areas(labels, len(self.class_names))
         areas = {name: int(counts[i]) for i, name in enumerate(self.class_names)}
         return Segmentation(labels, self.class_names, tuple(tensor.shape[-2:]), windows, areas)
 
 
 def _remap(scored: np.ndarray, classes: list[int], background: int | None) -> np.ndarray:
-    """Indices into the scored classes (-1 as the dtype's maximum = background) -> indices into all names."""
-    lookup = np.asarray(classes + [background if background is not None else 0], dtype=np.int64)
-    raw = scored.astype(np.int64)
-    raw[raw >= len(classes)] = len(classes)  # -1 stored in an unsigned dtype wraps to its maximum
-    raw[raw < 0] = len(classes)
-    out = lookup[raw]
-    return out.astype(np.uint8 if len(lookup) < 255 else np.int32)
+    """Indices into the scored classes (-1, stored as the dtype's maximum in uint8, = background) -> indices into
+    all names, through a lookup table (one output array, no wider copy of the image)."""
+    if scored.dtype == np.uint8:
+        table = np.full(256, background if background is not None else 0, dtype=np.uint8)
+        table[:len(classes)] = classes
+        return table[scored]
+    table = np.asarray(classes + [background if background is not None else 0], dtype=np.int32)
+    return table[np.where((scored < 0) | (scored >= len(classes)), len(classes), scored)]
+
+
+def _areas(labels: np.ndarray, count: int, rows: int = 256) -> np.ndarray:
+    """Pixels per label, counted a block of rows at a time (no int64 copy of the whole map)."""
+    total = np.zeros(count, dtype=np.int64)
+    for top in range(0, labels.shape[0], rows):
+        total += np.bincount(labels[top:top + rows].ravel(), minlength=count)[:count]
+    return total
 
 
 def _stride(tower, stride: int | None) -> int:
