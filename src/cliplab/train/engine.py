@@ -88,7 +88,7 @@ def register_objective(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_objectives() -> None:
-    from . import objectives  # noqa: F401  (registers clip, siglip, clipn)
+    from . import distill, objectives  # noqa: F401  (registers clip, siglip, clipn; distill)
 
 
 def list_objectives() -> list[str]:
