@@ -1,0 +1,205 @@
+"""Seconds per epoch of the prompt-learning methods on a 16-shot split (CPU): CoOp, CoCoOp (batch 1 as the authors,
+and batch 32 with the B x C text passes batched) and, where their modules are registered, MaPLe and CLIP-SVD.
+
+Each method is fitted through its own head (``create_head(name, ...).fit``) on 10 classes x 16 shots of synthetic
+L2-normalised features (CoOp, CoCoOp: cached image features, as their fits take) or random images at the model's
+input size (methods that train through the image tower and declare ``needs=("images",)``). One epoch's cost is the
+fit with ``max_epoch=1`` less the fit with ``max_epoch=0`` (building the learner, SVDs, the final text pass), wall
+and own CPU seconds, the median of the repeats, with the other load on the machine recorded. Models: tiny and
+ViT-B-32, random weights (the time does not depend on them). Where a whole 16-shot epoch is too long for a shared
+2-core CPU (ViT-B-32: CoCoOp runs its 12-layer text tower on 10 prompts per image, MaPLe and CLIP-SVD run the image
+tower forward and backward), the fit on the same 16-shot split is stopped after its first ``STEPS`` steps and the
+epoch is the mean time of steps 2..``STEPS`` (the first one allocates) times the steps in an epoch (steps of an
+epoch are alike: same batch size and prompts); the tables say which rows are measured so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CpuAccount, header, load_average, log, md_table, median, model_info, write_results  # noqa: E402
+from cliplab.data.base import ArrayImageDataset  # noqa: E402
+from cliplab.errors import CliplabError  # noqa: E402
+from cliplab.heads import create_head, list_heads  # noqa: E402
+from cliplab.models import load_model  # noqa: E402
+
+NAME = "prompt_epoch"
+CLASSES, SHOTS = 10, 16
+STEPS = 4  # steps timed where an epoch is extrapolated from its steps
+# (label, registered method, parameters): the methods' own defaults otherwise
+VARIANTS = [
+    ("CoOp (batch 32)", "coop", {}),
+    ("CoCoOp (batch 1, authors')", "cocoop", {}),
+    ("CoCoOp (batch 32, B x C batched)", "cocoop", {"batch_size": 32}),
+    ("MaPLe", "maple", {}),
+    ("CLIP-SVD", "clip-svd", {}),
+]
+NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _inputs(backbone, needs_images: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(CLASSES), SHOTS)
+    X = rng.normal(size=(len(y), backbone.embed_dim)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    extra = {}
+    if needs_images:
+        size = backbone.preprocess_config.get("size", 224)
+        size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        images = rng.integers(0, 256, size=(len(y), size, size, 3), dtype=np.uint8)
+        extra["images"] = ArrayImageDataset(images, y, NAMES, Path("synthetic"), "synthetic")
+    return X, y, extra
+
+
+def _fit_cost(backbone, method: str, params: dict, epochs: int, X, y, extra) -> dict:
+    head = create_head(method, backbone=backbone, class_names=NAMES, max_epoch=epochs, progress=False, **params)
+    with CpuAccount() as cost:
+        head.fit(X, y, **extra)
+    return cost.result
+
+
+class _Enough(Exception):
+    """Raised from the loop's callback once the timed steps are done."""
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _step_cost(backbone, method: str, params: dict, module_name: str, X, y, extra) -> dict:
+    """(wall, CPU) seconds per epoch from the first STEPS steps of a 1-epoch fit: the loop is wrapped where the head's
+    module and train/prompts.py call it, and its callback stops the fit after STEPS steps."""
+    import cliplab.train.engine as engine
+
+    original = engine.run_training
+    seen: dict = {}
+
+    def timed(module, objective, data, settings, **kwargs):
+        seen["steps"] = len(data(0))
+        marks = seen.setdefault("marks", [])
+
+        def callback(step, loss):
+            marks.append((time.perf_counter(), _own_cpu()))
+            if len(marks) >= STEPS:
+                raise _Enough
+
+        return original(module, objective, data, settings, **kwargs, callback=callback)
+
+    patched = [m for m in (importlib.import_module(module_name), importlib.import_module("cliplab.train.prompts"))
+               if getattr(m, "run_training", None) is original]
+    for module in patched:
+        module.run_training = timed
+    try:
+        head = create_head(method, backbone=backbone, class_names=NAMES, max_epoch=1, progress=False, **params)
+        with CpuAccount() as cost, contextlib.suppress(_Enough):
+            head.fit(X, y, **extra)
+    finally:
+        for module in patched:
+            module.run_training = original
+    marks = seen.get("marks", [])
+    if len(marks) < 3:
+        raise CliplabError(f"{method}: only {len(marks)} steps timed")
+    wall = (marks[-1][0] - marks[0][0]) / (len(marks) - 1)
+    cpu = (marks[-1][1] - marks[0][1]) / (len(marks) - 1)
+    return {"wall_s": wall * seen["steps"], "own_cpu_s": cpu * seen["steps"], "foreign_load": cost.result[
+        "foreign_load"], "steps_per_epoch": seen["steps"], "steps_timed": len(marks) - 1}
+
+
+def measure(backbone, repeats: int, by_steps: bool) -> list[dict]:
+    registered = {e.name: e for e in list_heads()}
+    rows = []
+    for label, method, params in VARIANTS:
+        entry = registered.get(method)
+        if entry is None:
+            log(f"{label}: not registered here, skipped")
+            continue
+        needs_images = "images" in entry.needs
+        X, y, extra = _inputs(backbone, needs_images)
+        walls, cpus, loads, setups, steps = [], [], [], [], None
+        try:
+            for _ in range(repeats):
+                if by_steps:
+                    cost = _step_cost(backbone, method, params, entry.cls.__module__, X, y, extra)
+                    walls.append(cost["wall_s"])
+                    cpus.append(cost["own_cpu_s"])
+                    loads.append(cost["foreign_load"])
+                    steps = cost["steps_per_epoch"]
+                    continue
+                zero = _fit_cost(backbone, method, params, 0, X, y, extra)
+                one = _fit_cost(backbone, method, params, 1, X, y, extra)
+                walls.append(one["wall_s"] - zero["wall_s"])
+                cpus.append(one["own_cpu_s"] - zero["own_cpu_s"])
+                loads.append(one["foreign_load"])
+                setups.append(zero["wall_s"])
+        except (CliplabError, TypeError, ValueError) as exc:
+            log(f"{label}: {exc}")
+            rows.append({"variant": label, "method": method, "error": str(exc).splitlines()[0]})
+            continue
+        batch = create_head(method, backbone=backbone, class_names=NAMES, **params).get_params().get("batch_size")
+        row = {"variant": label, "method": method, "params": params, "batch_size": batch,
+               "input": "images" if needs_images else "cached features", "items": len(y),
+               "measured": f"steps 2-{STEPS}, x {steps} steps" if by_steps else "whole epoch",
+               "wall_s_per_epoch": median(walls), "cpu_s_per_epoch": median(cpus),
+               "setup_wall_s": median(setups) if setups else None,
+               "foreign_load": median(loads), "walls": walls, "cpus": cpus}
+        log(f"{backbone.info.name} {label}: {row['wall_s_per_epoch']:.2f} s wall, {row['cpu_s_per_epoch']:.2f} CPU s "
+            f"per epoch (other load {row['foreign_load']:.1f} cores)")
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model only")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method (the median is reported)")
+    args = parser.parse_args()
+    repeats = args.repeats
+    # (model, pretrained, epoch from its first steps): ViT-B-32's epochs are extrapolated from their first steps
+    models = [("tiny", None, False)] if args.quick else [("tiny", None, False), ("ViT-B-32", "random", True)]
+    record = header(NAME, __doc__.strip().splitlines()[0], args.quick)
+    record.update(classes=CLASSES, shots=SHOTS, repeats=repeats, device="cpu", torch_threads=torch.get_num_threads(),
+                  models=[])
+    body_rows = []
+    for name, pretrained, by_steps in models:
+        backbone = load_model(name, pretrained=pretrained, device="cpu") if pretrained else load_model(name,
+                                                                                                        device="cpu")
+        rows = measure(backbone, repeats, by_steps)
+        record["models"].append({"model": model_info(backbone), "rows": rows})
+        coop = next((r for r in rows if r["method"] == "coop" and "error" not in r), None)
+        for row in rows:
+            shown = f"{name} (random weights)"
+            if "error" in row:
+                body_rows.append([shown, row["variant"], "", "", "", "", "", "", row["error"]])
+                continue
+            ratio = row["wall_s_per_epoch"] / coop["wall_s_per_epoch"] if coop else float("nan")
+            body_rows.append([shown, row["variant"], row["input"], row["batch_size"], row["measured"],
+                              row["wall_s_per_epoch"], row["cpu_s_per_epoch"], f"{ratio:.1f}x",
+                              f"{row['foreign_load']:.1f}"])
+    record["load_average_end"] = load_average()
+    body = "\n".join([
+        "# Seconds per epoch of the prompt-learning methods (CPU, random weights)", "",
+        f"{CLASSES} classes x {SHOTS} shots ({CLASSES * SHOTS} items); one epoch = fit(max_epoch=1) - "
+        f"fit(max_epoch=0), or (ViT-B-32) the mean of steps 2..{STEPS} of a fit times the steps an epoch has, "
+        f"median of {repeats}; each method's own defaults otherwise (CoOp batch 32, CoCoOp batch 1 as the authors); "
+        "CoOp and CoCoOp train on cached image features, MaPLe and CLIP-SVD on images through the image tower. "
+        "Random weights: the times do not depend on them. 'other load' is the CPU (in cores) other processes used "
+        "during the measurement: on a shared 2-core machine it slows every row.", "",
+        md_table(["model", "method", "input", "batch", "measured", "wall s / epoch", "CPU s / epoch",
+                  "vs CoOp (wall)", "other load (cores)"], body_rows),
+    ])
+    write_results(NAME, record, body)
+
+
+if __name__ == "__main__":
+    main()
