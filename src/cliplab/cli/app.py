@@ -24,6 +24,7 @@ from .embed import embed
 from .evaluate import evaluate, zeroshot
 from .explain import explain
 from .fewshot import fewshot
+from .incremental import incremental
 from .index import index_app
 from .listing import datasets, methods, models, templates
 from .match import match
@@ -86,7 +87,7 @@ def _register(command) -> None:
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
                  methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn,
-                 segment, segment_eval, caption_score, match, train):
+                 segment, segment_eval, caption_score, match, train, incremental):
     _register(_command)
 _register(robustness_fit)
 app.add_typer(index_app, name="index")

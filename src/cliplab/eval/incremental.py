@@ -1,0 +1,348 @@
+"""Class-incremental few-shot protocol (issue 25, CPE-CLIP): sessions of new classes, accuracy on every class seen
+so far after each session, and forgetting.
+
+- ``split_sessions(n_classes, sessions)``: the classes in index order cut into ``sessions`` consecutive groups
+  (sizes differ by at most one, the larger first); ``check_sessions`` refuses overlapping, empty or unknown classes in
+  one line.
+- ``draw_shots(labels, classes, shots, seed)``: ``shots`` training items per class, seeded per class.
+- ``accuracy_table``: ``acc[t][j]`` = accuracy after session t on the test items of session j's classes (j <= t),
+  each prediction the arg-max over every class seen by session t; ``forgetting(acc)`` after session t >= 1 is the mean
+  over earlier sessions j of ``max_{j <= l < t} acc[l][j] - acc[t][j]`` (Chaudhry et al.'s forgetting), 0 after the
+  first session.
+- ``run_incremental``: trains a method session by session ("cpe-clip": :meth:`CPECLIP.learn_session`; "coop": CoOp's
+  context fine-tuned naively, session after session, on the new classes with the logits of every seen class, no
+  masking or balance) and evaluates after each; with ``output_dir`` each finished session is saved (a rerun resumes
+  after the last one) and the training loop's checkpoints go to ``output_dir/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CliplabError
+
+METHODS = ("cpe-clip", "coop")
+RESULT_FILE = "incremental.json"
+
+
+def split_sessions(n_classes: int, sessions: int) -> list[list[int]]:
+    """Classes 0..n-1 in order cut into ``sessions`` consecutive groups (the larger groups first)."""
+    if sessions < 1 or sessions > n_classes:
+        raise CliplabError(f"--sessions {sessions}: give 1 to {n_classes} sessions for {n_classes} classes")
+    sizes = [n_classes // sessions + (1 if s < n_classes % sessions else 0) for s in range(sessions)]
+    starts = np.cumsum([0, *sizes])
+    return [list(range(int(starts[s]), int(starts[s + 1]))) for s in range(sessions)]
+
+
+def check_sessions(sessions: Sequence[Sequence[int]], n_classes: int) -> list[list[int]]:
+    """The sessions as lists of ints; one line for an empty session, an unknown class or a class in two sessions."""
+    seen: dict[int, int] = {}
+    out = []
+    for s, classes in enumerate(sessions):
+        classes = [int(c) for c in classes]
+        if not classes:
+            raise CliplabError(f"session {s + 1} has no classes")
+        for c in classes:
+            if not 0 <= c < n_classes:
+                raise CliplabError(f"session {s + 1}: class {c} is not among the {n_classes} classes")
+            if c in seen:
+                raise CliplabError(f"sessions {seen[c] + 1} and {s + 1} both hold class {c}: sessions must not "
+                                   "overlap")
+            seen[c] = s
+        out.append(classes)
+    return out
+
+
+def parse_sessions(text: str, n_classes: int) -> list[list[int]]:
+    """``"0,1;2,3;4"`` -> [[0, 1], [2, 3], [4]] (checked)."""
+    try:
+        sessions = [[int(c) for c in part.split(",") if c.strip()] for part in text.split(";")]
+    except ValueError:
+        raise CliplabError(f"--session-classes {text!r}: write class indices, sessions separated by ';' "
+                           "(e.g. 0,1;2,3)") from None
+    return check_sessions(sessions, n_classes)
+
+
+def draw_shots(labels: np.ndarray, classes: Sequence[int], shots: int, seed: int) -> np.ndarray:
+    """``shots`` item indices per class of ``classes`` (seeded by (seed, class)); one line if a class has fewer."""
+    labels = np.asarray(labels)
+    out = []
+    for c in classes:
+        items = np.flatnonzero(labels == c)
+        if len(items) < shots:
+            raise CliplabError(f"class {c} has {len(items)} training items, fewer than --shots {shots}")
+        out.append(np.sort(np.random.default_rng([int(seed), int(c)]).choice(items, shots, replace=False)))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def draw_test(labels: np.ndarray, classes: Sequence[int], per_class: int | None, seed: int) -> np.ndarray:
+    """Test items of ``classes``: all of them, or ``per_class`` of each (seeded)."""
+    labels = np.asarray(labels)
+    out = []
+    for c in classes:
+        items = np.flatnonzero(labels == c)
+        if per_class is not None and len(items) > per_class:
+            items = np.sort(np.random.default_rng([int(seed), 7, int(c)]).choice(items, per_class, replace=False))
+        out.append(items)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def session_accuracies(logits: np.ndarray, labels: np.ndarray, sessions: Sequence[Sequence[int]]) -> list[float]:
+    """Accuracy per session's classes, each prediction the arg-max over the classes of ``sessions`` (all seen)."""
+    seen = np.asarray([c for s in sessions for c in s])
+    predicted = seen[np.argmax(np.asarray(logits)[:, seen], axis=1)]
+    out = []
+    for classes in sessions:
+        rows = np.isin(labels, classes)
+        out.append(float(np.mean(predicted[rows] == labels[rows])) if rows.any() else float("nan"))
+    return out
+
+
+def seen_accuracy(logits: np.ndarray, labels: np.ndarray, sessions: Sequence[Sequence[int]]) -> float:
+    """Accuracy on the test items of every seen class, the arg-max over the seen classes."""
+    seen = np.asarray([c for s in sessions for c in s])
+    rows = np.isin(labels, seen)
+    predicted = seen[np.argmax(np.asarray(logits)[rows][:, seen], axis=1)]
+    return float(np.mean(predicted == labels[rows])) if rows.any() else float("nan")
+
+
+def forgetting(acc: Sequence[Sequence[float]]) -> list[float]:
+    """Forgetting after each session from ``acc[t][j]`` (j <= t): 0 after the first, then the mean over j < t of
+    ``max_{j <= l < t} acc[l][j] - acc[t][j]``."""
+    out = []
+    for t in range(len(acc)):
+        if t == 0:
+            out.append(0.0)
+            continue
+        drops = [max(acc[k][j] for k in range(j, t)) - acc[t][j] for j in range(t)]
+        out.append(float(np.mean(drops)))
+    return out
+
+
+@dataclass
+class IncrementalResult:
+    """What :func:`run_incremental` measured: per session its classes, the accuracy on every seen class, the
+    per-session accuracies ``acc`` and the forgetting."""
+
+    method: str
+    sessions: list[list[int]]
+    class_names: list[str]
+    shots: int
+    seed: int
+    model: str
+    accuracy: list[float] = field(default_factory=list)
+    acc: list[list[float]] = field(default_factory=list)
+    forgetting: list[float] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    dataset: str = ""
+    test_items: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _encode(backbone, dataset, indices: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    import torch
+
+    out = []
+    for start in range(0, len(indices), batch_size):
+        rows = indices[start:start + batch_size]
+        pixels = torch.stack([backbone.preprocess(dataset.load_image(int(i)).convert("RGB")) for i in rows])
+        out.append(backbone.encode_images(pixels).numpy())
+    return np.concatenate(out) if out else np.zeros((0, backbone.embed_dim), np.float32)
+
+
+class _Rows:
+    """A dataset view of the rows ``indices`` (``load_image``, ``item_id``, ``len``)."""
+
+    def __init__(self, dataset, indices: np.ndarray):
+        self.dataset, self.indices = dataset, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_image(self, i: int):
+        return self.dataset.load_image(int(self.indices[i]))
+
+    def item_id(self, i: int) -> str:
+        return self.dataset.item_id(int(self.indices[i]))
+
+
+class NaiveCoOp:
+    """CoOp's context fine-tuned session after session (the naive baseline): each session trains the context it
+    ends with on the new classes' features, cross-entropy over every class seen so far (no masking, no balance)."""
+
+    def __init__(self, backbone, class_names: Sequence[str], **params):
+        self.backbone, self.class_names, self.params = backbone, list(class_names), params
+        self.ctx_: np.ndarray | None = None
+        self.session_classes_: list[list[int]] = []
+
+    def learn_session(self, X: np.ndarray, y: np.ndarray, images=None, checkpoint_dir=None) -> NaiveCoOp:
+        import torch
+
+        from ..heads import create_head
+        from ..train.prompts import train_prompts
+
+        new = sorted({int(c) for c in y})
+        seen = [c for s in self.session_classes_ for c in s] + new
+        where = {c: i for i, c in enumerate(seen)}
+        head = create_head("coop", backbone=self.backbone, class_names=[self.class_names[c] for c in seen],
+                           checkpoint_dir=checkpoint_dir, **self.params)
+        labels = np.asarray([where[int(c)] for c in y], dtype=np.int64)
+        learner = head.build_learner()
+        if self.ctx_ is not None:
+            with torch.no_grad():
+                learner.ctx.copy_(torch.from_numpy(self.ctx_))
+        samples = np.asarray(X, dtype=np.float32)[None]
+        epochs = head.epochs_for(labels)
+        train_prompts(learner, head.epoch_data(samples, labels), head.train_settings(epochs, samples, labels), epochs)
+        self.ctx_ = learner.ctx.detach().float().cpu().numpy()
+        self.session_classes_.append(new)
+        self.logit_scale_ = float(learner.logit_scale)
+        return self
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
+        from ..heads import create_head
+
+        head = create_head("coop", backbone=self.backbone, class_names=self.class_names, **self.params)
+        learner = head.build_learner()
+        with torch.no_grad():
+            learner.ctx.copy_(torch.from_numpy(self.ctx_))
+            text = learner().float().cpu().numpy()
+        return self.logit_scale_ * (np.asarray(X, dtype=np.float32) @ text.T)
+
+
+def run_incremental(backbone, train_data, test_data, sessions: Sequence[Sequence[int]], shots: int, *,
+                    method: str = "cpe-clip", params: dict | None = None, seed: int = 0,
+                    test_per_class: int | None = None, output_dir: str | Path | None = None,
+                    progress: bool = False, report=None) -> IncrementalResult:
+    """Train ``method`` on ``shots`` images per class of each session in turn and score every seen class after each
+    (see the module docstring); ``report(t, result)`` is called after each session."""
+    if method not in METHODS:
+        raise CliplabError(f"incremental method {method!r}: choose {', '.join(METHODS)}")
+    names = list(train_data.class_names)
+    sessions = check_sessions(sessions, len(names))
+    params = dict(params or {})
+    for reserved in ("checkpoint_dir", "progress", "cache_dir", "class_names", "backbone"):
+        if reserved in params:
+            raise CliplabError(f"parameter {reserved}: set by the incremental protocol itself")
+    result = IncrementalResult(method=method, sessions=sessions, class_names=names, shots=int(shots), seed=int(seed),
+                               model=getattr(backbone, "display_name", backbone.info.name), params=params,
+                               dataset=getattr(train_data, "name", ""))
+    test_rows = draw_test(test_data.labels, [c for s in sessions for c in s], test_per_class, seed)
+    test_labels = np.asarray(test_data.labels)[test_rows]
+    result.test_items = int(len(test_rows))
+    out = Path(output_dir) if output_dir is not None else None
+    done = _resume(out, result) if out is not None else 0
+    if method == "cpe-clip":
+        from ..heads import create_head
+
+        model = create_head("cpe-clip", backbone=backbone, class_names=names, progress=progress, **params)
+        if done:
+            from ..heads.saving import load_head
+
+            model = load_head(out / f"session-{done}", backbone, method="cpe-clip")
+            model.set_params(progress=progress)
+    else:
+        model = NaiveCoOp(backbone, names, progress=progress, **params)
+        if done:
+            state = np.load(out / f"session-{done}" / "coop.npz")
+            model.ctx_, model.logit_scale_ = state["ctx"], float(state["logit_scale"])
+            model.session_classes_ = [list(s) for s in sessions[:done]]
+    base_test = None
+    for t in range(done, len(sessions)):
+        rows = draw_shots(train_data.labels, sessions[t], shots, seed)
+        X = _encode(backbone, train_data, rows)
+        y = np.asarray(train_data.labels)[rows].astype(np.int64)
+        images = _Rows(train_data, rows)
+        if method == "cpe-clip":
+            if out is not None:
+                model.set_params(checkpoint_dir=str(out / "checkpoints"))
+            model.learn_session(X, y, images=images)
+            source = model.backbone_
+            prompted = bool(source.attached_prompts("image"))
+        else:
+            model.learn_session(X, y, checkpoint_dir=None if out is None else str(out / "checkpoints" /
+                                                                                   f"session-{t + 1}"))
+            prompted = False
+        if prompted:
+            X_test = _encode(source, test_data, test_rows)
+        else:
+            base_test = _encode(backbone, test_data, test_rows) if base_test is None else base_test
+            X_test = base_test
+        logits = model.logits(X_test)
+        seen = sessions[:t + 1]
+        result.acc.append(session_accuracies(logits, test_labels, seen))
+        result.accuracy.append(seen_accuracy(logits, test_labels, seen))
+        result.forgetting = forgetting(result.acc)
+        if out is not None:
+            _save_session(out, t + 1, model, method, backbone, result)
+        if report is not None:
+            report(t, result)
+    return result
+
+
+def _save_session(out: Path, number: int, model, method: str, backbone, result: IncrementalResult) -> None:
+    from ..fileio import atomic_write_text
+
+    folder = out / f"session-{number}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if method == "cpe-clip":
+        from ..heads.saving import save_head
+
+        save_head(model, folder, model_id=backbone.model_id, model=getattr(backbone, "display_name", None))
+    else:
+        np.savez(folder / "coop.npz", ctx=model.ctx_, logit_scale=np.float64(model.logit_scale_))
+    atomic_write_text(out / RESULT_FILE, json.dumps(result.to_json(), indent=1))
+
+
+RUN_KEYS = ("method", "sessions", "class_names", "shots", "seed", "model", "params", "dataset", "test_items")
+
+
+def _resume(out: Path, result: IncrementalResult) -> int:
+    """Sessions already finished in ``out`` by the same run (their results copied into ``result``); a folder of
+    another run is refused in one line."""
+    path = out / RESULT_FILE
+    if not path.is_file():
+        return 0
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CliplabError(f"{path}: unreadable ({exc}); give another -o folder") from None
+    mine = json.loads(json.dumps(result.to_json()))
+    for key in RUN_KEYS:
+        if saved.get(key) != mine.get(key):
+            raise CliplabError(f"{out}: holds an incremental run with {key} {saved.get(key)!r}, not "
+                               f"{mine.get(key)!r}; use the same options to resume it, or another -o folder")
+    done = len(saved.get("accuracy", []))
+    while done and not (out / f"session-{done}").is_dir():
+        done -= 1
+    result.accuracy = list(saved["accuracy"][:done])
+    result.acc = [list(a) for a in saved["acc"][:done]]
+    result.forgetting = forgetting(result.acc)
+    return done
+
+
+def plot_incremental(results: Sequence[IncrementalResult], path: str | Path, title: str) -> Path:
+    """Accuracy on the seen classes and forgetting after each session, one line per run."""
+    from .plots import _save, plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for r in results:
+        x = np.arange(1, len(r.accuracy) + 1)
+        left.plot(x, 100 * np.asarray(r.accuracy), marker="o", label=r.method)
+        right.plot(x, 100 * np.asarray(r.forgetting), marker="o", label=r.method)
+    left.set_xlabel("session")
+    left.set_ylabel("accuracy on seen classes (%)")
+    right.set_xlabel("session")
+    right.set_ylabel("forgetting (%)")
+    left.legend()
+    fig.suptitle(title)
+    return _save(fig, Path(path))
