@@ -119,11 +119,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="recipe:cifar10-signal")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--note", default=None, help="What the weights are, where --model is a folder (e.g. a "
+                        "snapshot of a recipe build's checkpoint).")
     args = parser.parse_args()
     from cliplab.data import load_dataset
 
     record = header("analyses_signal", __doc__.splitlines()[0], args.quick)
     backbone, note = load(args.model)
+    note = args.note or note
     test = load_dataset("cifar10", DATA_ROOT, "test")
     pairs, rff_dim, probes = (400, 100, 100) if args.quick else (2000, 500, 500)
     sizes = [0.0, 0.25, 0.4, 0.5, 0.6]
@@ -133,7 +136,8 @@ def main() -> None:
         cab_rows = cab_part(backbone, test, args.cache_dir, probes, sizes)
     record.update(sce=sce_rows, sce_info=sce_info, cab=cab_rows, total=total.result, load_after=load_average())
     correction = sce_info["correction"]
-    body = [f"# SCE and concept-association bias · {args.model} · CIFAR-10 test", "", f"Model: {note}.", "",
+    shown = args.model if not args.note else Path(args.model).name
+    body = [f"# SCE and concept-association bias · {shown} · CIFAR-10 test", "", f"Model: {note}.", "",
             f"## SCE (paper 20): {sce_info['pairs']} image/prompt pairs ({sce_info['texts']})", "",
             "SCE = entropy of the Schur complement (image diversity the prompts do not explain); prompt diversity "
             "= the same of the explained part; shares of trace C_yy. Shuffled: each image paired with another "
