@@ -105,3 +105,15 @@ def test_methods_lists_the_analyses():
     assert result.exit_code == 0, result.output
     for name, command in (("sce", "analyse sce"), ("cab", "analyse cab"), ("effective-robustness", "robustness-fit")):
         assert name in result.output and command in result.output
+
+
+def test_listing_the_analyses_imports_no_heavy_library():
+    import subprocess
+    import sys
+
+    slow = ("torch", "open_clip", "torchvision", "transformers", "scipy", "sklearn", "faiss", "matplotlib")
+    code = ("import sys\nfrom cliplab.analysis.registry import list_analyses\nlist_analyses()\n"
+            f"print(' '.join(m for m in {slow!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []
