@@ -128,3 +128,17 @@ def test_served_score_route(tmp_path, tiny):
         b = float(texts[n] @ texts[2])
         assert body["scores"][n]["refclip_s"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0, abs=1e-5)
     assert empty.status_code == 422 and "captions" in empty.json()["detail"]
+
+
+def test_caption_score_with_a_grammar_head(captions, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    words = ["a", "red", "car", "on", "the", "road", "two", "dogs", "in", "park", "tree", "by", "house"]
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 6)) for _ in range(20)))
+    out = tmp_path / "g.jsonl"
+    result = _invoke("caption-score", "-c", captions, "--grammar-train", corpus, "-o", out, "--model", "tiny",
+                     "-q", "-j", "0")
+    assert result.exit_code == 0, result.output
+    assert "grammar head: 20 captions" in result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(0.0 <= r["grammar"] <= 1.0 for r in rows[:3]) and "grammar" not in rows[3]
