@@ -30,7 +30,9 @@ Two run shapes:
 Objectives are named (``register_objective``/``get_objective``; ``clip``, ``siglip``, ``clipn`` live in
 ``train/objectives.py``). An objective is called ``objective(module, batch) -> (loss, logs)`` with the batch
 on the device; it may define ``param_groups(module, weight_decay)`` (which parameters decay) and
-``after_step(module)`` (e.g. clamp a logit scale). Example (CoOp-style, epoch-based)::
+``after_step(module)`` (e.g. clamp a logit scale); an objective with its own state (MLCD's cluster centres and
+classifier, CLIP-Refine's frozen original) defines ``state_dict()``/``load_state_dict(state)``, kept in the checkpoint
+(tensors and plain values). Example (CoOp-style, epoch-based)::
 
     from cliplab.train.engine import TrainSettings, get_objective, run_training
 
@@ -88,7 +90,7 @@ def register_objective(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_objectives() -> None:
-    from . import distill, objectives  # noqa: F401  (registers clip, siglip, clipn; distill)
+    from . import distill, objectives, objectives_mlcd  # noqa: F401  (registers clip, siglip, clipn; distill; mlcd)
 
 
 def list_objectives() -> list[str]:
@@ -366,6 +368,8 @@ def run_training(module: Any, objective: Callable, data: Callable[..., Iterable]
                     raise CliplabError(f"{state_path}: holds {name!r}, which this module does not have")
                 current[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
+        if hasattr(objective, "load_state_dict") and "objective" in state:
+            objective.load_state_dict(state["objective"])
         step, epoch, position = int(state["step"]), int(state["epoch"]), int(state["position"])
         history, seconds = json.loads(state["history"]), float(state["seconds"])
     resumed_from = step
@@ -387,7 +391,8 @@ def run_training(module: Any, objective: Callable, data: Callable[..., Iterable]
         save_checkpoint(state_path, {
             "format": FORMAT, "model": trained_state(net), "optimizer": optimizer.state_dict(), "step": step,
             "epoch": epoch, "position": position, "history": json.dumps(history),
-            "seconds": time.perf_counter() - began, "settings": json.dumps(settings.result_options())})
+            "seconds": time.perf_counter() - began, "settings": json.dumps(settings.result_options()),
+            **({"objective": objective.state_dict()} if hasattr(objective, "state_dict") else {})})
         last_save = time.perf_counter()
 
     def run_eval(unit: int) -> None:
