@@ -27,6 +27,7 @@ PAIR_ANSWER = json.dumps({"differences": [
 PARAMS = {
     "amu": {"aux_model": "tiny", "epochs": 2},
     "caps-adapter": {},
+    "clip-svd": {"max_epoch": 2},
     "cooked": {"num_steps": 1},
     "cupl": {"descriptions": "{root}/cupl.json"},
     "dclip": {"descriptions": "{root}/dclip.json"},
