@@ -177,6 +177,14 @@ class ClipSVD(ZeroShotLogitsMixin, ClipHead):
     :meth:`with_classes` scores other class names with the tuned towers (base-to-new). ``checkpoint_dir``: a
     training checkpoint every pass, from which a killed fit resumes to the same numbers.
 
+    Outside comparison (a script outside the repository runs the authors' own ``clip/model.py``,
+    ``PlainMultiHeadAttention``, ``resolver`` and ``set_clip_trainable_parameters`` and their loss against this
+    head's construction, on identical random ViT weights, 3+3 blocks with 64-wide heads and QuickGELU, and identical
+    inputs): 4608 trainable singular values in both; logits (scale 100) at initialisation within 3.7e-5 in float32
+    (in float64 1.9e-5: their U and Vᵀ live in float32 ``nn.Linear`` weights; ours reproduce the plain model to
+    9e-14); after one identical SGD step (lr 0.5, moving the logits by up to 10.4) within 2.5e-4, the singular
+    values within 1.7e-5 (changes up to 0.27).
+
     Departures from the authors' code, and why:
 
     - Precision: float32 (their steps run under fp16 autocast on CUDA); ``logit_scale`` defaults to the model's
