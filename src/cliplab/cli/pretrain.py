@@ -34,7 +34,8 @@ def pretrain(
     warmup: int = typer.Option(100, "--warmup", min=0, help="Linear warmup steps, then cosine decay."),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on gains, biases)."),
     loss: str = typer.Option("clip", "--loss", help="clip (open_clip's ClipLoss), siglip (SigLipLoss), mlcd (clip + "
-                      "multi-label cluster discrimination) or clip-refine (post-training of --init-model)."),
+                      "multi-label cluster discrimination), clip-refine (post-training of --init-model) or lightclip "
+                      "(softened labels + token OT; a ViT model)."),
     crop_scale: float = typer.Option(0.5, "--crop-scale", help="Smallest area of the random resized crop."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
     templates: str = typer.Option("generic", "--templates", help="Caption templates for labelled sources "

@@ -69,8 +69,8 @@ class PretrainConfig:
     RESUMABLE = ("eval_every", "checkpoint_every", "device", "data_root", "checkpoint_seconds")
 
     def __post_init__(self):
-        if self.loss not in ("clip", "siglip", "mlcd", "clip-refine"):  # objectives of train/engine.py
-            raise PretrainOptionError(f"--loss {self.loss!r}: choose clip, siglip, mlcd or clip-refine")
+        if self.loss not in ("clip", "siglip", "mlcd", "clip-refine", "lightclip"):  # objectives of train/engine.py
+            raise PretrainOptionError(f"--loss {self.loss!r}: choose clip, siglip, mlcd, clip-refine or lightclip")
         if self.precision not in ("fp32", "bf16"):
             raise PretrainOptionError(f"--precision {self.precision!r}: choose fp32 or bf16")
         for name in ("steps", "batch_size"):

@@ -90,7 +90,7 @@ def register_objective(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_objectives() -> None:
-    from . import distill, objectives, objectives_mlcd, objectives_refine  # noqa: F401  (+ distill, mlcd, clip-refine)
+    from . import distill, objectives, objectives_lightclip, objectives_mlcd, objectives_refine  # noqa: F401
 
 
 def list_objectives() -> list[str]:
