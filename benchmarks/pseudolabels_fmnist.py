@@ -106,6 +106,13 @@ def main() -> None:
     parser.add_argument("--settings", default="semi-supervised,transductive,unsupervised")
     parser.add_argument("--dump-logits", default=None, help="write the pool's features and round-0 weights (npz)")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--note", default=None, help="what the model is (replaces the loader's note)")
+    parser.add_argument("--selection", default="balanced", choices=["balanced", "authors"])
+    parser.add_argument("--dataset", default="fashion_mnist", help="a named dataset (results: pseudolabels_<name>; "
+                        "fashion_mnist writes pseudolabels_fmnist)")
+    parser.add_argument("--pool-split", default="train", choices=["train", "test"],
+                        help="where the unlabelled pool comes from (test: disjoint from the test sample)")
+    parser.add_argument("--model-label", default=None, help="the model as the title names it")
     args = parser.parse_args()
     quick = args.quick
     pool_n = args.pool or (400 if quick else 2000)
@@ -119,23 +126,32 @@ def main() -> None:
     from cliplab.eval.inputs import build_head, resolve_templates
     from cliplab.features.embed import embed_images
 
-    record = header("pseudolabels_fmnist", __doc__.splitlines()[0], quick)
+    record = header("pseudolabels_fmnist", __doc__.splitlines()[0], quick)  # the script's name, any --dataset
     backbone, note = load(args.model)
-    train = load_dataset("fashion_mnist", DATA_ROOT, "train")
-    test = load_dataset("fashion_mnist", DATA_ROOT, "test")
+    note = args.note or note
+    dataset = args.dataset
+    title = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}.get(dataset, dataset)
+    result_name = "pseudolabels_fmnist" if dataset == "fashion_mnist" else f"pseudolabels_{dataset}"
+    train = load_dataset(dataset, DATA_ROOT, "train")
+    test = load_dataset(dataset, DATA_ROOT, "test")
     names = list(train.class_names)
     n_classes = len(names)
-    templates = resolve_templates("grip", None, "fashion_mnist")
+    templates = resolve_templates("grip", None, dataset)
     rng = np.random.default_rng(0)
     train_labels, test_labels = np.asarray(train.labels), np.asarray(test.labels)
     labelled_idx = np.concatenate([rng.choice(np.flatnonzero(train_labels == c), 2, replace=False)
                                    for c in range(n_classes)])
     rest = np.setdiff1d(np.arange(len(train_labels)), labelled_idx)
-    pool_idx = np.sort(rng.choice(rest, pool_n, replace=False))
-    test_idx = np.sort(rng.choice(len(test_labels), test_n, replace=False))
+    pool_source = train if args.pool_split == "train" else test
+    if args.pool_split == "train":
+        pool_idx = np.sort(rng.choice(rest, pool_n, replace=False))
+        test_idx = np.sort(rng.choice(len(test_labels), test_n, replace=False))
+    else:  # pool and test sample: disjoint draws from the test split
+        drawn = rng.choice(len(test_labels), pool_n + test_n, replace=False)
+        pool_idx, test_idx = np.sort(drawn[:pool_n]), np.sort(drawn[pool_n:])
     seen = np.sort(rng.permutation(n_classes)[:n_classes // 2])
     unseen = np.setdiff1d(np.arange(n_classes), seen)
-    seen_rest = np.setdiff1d(rest, pool_idx)
+    seen_rest = np.setdiff1d(rest, pool_idx) if args.pool_split == "train" else rest
     seen_idx = np.concatenate([rng.choice(seen_rest[train_labels[seen_rest] == c], seen_per_class, replace=False)
                                for c in seen])
 
@@ -144,22 +160,23 @@ def main() -> None:
 
     log(f"embedding {len(labelled_idx) + pool_n + len(seen_idx)} train and {test_n} test images")
     with CpuAccount() as embedding:
-        labelled, pool, seen_train, test_f = (embed(train, labelled_idx), embed(train, pool_idx),
+        labelled, pool, seen_train, test_f = (embed(train, labelled_idx), embed(pool_source, pool_idx),
                                               embed(train, seen_idx), embed(test, test_idx))
-    zeroshot = build_head("zeroshot", backbone, names, dataset_name="fashion_mnist", cache_dir=args.cache_dir).fit()
+    zeroshot = build_head("zeroshot", backbone, names, dataset_name=dataset, cache_dir=args.cache_dir).fit()
     zs_acc = float(zeroshot.score(test_f.features, test_f.labels))
     record.update(model=args.model, weights=note, model_info=model_info(backbone), templates=templates,
                   load_before=load_average(), embedding=embedding.result, zero_shot_test_acc=zs_acc,
                   sizes={"pool": pool_n, "test": test_n, "labelled_per_class": 2, "seen_per_class": seen_per_class},
                   seen_classes=[names[c] for c in seen], unseen_classes=[names[c] for c in unseen],
-                  epochs_per_round=epochs, step_quantile=quantile)
+                  epochs_per_round=epochs, step_quantile=quantile, selection=args.selection, dataset=dataset,
+                  pool_split=args.pool_split)
     if args.dump_logits:
         np.savez(args.dump_logits, F=pool.features, T=zeroshot.weights_, scale=zeroshot.logit_scale_,
                  labels=pool.labels)
-    params = dict(step_quantile=quantile, max_epoch=epochs, warmup_epochs=1, progress=False)
+    params = dict(step_quantile=quantile, max_epoch=epochs, warmup_epochs=1, progress=False, selection=args.selection)
     results = {}
     for setting in args.settings.split(","):
-        head = build_head("grip", backbone, names, dataset_name="fashion_mnist", cache_dir=args.cache_dir,
+        head = build_head("grip", backbone, names, dataset_name=dataset, cache_dir=args.cache_dir,
                           params=dict(params, setting=setting))
         log(f"{setting}: fitting")
         with CpuAccount() as cpu, warnings.catch_warnings():
@@ -182,12 +199,14 @@ def main() -> None:
             + f" ({cpu.result['wall_s']:.0f} s)")
     record.update(results=results, load_after=load_average())
 
-    body = [f"# Pseudolabel prompt tuning (GRIP, paper 23) · {args.model} · Fashion-MNIST", "",
+    body = [f"# Pseudolabel prompt tuning (GRIP, paper 23) · {args.model_label or args.model} · {title}", "",
             f"Model: {note}. Textual prompts (`grip`), templates `{templates}`; zero-shot test top-1 "
             f"{pct(zs_acc)}%.", "",
-            f"CPU-sized, not the paper's recipe: pool {pool_n} train images, test sample {test_n} (seeded), "
+            f"CPU-sized, not the paper's recipe: pool {pool_n} {args.pool_split} images, test sample {test_n} "
+            "(seeded, disjoint), "
             f"{epochs} epochs a round (authors 150), 1 warm-up epoch (authors 5), step_quantile {quantile} "
-            f"({100 // quantile} rounds; authors 10 -> 10 rounds), the authors' SGD otherwise. Round 0 = zero-shot. "
+            f"({100 // quantile} rounds; authors 10 -> 10 rounds), pseudolabel selection `{args.selection}`, the "
+            "authors' SGD otherwise. Round 0 = zero-shot. "
             "Pseudolabel accuracy: of the pseudolabels that round trained on (true labels read by this script only).",
             ""]
     for setting, result in results.items():
@@ -207,7 +226,7 @@ def main() -> None:
             body += [md_table(["round", "K per class", "pseudolabels", "pseudolabel acc %", "test top-1 %"],
                               [[r["round"], r["k"] if r["k"] is not None else "-", r.get("pseudolabels", "-"),
                                 pct(r.get("pseudolabel_acc")), pct(r["test_acc"])] for r in result["rounds"]]), ""]
-    write_results("pseudolabels_fmnist", record, "\n".join(body))
+    write_results(result_name, record, "\n".join(body))
 
 
 if __name__ == "__main__":
