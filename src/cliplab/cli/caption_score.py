@@ -70,7 +70,7 @@ def caption_score(
     """Score captions of images with CLIP-S (Hessel et al.), RefCLIP-S and the self-critical CLIP-S reward."""
     from ..eval.captions import read_caption_rows
 
-    if output is not None and output.suffix.lower() not in (".jsonl", ".csv", ".json"):
+    if output is not None and output.suffix.lower() not in (".jsonl", ".csv"):
         raise CliplabError(f"--output {output}: give a .jsonl or .csv file")
     rows = read_caption_rows(captions, references)
     corpus = _grammar_corpus(grammar_train, data) if grammar_train else None

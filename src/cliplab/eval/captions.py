@@ -166,12 +166,16 @@ def score_rows(backbone, rows: Sequence[CaptionRow], cache_dir: str | Path | Non
     by_item = {dataset.item_id(k): p for k, p in enumerate(paths)}
     failed = {by_item.get(item, item): reason for item, reason in features.failures}
 
-    def embed(texts: list[str]) -> np.ndarray:
-        return embed_texts(backbone, prompted(texts, prompt), cache_dir) if texts else np.zeros((0, 1))
+    texts = list(dict.fromkeys([r.caption for r in rows] + [t for r in rows for t in (r.references or [])]
+                               + [r.baseline for r in rows if r.baseline is not None]))
+    encoded = embed_texts(backbone, prompted(texts, prompt), cache_dir)  # one call: one pass through the cache
+    row_of_text = {t: n for n, t in enumerate(texts)}
 
-    captions = embed([r.caption for r in rows])
+    def embed(some: list[str]) -> np.ndarray:
+        return encoded[[row_of_text[t] for t in some]]
+
     out = []
-    for i, r in enumerate(rows):
+    for r in rows:
         record = {"image": r.image, "caption": r.caption}
         key = str(Path(r.image))
         if key not in row_of:
@@ -179,15 +183,14 @@ def score_rows(backbone, rows: Sequence[CaptionRow], cache_dir: str | Path | Non
             out.append(record)
             continue
         image = features.features[row_of[key]][None]
-        record["clip_s"] = float(clip_s(image, captions[i:i + 1], w)[0])
+        caption = embed([r.caption])
+        record["clip_s"] = float(clip_s(image, caption, w)[0])
         if r.references:
-            refs = embed(list(r.references))
-            record["refclip_s"] = float(refclip_s(image, captions[i:i + 1], [refs], w)[0])
+            record["refclip_s"] = float(refclip_s(image, caption, [embed(list(r.references))], w)[0])
         if r.baseline is not None:
-            base = embed([r.baseline])
-            record["reward"] = float(self_critical_reward(image, captions[i:i + 1], base, w)[0][0])
+            record["reward"] = float(self_critical_reward(image, caption, embed([r.baseline]), w)[0][0])
         if grammar is not None:
-            record["grammar"] = float(grammar.probability(captions[i:i + 1])[0])
+            record["grammar"] = float(grammar.probability(caption)[0])
         out.append(record)
     return CaptionScores(out, sorted(failed.items()), time.perf_counter() - start)
 
