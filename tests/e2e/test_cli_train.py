@@ -64,6 +64,11 @@ def test_train_saves_a_head_that_classify_loads_through_its_own_model(fruit, tmp
     rows = rows["results"] if isinstance(rows, dict) else rows
     got = [max(p["probability"] for p in row["predictions"]) for row in rows]
     np.testing.assert_allclose(got, expected.max(axis=1), rtol=1e-4)
+    scored = runner.invoke(app, ["evaluate", "--head", str(out), "--dataset", str(fruit), "--model", "tiny", "-q",
+                                 "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "ev")])
+    assert scored.exit_code == 0, scored.output
+    acc1 = json.loads(next((tmp_path / "ev").glob("clip-svd_*.json")).read_text())["metrics"]["acc1"]
+    assert f"top-1 {100 * acc1:.2f}%" in result.output  # the same number as train --eval
     again = _train(fruit, tmp_path, out, "--eval")  # a finished run: loaded, not trained again; same numbers
     assert again.exit_code == 0 and "already trained" in again.output
     assert again.output.splitlines()[-1] == result.output.splitlines()[-1]

@@ -117,8 +117,10 @@ def zeroshot(
 
 @command
 def evaluate(
-    method: str = typer.Option(..., "--method", help="Any registered method: " + method_list() + "."),
+    method: str = typer.Option(None, "--method", help="Any registered method: " + method_list() + "."),
     dataset: str = DatasetOpt,
+    head_dir: Path = typer.Option(None, "--head", help="Instead of --method: a head saved by cliplab train or "
+                                  "--save-head, scored on --split as it is (not fitted again)."),
     shots: int = typer.Option(None, "--shots", min=1, help="Few-shot: this many training images per class "
                               "(drawn with --seed from the train split); default: the whole train split."),
     split_file: Path = typer.Option(None, "--split-file", help="Repeat a saved few-shot split (JSON of item ids)."),
@@ -135,6 +137,10 @@ def evaluate(
     data.holdout = holdout
     if shots is not None and split_file is not None:
         raise CliplabError("give --shots (a seeded draw) or --split-file (a saved one), not both")
+    if (method is None) == (head_dir is None):
+        raise CliplabError("give --method M (fit and evaluate) or --head DIR (a saved head), one of them")
+    if head_dir is not None:
+        return _evaluate_saved(head_dir, dataset, output_dir, run, data)
     from ..heads.registry import method_names
 
     known = method_names()  # read from the registrations, heads not imported: a misspelled method is answered first
@@ -172,3 +178,26 @@ def evaluate(
         write_head(done.head, save_head, model_id=backbone.model_id, class_names=list(test.class_names),
                    model=backbone.display_name)
         console.print(f"head: {save_head}")
+
+
+def _evaluate_saved(head_dir: Path, dataset: str, output_dir: Path, run: RunOptions, data: DataOptions) -> None:
+    """``evaluate --head DIR``: a saved head scored on the test split (through its own model where it has one)."""
+    from ..heads.saving import saved_class_names
+
+    names = saved_class_names(head_dir)
+    test_data = _load(dataset, data, run, labelled=True, output_dir=output_dir)
+    if test_data.split == "train":
+        raise CliplabError("--split train: the test split must not be the training split")
+    if list(test_data.class_names) != names:
+        raise CliplabError(f"{head_dir}: the head predicts {len(names)} classes ({', '.join(names[:3])}"
+                           f"{', ...' if len(names) > 3 else ''}), not the {len(test_data.class_names)} of {dataset}")
+    from ..eval.evaluate import evaluate as score
+    from ..eval.inputs import test_features
+    from ..heads.saving import load_head
+
+    backbone = run.load_backbone()
+    head = load_head(head_dir, backbone=backbone)
+    test = test_features(head, backbone, test_data, cache_dir=run.cache_dir, batch_size=run.batch_size,
+                         workers=run.workers, progress=not run.quiet, embed=run.embed)
+    report = score(head, test, fitted=True, output_dir=output_dir, seed=run.seed)
+    _print_report(report, f"{head_dir} · {test.dataset} ({test.split}, {len(test)} images) · {backbone.display_name}")
