@@ -17,6 +17,9 @@ classes change meaning at each re-clustering, as DeepCluster resets its classifi
 each image's current (detached) feature. Before the first clustering the term is 0. Prototypes, centres, buffer and
 step count are the objective's state, kept in the engine's checkpoint, so a resumed run repeats an uninterrupted one.
 
+Defaults are sized for cliplab's small recipes (batches of 64-256): 32 centres over the latest 512 features, 2
+positives each, re-clustered every 50 steps, scale 32, no margin.
+
 Departures (the authors' MLCD training code is not public: deepglint/unicom holds PartialFC and the models, not the
 multi-label loss): the paper clusters LAION-400M once into one million centres with an off-the-shelf model and
 trains the image tower on that classification alone; here the clusters come from the training model's own features
@@ -96,8 +99,8 @@ def _embed_dim(net: torch.nn.Module) -> int:
 class MlcdObjective(ClipObjective):
     """CLIP's InfoNCE plus ``weight`` x the MLCD term over online k-means clusters (module docstring)."""
 
-    def __init__(self, weight: float = 1.0, centres: int = 64, positives: int = 4, sample_rate: float = 1.0,
-                 scale: float = 32.0, margin: float = 0.0, bank: int = 2048, recluster_every: int = 100,
+    def __init__(self, weight: float = 1.0, centres: int = 32, positives: int = 2, sample_rate: float = 1.0,
+                 scale: float = 32.0, margin: float = 0.0, bank: int = 512, recluster_every: int = 50,
                  kmeans_iters: int = 10, seed: int = 0):
         if not 1 <= positives < centres or bank < centres or recluster_every < 1 or not 0 < sample_rate <= 1:
             raise CliplabError("mlcd: need 1 <= positives < centres <= bank, recluster_every >= 1 and "
