@@ -62,7 +62,12 @@ def main() -> None:
     parser.add_argument("--mosaic-images", type=int, default=200)
     parser.add_argument("--coco-images", type=int, default=20)
     parser.add_argument("--model", default=None, help="a ViT model for the mosaic rows (default: random 32-px ViT)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared, loaded "
+                        "machine two threads stalled each other: 22 s wall vs 0.4 s for 6 mosaic images)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.mosaic_images, args.coco_images = 20, 2
     from cliplab.data.segmentation import load_segmentation
@@ -72,6 +77,7 @@ def main() -> None:
     out = RESULTS_DIR / "segment_methods_files"
     record = header(NAME, __doc__.splitlines()[0], args.quick)
     record["load_before"] = load_average()
+    record["torch_threads"] = args.threads
     methods = [e.name for e in list_dense()]
     rows = []
     mosaic_model = load_model(args.model) if args.model else vit_32px()
@@ -98,7 +104,8 @@ def main() -> None:
         "templates. coco_mini_seg: COCO-Object maps (background + 80 classes, background scored as a class name), "
         "80 ImageNet templates, short side 448, 224-px windows every 112 px. **All weights are random**: the mIoU "
         "columns are chance level and compare nothing; the seconds are the pipeline's cost on this shared CPU "
-        f"(load average before/after {record['load_before']} / {record['load_after']}).\n",
+        f"(torch threads: {args.threads}; load average before/after {record['load_before']} / "
+        f"{record['load_after']}).\n",
         table,
     ])
     write_results(NAME + ("_quick" if args.quick else ""), record, body)
