@@ -90,7 +90,14 @@ def register_objective(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_objectives() -> None:
-    from . import distill, objectives, objectives_lightclip, objectives_mlcd, objectives_refine  # noqa: F401
+    from . import (  # noqa: F401  (registering: clip, siglip, clipn; distill; mlcd, clip-refine, lightclip, clip-moe)
+        distill,
+        objectives,
+        objectives_lightclip,
+        objectives_mlcd,
+        objectives_moe,
+        objectives_refine,
+    )
 
 
 def list_objectives() -> list[str]:
