@@ -145,3 +145,43 @@ def test_a_saved_head_rebuilds_the_same_prompted_backbone(tiny, tmp_path):
     np.testing.assert_array_equal(_features(loaded.backbone_, test), X)
     np.testing.assert_array_equal(loaded.logits(X), head.logits(X))
     assert loaded.session_classes_ == [[0], [1, 2]]
+
+
+def test_a_killed_session_resumes_to_the_same_prompts(tiny, tmp_path, monkeypatch):
+    from cliplab.heads.cpe_clip import CPEObjective
+
+    first, second = _images([0], 2, 0), _images([1, 2], 4, 1)
+    params = dict(base_epochs=1, epochs=3, batch_size=4, lr=0.5, checkpoint_dir=str(tmp_path / "state"))
+
+    def two_sessions(**extra):
+        head = CPECLIP(tiny, NAMES, **{**params, **extra})
+        head.learn_session(_features(tiny, first), first.labels, images=first)
+        return head.learn_session(_features(tiny, second), second.labels, images=second)
+
+    whole = two_sessions(checkpoint_dir=None)
+    calls, original = [], CPEObjective.__call__
+
+    def dying(self, module, batch):
+        calls.append(1)
+        if len(calls) == 1 + 4:  # session 2 (2 steps an epoch), in epoch 2 after the checkpoint of epoch 1
+            raise KeyboardInterrupt
+        return original(self, module, batch)
+
+    monkeypatch.setattr(CPEObjective, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        two_sessions()
+    monkeypatch.setattr(CPEObjective, "__call__", original)
+    import cliplab.heads.cpe_clip as cpe
+
+    real, starts = cpe.run_training, []
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        starts.append(result.resumed_from)
+        return result
+
+    monkeypatch.setattr(cpe, "run_training", spy)
+    resumed = two_sessions()
+    assert starts[-1] == 2  # session 2 went on from its checkpoint after epoch 1 (2 steps)
+    for key in ("prompts_", "proj_weight_", "proj_bias_", "weights_"):
+        np.testing.assert_array_equal(getattr(resumed, key), getattr(whole, key))
