@@ -536,8 +536,9 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
                 "pool": self.pool_size_, "rounds": self.rounds_, "val_accuracy": self.val_accuracy_}
 
 
-_DOC = """GRIP (paper 23 in ../shared/papers.md, Menghini et al., NeurIPS 2023): prompt tuning on CLIP's zero-shot
-    pseudolabels, grown and refined over rounds; read against the authors' code,
+_DOC = """GRIP (paper 23): textual prompts tuned on CLIP's own zero-shot pseudolabels, grown round by round.
+
+    Paper 23 in ../shared/papers.md (Menghini et al., NeurIPS 2023), read against the authors' code,
     github.com/BatsResearch/menghini-enhanceCLIPwithCLIP-code (``methods/*/training_strategies.py: grip_train``,
     ``update_training_set``, ``*_fpl.py``, ``utils/clip_pseudolabels.py``, ``methods_config/grip_*_config.yml``).
 
