@@ -22,8 +22,8 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "cliplab"
 # Data flows down these ranks; a module may import from its own layer and the ranks before it. The root package
 # (``cliplab/__init__.py``) is rank 0: every module loads it, so it imports nothing eagerly but ``_lazy``.
 RANK = {"_lazy": 0, "_sources": 0, "errors": 0, "fileio": 0, "llm": 0, "models": 1, "data": 2, "datasets": 2,
-        "features": 3, "train": 4, "heads": 4, "ood": 4, "dense": 4, "search": 4, "eval": 5, "analysis": 5,
-        "service": 6, "cli": 6, "__main__": 6}
+        "features": 3, "train": 4, "heads": 4, "ood": 4, "dense": 4, "search": 4, "regions": 4, "eval": 5,
+        "analysis": 5, "service": 6, "cli": 6, "__main__": 6}
 ROOT_RANK = 0
 # Modules allowed a dynamic import the check cannot resolve, with the reason.
 DYNAMIC_OK = {("_lazy",): "imports a submodule of the package that calls lazy_exports (a name relative to it)"}
