@@ -26,10 +26,12 @@ from .explain import explain
 from .fewshot import fewshot
 from .incremental import incremental
 from .index import index_app
+from .link import link
 from .listing import datasets, methods, models, templates
 from .match import match
 from .ood import ood
 from .pretrain import pretrain
+from .regions import regions
 from .retrieval import retrieval_eval
 from .robustness import robustness
 from .robustness_fit import robustness_fit
@@ -87,9 +89,10 @@ def _register(command) -> None:
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
                  methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn,
-                 segment, segment_eval, caption_score, match, train, incremental):
+                 segment, segment_eval, caption_score, match, train, incremental, regions):
     _register(_command)
 _register(robustness_fit)
+_register(link)
 app.add_typer(index_app, name="index")
 app.add_typer(analyse_app, name="analyse")
 
