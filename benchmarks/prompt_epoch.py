@@ -116,13 +116,16 @@ def _step_cost(backbone, method: str, params: dict, module_name: str, X, y, extr
         "foreign_load"], "steps_per_epoch": seen["steps"], "steps_timed": len(marks) - 1}
 
 
-def measure(backbone, repeats: int, by_steps: bool) -> list[dict]:
+def measure(backbone, repeats: int, by_steps: bool, skip: dict[str, str]) -> list[dict]:
     registered = {e.name: e for e in list_heads()}
     rows = []
     for label, method, params in VARIANTS:
         entry = registered.get(method)
         if entry is None:
             log(f"{label}: not registered here, skipped")
+            continue
+        if method in skip:
+            rows.append({"variant": label, "method": method, "error": f"not measured: {skip[method]}"})
             continue
         needs_images = "images" in entry.needs
         X, y, extra = _inputs(backbone, needs_images)
@@ -163,7 +166,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--repeats", type=int, default=1, help="runs per method (the median is reported)")
+    parser.add_argument("--skip", action="append", default=[], metavar="METHOD@MODEL=REASON",
+                        help="leave one method out on one model, saying why (repeatable)")
     args = parser.parse_args()
+    skips: dict[str, dict[str, str]] = {}
+    for item in args.skip:
+        key, _, reason = item.partition("=")
+        method, _, model = key.partition("@")
+        skips.setdefault(model, {})[method] = reason or "left out"
     repeats = args.repeats
     # (model, pretrained, epoch from its first steps): ViT-B-32's epochs are extrapolated from their first steps
     models = [("tiny", None, False)] if args.quick else [("tiny", None, False), ("ViT-B-32", "random", True)]
@@ -174,18 +184,22 @@ def main() -> None:
     for name, pretrained, by_steps in models:
         backbone = load_model(name, pretrained=pretrained, device="cpu") if pretrained else load_model(name,
                                                                                                         device="cpu")
-        rows = measure(backbone, repeats, by_steps)
+        rows = measure(backbone, repeats, by_steps, skips.get(name, {}))
         record["models"].append({"model": model_info(backbone), "rows": rows})
         coop = next((r for r in rows if r["method"] == "coop" and "error" not in r), None)
         for row in rows:
             shown = f"{name} (random weights)"
             if "error" in row:
-                body_rows.append([shown, row["variant"], "", "", "", "", "", "", row["error"]])
+                body_rows.append([shown, row["variant"], "", "", row["error"], "", "", "", ""])
                 continue
             ratio = row["wall_s_per_epoch"] / coop["wall_s_per_epoch"] if coop else float("nan")
             body_rows.append([shown, row["variant"], row["input"], row["batch_size"], row["measured"],
                               row["wall_s_per_epoch"], row["cpu_s_per_epoch"], f"{ratio:.1f}x",
                               f"{row['foreign_load']:.1f}"])
+        _write(record, body_rows, repeats)  # after each model: an interrupted run keeps what it measured
+
+
+def _write(record: dict, body_rows: list, repeats: int) -> None:
     record["load_average_end"] = load_average()
     body = "\n".join([
         "# Seconds per epoch of the prompt-learning methods (CPU, random weights)", "",
