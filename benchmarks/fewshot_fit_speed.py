@@ -1,18 +1,21 @@
-"""Few-shot fits where users wait (issue 21 item 14): Tip-Adapter's search and the linear probe's C search, today's
-code path and the new one side by side, wall and CPU seconds on this machine.
+"""Few-shot fits where users wait (issue 21 item 14): Tip-Adapter's search and the linear probe's C search, the
+previous code path and today's side by side in one run, wall and CPU seconds on this machine.
 
 1000 classes x 16 shots x 512-d synthetic features (class centres + noise + a shared direction, unit norm: a
 16-shot linear probe scores about 70%, C matters), validation 4 per class, 1,000 rows predicted.
-- Tip-Adapter: search (200 x 20 grid) + fit + predict; before = the serial chunk loop (``workers=1``, today's
-  arithmetic), after = chunks on parallel threads. The chosen (alpha, beta) must be equal.
-- Linear probe: CoOp's full C search + final fit + predict; before = scikit-learn's fits (``solver="sklearn"``,
-  stopped at ``--cap`` seconds: a lower bound), after = warm-started L-BFGS in torch. Accuracy: scikit-learn's
-  fit at the C the new search chose against the new fit on 10,000 test rows, and the objectives.
-- CIFAR-10 (../shared/datasets): the same two probe searches (16 shots, 4 validation per class, from the val
-  split; scored on the 10,000 test images), features of the tiny model with random weights (no cached recipe
-  features on this machine).
+- Tip-Adapter: search (200 x 20 grid) + fit + predict; before = the serial chunk loop (``workers=1``), after =
+  chunks on parallel threads. The chosen (alpha, beta) and the predictions must be equal.
+- Linear probe: CoOp's full C search + final fit + predict. Before = the previous torch solver
+  (``heads/logistic.py`` at commit ``OLD_COMMIT``, read from git: L-BFGS with strong-Wolfe line search, float32
+  for C >= 1 stopped at an absolute change of 1e-9, warm start from the nearest C); after = today's
+  ``LinearProbe(solver="auto")``. Accuracy: scikit-learn's own fit at the C each search chose against the
+  head on 10,000 test rows, and the objectives (scikit-learn's full search at 1000 classes takes about an hour:
+  ``--sklearn-cap`` runs it for that many seconds, a lower bound).
+- CIFAR-10 (../shared/datasets): the same searches (16 shots, 4 validation per class, from the val split; scored on
+  the 10,000 test images), features of ``--model`` (default recipe:cifar10-signal if built, else tiny with random
+  weights); scikit-learn's full search there is seconds, so searched heads are compared too.
 
-    python benchmarks/fewshot_fit_speed.py [--quick] [--cap SECONDS]
+    python benchmarks/fewshot_fit_speed.py [--quick] [--skip-cifar] [--sklearn-cap SECONDS] [--model NAME]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +35,19 @@ from cliplab.heads.logistic import logistic_objective
 from fewshot_speed import StandInBackbone
 
 DIM, SHOTS, VAL, TEST, PREDICT = 512, 16, 4, 10, 1000
+OLD_COMMIT = "9a12805"  # the last commit with the previous torch solver in heads/logistic.py
+
+
+def previous_solver():
+    """The previous heads/logistic.py as a module (from git), for the side-by-side run."""
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "show", f"{OLD_COMMIT}:src/cliplab/heads/logistic.py"], capture_output=True,
+                            text=True, check=True, cwd=Path(__file__).resolve().parent).stdout
+    module = types.ModuleType("logistic_previous")
+    exec(compile(source, f"logistic.py@{OLD_COMMIT}", "exec"), module.__dict__)
+    return module
 
 
 def synthetic(classes: int, seed: int = 0, noise: float = 4.0):
@@ -50,7 +67,7 @@ class _Stop(Exception):
 
 
 def capped_sklearn_search(X, y, Xv, yv, cap: float) -> dict:
-    """Today's probe search (scikit-learn fits, CoOp's loop), stopped before a fit that starts after ``cap`` s."""
+    """scikit-learn's probe search (CoOp's loop), stopped before a fit that starts after ``cap`` s."""
     fit_at = logistic_fits(X, y, 1000, 1e-4 / len(X), solver="sklearn")
     start, done = time.perf_counter(), []
 
@@ -86,31 +103,72 @@ def tip_adapter(X, y, Xv, yv, Xt, workers: int, backbone, names, cache) -> dict:
     return {"chosen": head.fit_summary(), "predicted": predicted, **cpu.result}
 
 
+def probe_previous(X, y, Xv, yv, Xt, yt) -> dict:
+    """The previous code path: LinearProbe(solver="torch") as it was, i.e. CoOp's search over the previous
+    TorchLogistic's fits (memoised per C), the head = the search fit at the chosen C."""
+    module = previous_solver()
+    y_index = np.searchsorted(np.unique(y), y)
+    fits: dict = {}
+    with CpuAccount() as cpu:
+        fitter = module.TorchLogistic(np.asarray(X, np.float64), y_index, 1000, 1e-4 / len(X))
+
+        def fit_at(c):
+            if float(c) not in fits:
+                fits[float(c)] = fitter.fit(float(c))
+            return fits[float(c)]
+
+        def val_accuracy(c):
+            coef, intercept, _ = fit_at(c)
+            return float(np.mean(np.argmax(np.asarray(Xv, np.float64) @ coef.T + intercept, axis=1) == yv))
+
+        chosen, path = coop_c_search(val_accuracy, 8)
+        coef, intercept, n_iter = fit_at(chosen)
+        np.argmax(Xt[:PREDICT] @ coef.T + intercept, axis=1)
+    top1 = float(np.mean(np.argmax(Xt @ coef.T + intercept, axis=1) == yt))
+    return {"C": chosen, "fits": len(fits), "n_iter": int(n_iter), "test_top1": top1, "path": path,
+            "coef": coef, "intercept": intercept, **cpu.result}
+
+
 def probe_new(X, y, Xv, yv, Xt, yt, solver: str = "auto") -> dict:
     with CpuAccount() as cpu:
         head = LinearProbe(solver=solver).fit(X, y, X_val=Xv, y_val=yv)
         head.predict(Xt[:PREDICT])
-    return {"head": head, "C": head.C_, "fits": len({c for c, _ in head.search_path_}),
-            "test_top1": float(np.mean(head.predict(Xt) == yt)), **cpu.result}
+    return {"C": head.C_, "fits": len({c for c, _ in head.search_path_}), "n_iter": int(head.n_iter_),
+            "test_top1": float(np.mean(head.predict(Xt) == yt)), "path": head.search_path_,
+            "coef": head.coef_, "intercept": head.intercept_, **cpu.result}
 
 
-def compare_with_sklearn(head, X, y, Xt, yt) -> dict:
-    """scikit-learn's fit at the head's C vs the head: test top-1 (points) and objective."""
-    coef, intercept, n_iter = logistic_fits(X, y, 1000, 1e-4 / len(X), solver="sklearn")(head.C_)
+def compare_with_sklearn(run: dict, X, y, Xt, yt) -> dict:
+    """scikit-learn's own fit at the C a search chose against that search's head: test top-1 and objective."""
+    C = run["C"]
+    with CpuAccount() as cpu:
+        coef, intercept, n_iter = logistic_fits(X, y, 1000, 1e-4 / len(X), solver="sklearn")(C)
     top1 = float(np.mean(np.argmax(Xt @ coef.T + intercept, axis=1) == yt))
-    ours = float(np.mean(head.predict(Xt) == yt))
-    f_sk = logistic_objective(X, y, head.C_, coef, intercept)
-    f_new = logistic_objective(X, y, head.C_, head.coef_, head.intercept_)
-    return {"C": head.C_, "sklearn_top1": top1, "torch_top1": ours, "diff_points": 100 * (ours - top1),
-            "sklearn_objective": f_sk, "torch_objective": f_new, "sklearn_n_iter": n_iter}
+    f_sk = logistic_objective(X, y, C, coef, intercept)
+    f_run = logistic_objective(X, y, C, run["coef"], run["intercept"])
+    same = float(np.mean(np.argmax(Xt @ coef.T + intercept, axis=1) ==
+                         np.argmax(Xt @ run["coef"].T + run["intercept"], axis=1)))
+    return {"C": C, "sklearn_top1": top1, "head_top1": run["test_top1"], "diff_points": 100 * (run["test_top1"] - top1),
+            "sklearn_objective": f_sk, "head_objective": f_run, "same_prediction_fraction": same,
+            "sklearn_n_iter": n_iter, "sklearn_cpu_s": cpu.result["own_cpu_s"]}
 
 
-def cifar10(cap: float) -> dict:
+def _public(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k not in ("coef", "intercept")}
+
+
+def cifar10(model: str | None) -> dict:
     from cliplab.data import load_dataset
     from cliplab.features import embed_images
     from cliplab.models import load_model
 
-    backbone = load_model("tiny", device="cpu")
+    weights = "trained (cliplab recipe, CIFAR-10 train + template captions)"
+    try:
+        backbone = load_model(model or "recipe:cifar10-signal", device="cpu")
+    except Exception:  # noqa: BLE001 - the recipe is not built here: the tiny model with random weights
+        if model:
+            raise
+        backbone, weights = load_model("tiny", device="cpu"), "tiny, random weights"
     cache = tempfile.mkdtemp(prefix="cliplab-bench-")
     pool = embed_images(backbone, load_dataset("cifar10", root=DATA_ROOT, split="val"), cache, progress=False)
     test = embed_images(backbone, load_dataset("cifar10", root=DATA_ROOT, split="test"), cache, progress=False)
@@ -118,91 +176,113 @@ def cifar10(cap: float) -> dict:
     X, y = np.asarray(split.train.features), np.asarray(split.train.labels)
     Xv, yv = np.asarray(split.val.features), np.asarray(split.val.labels)
     Xt, yt = np.asarray(test.features), np.asarray(test.labels)
-    new = probe_new(X, y, Xv, yv, Xt, yt, solver="torch")  # "auto" would be scikit-learn's at this size
-    old_head = LinearProbe(solver="sklearn")
-    with CpuAccount() as cpu:
-        old_head.fit(X, y, X_val=Xv, y_val=yv)
-    old = {"C": old_head.C_, "test_top1": float(np.mean(old_head.predict(Xt) == yt)), **cpu.result}
-    same_c = compare_with_sklearn(new.pop("head"), X, y, Xt, yt)
-    return {"model": backbone.model_id, "weights": "tiny, random weights", "new": new, "old": old,
-            "at_new_C": same_c, "diff_points_searched": 100 * (new["test_top1"] - old["test_top1"])}
+    old = probe_previous(X, y, Xv, yv, Xt, yt)
+    new = probe_new(X, y, Xv, yv, Xt, yt, solver="torch")  # "auto" is scikit-learn's exact fits at this size
+    sk = probe_new(X, y, Xv, yv, Xt, yt, solver="sklearn")
+    return {"model": backbone.model_id, "weights": weights, "before": _public(old), "after": _public(new),
+            "sklearn_search": _public(sk), "after_vs_sklearn_at_C": compare_with_sklearn(new, X, y, Xt, yt),
+            "before_vs_sklearn_at_C": compare_with_sklearn(old, X, y, Xt, yt),
+            "diff_points_searched": 100 * (new["test_top1"] - sk["test_top1"])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 classes instead of 1000")
-    parser.add_argument("--cap", type=float, default=240.0, help="seconds for today's probe search (default 240)")
+    parser.add_argument("--sklearn-cap", type=float, default=0.0,
+                        help="seconds for scikit-learn's own search at this size (default 0: not run)")
     parser.add_argument("--skip-cifar", action="store_true")
+    parser.add_argument("--skip-tip", action="store_true")
+    parser.add_argument("--model", default=None, help="CIFAR-10 features' model (default recipe:cifar10-signal)")
     args = parser.parse_args()
     classes = 100 if args.quick else 1000
     (X, y), (Xv, yv), (Xt, yt) = synthetic(classes)
     record = header("fewshot_fit_speed", __doc__.strip().splitlines()[0], args.quick)
     record["setup"] = {"classes": classes, "shots": SHOTS, "dim": DIM, "val_per_class": VAL,
-                       "test_per_class": TEST, "predict_rows": PREDICT, "load_before": load_average()}
-    backbone, names = StandInBackbone(), [f"class {i}" for i in range(classes)]
-    cache = tempfile.mkdtemp(prefix="cliplab-bench-")
-    create_head("zeroshot", backbone=backbone, class_names=names, templates=["a photo of a {c}."],
-                cache_dir=cache).fit()  # text cache warm: the text encoder's cost is not the heads'
+                       "test_per_class": TEST, "predict_rows": PREDICT, "load_before": load_average(),
+                       "previous_solver_commit": OLD_COMMIT}
     rows = []
-    tips = {}
-    for label, workers in (("before", 1), ("after", None)):
-        tips[label] = tip_adapter(X, y, Xv, yv, Xt, workers, backbone, names, cache)
-        log(f"tip-adapter {label}: {tips[label]['wall_s']:.2f} s wall, {tips[label]['own_cpu_s']:.2f} s CPU "
-            f"{tips[label]['chosen']}")
-    same = tips["before"]["chosen"] == tips["after"]["chosen"] and np.array_equal(
-        tips["before"].pop("predicted"), tips["after"].pop("predicted"))
-    record["tip_adapter"] = dict(tips, same_choice_and_predictions=bool(same))
-    for label in ("before", "after"):
-        t = tips[label]
-        rows.append([f"tip-adapter search + fit + predict {PREDICT:,} ({label})", round(t["wall_s"], 2),
-                     round(t["own_cpu_s"], 2), round(t["foreign_load"], 2), str(t["chosen"])])
+    same = None
+    if not args.skip_tip:
+        backbone, names = StandInBackbone(), [f"class {i}" for i in range(classes)]
+        cache = tempfile.mkdtemp(prefix="cliplab-bench-")
+        create_head("zeroshot", backbone=backbone, class_names=names, templates=["a photo of a {c}."],
+                    cache_dir=cache).fit()  # text cache warm: the text encoder's cost is not the heads'
+        tips = {}
+        for label, workers in (("before", 1), ("after", None)):
+            tips[label] = tip_adapter(X, y, Xv, yv, Xt, workers, backbone, names, cache)
+            log(f"tip-adapter {label}: {tips[label]['wall_s']:.2f} s wall, {tips[label]['own_cpu_s']:.2f} s CPU "
+                f"{tips[label]['chosen']}")
+        same = tips["before"]["chosen"] == tips["after"]["chosen"] and np.array_equal(
+            tips["before"].pop("predicted"), tips["after"].pop("predicted"))
+        record["tip_adapter"] = dict(tips, same_choice_and_predictions=bool(same))
+        for label in ("before", "after"):
+            t = tips[label]
+            rows.append([f"tip-adapter search + fit + predict {PREDICT:,} ({label})", round(t["wall_s"], 2),
+                         round(t["own_cpu_s"], 2), round(t["foreign_load"], 2), str(t["chosen"])])
 
-    new = probe_new(X, y, Xv, yv, Xt, yt)
-    log(f"linear probe (torch): {new['wall_s']:.1f} s wall, {new['own_cpu_s']:.1f} s CPU, C={new['C']:.4g}, "
-        f"{new['fits']} fits, test {new['test_top1']:.4f}")
-    old = capped_sklearn_search(X, y, Xv, yv, args.cap)
-    log(f"linear probe (sklearn): finished={old['finished']} {old['wall_s']:.1f} s wall, {old['own_cpu_s']:.1f} s "
-        f"CPU, fits {old['fits']}")
-    at_c = compare_with_sklearn(new.pop("head"), X, y, Xt, yt)
-    log(f"at C={at_c['C']:.4g}: sklearn {at_c['sklearn_top1']:.4f}, torch {at_c['torch_top1']:.4f}")
-    record["linear_probe"] = {"before": old, "after": new, "at_new_C": at_c, "coarse_list": COOP_SEARCH_LIST}
-    done = f"{len(old['fits'])} of ~23 fits done" if not old["finished"] else "finished"
-    rows.append(["linear probe, full C search (before: scikit-learn)",
-                 ("" if old["finished"] else "> ") + f"{old['wall_s']:.0f}", round(old["own_cpu_s"], 1),
-                 round(old["foreign_load"], 2), f"{done}: {old['fits']}"])
-    rows.append(["linear probe, full C search + predict (after: torch L-BFGS)", round(new["wall_s"], 1),
-                 round(new["own_cpu_s"], 1), round(new["foreign_load"], 2),
-                 f"C={new['C']:.4g}, {new['fits']} fits, test top-1 {100 * new['test_top1']:.2f}%"])
-    accuracy_rows = [[f"synthetic {classes} classes", f"{at_c['C']:.4g}", round(100 * at_c["sklearn_top1"], 2),
-                      round(100 * at_c["torch_top1"], 2), round(at_c["diff_points"], 2),
-                      f"{at_c['sklearn_objective']:.8g}", f"{at_c['torch_objective']:.8g}"]]
+    runs = {}
+    for label, run in (("after", probe_new), ("before", probe_previous)):  # today's first: the one awaited
+        runs[label] = run(X, y, Xv, yv, Xt, yt)
+        r = runs[label]
+        log(f"linear probe {label}: {r['wall_s']:.1f} s wall, {r['own_cpu_s']:.1f} s CPU, C={r['C']:.4g}, "
+            f"{r['fits']} fits, test {r['test_top1']:.4f}")
+        rows.append([f"linear probe, full C search + predict ({label})", round(r["wall_s"], 1),
+                     round(r["own_cpu_s"], 1), round(r["foreign_load"], 2),
+                     f"C={r['C']:.4g}, {r['fits']} fits, test top-1 {100 * r['test_top1']:.2f}%"])
+    at_c = {label: compare_with_sklearn(runs[label], X, y, Xt, yt) for label in runs}
+    for label, a in at_c.items():
+        log(f"{label} at C={a['C']:.4g}: sklearn {a['sklearn_top1']:.4f}, head {a['head_top1']:.4f}")
+    record["linear_probe"] = {"before": _public(runs["before"]), "after": _public(runs["after"]),
+                              "vs_sklearn_at_C": at_c, "coarse_list": COOP_SEARCH_LIST}
+    if args.sklearn_cap > 0:
+        old = capped_sklearn_search(X, y, Xv, yv, args.sklearn_cap)
+        record["linear_probe"]["sklearn_search_capped"] = old
+        done = f"{len(old['fits'])} of ~16 fits done" if not old["finished"] else "finished"
+        rows.append(["linear probe, full C search (scikit-learn)", ("" if old["finished"] else "> ") +
+                     f"{old['wall_s']:.0f}", round(old["own_cpu_s"], 1), round(old["foreign_load"], 2),
+                     f"{done}: {old['fits']}"])
+    accuracy_rows = []
+    for label, a in at_c.items():
+        accuracy_rows.append([f"synthetic {classes} classes, {label}", f"{a['C']:.4g}",
+                              round(100 * a["sklearn_top1"], 2), round(100 * a["head_top1"], 2),
+                              round(a["diff_points"], 2), round(100 * a["same_prediction_fraction"], 2),
+                              f"{a['sklearn_objective']:.9g}", f"{a['head_objective']:.9g}"])
+    title_model = ""
     if not args.skip_cifar:
-        c10 = cifar10(args.cap)
+        c10 = cifar10(args.model)
         record["cifar10"] = c10
-        a = c10["at_new_C"]
+        title_model = f"{c10['model']} ({c10['weights']})"
         log(f"cifar10: {c10}")
-        accuracy_rows.append(["CIFAR-10 (tiny, random weights), same C", f"{a['C']:.4g}",
-                              round(100 * a["sklearn_top1"], 2), round(100 * a["torch_top1"], 2),
-                              round(a["diff_points"], 2), f"{a['sklearn_objective']:.8g}",
-                              f"{a['torch_objective']:.8g}"])
-        accuracy_rows.append(["CIFAR-10, each its own search", f"{c10['old']['C']:.4g} / {c10['new']['C']:.4g}",
-                              round(100 * c10["old"]["test_top1"], 2), round(100 * c10["new"]["test_top1"], 2),
-                              round(c10["diff_points_searched"], 2), "", ""])
-        rows.append(["CIFAR-10 probe search, 10 classes x 16 shots (scikit-learn, today and 'auto' / torch)",
-                     f"{c10['old']['wall_s']:.1f} / {c10['new']['wall_s']:.1f}",
-                     f"{c10['old']['own_cpu_s']:.1f} / {c10['new']['own_cpu_s']:.1f}", "", ""])
+        for label in ("before", "after"):
+            a = c10[f"{label}_vs_sklearn_at_C"]
+            accuracy_rows.append([f"CIFAR-10, {label}", f"{a['C']:.4g}", round(100 * a["sklearn_top1"], 2),
+                                  round(100 * a["head_top1"], 2), round(a["diff_points"], 2),
+                                  round(100 * a["same_prediction_fraction"], 2), f"{a['sklearn_objective']:.9g}",
+                                  f"{a['head_objective']:.9g}"])
+        sk = c10["sklearn_search"]
+        accuracy_rows.append(["CIFAR-10, each its own search (scikit-learn / after)",
+                              f"{sk['C']:.4g} / {c10['after']['C']:.4g}", round(100 * sk["test_top1"], 2),
+                              round(100 * c10["after"]["test_top1"], 2), round(c10["diff_points_searched"], 2),
+                              "", "", ""])
+        rows.append(["CIFAR-10 probe search, 10 classes x 16 shots (before / after torch / scikit-learn = 'auto')",
+                     f"{c10['before']['wall_s']:.1f} / {c10['after']['wall_s']:.1f} / {sk['wall_s']:.1f}",
+                     f"{c10['before']['own_cpu_s']:.1f} / {c10['after']['own_cpu_s']:.1f} / {sk['own_cpu_s']:.1f}",
+                     "", ""])
     record["setup"]["load_after"] = load_average()
+    tip_line = [] if same is None else [
+        f"Tip-Adapter before and after chose the same (alpha, beta) and predicted the same: {same}.", ""]
     body = "\n".join([
         "# Few-shot fits where users wait: before / after", "",
         f"{classes} classes x {SHOTS} shots x {DIM}-d synthetic features (noise 4, a shared direction), validation "
         f"{VAL} per class, test {TEST} per class. Wall and own CPU seconds on this 2-core machine, shared with other "
         "work: `foreign load` is the other processes' CPU per wall second during the run (0 = the cores were ours; "
-        "wall times under load are upper bounds). Before = today's code path in the same run.", "",
-        md_table(["what", "wall s", "CPU s", "foreign load", "result"], rows), "",
-        f"Tip-Adapter before and after chose the same (alpha, beta) and predicted the same: {same}.", "",
-        "## Linear probe: torch L-BFGS vs scikit-learn, test top-1 (%)", "",
-        md_table(["data", "C", "scikit-learn", "torch", "difference (points)", "objective sklearn",
-                  "objective torch"], accuracy_rows), ""])
+        "wall times under load are upper bounds). Before = the previous code path in the same run (linear probe: "
+        f"heads/logistic.py at {OLD_COMMIT}).", "",
+        md_table(["what", "wall s", "CPU s", "foreign load", "result"], rows), "", *tip_line,
+        "## Linear probe vs scikit-learn's own fit at the same C, test top-1 (%)", "",
+        f"CIFAR-10 features: {title_model or 'not run'}.", "",
+        md_table(["data", "C", "scikit-learn", "head", "difference (points)", "same prediction (%)",
+                  "objective sklearn", "objective head"], accuracy_rows), ""])
     write_results("fewshot_fit_speed", record, body)
 
 

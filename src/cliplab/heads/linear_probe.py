@@ -11,6 +11,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import column_or_1d
 
 from ..errors import FeatureError, LabelError
+from . import base
 from .base import COOP_SEARCH_LIST, ClipHead, coop_c_search, logistic_fits
 from .registry import register
 
@@ -54,13 +55,16 @@ class LinearProbe(ClipHead):
     x 16 shots x 512-d, else "sklearn"; see below). L-BFGS is deterministic: no seed.
 
     Solver. ``solver="torch"`` minimises the same objective by L-BFGS in torch (``heads/logistic.py``:
-    centred features, each fit warm-started from the nearest C already fitted, float32 for C >= 1): at 1000
-    classes x 16 shots x 512-d the full search takes minutes instead of about an hour
-    (benchmarks/results/fewshot_fit_speed). Its answers are not scikit-learn's to the last digit: the objective
-    is within a small tolerance of scikit-learn's solution and the accuracy within 0.1 point
-    (tests/unit/test_logistic.py), so a near-tie on validation may pick a neighbouring C. ``solver="sklearn"``
-    gives scikit-learn's coefficients exactly (and CoOp's search decisions). Two classes always use
-    scikit-learn's binary model.
+    centred features, float32 for C >= 1). The search fits the coarse list from small to large C first (each fit
+    warm-started from the fits around it, interpolated in log C, with their L-BFGS curvature pairs carried over),
+    then CoOp's loop runs over those fits; search fits stop on a looser test (H decreasing by less than 1e-6
+    relative per iteration), and the fit at the chosen C, the head's, continues to float32's resolution of H.
+    Its answers are not scikit-learn's to the last digit: the objective is within a small tolerance of
+    scikit-learn's solution and the accuracy within 0.1 point (tests/unit/test_logistic.py), so a near-tie on
+    validation may pick a neighbouring C; at C = 1e6, where the training set is nearly separable and both solvers
+    stop far from the optimum, the validation accuracies of the two differ more. ``solver="sklearn"`` gives
+    scikit-learn's coefficients exactly (and CoOp's search decisions). Two classes always use scikit-learn's
+    binary model. Timings: benchmarks/results/fewshot_fit_speed.
 
     Departures from CoOp's code, and why:
     - The features are cliplab's L2-normalised CLIP features, used as given; CoOp fits on raw
@@ -112,7 +116,7 @@ class LinearProbe(ClipHead):
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         self.tol_ = float(SKLEARN_TOL / len(X) if self.tol is None else self.tol)
-        fit_at = logistic_fits(X, y, self.max_iter, self.tol_, solver=self.solver)
+        fit_at, final_fit = self._fitters(X, y)
 
         if (X_val is None) != (y_val is None):
             raise FeatureError("LinearProbe: pass both X_val and y_val, or neither")
@@ -130,18 +134,35 @@ class LinearProbe(ClipHead):
                 pred = self.classes_[self._argmax(X_val @ coef.T + intercept)]
                 return np.count_nonzero(pred == y_val) / len(y_val)
 
+            if final_fit is not fit_at:  # torch: the coarse list from small to large C, each fit warm-starting the next
+                for c in sorted(SEARCH_LIST):
+                    fit_at(c)
             chosen, self.search_path_ = coop_c_search(val_accuracy, self.num_steps)
         else:
             chosen, self.search_path_ = float(self.C), []
 
         self.C_ = float(chosen)
-        coef, intercept, n_iter = fit_at(chosen)
+        coef, intercept, n_iter = final_fit(chosen)
         self.coef_, self.intercept_, self.n_iter_ = coef, intercept, n_iter
         self.searched_ = searched
         if n_iter >= self.max_iter:
             warnings.warn(f"LinearProbe: L-BFGS did not converge in max_iter={self.max_iter} iterations at "
                           f"C={self.C_:g}", ConvergenceWarning, stacklevel=2)
         return self
+
+    def _fitters(self, X: np.ndarray, y: np.ndarray):
+        """(search fit, final fit), each ``C -> (coef, intercept, n_iter)``: the same function for scikit-learn's
+        exact fits; for torch, search fits in float32 where C >= 1 and the final one polished in float64."""
+        solver = self.solver
+        if solver == "auto":
+            solver = "torch" if X.shape[0] * X.shape[1] * len(self.classes_) >= base.TORCH_FROM else "sklearn"
+        if solver != "torch" or len(self.classes_) <= 2:  # two classes: scikit-learn's binary model
+            fit_at = logistic_fits(X, y, self.max_iter, self.tol_, solver="sklearn")
+            return fit_at, fit_at
+        from .logistic import TorchLogistic
+
+        fitter = TorchLogistic(X, np.searchsorted(self.classes_, y), self.max_iter, self.tol_)
+        return fitter.fit, lambda c: fitter.fit(c, final=True)
 
     @staticmethod
     def _argmax(z: np.ndarray) -> np.ndarray:

@@ -9,16 +9,25 @@ Same optimum, different path to it:
 
 - The features are centred (the intercept absorbs the mean: ``x W^T + b = (x - mu) W^T + (b + mu W^T)``, an
   exact change of variables); CLIP features share a large mean direction that otherwise makes the problem
-  ill-conditioned.
-- A fit at C >= 1 starts from the solution at the nearest C >= 1 already fitted on the same data (in log C),
-  else from zero (scikit-learn always starts from zero; CoOp's search fits C values close to each other). Fits
-  at C < 1 start from zero, as scikit-learn's: there the logits are so small that where the optimiser stops
-  within the gradient tolerance (e.g. a warm start's intercepts) would decide the predictions.
-- torch's L-BFGS (history 10, strong-Wolfe line search) with scikit-learn's gradient test (largest gradient
-  entry of H at most ``tol``, at most ``max_iter`` iterations); in float32 for C >= 1 (the fits that take
-  many iterations), where it also stops when H changes by less than 1e-9 in an iteration (float32 resolution
-  of H; scikit-learn's float64 stops at a relative change of 1.4e-14), and in float64 for C < 1, where the
-  logits are small and float32 would blur their differences.
+  ill-conditioned. The intercept is a last feature column of ones, so a pass over the data is two matrix
+  products.
+- Warm starts along C (fits at C >= 1): a fit starts from the solutions already found on the same data, linearly
+  interpolated in log C between the nearest fitted C on either side, or from the nearest one, else from zero
+  (scikit-learn always starts from zero). It also starts with their curvature: the L-BFGS pairs (s, y) of the
+  cross-entropy part are kept, and ``y + s / (C n)`` (intercept entries without the penalty) is an exact pair of
+  the objective at the new C, so the first steps are already quasi-Newton. Fits at C < 1 start from zero, as
+  scikit-learn's: there the logits are so small that where the optimiser stops within the gradient tolerance
+  (e.g. a warm start's intercepts) would decide the predictions.
+- Own L-BFGS (history 10, as scikit-learn's; Armijo backtracking from the unit step, which L-BFGS takes almost
+  every iteration: about one pass over the data per iteration instead of a strong-Wolfe search's 1.2-1.5).
+  Fits at C >= 1 run in float32; fits at C < 1 in float64 (the logits are small and float32 would blur their
+  differences), to scikit-learn's stopping test (largest gradient entry of H in the original variables at most
+  ``tol``; relative change of H at most scikit-learn's ``ftol``, 64 x float64 epsilon; ``max_iter``).
+- Search fits at C >= 1 (``fit(C)``) stop when H decreased by less than 1e-6 (relative to max(|H|, 1)) per
+  iteration over the last 3, or on scikit-learn's gradient test; the validation accuracy has settled there
+  (a search only compares accuracies). ``fit(C, final=True)``, the fit a head keeps, continues from there to
+  1e-8 per iteration: float32's resolution of H (its rounding, about 1e-8 relative, stops it before
+  scikit-learn's gradient test). The gradient test is float64 either way.
 - The intercepts are centred (they sum to 0, as scikit-learn's multinomial intercepts do; a common shift does
   not change the model).
 
@@ -32,13 +41,19 @@ import math
 
 import numpy as np
 
-_F32_FROM_C = 1.0  # C at and above which the fit runs in float32
-_F32_CHANGE = 1e-9  # float32 fits stop when H changes by less than this in one iteration
+_F32_FROM_C = 1.0  # C at and above which fits run in float32 (warm-started)
+_SEARCH_RTOL = 1e-6  # search fits stop when H decreases by less than this, relative, per iteration (over 3)
+_SEARCH_WINDOW = 3
+_FINAL_RTOL = 1e-8  # the fit a head keeps: on until float32's resolution of H (relative, per iteration over 3)
+_F64_FTOL = 64 * np.finfo(np.float64).eps  # scikit-learn's ftol for L-BFGS-B (float64 fits, C < 1)
+_HISTORY = 10  # L-BFGS pairs (scikit-learn's maxcor)
+_KEEP_PAIRS = 3  # fits whose L-BFGS pairs are kept for later warm starts
 
 
 class TorchLogistic:
-    """Fits of one training set at any C: ``fit(C) -> (coef (K, d), intercept (K,), n_iter)`` in float64,
-    warm-started from the nearest C fitted before. ``y`` holds class indices 0..K-1 (K >= 2, all present)."""
+    """Fits of one training set at any C: ``fit(C) -> (coef (K, d), intercept (K,), n_iter)`` in float64.
+    ``y`` holds class indices 0..K-1 (K >= 2, all present). ``fit(C)`` is a search fit (float32 where C >= 1);
+    ``fit(C, final=True)`` continues it to float32's resolution of H."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, max_iter: int, tol: float):
         X = np.asarray(X, dtype=np.float64)
@@ -46,65 +61,208 @@ class TorchLogistic:
         self.y = np.asarray(y, dtype=np.int64)
         self.k = int(self.y.max()) + 1
         self.mu = X.mean(axis=0)
-        self._centred = X - self.mu
-        self._data: dict = {}  # dtype -> (X centred, y) tensors
+        self._augmented = np.hstack([X - self.mu, np.ones((self.n, 1))])  # centred features and a ones column
+        self._data: dict = {}  # dtype -> augmented features tensor
         self.max_iter, self.tol = int(max_iter), float(tol)
-        self.solutions: dict[float, tuple[np.ndarray, np.ndarray]] = {}  # C -> (V, c) in centred variables
+        self.solutions: dict[float, np.ndarray] = {}  # C -> theta (K, d + 1) = [V | c] in centred variables
+        self.iterations: dict[float, int] = {}  # C -> iterations spent at that C so far
+        self.polished: set[float] = set()
+        self._pairs: dict[float, list] = {}  # C -> L-BFGS pairs (s, y of the cross-entropy part), float32
+        self.passes = 0  # passes over the data (function + gradient evaluations), for benchmarks
 
-    def _tensors(self, dtype):
+    def _features(self, dtype):
         import torch
 
         if dtype not in self._data:
-            self._data[dtype] = (torch.tensor(self._centred, dtype=dtype), torch.from_numpy(self.y.copy()))
+            self._data[dtype] = torch.tensor(self._augmented, dtype=dtype)
         return self._data[dtype]
 
     def objective(self, C: float, coef: np.ndarray, intercept: np.ndarray) -> float:
         """H at (coef, intercept), in float64 NumPy (what the tests compare with scikit-learn's solution)."""
-        return logistic_objective(self._centred + self.mu, self.y, C, coef, intercept)
+        return logistic_objective(self._augmented[:, :-1] + self.mu, self.y, C, coef, intercept)
 
-    def fit(self, C: float) -> tuple[np.ndarray, np.ndarray, int]:
+    # ------------------------------------------------------------------ one pass: H and its gradient
+
+    def _value_and_gradient(self, theta, X, y, rows, reg: float):
+        """H (float) and the gradients (cross-entropy part, full) at theta, both (K, d + 1)."""
+        import torch
+
+        self.passes += 1
+        z = X @ theta.T  # (n, K) logits
+        z_y = z[rows, y]  # a copy (advanced indexing)
+        top = z.max(dim=1).values
+        z.sub_(top[:, None]).exp_()
+        total = z.sum(dim=1)
+        loss = float((top + total.log() - z_y).sum(dtype=torch.float64)) / self.n
+        z.div_(total[:, None])  # softmax
+        z[rows, y] -= 1.0
+        ce_grad = (z.T @ X).div_(self.n)
+        V = theta[:, :-1]
+        grad = ce_grad.clone()
+        grad[:, :-1].add_(V, alpha=reg)
+        return loss + 0.5 * reg * float(V.square().sum(dtype=torch.float64)), ce_grad, grad
+
+    def _converged(self, grad, tol: float) -> bool:
+        """scikit-learn's gradient test in the original variables: the coef gradient is g_V + g_c mu^T."""
+        import torch
+
+        g = grad.double()
+        g_coef = g[:, :-1] + g[:, -1:] * torch.from_numpy(self.mu)[None]
+        return max(float(g_coef.abs().max()), float(g[:, -1].abs().max())) <= tol
+
+    # ------------------------------------------------------------------ L-BFGS
+
+    def _lbfgs(self, theta, C: float, pairs: list, iterations: int, rtol: float, window: int = 1):
+        """Minimise H at C from theta (a tensor of the working dtype) for at most ``iterations`` iterations,
+        stopping on the gradient test or when H decreased by at most ``rtol`` (relative) per iteration over the
+        last ``window`` iterations; ``pairs`` are (s, y of the cross-entropy part) curvature pairs to start from
+        (any dtype). Returns (theta, iterations done, new cross-entropy pairs)."""
+        import torch
+
+        dtype = theta.dtype
+        X, y = self._features(dtype), torch.from_numpy(self.y)
+        rows = torch.arange(self.n)
+        reg = 1.0 / (C * self.n)
+
+        def dot(a, b) -> float:
+            return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double())) if dtype != torch.float64 \
+                else float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+        def full_pair(s, y_ce):
+            return s, carry_pair(s, y_ce, reg)
+
+        memory = []  # (s, y, 1 / s.y) of H at this C
+        ce_memory = []
+        for s, y_ce in pairs[-_HISTORY:]:
+            s, y_full = full_pair(s.to(dtype), y_ce.to(dtype))
+            sy = dot(s, y_full)
+            if sy > 0:
+                memory.append((s, y_full, 1.0 / sy))
+                ce_memory.append((s, y_ce.to(dtype)))
+        f, ce_grad, grad = self._value_and_gradient(theta, X, y, rows, reg)
+        values = [f]
+        done = 0
+        while done < iterations and not self._converged(grad, self.tol):
+            q = -grad
+            alphas = []
+            for s, y_full, rho in reversed(memory):
+                a = rho * dot(s, q)
+                alphas.append(a)
+                q = q.add(y_full, alpha=-a)
+            if memory:
+                s, y_full, rho = memory[-1]
+                q = q.mul(1.0 / (rho * dot(y_full, y_full)))  # gamma = s.y / y.y
+                step = 1.0
+            else:  # steepest descent: the step that minimises a quadratic with H's curvature along -grad
+                step = 1.0
+                q = q.mul(self._first_step(theta, grad, X, reg))
+            for (s, y_full, rho), a in zip(memory, reversed(alphas)):
+                q = q.add(s, alpha=a - rho * dot(y_full, q))
+            slope = dot(grad, q)
+            if slope >= 0:  # not a descent direction (rounding): restart from steepest descent
+                memory.clear()
+                ce_memory.clear()
+                q = -grad * self._first_step(theta, grad, X, reg)
+                slope = dot(grad, q)
+            while True:  # Armijo backtracking from the unit step
+                candidate = theta.add(q, alpha=step)
+                f_new, ce_new, grad_new = self._value_and_gradient(candidate, X, y, rows, reg)
+                if f_new <= f + 1e-4 * step * slope or step < 1e-8:
+                    break
+                step *= 0.5
+            s = candidate - theta
+            y_ce = ce_new - ce_grad
+            s_full, y_full = full_pair(s, y_ce)
+            sy = dot(s_full, y_full)
+            theta, f, ce_grad, grad = candidate, f_new, ce_new, grad_new
+            values.append(f)
+            done += 1
+            if sy > 1e-10 * dot(y_full, y_full):
+                memory.append((s_full, y_full, 1.0 / sy))
+                ce_memory.append((s, y_ce))
+                if len(memory) > _HISTORY:
+                    memory.pop(0)
+                    ce_memory.pop(0)
+            if done >= window and values[-1 - window] - f <= window * rtol * max(abs(f), abs(values[-2]), 1.0):
+                break
+        return theta, done, ce_memory
+
+    def _first_step(self, theta, grad, X, reg: float) -> float:
+        """1 / (the curvature of H along grad) by a Gauss-Newton product at theta: one extra pass, no line search."""
+        z = X @ theta.T
+        p = z.sub_(z.max(dim=1).values[:, None]).exp_()
+        p.div_(p.sum(dim=1)[:, None])
+        u = X @ grad.T  # (n, K) directional change of the logits
+        pu = p * u
+        curvature = float((pu * u).sum() - (pu.sum(dim=1) ** 2).sum()) / self.n
+        curvature += reg * float(grad[:, :-1].square().sum())
+        norm2 = float(grad.square().sum())
+        self.passes += 1
+        return 1.0 / max(curvature / max(norm2, 1e-300), 1e-12)
+
+    # ------------------------------------------------------------------ fits
+
+    def _start(self, C: float, dtype):
+        """(theta, pairs): interpolated in log C between the nearest fitted C >= 1 on each side, else the nearest."""
+        import torch
+
+        fitted = [c for c in self.solutions if c >= _F32_FROM_C] if C >= _F32_FROM_C else []
+        if not fitted:
+            return torch.zeros(self.k, self.d + 1, dtype=dtype), []
+        below, above = [c for c in fitted if c < C], [c for c in fitted if c > C]
+        nearest = min(fitted, key=lambda c: (abs(math.log(c / C)), c))
+        if below and above:
+            lo, hi = max(below), min(above)
+            t = (math.log(C) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            theta = (1 - t) * self.solutions[lo] + t * self.solutions[hi]
+        else:
+            theta = self.solutions[nearest]
+        pairs = self._pairs.get(nearest) or next((self._pairs[c] for c in sorted(
+            self._pairs, key=lambda c: abs(math.log(c / C)))), [])
+        return torch.tensor(theta, dtype=dtype), pairs
+
+    def fit(self, C: float, final: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
         import torch
 
         C = float(C)
-        dtype = torch.float32 if C >= _F32_FROM_C else torch.float64
-        X, y = self._tensors(dtype)
-        n, rows = self.n, torch.arange(self.n)
-        reg = 1.0 / (C * n)
-        warm = [c for c in self.solutions if c >= _F32_FROM_C] if C >= _F32_FROM_C else []
-        if warm:
-            start = self.solutions[min(warm, key=lambda c: (abs(math.log(c / C)), c))]
-            V = torch.tensor(start[0], dtype=dtype)
-            c = torch.tensor(start[1], dtype=dtype)
-        else:
-            V, c = torch.zeros(self.k, self.d, dtype=dtype), torch.zeros(self.k, dtype=dtype)
-        V.requires_grad_(True)
-        c.requires_grad_(True)
-        change = _F32_CHANGE if dtype == torch.float32 else 0.0
-        optimizer = torch.optim.LBFGS([V, c], lr=1, max_iter=self.max_iter, max_eval=self.max_iter * 5 // 4 + 20,
-                                      tolerance_grad=self.tol, tolerance_change=change, history_size=10,
-                                      line_search_fn="strong_wolfe")
+        if C not in self.solutions:
+            dtype = torch.float32 if C >= _F32_FROM_C else torch.float64
+            theta, pairs = self._start(C, dtype)
+            if dtype == torch.float32:
+                theta, done, pairs = self._lbfgs(theta, C, pairs, self.max_iter, _SEARCH_RTOL, _SEARCH_WINDOW)
+            else:
+                theta, done, pairs = self._lbfgs(theta, C, pairs, self.max_iter, _F64_FTOL)
+            self._store(C, theta, done, pairs, polished=dtype == torch.float64)
+        if final and C not in self.polished:  # float32 on to its resolution of H
+            left = self.max_iter - self.iterations[C]
+            theta = torch.tensor(self.solutions[C], dtype=torch.float32)
+            theta, done, pairs = self._lbfgs(theta, C, self._pairs.get(C, []), left, _FINAL_RTOL, _SEARCH_WINDOW)
+            self._store(C, theta, done, pairs, polished=True)
+        theta = self.solutions[C]
+        V, c = theta[:, :-1], theta[:, -1]
+        intercept = c - V @ self.mu
+        return np.ascontiguousarray(V), intercept - intercept.mean(), self.iterations[C]
 
-        def closure() -> float:
-            with torch.no_grad():
-                z = torch.addmm(c, X, V.T)  # (n, K) logits in centred variables
-                z_y = z[rows, y].clone()
-                top = z.max(dim=1).values
-                z.sub_(top[:, None]).exp_()
-                total = z.sum(dim=1)
-                loss = (top + total.log() - z_y).sum(dtype=torch.float64) / n
-                loss = loss + 0.5 * reg * V.double().square().sum()
-                z.div_(total[:, None])  # softmax
-                z[rows, y] -= 1.0
-                V.grad = (z.T @ X).div_(n).add_(V, alpha=reg)
-                c.grad = z.sum(dim=0).div_(n)
-            return float(loss)
+    def _store(self, C: float, theta, done: int, pairs: list, polished: bool) -> None:
+        import torch
 
-        optimizer.step(closure)
-        n_iter = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
-        V_np, c_np = V.detach().double().numpy(), c.detach().double().numpy()
-        self.solutions[C] = (V_np, c_np)
-        intercept = c_np - V_np @ self.mu
-        return V_np.copy(), intercept - intercept.mean(), n_iter
+        self.solutions[C] = theta.detach().double().numpy().copy()
+        self.iterations[C] = self.iterations.get(C, 0) + done
+        if polished:
+            self.polished.add(C)
+        if pairs:
+            self._pairs.pop(C, None)
+            self._pairs[C] = [(s.to(torch.float32), y.to(torch.float32)) for s, y in pairs]
+            while len(self._pairs) > _KEEP_PAIRS:
+                self._pairs.pop(next(iter(self._pairs)))
+
+
+def carry_pair(s, y_ce, reg: float):
+    """An L-BFGS pair of H at any C from one of the cross-entropy part: ``y_ce + reg * s`` on the weights, the
+    intercept column (last) unpenalised; ``reg = 1 / (C n)``. Exact: the cross-entropy does not depend on C."""
+    y_full = y_ce.clone()
+    y_full[:, :-1].add_(s[:, :-1], alpha=reg)
+    return y_full
 
 
 def logistic_objective(X: np.ndarray, y: np.ndarray, C: float, coef: np.ndarray, intercept: np.ndarray) -> float:
