@@ -118,3 +118,47 @@ def test_bad_manifests_fail_in_one_line_naming_the_row(tmp_path, tiny):
         read_records(csv)
     with pytest.raises(CliplabError, match="outside"):
         pool(np.ones((1, 2)), np.ones((1, 2)), 1.5)
+
+
+def test_supcon_loss_matches_the_written_out_formula():
+    import torch
+
+    from cliplab.eval.linkage import supcon_loss
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(6, 4))
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    labels = np.array([0, 0, 1, 1, 1, 2])  # record 5 has no positive: not an anchor
+    t = 0.2
+    total, anchors = 0.0, 0
+    for i in range(6):
+        positives = [p for p in range(6) if p != i and labels[p] == labels[i]]
+        if not positives:
+            continue
+        denominator = sum(np.exp(z[i] @ z[a] / t) for a in range(6) if a != i)
+        total += -np.mean([np.log(np.exp(z[i] @ z[p] / t) / denominator) for p in positives])
+        anchors += 1
+    loss = supcon_loss(torch.tensor(z), torch.tensor(labels), t)
+    assert float(loss) == pytest.approx(total / anchors, rel=1e-9)
+
+
+def test_tuned_adapter_improves_held_out_linkage():
+    from cliplab.eval.linkage import apply_adapter, tune_adapter
+
+    rng = np.random.default_rng(6)
+    means = rng.normal(size=(8, 4))
+
+    def draw(per_class):  # identity in dims 0-3, a larger nuisance in dims 4-11
+        y = np.repeat(np.arange(8), per_class)
+        x = np.concatenate([means[y] + 0.1 * rng.normal(size=(len(y), 4)), 1.5 * rng.normal(size=(len(y), 8))], 1)
+        return x.astype(np.float32), y
+
+    (train, train_y), (test, test_y) = draw(6), draw(4)  # held-out records never reach the fit
+    np.testing.assert_allclose(apply_adapter(test, np.eye(12)), apply_adapter(test, None), atol=1e-6)
+
+    def f1(x):
+        return pairwise_scores(clusters(len(x), link_pairs(x, 0.8, 5)[0]), test_y)["f1"]
+
+    adapter = tune_adapter(train, train_y, epochs=20, lr=0.05, seed=0)
+    before, after = f1(apply_adapter(test, None)), f1(apply_adapter(test, adapter))
+    assert after > before + 0.2, (before, after)

@@ -7,8 +7,11 @@ one is among the other's ``neighbours`` nearest (FAISS, inner product = cosine) 
 ``threshold``; clusters are the connected components of that link graph (scipy). Cosines are clipped to
 [-1, 1] before the comparison, so a threshold above 1 links nothing whatever float rounding gives.
 
-Departures: no supervised-contrastive tuning here (the paper fine-tunes both towers on labelled pairs; this
-module links with the backbone as loaded); clustering is single linkage (connected components) only.
+Supervised-contrastive tuning (``tune_adapter``): the paper fine-tunes both towers end to end with a
+supervised contrastive loss over pooled embeddings of labelled records; here a (d, d) linear adapter, started at
+the identity, is trained with the same loss (Khosla et al.'s SupCon, ``supcon_loss``) on frozen pooled
+embeddings through the one training loop (``train.engine.run_training``): cheap, CPU-friendly, a departure.
+Clustering is single linkage (connected components) only.
 """
 
 from __future__ import annotations
@@ -101,6 +104,75 @@ def pairwise_scores(predicted: Sequence[int], truth: Sequence[int]) -> dict[str,
             "correct_pairs": tp, "records": int(len(truth))}
 
 
+def supcon_loss(z, labels, temperature: float = 0.1):
+    """Supervised contrastive loss (Khosla et al., L_out) of L2-normalised rows ``z`` (torch, (n, d)):
+    mean over anchors i with a positive of ``-1/|P(i)| sum_{p in P(i)} log(exp(z_i.z_p/t) / sum_{a != i}
+    exp(z_i.z_a/t))``, P(i) the other rows with i's label. No anchor with a positive gives 0."""
+    import torch
+
+    n = len(z)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positive.sum(1)
+    anchors = count > 0
+    if not anchors.any():
+        return z.sum() * 0.0
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0).sum(1)[anchors]) / count[anchors]
+    return per_anchor.mean()
+
+
+def apply_adapter(embeddings: np.ndarray, adapter: np.ndarray | None) -> np.ndarray:
+    """``normalise(x @ adapter)`` (``None``: ``normalise(x)``)."""
+    x = _unit(embeddings)
+    return x if adapter is None else _unit(x @ np.asarray(adapter, dtype=np.float32))
+
+
+def tune_adapter(embeddings: np.ndarray, labels: Sequence[int], epochs: int = 30, lr: float = 1e-2,
+                 temperature: float = 0.1, batch_size: int = 256, seed: int = 0, progress: bool = False,
+                 device: str | None = "cpu") -> np.ndarray:
+    """A (d, d) linear adapter for pooled embeddings, from the identity, trained with ``supcon_loss`` on the
+    labelled rows (label >= 0) through ``run_training``; use it with ``apply_adapter``."""
+    import torch
+
+    from ..train.engine import TrainSettings, run_training
+
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = labels >= 0
+    x, y = _unit(embeddings)[keep], labels[keep]
+    if not len(y) or not (np.bincount(y) >= 2).any():
+        raise CliplabError("supervised-contrastive tuning needs at least one label on two or more records")
+    d = x.shape[1]
+
+    class Adapter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.eye(d))
+
+        def forward(self, batch):
+            return torch.nn.functional.normalize(batch @ self.weight, dim=-1)
+
+    adapter = Adapter()
+    features, targets = torch.from_numpy(x), torch.from_numpy(y)
+
+    def objective(module, batch):
+        loss = supcon_loss(module(batch["x"]), batch["y"], temperature)
+        return loss, {"supcon": float(loss.detach())}
+
+    def data(epoch, start=0):
+        order = np.random.default_rng([seed, epoch]).permutation(len(x))
+        batches = [order[b:b + batch_size] for b in range(0, len(x), batch_size)]
+        for idx in batches[start:]:
+            yield {"x": features[idx], "y": targets[idx]}
+
+    settings = TrainSettings(epochs=epochs, lr=lr, seed=seed, device=device, progress=progress,
+                             desc="supcon adapter")
+    run_training(adapter, objective, data, settings)
+    return adapter.weight.detach().cpu().numpy().astype(np.float32)
+
+
 @dataclass
 class Linkage:
     """What ``link_manifest`` found: per record its image, text, true label (-1: none) and cluster; the links."""
@@ -143,17 +215,14 @@ def read_records(path: str | Path):
     return dataset, texts
 
 
-def link_manifest(backbone, path: str | Path, threshold: float = 0.9, neighbours: int = 10,
-                  image_weight: float = 0.5, cache_dir: str | Path | None = None, batch_size: int = 64,
-                  workers: int | None = 0, progress: bool = False) -> Linkage:
-    """Embed every record of the manifest (image and caption, through the feature caches), pool, link and
-    cluster; with true labels (the manifest's ``label`` field) the pairwise scores too.
+def embed_records(backbone, path: str | Path, image_weight: float = 0.5, cache_dir: str | Path | None = None,
+                  batch_size: int = 64, workers: int | None = 0, progress: bool = False):
+    """The manifest's records pooled (image and caption through the feature caches): (dataset, texts, (n, d)).
 
     A row whose image cannot be read fails in one line naming the manifest and the row."""
     from ..features.embed import embed_images
     from ..features.text import embed_texts
 
-    start = time.perf_counter()
     path = Path(path)
     dataset, texts = read_records(path)
     features = embed_images(backbone, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
@@ -165,12 +234,24 @@ def link_manifest(backbone, path: str | Path, threshold: float = 0.9, neighbours
         raise DatasetError(f"{path}: row {row}: image {item} cannot be read ({reason})")
     image = np.empty((len(dataset), backbone.embed_dim), dtype=np.float32)
     image[np.asarray(features.indices)] = features.features
-    embeddings = pool(image, embed_texts(backbone, texts, cache_dir), image_weight)
+    return dataset, texts, pool(image, embed_texts(backbone, texts, cache_dir), image_weight)
+
+
+def link_manifest(backbone, path: str | Path, threshold: float = 0.9, neighbours: int = 10,
+                  image_weight: float = 0.5, cache_dir: str | Path | None = None, batch_size: int = 64,
+                  workers: int | None = 0, progress: bool = False, adapter: np.ndarray | None = None) -> Linkage:
+    """Embed every record of the manifest (``embed_records``), pool, map through ``adapter`` (from
+    ``tune_adapter``, if given), link and cluster; with true labels (the manifest's ``label`` field) the
+    pairwise scores too."""
+    start = time.perf_counter()
+    dataset, texts, pooled = embed_records(backbone, path, image_weight, cache_dir, batch_size, workers, progress)
+    embeddings = apply_adapter(pooled, adapter)
     pairs, cosines = link_pairs(embeddings, threshold, neighbours)
     cluster = clusters(len(dataset), pairs)
     labels = np.asarray(dataset.labels, dtype=np.int64)
     scores = pairwise_scores(cluster, labels) if (labels >= 0).any() else None
     return Linkage([str(dataset.item_id(k)) for k in range(len(dataset))], texts, labels,
-                   list(dataset.class_names), cluster, pairs, cosines,
-                   embeddings, scores, time.perf_counter() - start,
-                   {"threshold": threshold, "neighbours": neighbours, "image_weight": image_weight})
+                   list(dataset.class_names), cluster, pairs, cosines, embeddings, scores,
+                   time.perf_counter() - start,
+                   {"threshold": threshold, "neighbours": neighbours, "image_weight": image_weight,
+                    "tuned": adapter is not None})
