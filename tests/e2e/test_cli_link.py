@@ -38,6 +38,14 @@ def test_link_writes_clusters_with_duplicates_together(tmp_path):
     assert result.exit_code == 0, result.output
     assert len({r["cluster"] for r in csv.DictReader(out.open())}) == 4 and "0 links" in result.output
 
+    tuning = tmp_path / "tuning.csv"  # tuned on other records than the ones scored
+    tuning.write_text("path,caption,label\nb.png,Nippon Yusen,n\nc.png,Nippon Yusen Kaisha,n\n"
+                      "a.png,Kanebo,k\nb.png,Kanebo Spinning,k\n")
+    result = _invoke("link", manifest, "-t", "0.9999", "-k", "3", "-o", out, "--tune", tuning, "--tune-epochs", "2",
+                     "--model", "tiny", "-q", "-j", "0")
+    assert result.exit_code == 0, result.output
+    assert "tuned" in result.output and "recall 1.0000" in result.output  # exact copies still link
+
 
 def test_link_bad_manifest_is_one_line_before_loading_a_model(tmp_path):
     manifest = tmp_path / "bad.csv"
@@ -45,3 +53,7 @@ def test_link_bad_manifest_is_one_line_before_loading_a_model(tmp_path):
     result = _invoke("link", manifest, "--model", "no-such-model")
     assert result.exit_code != 0
     assert "bad.csv" in result.output and "row 3" in result.output and "no-such-model" not in result.output
+    good = tmp_path / "good.csv"
+    good.write_text("path,caption\na.png,x\n")
+    result = _invoke("link", good, "--tune", manifest, "--model", "no-such-model")
+    assert result.exit_code != 0 and "bad.csv" in result.output and "no-such-model" not in result.output

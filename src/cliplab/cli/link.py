@@ -38,6 +38,12 @@ def link(
                                        "normalise(w * image + (1 - w) * text); 0.5 is the plain sum."),
     output: Path = typer.Option(None, "--output", "-o", help="Clusters CSV (row, image, text, label, cluster, "
                                 "cluster_size); default MANIFEST-STEM-clusters.csv in the current folder."),
+    tune: Path = typer.Option(None, "--tune", help="A labelled manifest (rows with label = entity) to tune on first: "
+                              "a linear adapter on the pooled embeddings trained with a supervised contrastive "
+                              "loss (keep it apart from MANIFEST when MANIFEST's labels are scored)."),
+    tune_epochs: int = typer.Option(30, "--tune-epochs", help="Epochs of --tune."),
+    tune_lr: float = typer.Option(1e-2, "--tune-lr", help="Learning rate of --tune (AdamW, cosine)."),
+    temperature: float = typer.Option(0.1, "--temperature", help="Temperature of the --tune contrastive loss."),
     run: RunOptions = None,
 ):
     """Link records that are the same entity from image and text (CLIPPINGS): clusters of near neighbours, CSV."""
@@ -48,10 +54,24 @@ def link(
         raise CliplabError(f"--output {output}: give a .csv file")
     if neighbours < 1:
         raise CliplabError(f"--neighbours {neighbours}: give at least 1")
+    if tune is not None and tune_epochs < 1:
+        raise CliplabError(f"--tune-epochs {tune_epochs}: give at least 1")
     read_records(manifest)  # a bad manifest fails before a model is loaded
+    if tune is not None:
+        read_records(tune)
     backbone = run.load_backbone()
+    adapter = None
+    if tune is not None:
+        from ..eval.linkage import embed_records, tune_adapter
+
+        tuning, _, pooled = embed_records(backbone, tune, image_weight, run.cache_dir, run.batch_size, run.workers,
+                                          progress=not run.quiet)
+        adapter = tune_adapter(pooled, tuning.labels, tune_epochs, tune_lr, temperature, seed=run.seed,
+                               progress=not run.quiet, device=run.device or "cpu")
+        console.print(f"tuned: linear adapter, supervised contrastive, {len(tuning)} records of {tune}, "
+                      f"{tune_epochs} epochs", soft_wrap=True)
     result = link_manifest(backbone, manifest, threshold, neighbours, image_weight, run.cache_dir,
-                           batch_size=run.batch_size, workers=run.workers, progress=not run.quiet)
+                           batch_size=run.batch_size, workers=run.workers, progress=not run.quiet, adapter=adapter)
     _write_csv(result.rows(), output)
     count = len(set(result.cluster.tolist()))
     console.print(f"{len(result.images)} records, {len(result.pairs)} links, {count} clusters "
