@@ -608,10 +608,11 @@ _DOC = """GRIP (paper 23): textual prompts tuned on CLIP's own zero-shot pseudol
     """
 
 
-@register("grip", family="encoder", paper=23, needs=("val", "unlabelled"), default_templates="dataset",
-          gives=("class_weights",))
+@register("grip", family="encoder", paper=23, needs_backbone=True, needs=("val", "unlabelled"),
+          default_templates="dataset", gives=("class_weights",))
 class Grip(_Grip):
-    __doc__ = _DOC
+    """GRIP (paper 23): textual prompts tuned on CLIP's own zero-shot pseudolabels, grown round by round."""
+    __doc__ = _DOC  # the whole text above; its first line is this class's literal docstring
     modality = "textual"
 
     def fit(self, X, y, X_val=None, y_val=None, unlabelled=None):
@@ -620,10 +621,10 @@ class Grip(_Grip):
         return self._fit(X, y, X_val, y_val, unlabelled)
 
 
-@register("grip-visual", family="encoder", paper=23, needs=("images", "unlabelled"), default_templates="dataset",
-          gives=("backbone",))
+@register("grip-visual", family="encoder", paper=23, needs_backbone=True, needs=("images", "unlabelled"),
+          default_templates="dataset", gives=("backbone",))
 class GripVisual(_Grip):
-    __doc__ = "GRIP with visual prompts (VPT-shallow); see :class:`Grip`."
+    """GRIP with visual prompts (VPT-shallow); see :class:`Grip`."""
     modality = "visual"
 
     def fit(self, X, y, unlabelled=None, images=None, unlabelled_images=None):
@@ -632,11 +633,10 @@ class GripVisual(_Grip):
         return self._fit(X, y, None, None, unlabelled, images, unlabelled_images)
 
 
-@register("grip-multimodal", family="encoder", paper=23, needs=("images", "unlabelled"),
-          default_templates="dataset",
-          gives=("backbone",))
+@register("grip-multimodal", family="encoder", paper=23, needs_backbone=True, needs=("images", "unlabelled"),
+          default_templates="dataset", gives=("backbone",))
 class GripMultimodal(_Grip):
-    __doc__ = "GRIP with textual and visual prompts; see :class:`Grip`."
+    """GRIP with textual and visual prompts; see :class:`Grip`."""
     modality = "multimodal"
 
     def fit(self, X, y, unlabelled=None, images=None, unlabelled_images=None):
