@@ -17,7 +17,7 @@ from cliplab.errors import CliplabError, DatasetError
 from cliplab.models import load_model
 from cliplab.train import PretrainConfig, PretrainOptionError, pretrain
 from cliplab.train.augment import random_resized_crop
-from cliplab.train.loop import STATE_DIR, WEIGHTS, batch_indices, learning_rate, read_checkpoint
+from cliplab.train.loop import STATE_DIR, WEIGHTS, batch_indices, learning_rate, read_checkpoint, training_lock
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 MODEL = {"embed_dim": 32,
@@ -104,6 +104,24 @@ def test_training_lowers_the_loss_and_beats_chance_on_held_out(cfg, colour_data,
     card = json.loads((tmp_path / "m" / "model_card.json").read_text())
     assert card["data"]["pairs"] == 96 and card["held_out"]["zeroshot_top1"] == result.final_metric["zeroshot_top1"]
     assert card["steps"] == 30 and card["seed"] == 0 and len(card["history"]) == 3
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(cfg, colour_data, tmp_path):
+    """Two trainers of one folder would write the same checkpoint: the second is refused in one line, and the
+    folder can be trained again once the first is done."""
+    config = cfg(steps=2, warmup=1, eval_every=0, checkpoint_every=2)
+    seen = []
+
+    def second(step, loss):
+        if not seen:
+            with pytest.raises(PretrainOptionError, match="being trained by another process") as info:
+                pretrain(config, tmp_path / "m", progress=False)
+            seen.append(str(info.value))
+
+    pretrain(config, tmp_path / "m", progress=False, callback=second)
+    assert len(seen) == 1 and "\n" not in seen[0]
+    with training_lock(tmp_path / "m"):  # released after the run
+        pass
 
 
 def test_folder_round_trips_through_load_model(cfg, colour_data, tmp_path):

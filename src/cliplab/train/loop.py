@@ -20,11 +20,13 @@ image-to-text recall@1 through ``features.text`` for caption sources.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,11 +198,34 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, progress: bool = Tr
 
     ``init`` (a Backbone) or ``config.init_model`` (a ``load_model`` spec) fine-tunes a derived copy of that
     model instead of training ``config.model`` from random weights. ``callback(step, loss)`` runs after
-    every step (tests use it to interrupt a run).
+    every step (tests use it to interrupt a run). One process at a time trains into a folder: a second one
+    (``cliplab pretrain --recipe`` beside a command building the same recipe) is refused in one line instead of
+    writing the same checkpoint.
     """
+    output_dir = Path(output_dir)
+    with training_lock(output_dir):
+        return _pretrain(config, output_dir, progress, callback, init)
+
+
+@contextmanager
+def training_lock(folder: Path):
+    """Hold ``.<folder>.training.lock`` beside ``folder`` while training into it; refuse if another process does."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.training.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PretrainOptionError(f"{folder} is being trained by another process: wait for it to finish (or "
+                                      "stop it), then rerun to resume from its last checkpoint") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pretrain(config: PretrainConfig, output_dir: Path, progress: bool, callback, init) -> PretrainResult:
     from .export import write_model_folder
 
-    output_dir = Path(output_dir)
     state_path = output_dir / STATE_DIR / CHECKPOINT
     model_name, model_cfg = (config.init_model or "", None)
     if init is None and not config.init_model:
