@@ -14,6 +14,7 @@ weights are available here).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from _common import DATA_ROOT, RESULTS_DIR, header, load_average, log, md_table, write_results
@@ -43,12 +44,17 @@ def vit_32px():
     return OpenClipBackbone(model, transform_for(model), tokenizer, info, "cpu")
 
 
-def run(backbone, dataset, method: str, limit: int, out) -> dict:
+def run(backbone, dataset, method: str, limit: int, out, reuse: bool = False) -> dict:
     from cliplab.eval.segmentation import evaluate_segmentation
 
     t0 = time.perf_counter()
-    result = evaluate_segmentation(backbone, dataset, method, limit=limit, output_dir=out, grid_items=3)
-    record = result.record
+    saved = out / f"segment_{method}_{dataset.name}_{dataset.split}.json"
+    if reuse and saved.is_file():  # a finished run of an interrupted benchmark (same settings: checked)
+        record = json.loads(saved.read_text())
+        if record["items"] != min(limit, len(dataset)) or record["model"] != backbone.display_name:
+            raise SystemExit(f"{saved} was made with other settings; rerun without --reuse")
+    else:
+        record = evaluate_segmentation(backbone, dataset, method, limit=limit, output_dir=out, grid_items=3).record
     return {"method": method, "dataset": dataset.name, "split": dataset.split, "items": record["items"],
             "model": backbone.display_name, "weights": record["weights"], "mIoU": record["mIoU"],
             "mAcc": record["mAcc"], "aAcc": record["aAcc"], "s_per_image": record["timing"]["s_per_image"],
@@ -62,6 +68,8 @@ def main() -> None:
     parser.add_argument("--mosaic-images", type=int, default=200)
     parser.add_argument("--coco-images", type=int, default=20)
     parser.add_argument("--model", default=None, help="a ViT model for the mosaic rows (default: random 32-px ViT)")
+    parser.add_argument("--reuse", action="store_true", help="read the per-run JSON of runs an interrupted "
+                        "benchmark finished instead of running them again")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared, loaded "
                         "machine two threads stalled each other: 22 s wall vs 0.4 s for 6 mosaic images)")
     args = parser.parse_args()
@@ -84,13 +92,13 @@ def main() -> None:
     mosaic = load_segmentation("mosaic", DATA_ROOT, "test")
     for method in methods:
         log(f"mosaic {method}")
-        rows.append(run(mosaic_model, mosaic, method, args.mosaic_images, out))
+        rows.append(run(mosaic_model, mosaic, method, args.mosaic_images, out, args.reuse))
         log(f"  mIoU {rows[-1]['mIoU']:.4f}, {rows[-1]['s_per_image']:.3f} s/image")
     coco_model = load_model("ViT-B-16:random")
     coco = load_segmentation("coco_mini_seg", DATA_ROOT, "all")
     for method in methods:
         log(f"coco_mini_seg {method}")
-        rows.append(run(coco_model, coco, method, args.coco_images, out))
+        rows.append(run(coco_model, coco, method, args.coco_images, out, args.reuse))
         log(f"  {rows[-1]['s_per_image']:.2f} s/image")
     record["runs"] = rows
     record["load_after"] = load_average()
