@@ -18,6 +18,7 @@ from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import DimensionMismatchError, FeatureError, LabelError
@@ -108,6 +109,18 @@ class ZeroShotLogitsMixin:
         from ..features.text import class_weights
 
         return class_weights(self.backbone, self.class_names, self.templates, cache_dir=self.cache_dir)
+
+    def _training_rows(self, X, y, who: str, reset: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``X, y`` for a head that trains through its ``backbone``: validated, labels as class indices, and
+        features of the backbone's width (else one line naming both widths)."""
+        X, y = self._validate(X, y, reset=reset)
+        check_classification_targets(y)
+        y = self._check_labels(y)
+        backbone = self.backbone
+        if X.shape[1] != backbone.embed_dim:
+            raise DimensionMismatchError(f"{who}: features have width {X.shape[1]} but {backbone.info.name}'s "
+                                         f"embeddings are {backbone.embed_dim}-d (features from another model?)")
+        return X, y
 
     def _check_labels(self, y) -> np.ndarray:
         """Labels as class indices 0..C-1 into ``class_names`` (what the cache values and text weights index)."""

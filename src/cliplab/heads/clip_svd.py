@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.utils.multiclass import check_classification_targets
 
 from ..data.prompts import class_prompts
-from ..errors import CliplabError, DimensionMismatchError, FeatureError
+from ..errors import CliplabError, FeatureError
 from ..features.views import Augmentation
 from ..models.backbone import Backbone
 from ..models.reparam import SingularValues
@@ -364,13 +363,8 @@ class ClipSVD(ZeroShotLogitsMixin, ClipHead):
         """Train the singular values on the few-shot ``images`` (aligned with the rows of ``X``), or with the image
         tower frozen on the features ``X`` when no images are given (see the class docstring)."""
         self._check_params()
-        X, y = self._validate(X, y, reset=True)
-        check_classification_targets(y)
-        y = self._check_labels(y)
+        X, y = self._training_rows(X, y, "CLIP-SVD")
         backbone = self.backbone
-        if X.shape[1] != backbone.embed_dim:
-            raise DimensionMismatchError(f"CLIP-SVD: features have width {X.shape[1]} but {backbone.info.name}'s "
-                                         f"embeddings are {backbone.embed_dim}-d (features from another model?)")
         towers = TOWER_CHOICES[self.towers]
         if images is not None and len(images) != len(X):
             raise FeatureError(f"CLIP-SVD: {len(images)} images for {len(X)} training rows; images must be aligned "

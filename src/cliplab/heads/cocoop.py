@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.base import clone
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from ..errors import CliplabError, DimensionMismatchError
+from ..errors import CliplabError
 from ..models.backbone import Backbone
 from ..train.engine import register_objective
 from ..train.prompts import (
@@ -175,13 +174,7 @@ class CoCoOp(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
     def fit(self, X, y, X_val=None, y_val=None, views=None):
         """Learn the context and the meta-network on the training features (``views`` if given)."""
         self._check_params()
-        X, y = self._validate(X, y, reset=True)
-        check_classification_targets(y)
-        y = self._check_labels(y)
-        backbone = self.backbone
-        if X.shape[1] != backbone.embed_dim:
-            raise DimensionMismatchError(f"CoCoOp: features have width {X.shape[1]} but {backbone.info.name}'s "
-                                         f"embeddings are {backbone.embed_dim}-d (features from another model?)")
+        X, y = self._training_rows(X, y, "CoCoOp")
         samples = self._checked_views(views, X) if views is not None else X[None]
         validation = self._validation_set(X_val, y_val) if X_val is not None else None
         epochs = self.epochs_for(y)

@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from ..errors import CliplabError, DatasetError, DimensionMismatchError, TextTooLongError, UnsupportedOperationError
+from ..errors import CliplabError, DatasetError, TextTooLongError, UnsupportedOperationError
 from ..models.backbone import Backbone
 from ..models.encoders import Tower, replace_tokens
 from ..train.engine import TrainSettings, register_objective, run_training
@@ -351,13 +350,8 @@ class CPECLIP(ZeroShotLogitsMixin, ClipHead):
         """One session: learn the classes of ``y`` (new ones only) on ``images`` (a dataset aligned with ``X``)."""
         self._check_params()
         first = not hasattr(self, "prompts_")
-        X, y = self._validate(X, y, reset=first)
-        check_classification_targets(y)
-        y = self._check_labels(y)
+        X, y = self._training_rows(X, y, "CPE-CLIP", reset=first)
         backbone = self.backbone
-        if X.shape[1] != backbone.embed_dim:
-            raise DimensionMismatchError(f"CPE-CLIP: features have width {X.shape[1]} but {backbone.info.name}'s "
-                                         f"embeddings are {backbone.embed_dim}-d (features from another model?)")
         earlier = [] if first else [list(map(int, s)) for s in self.session_classes_]
         seen_before = [c for s in earlier for c in s]
         new = sorted({int(c) for c in y})

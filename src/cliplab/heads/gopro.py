@@ -9,10 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import clone
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from ..errors import CliplabError, DatasetError, DimensionMismatchError, UnsupportedOperationError
+from ..errors import CliplabError, DatasetError, UnsupportedOperationError
 from ..features.views import Augmentation
 from ..models.backbone import Backbone
 from ..train.engine import register_objective, run_training
@@ -321,13 +320,8 @@ class GOPro(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
     def fit(self, X, y, images=None):
         """Learn the context and projections on the training ``images`` (rows of ``X``, labels ``y``)."""
         self._check_params()
-        X, y = self._validate(X, y, reset=True)
-        check_classification_targets(y)
-        y = self._check_labels(y)
+        X, y = self._training_rows(X, y, "GOPro")
         backbone = self.backbone
-        if X.shape[1] != backbone.embed_dim:
-            raise DimensionMismatchError(f"GOPro: features have width {X.shape[1]} but {backbone.info.name}'s "
-                                         f"embeddings are {backbone.embed_dim}-d (features from another model?)")
         learner = self.build_learner()
         pictures = _pictures(images, len(X))
         epochs = int(self.max_epoch)

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import clone
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from ..errors import CliplabError, DimensionMismatchError, FeatureError
+from ..errors import CliplabError, FeatureError
 from ..models.backbone import Backbone
 from ..train.engine import TrainSettings, register_objective, run_training
 from ..train.prompts import PromptLearner, causal_length, initial_context
@@ -292,13 +291,8 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
         and ``unlabelled_images`` (datasets aligned with those rows). See :class:`Grip`."""
         self._check_params()
         name = self._name()
-        X, y = self._validate(X, y, reset=True)
-        check_classification_targets(y)
-        y = self._check_labels(y)
+        X, y = self._training_rows(X, y, name)
         backbone = self.backbone
-        if X.shape[1] != backbone.embed_dim:
-            raise DimensionMismatchError(f"{name}: features have width {X.shape[1]} but {backbone.info.name}'s "
-                                         f"embeddings are {backbone.embed_dim}-d (features from another model?)")
         if self._learns_image:
             backbone.image_tower()  # a tower that cannot take prompts (ResNet) refuses here, before any training
         use_images = self._learns_image and (images is not None or unlabelled_images is not None)

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import clone
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted
 
-from ..errors import CliplabError, DatasetError, DimensionMismatchError, TextTooLongError, UnsupportedOperationError
+from ..errors import CliplabError, DatasetError, TextTooLongError, UnsupportedOperationError
 from ..features.views import Augmentation
 from ..models.backbone import Backbone
 from ..models.encoders import Tower, replace_tokens
@@ -410,13 +409,8 @@ class MaPLe(ZeroShotLogitsMixin, ClipHead):
     def fit(self, X, y, images=None):
         """Learn the prompts on the training ``images`` (rows of ``X``, labels ``y``: class indices)."""
         self._check_params()
-        X, y = self._validate(X, y, reset=True)
-        check_classification_targets(y)
-        y = self._check_labels(y)
+        X, y = self._training_rows(X, y, "MaPLe")
         backbone = self.backbone
-        if X.shape[1] != backbone.embed_dim:
-            raise DimensionMismatchError(f"MaPLe: features have width {X.shape[1]} but {backbone.info.name}'s "
-                                         f"embeddings are {backbone.embed_dim}-d (features from another model?)")
         learner = self.build_learner()  # architecture, depth and prompt checks, before any image is read
         pictures = self._images(images, len(X))
         epochs = int(self.max_epoch)
