@@ -33,6 +33,10 @@ PARAMS = {
     "dclip": {"descriptions": "{root}/dclip.json"},
     "desc-select": {"descriptions": "{root}/dclip.json", "k": 2},
     "fudd": {"llm": "{llm}"},
+    "gopro": {"max_epoch": 2},
+    "grip": {"step_quantile": 50, "max_epoch": 1},  # 6 unlabelled rows: 10 rounds would give 0 per class
+    "grip-multimodal": {"step_quantile": 50, "max_epoch": 1},
+    "grip-visual": {"step_quantile": 50, "max_epoch": 1},
     "linear-probe": {"num_steps": 1},
     "perceptionclip": {"attributes": "{root}/attributes.json"},
     "real": {"corpus": "{root}/captions.txt", "synonyms": "{root}/syn.json"},
