@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 from scipy.special import softmax
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import check_classification_targets
@@ -109,6 +109,15 @@ class ZeroShotLogitsMixin:
         from ..features.text import class_weights
 
         return class_weights(self.backbone, self.class_names, self.templates, cache_dir=self.cache_dir)
+
+    def _fitted_copy(self, class_names) -> ClipHead:
+        """A clone for ``class_names`` carrying this head's fitted state (attributes ending in ``_``): where a
+        prompt head's ``with_classes`` starts."""
+        head = clone(self).set_params(class_names=list(class_names))
+        for key, value in vars(self).items():
+            if key.endswith("_") and not key.startswith("_"):
+                setattr(head, key, value)
+        return head
 
     def _training_rows(self, X, y, who: str, reset: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``X, y`` for a head that trains through its ``backbone``: validated, labels as class indices, and

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import CliplabError
@@ -218,10 +217,7 @@ class CoCoOp(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
         """A fitted CoCoOp scoring ``class_names`` with the learned context and meta-network (base-to-new);
         fit facts (losses, history) are the original fit's."""
         check_is_fitted(self)
-        head = clone(self).set_params(class_names=list(class_names))
-        for key, value in vars(self).items():
-            if key.endswith("_") and not key.startswith("_"):
-                setattr(head, key, value)
+        head = self._fitted_copy(class_names)
         head.classes_ = np.arange(len(head.class_names))
         learner = head.fitted_learner()
         head.text_positions_ = int(learner.length or learner.tokens.shape[1])

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import CliplabError
@@ -210,7 +209,7 @@ class CoOp(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
         """A fitted CoOp scoring ``class_names`` with the learned context (base-to-new: the context learned on the
         base classes, the prompts of the new ones); fit facts (losses, history) are the original fit's."""
         check_is_fitted(self)
-        head = clone(self).set_params(class_names=list(class_names))
+        head = self._fitted_copy(class_names)
         learner = head.build_learner()
         if tuple(learner.ctx.shape) != self.ctx_.shape:
             raise CliplabError(f"CoOp: the learned context {self.ctx_.shape} does not fit the prompts of the new "
@@ -218,9 +217,6 @@ class CoOp(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
         with torch.no_grad():
             learner.ctx.copy_(torch.from_numpy(self.ctx_))
             text = learner().float().cpu().numpy()
-        for key, value in vars(self).items():
-            if key.endswith("_") and not key.startswith("_"):
-                setattr(head, key, value)
         head.weights_ = np.ascontiguousarray(text.T, dtype=np.float32)
         head.classes_ = np.arange(len(head.class_names))
         head.text_positions_ = int(learner.length or learner.tokens.shape[1])

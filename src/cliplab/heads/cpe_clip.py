@@ -452,13 +452,8 @@ class CPECLIP(ZeroShotLogitsMixin, ClipHead):
 
     def with_classes(self, class_names: Sequence[str]) -> CPECLIP:
         """A fitted copy scoring ``class_names`` with the learnt prompts (the same ``backbone_``)."""
-        from sklearn.base import clone
-
         check_is_fitted(self, "prompts_")
-        head = clone(self).set_params(class_names=list(class_names))
-        for key, value in vars(self).items():
-            if key.endswith("_") and not key.startswith("_"):
-                setattr(head, key, value)
+        head = self._fitted_copy(class_names)
         learner = head.build_learner()
         with torch.no_grad():
             head.weights_ = np.ascontiguousarray(learner.text_features().float().cpu().numpy().T, dtype=np.float32)

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import CliplabError, DatasetError, UnsupportedOperationError
 from ..features.views import Augmentation
 from ..models.backbone import Backbone
 from ..train.engine import register_objective, run_training
-from ..train.prompts import PromptLearner, PromptTrainingMixin, causal_length, initial_context
+from ..train.prompts import LazyBatches, PromptLearner, PromptTrainingMixin, causal_length, initial_context
 from .base import FEWSHOT_SKIPS, ClipHead, ZeroShotLogitsMixin
 from .registry import register
 
@@ -309,9 +308,9 @@ class GOPro(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
             out["labels"] = labels[rows]
             return out
 
-        def data(epoch: int) -> _Batches:
+        def data(epoch: int) -> LazyBatches:
             order = np.random.default_rng([int(self.random_state), int(epoch)]).permutation(n)
-            return _Batches([order[s:s + batch] for s in range(0, stop, batch)], lambda r: make(r, epoch))
+            return LazyBatches([order[s:s + batch] for s in range(0, stop, batch)], lambda r: make(r, epoch))
 
         return data
 
@@ -385,10 +384,7 @@ class GOPro(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
     def with_classes(self, class_names: Sequence[str]) -> GOPro:
         """A fitted copy scoring ``class_names`` with the learnt context and projections."""
         check_is_fitted(self, "ctx_")
-        head = clone(self).set_params(class_names=list(class_names))
-        for key, value in vars(self).items():
-            if key.endswith("_") and not key.startswith("_"):
-                setattr(head, key, value)
+        head = self._fitted_copy(class_names)
         learner = head.fitted_learner()
         with torch.no_grad():
             text = learner.text_features(torch.from_numpy(np.asarray(self.mean_bias_, np.float32))[None])[0]
@@ -429,19 +425,6 @@ class GOPro(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
                 "layers": int(len(self.style_weight_)),
                 "final_loss": self.training_loss_[-1] if self.training_loss_ else None,
                 "feature_logits": "context shifted by the mean training bias (logits_images: per-image prompts)"}
-
-
-class _Batches:
-    """One epoch's batches, made as they are read."""
-
-    def __init__(self, rows: list, make):
-        self.rows, self.make = rows, make
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self):
-        return (self.make(r) for r in self.rows)
 
 
 class _Holder:

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import CliplabError, DatasetError, TextTooLongError, UnsupportedOperationError
@@ -17,6 +16,7 @@ from ..features.views import Augmentation
 from ..models.backbone import Backbone
 from ..models.encoders import Tower, replace_tokens
 from ..train.engine import TrainSettings, register_objective, run_training
+from ..train.prompts import LazyBatches
 from .base import FEWSHOT_SKIPS, ClipHead, ZeroShotLogitsMixin
 from .registry import register
 
@@ -398,10 +398,10 @@ class MaPLe(ZeroShotLogitsMixin, ClipHead):
             rng = np.random.default_rng([int(self.random_state), int(epoch), item])
             return backbone.preprocess(augmentation(pictures[item], rng))
 
-        def data(epoch: int, start: int = 0) -> _Batches:
+        def data(epoch: int, start: int = 0) -> LazyBatches:
             order = np.random.default_rng([int(self.random_state), int(epoch)]).permutation(n)
             rows = [order[s:s + batch] for s in range(start * batch, stop, batch)]
-            return _Batches(rows, lambda r: {"images": torch.stack([pixels(int(i), epoch) for i in r]),
+            return LazyBatches(rows, lambda r: {"images": torch.stack([pixels(int(i), epoch) for i in r]),
                                              "labels": labels[r]})
 
         return data
@@ -487,10 +487,7 @@ class MaPLe(ZeroShotLogitsMixin, ClipHead):
     def with_classes(self, class_names: Sequence[str]) -> MaPLe:
         """A fitted copy scoring ``class_names`` with the learned prompts (the same ``backbone_`` image features)."""
         check_is_fitted(self, "ctx_")
-        head = clone(self).set_params(class_names=list(class_names))
-        for key, value in vars(self).items():
-            if key.endswith("_") and not key.startswith("_"):
-                setattr(head, key, value)
+        head = self._fitted_copy(class_names)
         text, _ = self.prompts()
         ids, _ = head.class_ids(head.class_names, int(self.ctx_.shape[0]))
         backbone = self.backbone
@@ -512,19 +509,6 @@ class MaPLe(ZeroShotLogitsMixin, ClipHead):
     def fit_summary(self) -> dict:
         return {"n_ctx": int(len(self.ctx_)), "ctx_init": self.ctx_init, "prompt_depth": self.prompt_depth_,
                 "epochs": self.epochs_, "final_loss": self.training_loss_[-1] if self.training_loss_ else None}
-
-
-class _Batches:
-    """One epoch's batches, made as they are read (``len`` without making any)."""
-
-    def __init__(self, rows: list, make):
-        self.rows, self.make = rows, make
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self):
-        return (self.make(r) for r in self.rows)
 
 
 class _Recording:

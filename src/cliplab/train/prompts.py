@@ -209,6 +209,20 @@ def initial_context(backbone: Backbone, class_names: Sequence[str], n_ctx: int |
 # ---------------------------------------------------------------------------------------------- training
 
 
+class LazyBatches:
+    """One epoch's batches, each made from its rows as it is read (``len`` without making any): image batches
+    are decoded one at a time instead of all before the epoch."""
+
+    def __init__(self, rows: list, make):
+        self.rows, self.make = rows, make
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return (self.make(r) for r in self.rows)
+
+
 def epoch_batches(samples: np.ndarray, y: np.ndarray, batch_size: int, random_state: int):
     """``data(epoch)`` for the training loop over ``samples`` (V, n, d) and labels ``y``: that epoch's batches (one
     view drawn per item), seeded by (random_state, epoch); Dassl's ``drop_last`` when the set holds a full batch.
