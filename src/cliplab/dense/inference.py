@@ -108,12 +108,13 @@ class Segmenter:
     ``class_names`` are the labels; ``background_index`` names one of them as background (a dataset's background
     class), or None. With ``settings.background_threshold`` the background is not a text class: the method scores
     the other classes and low-confidence pixels become background (``background_index``, else a ``background``
-    label appended at the end). Without it every name, ``background`` included, is a text class.
+    label appended at the end). Without it every name, ``background`` included, is a text class. ``synonyms``
+    (``{class: [names]}``) replaces the text weights by GKC's synonym classifier (``cliplab.dense.gkc``).
     """
 
     def __init__(self, backbone, method: str, class_names: list[str], *, templates="imagenet7",
                  params: dict | None = None, settings: SegmentSettings = SegmentSettings(),
-                 background_index: int | None = None, guidance=None, cache_dir=None):
+                 background_index: int | None = None, guidance=None, cache_dir=None, synonyms=None):
         from ..features.text import class_weights
 
         self.backbone, self.settings = backbone, settings
@@ -132,7 +133,12 @@ class Segmenter:
         self.stride = _stride(self.tower, settings.stride)
         needs = self.method.needs
         weights = None
-        if "text_weights" in needs:
+        if "text_weights" in needs and synonyms:  # GKC's synonym classifier, for any method (dense/gkc.py)
+            from .gkc import synonym_classifier
+
+            weights = torch.from_numpy(synonym_classifier(backbone, [names[i] for i in self.scored], synonyms,
+                                                          templates, cache_dir=cache_dir).weights)
+        elif "text_weights" in needs:
             weights = torch.from_numpy(class_weights(backbone, [names[i] for i in self.scored], templates,
                                                      cache_dir=cache_dir))
         self.method.setup(DenseContext(backbone, [names[i] for i in self.scored],

@@ -106,12 +106,13 @@ class SegmentationRun:
 
 def evaluate_segmentation(backbone, dataset, method: str, *, params: dict | None = None, settings=None,
                           templates=None, limit: int | None = None, output_dir: Path | None = None,
-                          grid_items: int = 4, cache_dir=None, progress: bool = False, guidance=None
-                          ) -> SegmentationRun:
+                          grid_items: int = 4, cache_dir=None, progress: bool = False, guidance=None,
+                          synonyms=None) -> SegmentationRun:
     """Segment the first ``limit`` items (all by default) of a ``SegmentationDataset`` with the dense ``method`` and
     score them; writes ``segment_<method>_<dataset>_<split>.json`` and a PNG grid of image / truth / prediction
     for the first ``grid_items`` items when ``output_dir`` is given. ``guidance``: a guidance encoder for methods
-    that declare one (``cliplab.dense.guidance``)."""
+    that declare one (``cliplab.dense.guidance``); ``synonyms`` (``{class: [names]}``): GKC's synonym classifier
+    as the text weights (``cliplab.dense.gkc``; the files then end in ``_synonyms``)."""
     from ..dense.inference import Segmenter, SegmentSettings
 
     settings = settings or SegmentSettings()
@@ -124,7 +125,7 @@ def evaluate_segmentation(backbone, dataset, method: str, *, params: dict | None
     started = time.perf_counter()
     segmenter = Segmenter(backbone, method, dataset.class_names, templates=templates, params=params,
                           settings=settings, background_index=dataset.background_index, guidance=guidance,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, synonyms=synonyms)
     setup_s = time.perf_counter() - started
     count = len(dataset) if limit is None else min(limit, len(dataset))
     num_classes = len(dataset.class_names)
@@ -154,6 +155,7 @@ def evaluate_segmentation(backbone, dataset, method: str, *, params: dict | None
               "dataset": dataset.name, "split": dataset.split, "items": count,
               "model": backbone.display_name, "model_id": backbone.model_id, "weights": weights,
               "templates": templates if isinstance(templates, str) else list(templates),
+              "synonyms": {k: list(v) for k, v in synonyms.items() if v} if synonyms else None,
               "settings": {"short_side": settings.short_side, "keep_size": settings.keep_size,
                            "stride": segmenter.stride, "window": list(segmenter.tower.image_size),
                            "background_threshold": settings.background_threshold},
@@ -165,7 +167,7 @@ def evaluate_segmentation(backbone, dataset, method: str, *, params: dict | None
     if output_dir is not None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"segment_{method}_{dataset.name}_{dataset.split}"
+        stem = f"segment_{method}_{dataset.name}_{dataset.split}" + ("_synonyms" if synonyms else "")
         json_path = output_dir / f"{stem}.json"
         json_path.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
         if shown:
