@@ -47,6 +47,36 @@ def _guidance(path: Path | None, arch: str, params: dict):
     return timm_guidance(path, arch=arch)
 
 
+COLLECTION_HELP = ("reco: the unlabelled images to retrieve each class's top-k from (a folder of images, or a "
+                   "search index folder built by cliplab index build with the same model).")
+SYNONYMS_HELP = ("GKC's synonym classifier for any method: a JSON file {class: [synonyms]}; each class scores the "
+                 "mean of its names' cosines (one name per class = the plain classifier).")
+SYNONYMS_LLM_HELP = ("Ask this language model for each class's synonyms (GKC) where --synonyms is not given: "
+                     "replay:FILE, http://HOST:PORT/v1, openai:MODEL or hf:PATH.")
+
+
+def _collection(path: Path | None, params: dict) -> None:
+    """--collection: checked before the model loads, passed to the method as its ``collection`` parameter."""
+    if path is None:
+        return
+    if not path.exists():
+        raise CliplabError(f"collection not found: {path}")
+    params["collection"] = str(path)
+
+
+def _synonyms(path: Path | None, llm: str | None, names: list[str]) -> dict | None:
+    """{class: [synonyms]} of --synonyms (or --synonyms-llm), or None; LLM failures are printed, not fatal."""
+    if path is None and llm is None:
+        return None
+    from ..dense.gkc import load_synonyms
+
+    synonyms, failures = load_synonyms(names, path, llm)
+    for name, reason in failures.items():
+        console.print(f"synonyms of {name!r}: {reason} (only its own name is used)", markup=False, highlight=False,
+                      soft_wrap=True)
+    return synonyms
+
+
 @command
 def segment(
     images: list[Path] = typer.Argument(..., help="Image files."),
@@ -62,6 +92,9 @@ def segment(
     guidance: Path = typer.Option(None, "--guidance", help=GUIDANCE_HELP),
     guidance_arch: str = typer.Option("vit_small_patch16_224", "--guidance-arch", help="timm architecture of "
                                       "--guidance (vit_small_patch16_224: DINO ViT-S/16; vit_base_patch16_224)."),
+    collection: Path = typer.Option(None, "--collection", help=COLLECTION_HELP),
+    synonyms: Path = typer.Option(None, "--synonyms", help=SYNONYMS_HELP),
+    synonyms_llm: str = typer.Option(None, "--synonyms-llm", help=SYNONYMS_LLM_HELP),
     output_dir: Path = typer.Option(Path("segmentations"), "--output-dir", "-o", help="Where the PNGs and JSON go."),
     run: RunOptions = None,
 ):
@@ -79,13 +112,15 @@ def segment(
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise CliplabError(f"image not found: {missing[0]}")
+    _collection(collection, params)
+    classes = _synonyms(synonyms, synonyms_llm, names)
     from ..dense.inference import Segmenter, SegmentSettings
 
     settings = SegmentSettings(short_side=short_side, stride=stride, background_threshold=background_threshold)
     encoder = _guidance(guidance, guidance_arch, params)
     backbone = run.load_backbone()
     segmenter = Segmenter(backbone, method, names, templates=templates, params=params, settings=settings,
-                          guidance=encoder, cache_dir=run.cache_dir)
+                          guidance=encoder, cache_dir=run.cache_dir, synonyms=classes)
     output_dir.mkdir(parents=True, exist_ok=True)
     stems: list[str] = []
     for path in images:
@@ -105,6 +140,7 @@ def segment(
                   "size": [int(result.labels.shape[1]), int(result.labels.shape[0])],
                   "input_size": list(result.input_size), "windows": result.windows,
                   "background_threshold": background_threshold, "class_names": result.class_names,
+                  "synonyms": {k: v for k, v in classes.items() if v} if classes else None,
                   "areas": {name: {"pixels": px, "fraction": px / total} for name, px in result.areas.items()},
                   "files": {k: str(v) for k, v in files.items()}}
         json_path = output_dir / f"{stem}.json"
@@ -163,6 +199,9 @@ def segment_eval(
     guidance: Path = typer.Option(None, "--guidance", help=GUIDANCE_HELP),
     guidance_arch: str = typer.Option("vit_small_patch16_224", "--guidance-arch", help="timm architecture of "
                                       "--guidance (vit_small_patch16_224: DINO ViT-S/16; vit_base_patch16_224)."),
+    collection: Path = typer.Option(None, "--collection", help=COLLECTION_HELP),
+    synonyms: Path = typer.Option(None, "--synonyms", help=SYNONYMS_HELP),
+    synonyms_llm: str = typer.Option(None, "--synonyms-llm", help=SYNONYMS_LLM_HELP),
     limit: int = typer.Option(None, "--limit", min=1, help="Evaluate only the first N images."),
     mosaic_count: int = typer.Option(200, "--mosaic-count", min=1, help="mosaic: images in the set."),
     mosaic_k: int = typer.Option(2, "--mosaic-k", min=1, help="mosaic: k x k tiles per image."),
@@ -180,6 +219,7 @@ def segment_eval(
 
     params = _params(param)
     dense_entry(method)
+    _collection(collection, params)
     sets = load_segmentation(dataset, data.data_root, data.split,
                              mosaic=MosaicSpec(count=mosaic_count, k=mosaic_k, seed=mosaic_seed))
     from ..dense.inference import SegmentSettings
@@ -187,13 +227,15 @@ def segment_eval(
 
     settings = SegmentSettings(short_side=short_side, stride=stride, background_threshold=background_threshold)
     encoder = _guidance(guidance, guidance_arch, params)
+    classes = _synonyms(synonyms, synonyms_llm, sets.class_names)
     backbone = run.load_backbone()
     result = evaluate_segmentation(backbone, sets, method, params=params, settings=settings, templates=templates,
                                    limit=limit, output_dir=output_dir, grid_items=grid, cache_dir=run.cache_dir,
-                                   progress=not run.quiet, guidance=encoder)
+                                   progress=not run.quiet, guidance=encoder, synonyms=classes)
     record = result.record
     weights = " · random weights" if record["weights"] == "random" else ""
-    table = Table(title=f"{method} · {sets.name} {sets.split} ({record['items']} images) · "
+    shown = method + (" + synonyms" if classes else "")
+    table = Table(title=f"{shown} · {sets.name} {sets.split} ({record['items']} images) · "
                         f"{backbone.display_name}{weights}")
     table.add_column("class", overflow="fold")
     table.add_column("IoU", justify="right")

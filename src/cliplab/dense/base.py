@@ -24,13 +24,14 @@ GuidanceEncoder = Callable[[Any], Any]  # (n, 3, H, W) CLIP-normalised windows -
 class DenseContext:
     """What a method is given once: the backbone and class names always; ``text_weights`` (torch (d, C),
     L2-normalised columns), ``tower`` (a ``cliplab.models.dense.DenseTower``) and ``guidance`` (a
-    :data:`GuidanceEncoder` or None) when declared."""
+    :data:`GuidanceEncoder` or None) when declared; ``cache_dir`` the feature cache root (None: the default)."""
 
     backbone: Any
     class_names: list[str]
     text_weights: Any = None
     tower: Any = None
     guidance: GuidanceEncoder | None = None
+    cache_dir: Any = None
 
 
 class DenseMethod:

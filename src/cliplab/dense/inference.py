@@ -144,7 +144,8 @@ class Segmenter:
         self.method.setup(DenseContext(backbone, [names[i] for i in self.scored],
                                        text_weights=weights,
                                        tower=self.tower if "tower" in needs else None,
-                                       guidance=guidance if "guidance" in needs else None))
+                                       guidance=guidance if "guidance" in needs else None,
+                                       cache_dir=cache_dir))
 
     @torch.no_grad()
     def score_grid(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
