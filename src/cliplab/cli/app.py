@@ -31,6 +31,7 @@ from .listing import datasets, methods, models, templates
 from .match import match
 from .ood import ood
 from .pretrain import pretrain
+from .rank import rank, rank_train
 from .regions import regions
 from .retrieval import retrieval_eval
 from .robustness import robustness
@@ -93,6 +94,8 @@ for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain
     _register(_command)
 _register(robustness_fit)
 _register(link)
+_register(rank)
+_register(rank_train)
 app.add_typer(index_app, name="index")
 app.add_typer(analyse_app, name="analyse")
 
