@@ -14,10 +14,12 @@ import typer
 
 from .. import __version__
 from .analyse import analyse_app
+from .anomaly import anomaly
 from .cache import cache
 from .caption_score import caption_score
 from .classify import classify
 from .common import configure_logging
+from .count import count
 from .curate import curate
 from .describe import describe
 from .embed import embed
@@ -34,6 +36,7 @@ from .pretrain import pretrain
 from .rank import rank, rank_train
 from .regions import regions
 from .retrieval import retrieval_eval
+from .retrieval_tune import retrieval_tune
 from .robustness import robustness
 from .robustness_fit import robustness_fit
 from .search import search
@@ -90,10 +93,12 @@ def _register(command) -> None:
 
 for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain, curate, describe, ood, models,
                  methods, templates, datasets, cache, robustness, serve, search, retrieval_eval, train_clipn,
-                 segment, segment_eval, caption_score, match, train, incremental, regions):
+                 segment, segment_eval, caption_score, match, train, incremental, regions, count):
     _register(_command)
 _register(robustness_fit)
 _register(link)
+_register(anomaly)
+_register(retrieval_tune)
 _register(rank)
 _register(rank_train)
 app.add_typer(index_app, name="index")
