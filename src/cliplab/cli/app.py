@@ -14,7 +14,6 @@ import typer
 
 from .. import __version__
 from .analyse import analyse_app
-from .anomaly import anomaly
 from .cache import cache
 from .caption_score import caption_score
 from .classify import classify
@@ -36,7 +35,6 @@ from .pretrain import pretrain
 from .rank import rank, rank_train
 from .regions import regions
 from .retrieval import retrieval_eval
-from .retrieval_tune import retrieval_tune
 from .robustness import robustness
 from .robustness_fit import robustness_fit
 from .search import search
@@ -97,8 +95,6 @@ for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain
     _register(_command)
 _register(robustness_fit)
 _register(link)
-_register(anomaly)
-_register(retrieval_tune)
 _register(rank)
 _register(rank_train)
 app.add_typer(index_app, name="index")
