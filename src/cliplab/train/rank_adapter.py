@@ -310,7 +310,7 @@ def load_ranker(folder: str | Path) -> FittedRanker:
 
 
 def _tensor(values, name: str, dims: int) -> torch.Tensor:
-    out = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    out = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: cached tokens are read-only
     if out.dim() != dims or not out.shape[0]:
         raise RankAdapterError(f"rank adapter: {name} must be a non-empty {dims}-d array; got shape {tuple(out.shape)}")
     if not torch.isfinite(out).all():
