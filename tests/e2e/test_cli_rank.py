@@ -112,3 +112,20 @@ def test_bad_input_is_one_line_before_a_model_loads(tmp_path, levels, args, mess
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_rank_train_on_an_ordinal_set_scores_its_held_out_half(tmp_path, data_root):
+    from cliplab.train.rank_adapter import load_ranker
+
+    result = runner.invoke(app, ["rank-train", "ordinal:brightness", "--sources", "4", "--epochs", "1",
+                                 "--data-root", str(data_root), "-o", str(tmp_path / "ad"), "--model", "tiny",
+                                 "--cache-dir", str(tmp_path / "cache"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "trained: rank adapter on 12 images of ordinal-brightness-cifar10" in result.output
+    for line in ("train (train), adapter", "test (test), adapter", "test (test), zero-shot cosine"):
+        assert line in result.output
+    ranker = load_ranker(tmp_path / "ad")
+    assert ranker.text == "how bright is the image" and (ranker.low, ranker.high) == (0.0, 5.0)
+    assert set(ranker.metrics) == {"train_adapter", "test_adapter", "test_zero_shot"}
+    assert ranker.metrics["test_adapter"]["items"] == 12 and ranker.metrics["test_adapter"]["groups"] == 2
+    assert f"Kendall tau {ranker.metrics['test_zero_shot']['kendall_tau']:+.4f}" in result.output
