@@ -1,14 +1,21 @@
 """mIoU, pixel accuracy and seconds per image of every registered segmentation method on mosaic and coco_mini_seg.
 
-Models: no ViT recipe is built here yet (``recipe:cifar10-vit-signal`` is defined, not trained), so the mosaic rows
-use a **random-weight** ViT of that recipe's architecture (``cliplab-vit-32px``: patch 4, 32 px, 6 blocks of width
-192): their mIoU is chance level and says nothing about which method helps; with ``--model recipe:...`` a built
-ViT recipe replaces it. coco_mini_seg runs open_clip ViT-B-16 with **random weights**: pipeline timing only
-(short side 448, 224-px windows every 112 px, as CLIP-DINOiser's COCO setting), on the first ``--coco-images``
-images of the 159. Every method runs with its defaults (dinoiser: guidance from CLIP's own layer -3 tokens, no DINO
-weights are available here).
+Models: the mosaic rows use ``recipe:cifar10-vit-signal`` (a 32-px ViT, patch 4, trained here on CIFAR-10 train
+with template captions) when it is built (never built here), else a **random-weight** ViT of that architecture
+(``cliplab-vit-32px``: patch 4, 32 px, 6 blocks of width 192), whose mIoU is chance level and says nothing about
+which method helps; ``--model SPEC`` picks another. coco_mini_seg runs open_clip ViT-B-16 with **random weights**:
+pipeline timing only (short side 448, 224-px windows every 112 px, as CLIP-DINOiser's COCO setting), on the first
+``--coco-images`` images of the 159. Methods run with their defaults (dinoiser: guidance from CLIP's own layer -3
+tokens, no DINO weights are available here), except ReCo's collection: on mosaic ``--collection-size`` CIFAR-10
+*train* images drawn with seed 0 and written as PNG files (labels never read; the test tiles come from CIFAR-10
+test), k = 50, the authors' context categories; on coco_mini_seg the 242 unlabelled coco_mini images (the
+evaluated ones among them: timing only) with k = 5 (its set-up, retrieval and co-segmentation of 80 classes and 5
+context categories, is the ``setup s`` column). ``+ GKC synonyms`` rows replace the text weights by GKC's synonym
+classifier with the hand-written ``benchmarks/cifar10_synonyms.json`` (3-4 common synonyms per CIFAR-10 class; no
+COCO synonym file here, so no such rows on coco_mini_seg).
 
-    python benchmarks/segment_methods.py [--quick] [--mosaic-images 200] [--coco-images 20] [--model SPEC]
+    python benchmarks/segment_methods.py [--quick] [--mosaic-images 200] [--coco-images 3] [--model SPEC]
+        [--methods maskclip,dinoiser,reco] [--synonyms-methods maskclip,dinoiser,reco] [--skip-coco] [--reuse]
 """
 
 from __future__ import annotations
@@ -16,10 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
-from _common import DATA_ROOT, RESULTS_DIR, header, load_average, log, md_table, write_results
+from _common import BENCH_DIR, DATA_ROOT, RESULTS_DIR, header, load_average, log, md_table, write_results
 
 NAME = "segment_methods"
+VIT_RECIPE = "cifar10-vit-signal"
+SYNONYMS = BENCH_DIR / "cifar10_synonyms.json"
+COCO_COLLECTION = DATA_ROOT / "coco_mini" / "images"
 
 
 def vit_32px():
@@ -44,18 +55,62 @@ def vit_32px():
     return OpenClipBackbone(model, transform_for(model), tokenizer, info, "cpu")
 
 
-def run(backbone, dataset, method: str, limit: int, out, reuse: bool = False) -> dict:
+def mosaic_model(spec: str | None):
+    """(backbone, label): ``spec``, else the ViT recipe when it is built (never built here), else random weights."""
+    from cliplab.models import load_model
+
+    if spec and not spec.startswith("recipe:"):
+        return load_model(spec, device="cpu"), spec
+    from cliplab.errors import CliplabError
+    from cliplab.train.recipes import recipe_model
+
+    name = spec.split(":", 1)[1] if spec else VIT_RECIPE
+    try:
+        folder = recipe_model(name, DATA_ROOT, build=False)
+    except CliplabError:
+        if spec:
+            raise
+        log(f"recipe:{VIT_RECIPE} is not built: the mosaic rows use random weights")
+        return vit_32px(), "cliplab-vit-32px (random weights)"
+    backbone = load_model(str(folder))
+    backbone.display_name = f"recipe:{name}"
+    return backbone, f"recipe:{name}"
+
+
+def cifar_collection(count: int, seed: int = 0) -> Path:
+    """``count`` CIFAR-10 train images drawn with ``seed``, written once as PNG files (ReCo's unlabelled collection:
+    no label is written or read)."""
+    import numpy as np
+
+    from cliplab.data import load_dataset
+
+    folder = Path.home() / ".cache" / "cliplab" / "bench" / f"reco-cifar10-train-{count}-seed{seed}"
+    if (folder / ".complete").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    train = load_dataset("cifar10", root=DATA_ROOT, split="train")
+    for i in np.random.default_rng(seed).choice(len(train), size=min(count, len(train)), replace=False):
+        train.load_image(int(i)).save(folder / f"{int(i):05d}.png")
+    (folder / ".complete").write_text("done\n")
+    return folder
+
+
+def run(backbone, dataset, method: str, limit: int, out, reuse: bool = False, params: dict | None = None,
+        synonyms: dict | None = None) -> dict:
     from cliplab.eval.segmentation import evaluate_segmentation
 
     t0 = time.perf_counter()
-    saved = out / f"segment_{method}_{dataset.name}_{dataset.split}.json"
+    saved = out / f"segment_{method}_{dataset.name}_{dataset.split}{'_synonyms' if synonyms else ''}.json"
     if reuse and saved.is_file():  # a finished run of an interrupted benchmark (same settings: checked)
         record = json.loads(saved.read_text())
-        if record["items"] != min(limit, len(dataset)) or record["model"] != backbone.display_name:
+        if (record["items"] != min(limit, len(dataset)) or record["model"] != backbone.display_name
+                or any(record["params"].get(k) != v for k, v in (params or {}).items())):
             raise SystemExit(f"{saved} was made with other settings; rerun without --reuse")
     else:
-        record = evaluate_segmentation(backbone, dataset, method, limit=limit, output_dir=out, grid_items=3).record
-    return {"method": method, "dataset": dataset.name, "split": dataset.split, "items": record["items"],
+        record = evaluate_segmentation(backbone, dataset, method, params=params, limit=limit, output_dir=out,
+                                       grid_items=3, synonyms=synonyms).record
+    return {"method": method + (" + GKC synonyms" if synonyms else ""), "dataset": dataset.name,
+            "split": dataset.split, "items": record["items"], "params": record["params"],
             "model": backbone.display_name, "weights": record["weights"], "mIoU": record["mIoU"],
             "mAcc": record["mAcc"], "aAcc": record["aAcc"], "s_per_image": record["timing"]["s_per_image"],
             "cpu_s": record["timing"]["cpu_s"], "windows": record["timing"]["windows"],
@@ -66,8 +121,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mosaic-images", type=int, default=200)
-    parser.add_argument("--coco-images", type=int, default=20)
-    parser.add_argument("--model", default=None, help="a ViT model for the mosaic rows (default: random 32-px ViT)")
+    parser.add_argument("--coco-images", type=int, default=3)
+    parser.add_argument("--model", default=None, help="a ViT model for the mosaic rows (default: recipe:"
+                        f"{VIT_RECIPE} when built, else a random 32-px ViT)")
+    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
+    parser.add_argument("--synonyms-methods", default=None, help="methods also run with GKC's synonym classifier "
+                        "on mosaic (default: the same as --methods; '' for none)")
+    parser.add_argument("--collection-size", type=int, default=2000, help="CIFAR-10 train images in ReCo's "
+                        "mosaic collection")
+    parser.add_argument("--skip-coco", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="read the per-run JSON of runs an interrupted "
                         "benchmark finished instead of running them again")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared, loaded "
@@ -77,41 +139,61 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.mosaic_images, args.coco_images = 20, 2
+        args.mosaic_images, args.coco_images, args.collection_size = 20, 1, 300
     from cliplab.data.segmentation import load_segmentation
+    from cliplab.dense.gkc import load_synonyms
     from cliplab.dense.registry import list_dense
-    from cliplab.models import load_model
 
     out = RESULTS_DIR / "segment_methods_files"
     record = header(NAME, __doc__.splitlines()[0], args.quick)
     record["load_before"] = load_average()
     record["torch_threads"] = args.threads
-    methods = [e.name for e in list_dense()]
+    methods = args.methods.split(",") if args.methods else [e.name for e in list_dense()]
+    with_synonyms = methods if args.synonyms_methods is None else [m for m in args.synonyms_methods.split(",") if m]
     rows = []
-    mosaic_model = load_model(args.model) if args.model else vit_32px()
+    model, label = mosaic_model(args.model)
+    record["mosaic_model"] = label
     mosaic = load_segmentation("mosaic", DATA_ROOT, "test")
-    for method in methods:
-        log(f"mosaic {method}")
-        rows.append(run(mosaic_model, mosaic, method, args.mosaic_images, out, args.reuse))
-        log(f"  mIoU {rows[-1]['mIoU']:.4f}, {rows[-1]['s_per_image']:.3f} s/image")
-    coco_model = load_model("ViT-B-16:random")
-    coco = load_segmentation("coco_mini_seg", DATA_ROOT, "all")
-    for method in methods:
-        log(f"coco_mini_seg {method}")
-        rows.append(run(coco_model, coco, method, args.coco_images, out, args.reuse))
-        log(f"  {rows[-1]['s_per_image']:.2f} s/image")
+    synonyms, _ = load_synonyms(mosaic.class_names, SYNONYMS)
+    record["synonyms"] = synonyms
+    collection = cifar_collection(args.collection_size) if "reco" in methods + with_synonyms else None
+    mosaic_params = {"reco": {"collection": str(collection)}}
+    for method, extra in [(m, None) for m in methods] + [(m, synonyms) for m in with_synonyms]:
+        log(f"mosaic {method}{' + synonyms' if extra else ''}")
+        rows.append(run(model, mosaic, method, args.mosaic_images, out, args.reuse, mosaic_params.get(method),
+                        extra))
+        log(f"  mIoU {rows[-1]['mIoU']:.4f}, {rows[-1]['s_per_image']:.3f} s/image, set-up {rows[-1]['setup_s']:.1f} s")
+    if not args.skip_coco:
+        from cliplab.models import load_model
+
+        coco_model = load_model("ViT-B-16:random")
+        coco = load_segmentation("coco_mini_seg", DATA_ROOT, "all")
+        coco_params = {"reco": {"collection": str(COCO_COLLECTION), "k": 5}}
+        for method in methods:
+            log(f"coco_mini_seg {method}")
+            rows.append(run(coco_model, coco, method, args.coco_images, out, args.reuse, coco_params.get(method)))
+            log(f"  {rows[-1]['s_per_image']:.2f} s/image, set-up {rows[-1]['setup_s']:.1f} s")
     record["runs"] = rows
     record["load_after"] = load_average()
     table = md_table(["set", "method", "model", "weights", "images", "mIoU %", "pixel acc %", "s/image",
-                      "windows"],
+                      "setup s", "windows"],
                      [[r["dataset"] + " " + r["split"], r["method"], r["model"], r["weights"], r["items"],
-                       100 * r["mIoU"], 100 * r["aAcc"], r["s_per_image"], r["windows"]] for r in rows])
+                       100 * r["mIoU"], 100 * r["aAcc"], r["s_per_image"], r["setup_s"], r["windows"]]
+                      for r in rows])
+    signal = not label.endswith("(random weights)")
     body = "\n".join([
         "# Segmentation methods: mIoU and seconds per image\n",
-        "mosaic: 2 x 2 CIFAR-10 test tiles (64 px, each image at its own size, 32-px windows every 16 px), CIFAR-10 "
-        "templates. coco_mini_seg: COCO-Object maps (background + 80 classes, background scored as a class name), "
-        "80 ImageNet templates, short side 448, 224-px windows every 112 px. **All weights are random**: the mIoU "
-        "columns are chance level and compare nothing; the seconds are the pipeline's cost on this shared CPU "
+        f"mosaic: 2 x 2 CIFAR-10 test tiles (64 px, each image at its own size, 32-px windows every 16 px), CIFAR-10 "
+        f"templates, model {label}"
+        + (" (trained here on CIFAR-10 train with template captions: weights that carry signal, but a small model "
+           "that has seen these classes, not a general CLIP)" if signal else
+           " (**random weights**: the mIoU is chance level and compares nothing)")
+        + f". ReCo retrieves from {args.collection_size} unlabelled CIFAR-10 train images (k = 50, the authors' "
+        "context categories tree, sky, building, road, person). GKC synonyms: benchmarks/cifar10_synonyms.json "
+        "(hand-written). coco_mini_seg: COCO-Object maps (background + 80 classes, background scored as a class name), "
+        "80 ImageNet templates, short side 448, 224-px windows every 112 px, open_clip ViT-B-16 with **random "
+        "weights**: timing only; ReCo there retrieves k = 5 from the 242 coco_mini images. `setup s`: building the "
+        "method once (text weights; ReCo's retrieval and co-segmentation). Seconds are this shared 2-core CPU's "
         f"(torch threads: {args.threads}; load average before/after {record['load_before']} / "
         f"{record['load_after']}).\n",
         table,
