@@ -343,6 +343,10 @@ def fit_counter(backbone: Backbone, scenes, config: CounterConfig = CounterConfi
     if not counter.trains_encoder_input:
         with torch.no_grad():
             features = [counter.block_features(img.unsqueeze(0))[0].cpu() for img in data.images]
+    else:
+        from ..train.engine import resolve_device
+
+        backbone.to(resolve_device(settings.device))  # prompts run through the tower on the training device
     n, seed = len(data.images), settings.seed
 
     def batches(epoch: int, start: int = 0):
