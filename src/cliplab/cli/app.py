@@ -14,6 +14,7 @@ import typer
 
 from .. import __version__
 from .analyse import analyse_app
+from .anomaly import anomaly
 from .cache import cache
 from .caption_score import caption_score
 from .classify import classify
@@ -95,6 +96,7 @@ for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain
     _register(_command)
 _register(robustness_fit)
 _register(link)
+_register(anomaly)
 _register(rank)
 _register(rank_train)
 app.add_typer(index_app, name="index")
