@@ -168,6 +168,15 @@ def ood(
             cells = (f"{100 * m[k]:.2f}" for k in ("auroc", "fpr95", "aupr_in", "aupr_out"))
             table.add_row(score_name, set_name, *cells)
     console.print(table)
+    if metrics.get("open_set"):  # scores with their own decision (e.g. osloprompt): open-set accuracies, H-score
+        opened = Table(title="Open set (%): known = ID accepted and right, unknown = OOD rejected, H = harmonic mean")
+        for column in ("score", "OOD set", "known acc", "unknown acc", "H-score"):
+            opened.add_column(column, justify="left" if column in ("score", "OOD set") else "right")
+        for score_name, per_set in metrics["open_set"].items():
+            for set_name, m in per_set.items():
+                opened.add_row(score_name, set_name, *(f"{100 * m[k]:.2f}" for k in ("acc_known", "acc_unknown",
+                                                                                       "h_score")))
+        console.print(opened)
     for name, failures in report.record["cliplab"]["failures"].items():
         err_console.print(f"[yellow]{name}: {len(failures)} image(s) skipped[/] (listed in the JSON)")
     for kind, path in report.files.items():

@@ -252,7 +252,7 @@ def build_scores(names: Sequence[str], backbone, class_names: Sequence[str], *, 
     scores = {name: create_score(name, **per_score[name]) for name in names}
     for name, score in scores.items():
         needs = score.needs
-        if "logits" in needs and head is None:
+        if ("logits" in needs or "head" in needs) and head is None:
             raise CliplabError(f"OOD score {name!r} reads a head's logits: give a method or a fitted head")
         if "fit_data" in needs and not fit_data:
             raise CliplabError(f"OOD score {name!r} fits on the ID data: {FIT_DATA_HINT}")
@@ -264,7 +264,7 @@ def build_scores(names: Sequence[str], backbone, class_names: Sequence[str], *, 
         from ..features.dense import dense_cache_key
 
         dense_cache_key(backbone, spec)
-    context = ScoreContext(backbone, list(class_names), templates, None, artefact, cache_dir)
+    context = ScoreContext(backbone, list(class_names), templates, None, artefact, cache_dir, head=head)
     for score in scores.values():
         score.setup(context)
     return ScoreSet(scores, context, head, batch_size, workers, progress, spec)
@@ -348,9 +348,10 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
             values[name][p.name] = v
     results = {name: {p.name: ood_metrics(values[name][id_part.name], values[name][p.name], fpr_convention)
                       for p in ood_parts} for name in score_set.scores}
+    open_set = open_set_results(head, score_set, values, id_part, ood_parts)
     record = results_record(
         dataset=id_part.name, model=id_part.features.model, task="ood_detection",
-        metrics={"id_accuracy": id_accuracy, "ood": results},
+        metrics={"id_accuracy": id_accuracy, "ood": results, **({"open_set": open_set} if open_set else {})},
         extra={"fpr95_convention": fpr_convention, "scores": list(score_set.scores), "score_params": score_set.params(),
                "method": head_name(head), "head_params": _head_params(head),
                "text_weights": score_set.memo.get("text_weights"),
@@ -368,6 +369,21 @@ def evaluate_ood(backbone, id_dataset: ImageDataset, ood_datasets: Sequence[Imag
         files["roc"] = plot_ood_roc(values, id_part.name, output_dir / f"{stem}_roc.png", title)
         files["histogram"] = plot_ood_histograms(values, id_part.name, output_dir / f"{stem}_hist.png", title)
     return OODReport(record, values, files)
+
+
+def open_set_results(head, score_set: ScoreSet, values: dict, id_part: OODPart, ood_parts: list[OODPart]) -> dict:
+    """Per score with its own decision (``OODScore.threshold``) x OOD set: known accuracy (ID accepted and right),
+    unknown accuracy (OOD rejected) and H-score (:func:`cliplab.ood.metrics.open_set_metrics`)."""
+    from ..ood.metrics import open_set_metrics
+
+    decided = {name: s.threshold for name, s in score_set.scores.items() if s.threshold is not None}
+    if not decided:
+        return {}
+    logits = score_set.logits(id_part.name, id_part.dataset, id_part.features)
+    predictions = np.asarray(getattr(head, "classes_", np.arange(logits.shape[1])))[logits.argmax(axis=1)]
+    labels = id_part.features.labels
+    return {name: {p.name: open_set_metrics(predictions, labels, values[name][id_part.name], values[name][p.name],
+                                            threshold) for p in ood_parts} for name, threshold in decided.items()}
 
 
 def accuracy(head, logits: np.ndarray, labels: np.ndarray) -> float:

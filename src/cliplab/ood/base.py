@@ -41,6 +41,7 @@ class ScoreContext:
     artefact: Any = None  # a folder path or an already loaded object
     cache_dir: Path | None = None
     memo: dict = field(default_factory=dict)  # shared by the scores of one evaluation (e.g. CLIPN's p_yes/p_no)
+    head: Any = None  # the evaluation's head (fitted before ``score``), for scores that declare "head"
 
 
 @dataclass
@@ -59,6 +60,8 @@ class OODScore:
     name: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     artefact_help: ClassVar[str] = ""  # scores that declare "artefact": what the folder is (shown when it is missing)
+    #: A score with its own decision (reject below ``threshold``) also gets open-set accuracies and the H-score.
+    threshold: ClassVar[float | None] = None
 
     @classmethod
     def param_names(cls) -> list[str]:

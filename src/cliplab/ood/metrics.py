@@ -15,6 +15,11 @@ equal their source's code on every input, ties included:
   with their neighbours are dropped, so with ties the next corner of the curve is read).
 - ``"id-positive-at-least"`` (cliplab's own, not any paper's): ID is positive; the highest threshold that keeps
   at least 95% of ID (:func:`threshold_at_tpr`), the fraction of OOD scored at or above it.
+
+Open-set recognition (a score with a decision threshold, e.g. OSLoPrompt's unknown prompt): :func:`h_score` is the
+harmonic mean of the known-class accuracy (an ID sample counts when it is accepted and correctly classified) and the
+unknown accuracy (the fraction of OOD samples rejected), as OSLoPrompt's ``pacs.py`` and the open-set domain
+generalisation papers report it; :func:`open_set_metrics` computes all three from predictions and scores.
 """
 
 from __future__ import annotations
@@ -147,3 +152,27 @@ def ood_metrics(id_scores, ood_scores, fpr_convention: str = "id-positive") -> d
         "n_id": int(id_s.size),
         "n_ood": int(ood_s.size),
     }
+
+
+def h_score(acc_known: float, acc_unknown: float) -> float:
+    """Harmonic mean ``2 a_k a_u / (a_k + a_u)`` of the known and unknown accuracies (0 when both are 0)."""
+    a, b = float(acc_known), float(acc_unknown)
+    if not (0 <= a <= 1 and 0 <= b <= 1):
+        raise CliplabError(f"accuracies must lie in [0, 1], got {acc_known!r} and {acc_unknown!r}")
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+def open_set_metrics(id_predictions, id_labels, id_scores, ood_scores, threshold: float = 0.0) -> dict:
+    """Known accuracy (ID samples accepted, ``score >= threshold``, and predicted as their label), unknown accuracy
+    (OOD samples rejected, ``score < threshold``) and their :func:`h_score`."""
+    id_s, ood_s = _scores("id_scores", id_scores), _scores("ood_scores", ood_scores)
+    predictions, labels = np.asarray(id_predictions), np.asarray(id_labels)
+    if predictions.shape != id_s.shape or labels.shape != id_s.shape:
+        raise FeatureError(f"id_predictions {predictions.shape} and id_labels {labels.shape} must match id_scores "
+                           f"{id_s.shape}")
+    if not np.isfinite(float(threshold)):
+        raise CliplabError(f"threshold must be finite, got {threshold!r}")
+    known = float(np.mean((id_s >= threshold) & (predictions == labels)))
+    unknown = float(np.mean(ood_s < threshold))
+    return {"threshold": float(threshold), "acc_known": known, "acc_unknown": unknown,
+            "h_score": h_score(known, unknown), "n_id": int(id_s.size), "n_ood": int(ood_s.size)}

@@ -26,8 +26,10 @@ NOT_SCORES = {"base", "registry", "metrics"}
 #: ``text_weights`` (d, C) class text weights of the ID classes (CLIP prompt ensembling of the templates);
 #: ``patch_grids``  (n, P, d) L2-normalised patch tokens in the joint space (ViT image towers);
 #: ``fit_data``     ID train and val features, for a score that fits something (never the ID test set);
-#: ``artefact``     a folder (or loaded object) the score reads, e.g. a trained CLIPN.
-NEEDS = ("logits", "features", "text_weights", "patch_grids", "fit_data", "artefact")
+#: ``artefact``     a folder (or loaded object) the score reads, e.g. a trained CLIPN;
+#: ``head``         the evaluation's head itself (``context.head``), for a score that reads a method's own
+#:                  prediction, e.g. OSLoPrompt's unknown prompt.
+NEEDS = ("logits", "features", "text_weights", "patch_grids", "fit_data", "artefact", "head")
 
 
 @dataclass(frozen=True)
