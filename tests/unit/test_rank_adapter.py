@@ -204,3 +204,23 @@ def test_ordinal_and_level_errors_are_one_line(base):
         with pytest.raises(CliplabError) as info:
             call()
         assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_image_tokens_are_patch_tokens_or_the_embedding_as_one_token(tiny, base, tmp_path, monkeypatch):
+    from cliplab.errors import DenseFeaturesUnavailableError
+    from cliplab.features import embed_images
+    from cliplab.models.dense import dense_tokens, dense_transform
+    from cliplab.train.rank_adapter import image_tokens
+
+    tokens, indices, failures, source = image_tokens(tiny, base, tmp_path / "cache")
+    assert source == "patches 4x4" and tokens.shape == (12, 16, 64) and indices == list(range(12)) and not failures
+    first = dense_transform(tiny)(base.load_image(0)).unsqueeze(0)
+    np.testing.assert_allclose(tokens[0], dense_tokens(tiny, first).reshape(16, 64).numpy(), atol=1e-5)
+
+    def no_grid(_backbone):
+        raise DenseFeaturesUnavailableError("no patch grid")
+
+    monkeypatch.setattr("cliplab.models.dense.dense_tower", no_grid)
+    tokens, indices, _, source = image_tokens(tiny, base, tmp_path / "cache")
+    assert source == "embedding" and tokens.shape == (12, 1, 64)
+    np.testing.assert_array_equal(tokens[:, 0], embed_images(tiny, base, tmp_path / "cache").features)
