@@ -174,3 +174,24 @@ def test_reco_refuses_a_missing_collection_and_bad_options(tiny, tmp_path):
         _segmenter(tiny, tmp_path / "nowhere", tmp_path)
     with pytest.raises(CliplabError, match="reco features must be one of value, final, guidance"):
         _segmenter(tiny, tmp_path, tmp_path, features="dino")
+
+
+def test_reco_co_segments_with_a_guidance_encoder_on_its_own_grid(tiny, collection, tmp_path):
+    from cliplab.dense.inference import Segmenter
+
+    def guidance(images):  # a stand-in self-supervised encoder: 3-d features on a 2 x 2 grid
+        return F.avg_pool2d(images, 16)
+
+    seg = Segmenter(tiny, "reco", ["cat", "dog"], templates=["a photo of a {}."], cache_dir=tmp_path,
+                    guidance=guidance, params={"collection": str(collection), "k": 3, "features": "guidance",
+                                               "context_elimination": False})
+    method = seg.method
+    assert method.references_.shape == (2, 3)
+    window = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = seg.tower.tokens(window, "value").permute(0, 3, 1, 2)
+    scores = torch.sigmoid(torch.einsum("ndhw,cd->nchw", F.normalize(guidance(window), dim=1), method.references_))
+    expected = F.interpolate(scores, size=tokens.shape[-2:], mode="bilinear", align_corners=False)
+    expected = expected * text_attention(tokens, method.context_.text_weights, 10.0)
+    torch.testing.assert_close(method.patch_scores(window), expected)
+    with pytest.raises(CliplabError, match="features=guidance needs a guidance encoder"):
+        _segmenter(tiny, collection, tmp_path, features="guidance")

@@ -147,7 +147,7 @@ class IndexCollection:
 
 
 def open_collection(path, backbone, cache_dir=None):
-    """A search index folder (it has an index manifest) or a folder of images."""
+    """A search index folder (it has an index manifest), else a folder of images or a manifest (``load_dataset``)."""
     from ..search.index import index_manifest
 
     path = Path(path)
@@ -160,8 +160,11 @@ def open_collection(path, backbone, cache_dir=None):
 
 @register_dense("reco", paper="Shin et al. 2022 (ReCo)", needs=("tower", "text_weights", "guidance"))
 class ReCo(DenseMethod):
-    """ReCo: each class's reference co-segmented from its top-k images in an unlabelled collection; patches
-    scored by cosine to the references."""
+    """ReCo: per-class references co-segmented from top-k images of an unlabelled collection, scored by cosine.
+
+    ``collection``: a folder of images (or a manifest) or a search index folder; ``k`` images per class;
+    ``context``: comma-separated context categories removed by context elimination; ``features``: value | final |
+    guidance (see the module docstring)."""
 
     def __init__(self, collection: str = "", k: int = 50, context_elimination: bool = True, context: str = CONTEXT,
                  text_attention: bool = True, dense_clip_inference: bool = True, features: str = "value",
