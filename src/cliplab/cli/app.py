@@ -36,6 +36,7 @@ from .pretrain import pretrain
 from .rank import rank, rank_train
 from .regions import regions
 from .retrieval import retrieval_eval
+from .retrieval_tune import retrieval_tune
 from .robustness import robustness
 from .robustness_fit import robustness_fit
 from .search import search
@@ -97,6 +98,7 @@ for _command in (classify, zeroshot, explain, evaluate, fewshot, embed, pretrain
 _register(robustness_fit)
 _register(link)
 _register(anomaly)
+_register(retrieval_tune)
 _register(rank)
 _register(rank_train)
 app.add_typer(index_app, name="index")

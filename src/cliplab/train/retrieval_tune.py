@@ -260,6 +260,19 @@ def _batches(n: int, batch: int, seed: int, epoch: int, salt: int) -> list[np.nd
     return [order[b:b + batch] for b in range(0, n, batch)]
 
 
+class _Epoch:
+    """An epoch's batches, made one at a time; sized, so the progress bar knows the run's length."""
+
+    def __init__(self, indices: list[np.ndarray], make: Callable[[np.ndarray], dict]):
+        self.indices, self.make = indices, make
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return (self.make(idx) for idx in self.indices)
+
+
 def class_means(features: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
     """(C, d) L2-normalised mean feature of each class (a class without rows: zeros)."""
     out = np.zeros((classes, features.shape[1]), dtype=np.float64)
@@ -320,8 +333,8 @@ def tune_image_side(features: np.ndarray, labels: Sequence[int], config: Retriev
         return loss, {"arcface": float(loss.detach())}
 
     def data(epoch, start=0):
-        for idx in _batches(len(x), config.batch_size, config.seed, epoch, 1)[start:]:
-            yield {"x": xs[idx], "y": ys[idx]}
+        return _Epoch(_batches(len(x), config.batch_size, config.seed, epoch, 1)[start:],
+                      lambda idx: {"x": xs[idx], "y": ys[idx]})
 
     evaluate = None
     if val is not None:
@@ -358,9 +371,12 @@ def realign_text_side(image_features: np.ndarray, text_features: np.ndarray, pai
         rows = torch.as_tensor(np.asarray(pairs(epoch), dtype=np.int64))
         if rows.ndim != 2 or rows.shape[1] != 3 or not len(rows):
             raise CliplabError("retrieval-tune stage 2: no (image, text) pairs to align")
-        for idx in _batches(len(rows), config.batch_size, config.seed, epoch, 2)[start:]:
+
+        def make(idx):
             chosen = rows[torch.from_numpy(idx)]
-            yield {"v": v[chosen[:, 0]], "t": t[chosen[:, 1]], "g": chosen[:, 2]}
+            return {"v": v[chosen[:, 0]], "t": t[chosen[:, 1]], "g": chosen[:, 2]}
+
+        return _Epoch(_batches(len(rows), config.batch_size, config.seed, epoch, 2)[start:], make)
 
     hook = None if evaluate is None else (lambda: evaluate(module.weight.detach().cpu().numpy()))
     settings = _settings(config, 2, checkpoint_dir, progress, device,
