@@ -90,7 +90,9 @@ def trained():
 
 def test_training_lowers_the_loss_and_prediction_is_seeded(trained, tmp_path):
     from cliplab.regions.bayes_pfl import BayesPFL, fit_bayes_pfl, training_masks
+    from cliplab.train.engine import list_objectives
 
+    assert "bayes-pfl" in list_objectives()
     backbone, aux, aux_f, test, test_f = trained
     params = dict(n_flows=2, prompt_num=2, context_len=2, state_len=2)
     batch = {"global": aux_f.global_, "patches": aux_f.patches, "masks": training_masks(aux.masks, 16),

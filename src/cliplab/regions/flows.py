@@ -14,7 +14,10 @@ Read against the authors' ``models/flows.py`` (``Planar``) and ``models/PFL.py``
   encoder and the K flows have free parameters, one distribution for every image;
 - :func:`flow_kl`: their ``binary_loss_function`` without reconstruction, ``(sum_b [log q(z_0) - log p(z_K)] -
   sum_b log|det J|) / batch`` with p = N(0, I) and the Gaussian log densities without the ``-d/2 log 2 pi``
-  constant (as their ``log_normal_dist``).
+  constant (as their ``log_normal_dist``). Departure: for the image-agnostic flows (one draw per batch) their
+  ``binary_loss_function`` broadcasts the one draw's log densities against the image batch, so its term is
+  ``log q(z_0) - log p(z_K) - log|det J| / batch``; here the draw's own KL, ``log q - log p - log|det J|``
+  (``/work/compare/bayes_pfl`` reproduces theirs from these parts).
 
 Departure: the flow lives in ``z_dim`` (the text width, where the sample is added to prompt tokens) and the
 encoder reads ``in_dim`` (the image embedding); the authors have ``z_dim = in_dim = embed_dim`` (equal for their
@@ -58,12 +61,13 @@ def log_normal(x: torch.Tensor, mean: torch.Tensor | float, logvar: torch.Tensor
     return (-0.5 * (logvar + (x - mean) ** 2 / logvar.exp())).sum(-1)
 
 
-def flow_kl(z0: torch.Tensor, zk: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_det: torch.Tensor
-            ) -> torch.Tensor:
-    """The flow's KL term, ``(sum [log q(z_0) - log N(z_K; 0, I)] - sum log|det J|) / batch``."""
+def flow_kl(z0: torch.Tensor, zk: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, log_det: torch.Tensor,
+            batch: int | None = None) -> torch.Tensor:
+    """The flow's KL term, ``(sum [log q(z_0) - log N(z_K; 0, I)] - sum log|det J|) / batch``; ``batch`` defaults
+    to the rows of ``z0``."""
     log_q = log_normal(z0, mu, var.log()) + 1e-8
     log_p = log_normal(zk, 0.0, 0.0) + 1e-8
-    return ((log_q - log_p).sum() - log_det.sum()) / z0.shape[0]
+    return ((log_q - log_p).sum() - log_det.sum()) / (batch or z0.shape[0])
 
 
 class GaussianEncoder(nn.Module):
@@ -95,9 +99,9 @@ class FlowDraw:
     def __init__(self, zk, z0, mu, var, log_det):
         self.zk, self.z0, self.mu, self.var, self.log_det = zk, z0, mu, var, log_det
 
-    def kl(self) -> torch.Tensor:
+    def kl(self, batch: int | None = None) -> torch.Tensor:
         """:func:`flow_kl` averaged over the samples."""
-        return torch.stack([flow_kl(self.z0[s], self.zk[s], self.mu, self.var, self.log_det[s])
+        return torch.stack([flow_kl(self.z0[s], self.zk[s], self.mu, self.var, self.log_det[s], batch)
                             for s in range(self.zk.shape[0])]).mean()
 
 
