@@ -261,3 +261,13 @@ def test_the_pipeline_on_a_class_folder_keeps_stage_one_images_through_stage_two
     images = _images(4, seed=7)
     assert torch.equal(only1.apply(tiny).encode_images(images), both.apply(tiny).encode_images(images))
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["stage1", "stage2"]
+
+
+def test_image_retrieval_precision_against_a_hand_computed_case():
+    # four points on a line (unit vectors in 2-d at angles 0, 0.1, 0.5, 1.5): nearest others are 1, 0, 1, 2
+    angles = np.array([0.0, 0.1, 0.5, 1.5])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    y = np.array([0, 0, 1, 1])
+    assert image_retrieval_precision(x, y, 1) == pytest.approx((1 + 1 + 0 + 1) / 4)
+    # k = 2: neighbours {1, 2}, {0, 2}, {1, 0}, {2, 1} -> hits 1/2, 1/2, 0, 1/2
+    assert image_retrieval_precision(x, y, 2) == pytest.approx((0.5 + 0.5 + 0 + 0.5) / 4)

@@ -48,7 +48,7 @@ def test_tunes_saves_and_evaluates_before_and_after(folder, tmp_path, tiny):
     assert tuned.base_model_id == tiny.model_id and tuned.config["stage1_epochs"] == 2
     assert np.abs(tuned.image_adapter).max() > 0 and np.abs(tuned.text_adapter).max() > 0
     evaluation = json.loads((out / "evaluation.json").read_text())[str(folder)]
-    assert set(evaluation) == {"zero-shot top-1", "image->image P@1"}
+    assert set(evaluation) == {"zero-shot top-1", "image->image P@1", "image->image P@10"}
     assert all(0 <= v["before"] <= 1 and 0 <= v["after"] <= 1 for v in evaluation.values())
     assert "stage1: image adapter, ArcFace: 4 steps" in result.output
     assert "zero-shot top-1" in result.output and str(out) in result.output

@@ -14,11 +14,11 @@ ALIASES = {"coco_mini": "coco"}
 RECALL_K = (1, 5, 10)
 
 
-def evaluate_pair(before, after, dataset, templates, cache_dir=None, batch_size: int = 64, workers=None,
-                  progress: bool = False) -> dict[str, tuple[float, float]]:
-    """``{metric: (before, after)}`` of two backbones on ``dataset``: text -> image and image -> text Recall@k
-    (``retrieval-eval``'s definitions) where it has captions; zero-shot top-1 (``templates`` x its classes,
-    CLIP's ensembling) and leave-one-out image -> image precision@1 where it has labels."""
+def evaluate_model(model, dataset, templates, cache_dir=None, batch_size: int = 64, workers=None,
+                   progress: bool = False) -> dict[str, float]:
+    """A backbone's numbers on ``dataset``: text -> image and image -> text Recall@k (``retrieval-eval``'s
+    definitions) where it has captions; zero-shot top-1 (``templates`` x its classes, CLIP's ensembling) and
+    leave-one-out image -> image precision@1 and @10 where it has labels."""
     import numpy as np
 
     from ..data import has_labels
@@ -27,23 +27,31 @@ def evaluate_pair(before, after, dataset, templates, cache_dir=None, batch_size:
     from ..features.text import class_weights
     from ..train.retrieval_tune import image_retrieval_precision
 
-    out: dict[str, list[float]] = {}
-    for model in (before, after):
-        if dataset.captions is not None:
-            report = evaluate_retrieval(model, dataset, None, cache_dir, batch_size, workers, progress=progress,
-                                        recall_k=RECALL_K)
-            for k in RECALL_K:
-                out.setdefault(f"text->image R@{k}", []).append(report.metrics[f"image_retrieval_recall@{k}"])
-                out.setdefault(f"image->text R@{k}", []).append(report.metrics[f"text_retrieval_recall@{k}"])
-        if has_labels(dataset):
-            feats = embed_images(model, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
-                                 progress=progress)
-            keep = np.asarray(feats.labels) >= 0
-            x, y = np.asarray(feats.features)[keep], np.asarray(feats.labels)[keep]
-            weights = class_weights(model, list(feats.class_names), templates, cache_dir=cache_dir)
-            out.setdefault("zero-shot top-1", []).append(float(np.mean((x @ weights).argmax(1) == y)))
-            out.setdefault("image->image P@1", []).append(image_retrieval_precision(x, y))
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    out: dict[str, float] = {}
+    if dataset.captions is not None:
+        report = evaluate_retrieval(model, dataset, None, cache_dir, batch_size, workers, progress=progress,
+                                    recall_k=RECALL_K)
+        for k in RECALL_K:
+            out[f"text->image R@{k}"] = report.metrics[f"image_retrieval_recall@{k}"]
+            out[f"image->text R@{k}"] = report.metrics[f"text_retrieval_recall@{k}"]
+    if has_labels(dataset):
+        feats = embed_images(model, dataset, cache_dir, batch_size=batch_size, num_workers=workers,
+                             progress=progress)
+        keep = np.asarray(feats.labels) >= 0
+        x, y = np.asarray(feats.features)[keep], np.asarray(feats.labels)[keep]
+        weights = class_weights(model, list(feats.class_names), templates, cache_dir=cache_dir)
+        out["zero-shot top-1"] = float(np.mean((x @ weights).argmax(1) == y))
+        out["image->image P@1"] = image_retrieval_precision(x, y, 1)
+        out["image->image P@10"] = image_retrieval_precision(x, y, 10)
+    return out
+
+
+def evaluate_pair(before, after, dataset, templates, cache_dir=None, batch_size: int = 64, workers=None,
+                  progress: bool = False) -> dict[str, tuple[float, float]]:
+    """``{metric: (before, after)}``: ``evaluate_model`` of two backbones on ``dataset``."""
+    first, second = (evaluate_model(m, dataset, templates, cache_dir, batch_size, workers, progress)
+                     for m in (before, after))
+    return {k: (first[k], second[k]) for k in first}
 
 
 def _subset(dataset, count: int | None, seed: int):
