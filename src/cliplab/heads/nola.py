@@ -596,6 +596,7 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
             epochs=epochs, lr=float(self.lr), optimizer="adamw", weight_decay=float(self.weight_decay),
             schedule="constant", seed=seed, device=str(backbone.device), progress=bool(self.progress),
             desc="nola student", checkpoint_dir=self._checkpoints("student"),
+            checkpoint_every=len(range(0, stop, batch)) if self.checkpoint_dir else 0,  # after every epoch
             checkpoint_seconds=60.0 if self.checkpoint_dir else 0.0,
             identity=self._identity("student", pool_features, labels))
         try:
