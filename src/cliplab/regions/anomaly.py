@@ -112,26 +112,33 @@ def patch_features(backbone: Backbone, images: Sequence[Image.Image], *, mode: s
 
 def _window_patches(backbone: Backbone, images: Sequence[Image.Image], size: int, window: int, batch_size: int
                     ) -> torch.Tensor:
+    """The image resized to ``size`` and normalised once; windows of the model's side are slices of it (what the
+    model's own transform gives a crop of exactly its input side: no further resize), embedded in batches."""
+    from torchvision.transforms import functional as TF
+
     from ..models.dense import window_starts
 
     stride = max(1, window // 2)
     if size < window or size % stride:
         raise CliplabError(f"windows: the input side {size} must be at least the window {window} and a multiple "
                            f"of the stride {stride}")
+    config = backbone.preprocess_config
+    if "mean" not in config or "std" not in config:
+        raise CliplabError(f"{backbone.info.name}: window features need the model's normalisation (mean, std)")
+    mean, std = [float(v) for v in config["mean"]], [float(v) for v in config["std"]]
     starts = window_starts(size, window, stride)
     offsets = [(top, left) for top in starts for left in starts]
     cells = size // stride
-    out = []
+    crops = []
     for image in images:
-        resized = image.resize((size, size), Image.BICUBIC)
-        crops = [backbone.preprocess(resized.crop((left, top, left + window, top + window))) for top, left in offsets]
-        embedded = _encode(backbone, crops, batch_size)
-        total = torch.zeros((cells, cells, embedded.shape[-1]))
-        for k, (top, left) in enumerate(offsets):
-            total[top // stride:-(-(top + window) // stride), left // stride:-(-(left + window) // stride)] += \
-                embedded[k]
-        out.append(F.normalize(total, dim=-1))
-    return torch.stack(out)
+        tensor = TF.normalize(TF.to_tensor(image.resize((size, size), Image.BICUBIC)), mean, std)
+        crops.extend(tensor[:, top:top + window, left:left + window] for top, left in offsets)
+    embedded = _encode(backbone, crops, batch_size).reshape(len(images), len(offsets), -1)
+    total = torch.zeros((len(images), cells, cells, embedded.shape[-1]))
+    for k, (top, left) in enumerate(offsets):
+        total[:, top // stride:-(-(top + window) // stride), left // stride:-(-(left + window) // stride)] += \
+            embedded[:, k, None, None]
+    return F.normalize(total, dim=-1)
 
 
 def upsample(maps: torch.Tensor, size: int | tuple[int, int], align_corners: bool = True) -> torch.Tensor:
