@@ -185,10 +185,11 @@ class OSLoPrompt(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
     Pseudo-open samples (the unknown prompt's training data): ``fit(..., X_open=features)``, or ``open_data`` (a
     named dataset, read from its train split, or a folder/manifest, its train split where it has one) restricted
     to ``open_classes`` (comma-separated names: held-out classes; required when the set shares a class with the
-    known ones), ``open_samples`` of them drawn (seeded; default all), embedded through the feature cache. Each
-    batch gets ``open_per_batch`` of them (default: as many as a known class has on average, at least 1), drawn
-    in a seeded order per epoch. Without pseudo-open samples there is no unknown prompt (``unknown_weights_`` is
-    None) and the head is a closed-set classifier; ``attention=False`` and no pseudo-open samples is CoOp exactly
+    known ones; named datasets are read under the default data root, ``CLIPLAB_DATA``), ``open_samples`` of them
+    drawn (seeded; default all), embedded through the feature cache. Each batch gets ``open_per_batch`` of them
+    (default: as many as a known class has on average, at least 1), drawn in a seeded order per epoch. Without
+    pseudo-open samples there is no unknown prompt (``unknown_weights_`` is None) and the head is a closed-set
+    classifier; ``attention=False`` and no pseudo-open samples is CoOp exactly
     (same batches, loss and steps: tested).
 
     Training: CoOp's loop and schedule (``train.prompts``, SGD lr 0.002, momentum 0.9, weight decay 5e-4, one
@@ -217,6 +218,9 @@ class OSLoPrompt(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
       1e-4, 10 epochs, gradient clipping at 1, a ReduceLROnPlateau that is never stepped), so that attention off
       is CoOp; ``lr``, ``max_epoch`` and ``weight_decay`` are parameters.
     - Context: CoOp's ("a photo of a", 4 tokens) instead of their 2 free + 2 projected random tokens (N(0, 0.02)).
+    - Pooling: their ``CustomCLIP.forward`` finds the end-of-text position by tokenising ``"X X X X {class}"``
+      without the full stop that the embedded prompt has, so their class features are read at the "." token; here
+      at the end-of-text token (CoOp's; on a random ViT-B-32 the two differ by up to 0.08 per feature component).
     - When the joint width d differs from the text width, the cross-attention output goes through one more
       Linear d -> width (``to_tokens``); their ViT-B/32 has both at 512.
     - float32; ``logit_scale`` defaults to the model's; seeded draws instead of their global seeding, so runs repeat
@@ -381,14 +385,16 @@ class OSLoPrompt(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
             if self.open_classes is not None:
                 raise CliplabError("OSLoPrompt: open_classes names classes of open_data; give open_data too")
             return None
-        from ..data import load_dataset
+        from ..data import dataset_names, load_dataset
         from ..data.base import Subset
         from ..features import embed_images
 
         try:
             dataset = load_dataset(self.open_data, split="train")
         except DatasetError:
-            dataset = load_dataset(self.open_data)
+            if str(self.open_data).lower() in dataset_names():  # a named dataset that is missing: say so
+                raise
+            dataset = load_dataset(self.open_data)  # a folder or manifest without splits: all of it
         names = [str(c) for c in (dataset.class_names or [])]
         wanted = self._open_class_names()
         labels = np.asarray(dataset.labels) if names else None
