@@ -50,8 +50,10 @@ def test_winclip_scores_and_maps_equal_the_api(images, tmp_path):
 def test_bayes_pfl_trains_saves_and_reloads(images, tmp_path):
     common = [*map(str, images), "--model", "tiny", "-q", "--data-root", DATA, "--aux-size", "32", "--samples", "2"]
     first = CliRunner().invoke(app, ["anomaly", *common, "--epochs", "1", "--save", str(tmp_path / "pfl"),
-                                     "-o", str(tmp_path / "a")])
+                                     "--evaluate", "-o", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
+    metrics = json.loads((tmp_path / "a" / "scores.json").read_text())["synthetic_test"]
+    assert 0 <= metrics["aupro"] <= 1 and metrics["test_images"] == 100 and "pixel AUROC" in first.output
     again = CliRunner().invoke(app, ["anomaly", *common, "--weights", str(tmp_path / "pfl"), "-o", str(tmp_path / "b")])
     assert again.exit_code == 0, again.output
     a = json.loads((tmp_path / "a" / "scores.json").read_text())["images"]

@@ -80,3 +80,25 @@ def test_bad_input_is_one_line(call):
     with pytest.raises(CliplabError) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+def test_evaluate_anomaly_scores_the_synthetic_split_through_the_api():
+    from pathlib import Path
+
+    from cliplab.data.anomaly import anomaly_set
+    from cliplab.eval.anomaly import evaluate_anomaly
+    from cliplab.models import load_model
+    from cliplab.regions.anomaly import PromptBaseline, patch_features
+
+    root = "/work/shared/datasets"
+    if not (Path(root) / "dtd_sample" / "labels.json").is_file():
+        pytest.skip("dtd_sample not available")
+    backbone = load_model("tiny")
+    test = anomaly_set("test", root=root, size=32, limit=5, per_source=2, anomaly_ratio=0.6)
+    record = evaluate_anomaly(backbone, test, method="winclip", size=32)
+    out = PromptBaseline(backbone).score(patch_features(backbone, test.images(), size=32), 32)
+    expected = anomaly_metrics(test.labels, out.scores.numpy(), test.masks, out.maps.numpy())
+    assert {k: record[k] for k in expected} == pytest.approx(expected)
+    assert record["test_images"] == len(test) and record["patch_mode"] == "dense"
+    with pytest.raises(CliplabError):
+        evaluate_anomaly(backbone, test, method="bayes-pfl")  # neither a model nor the auxiliary split

@@ -89,12 +89,12 @@ def anomaly(
         return model.predict(features, out_size, samples=samples, seed=run.seed)
 
     if evaluate:
-        from ..eval.anomaly import anomaly_metrics
+        from ..eval.anomaly import evaluate_anomaly
 
         test = anomaly_set("test", root=data_root, size=aux_size, seed=run.seed)
-        result = score(test.images(), test.size)
-        metrics = anomaly_metrics(test.labels, result.scores.numpy(), test.masks, result.maps.numpy())
-        record["synthetic_test"] = {"images": len(test), "anomalous": int(test.labels.sum()), **metrics}
+        metrics = evaluate_anomaly(backbone, test, method=method, model=model, object_name=object_name, mode=mode,
+                                   size=size, samples=samples, seed=run.seed)
+        record["synthetic_test"] = metrics
         console.print(f"synthetic test ({len(test)} images): image AUROC {metrics['image_auroc']:.3f}, pixel AUROC "
                       f"{metrics['pixel_auroc']:.3f}, AUPRO {metrics['aupro']:.3f}",
                       markup=False, highlight=False, soft_wrap=True)
