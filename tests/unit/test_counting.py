@@ -21,7 +21,9 @@ from cliplab.regions.counting import (
     CounterConfig,
     CountingUnsupportedError,
     EBCCounter,
+    count_features,
     count_images,
+    embed_blocks,
     fit_counter,
     load_counter,
     save_counter,
@@ -215,6 +217,24 @@ def test_fit_lowers_the_training_loss_and_a_saved_counter_counts_the_same(tiny, 
     with pytest.raises(ModelMismatchError, match="trained on tiny") as info:
         load_counter(tmp_path / "ctr", _resnet())
     assert "\n" not in str(info.value)
+
+
+def test_block_embeddings_computed_once_give_the_same_counts_and_training(tiny, data_root):
+    scenes = load_counting_scenes(data_root, "train", CountingSpec(count=3, size=64, max_count=6, object_min=8,
+                                                                   object_max=10))
+    config = CounterConfig(block=32)
+    images = [scenes[i].image for i in range(3)]
+    feats = embed_blocks(tiny, images, config)
+    untrained = EBCCounter(tiny, config)
+    for a, b in zip(count_features(untrained, feats), count_images(untrained, images)):
+        assert a.total == pytest.approx(b.total, rel=1e-6) and a.size == b.size
+    settings = TrainSettings(epochs=1, lr=1e-2, progress=False)
+    given, _ = fit_counter(tiny, scenes, config, settings, features=feats)
+    own, _ = fit_counter(tiny, scenes, config, settings)
+    for key, value in own.state_dict().items():
+        torch.testing.assert_close(given.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CliplabError, match="2 precomputed block embeddings for 3 scenes"):
+        fit_counter(tiny, scenes, config, settings, features=feats[:2])
 
 
 def test_vpt_trains_prompt_tokens_through_the_tower(tiny, data_root):

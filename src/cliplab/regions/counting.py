@@ -269,6 +269,11 @@ class CountResult:
                 "density": np.round(self.density, 4).tolist()}
 
 
+def _result(logits: torch.Tensor, density: torch.Tensor, block: int, size: tuple[int, int]) -> CountResult:
+    dens = density[0, 0].double().cpu().numpy()
+    return CountResult(float(dens.sum()), dens, logits.softmax(dim=1)[0].cpu().numpy(), block, size)
+
+
 @torch.no_grad()
 def count_images(counter: EBCCounter, images: Sequence[Image.Image]) -> list[CountResult]:
     """Count each image (module docstring): total and block density map."""
@@ -277,10 +282,33 @@ def count_images(counter: EBCCounter, images: Sequence[Image.Image]) -> list[Cou
     for image in images:
         tensor, _ = image_tensor(counter.backbone, image, counter.config.block)
         logits, density = counter(tensor.unsqueeze(0))
-        probs = logits.softmax(dim=1)
-        dens = density[0, 0].double().cpu().numpy()
-        out.append(CountResult(float(dens.sum()), dens, probs[0].cpu().numpy(), counter.config.block,
-                               (int(tensor.shape[-1]), int(tensor.shape[-2]))))
+        out.append(_result(logits, density, counter.config.block, (int(tensor.shape[-1]), int(tensor.shape[-2]))))
+    return out
+
+
+@torch.no_grad()
+def embed_blocks(backbone: Backbone, images: Sequence[Image.Image], config: CounterConfig = CounterConfig()
+                 ) -> list[torch.Tensor]:
+    """Block embeddings (h, w, d) of each image, on the CPU: what a counter without VPT computes (and
+    :func:`fit_counter` / :func:`count_features` accept), so several counters on one model embed the images once."""
+    if config.num_vpt:
+        raise CliplabError("block embeddings with VPT depend on the trained prompts: they cannot be computed once")
+    counter = EBCCounter(backbone, config)
+    return [counter.block_features(image_tensor(backbone, image, config.block)[0].unsqueeze(0))[0].cpu()
+            for image in images]
+
+
+@torch.no_grad()
+def count_features(counter: EBCCounter, features: Sequence[torch.Tensor]) -> list[CountResult]:
+    """Count images from their block embeddings (:func:`embed_blocks` with the counter's config)."""
+    if counter.config.num_vpt:
+        raise CliplabError("a counter with VPT counts images, not precomputed block embeddings")
+    counter.eval()
+    out = []
+    for feats in features:
+        logits, density = counter.forward_features(feats.unsqueeze(0).to(counter.anchors.device))
+        h, w = feats.shape[:2]
+        out.append(_result(logits, density, counter.config.block, (w * counter.config.block, h * counter.config.block)))
     return out
 
 
@@ -326,10 +354,12 @@ def _prepare(backbone: Backbone, scenes, block: int) -> _Prepared:
 
 
 def fit_counter(backbone: Backbone, scenes, config: CounterConfig = CounterConfig(),
-                settings: TrainSettings | None = None, *, batch_size: int = 8) -> tuple[EBCCounter, TrainResult]:
+                settings: TrainSettings | None = None, *, batch_size: int = 8,
+                features: Sequence[torch.Tensor] | None = None) -> tuple[EBCCounter, TrainResult]:
     """Train a CLIP-EBC counter on ``scenes`` (items with ``image`` and ``points``, e.g. ``data.counting``'s
     train split) through the one training loop; anchors ``average`` are the mean training block counts per bin.
-    Scenes of one batch must share a size."""
+    Scenes of one batch must share a size. ``features``: the scenes' block embeddings from :func:`embed_blocks`
+    (same config), reused instead of embedding the scenes again (not with VPT)."""
     if len(scenes) == 0:
         raise CliplabError("fit_counter needs at least one training scene")
     settings = settings or TrainSettings(epochs=20, lr=2e-3, weight_decay=1e-4, seed=0, progress=False,
@@ -339,8 +369,14 @@ def fit_counter(backbone: Backbone, scenes, config: CounterConfig = CounterConfi
     anchors = (average_anchors(bins, torch.cat([t.flatten() for t in data.targets])) if config.anchors == "average"
                else middle_anchors(bins))
     counter = EBCCounter(backbone, config, anchors)
-    features = None
-    if not counter.trains_encoder_input:
+    if features is not None:
+        if counter.trains_encoder_input:
+            raise CliplabError("fit_counter: a counter with VPT embeds the scenes itself; give no features")
+        if len(features) != len(data.images):
+            raise CliplabError(f"fit_counter: {len(features)} precomputed block embeddings for {len(data.images)} "
+                               "scenes")
+        features = [torch.as_tensor(f, dtype=torch.float32) for f in features]
+    elif not counter.trains_encoder_input:
         with torch.no_grad():
             features = [counter.block_features(img.unsqueeze(0))[0].cpu() for img in data.images]
     else:
