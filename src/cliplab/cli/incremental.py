@@ -1,4 +1,5 @@
-"""``cliplab incremental``: class-incremental few-shot sessions (CPE-CLIP, or CoOp fine-tuned naively)."""
+"""``cliplab incremental``: class-incremental few-shot sessions with any session learner (a head with ``learn_session``,
+e.g. CPE-CLIP) or any other encoder-family method refit per session (the naive baseline)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import typer
 from rich.table import Table
 
 from ..errors import CliplabError
+from ..heads.registry import describe_heads
 from .common import NO_TRAIN_SPLIT, DataOptions, RunOptions, command, console, param_value, report_skipped
+
+#: Read from the heads' source (nothing imported): the encoder family, less methods needing what the protocol cannot
+#: give (eval/incremental.py's UNSUPPORTED_NEEDS: a second model, an LLM, an artefact, unlabelled rows, captions).
+_UNSUPPORTED = {"aux_features", "caption_features", "llm", "artefact", "unlabelled"}
+METHOD_CHOICES = ", ".join(h.name for h in describe_heads()
+                           if h.family == "encoder" and not set(h.needs) & _UNSUPPORTED)
 
 
 def _params(items: list[str] | None) -> dict:
@@ -32,8 +40,9 @@ def incremental(
                                         "sessions separated by ';' (e.g. 0,1;2,3); overlapping sessions are "
                                         "refused."),
     shots: int = typer.Option(5, "--shots", min=1, help="Training images per class of each session."),
-    method: str = typer.Option("cpe-clip", "--method", help="cpe-clip, or coop (CoOp's context fine-tuned "
-                               "naively, session after session)."),
+    method: str = typer.Option("cpe-clip", "--method", help=f"One of {METHOD_CHOICES}. A session learner (a "
+                               "learn_session method) is given each session's shots in turn; any other is refit per "
+                               "session on that session's shots over every class seen so far (the naive baseline)."),
     params: list[str] = typer.Option(None, "--param", help="Method parameter NAME=VALUE (repeatable), e.g. "
                                      "epochs=5 or vision_prompts=false."),
     test_per_class: int = typer.Option(None, "--test-per-class", min=1, help="Score this many test images per "
@@ -46,10 +55,12 @@ def incremental(
     """Learn new classes session by session: accuracy on all classes seen so far and forgetting after each.
 
     Sessions of the same class are refused in one line; -o DIR keeps each session's head and resumes."""
-    from ..eval.incremental import METHODS, parse_sessions, split_sessions
+    from ..eval.incremental import check_method, parse_sessions, split_sessions
 
-    if method not in METHODS:
-        raise CliplabError(f"--method {method!r}: choose {', '.join(METHODS)}")
+    try:
+        method = check_method(method).name
+    except CliplabError as exc:
+        raise CliplabError(f"--method: {exc}") from None
     kwargs = _params(params)
     test_data = data.load(dataset, None, run.hash_content, output)
     if test_data.split == "all" and data.split is None:

@@ -1,5 +1,5 @@
-"""Class-incremental few-shot protocol (issue 25, CPE-CLIP): sessions of new classes, accuracy on every class seen
-so far after each session, and forgetting.
+"""Class-incremental few-shot protocol (issue 25, CPE-CLIP): sessions of new classes, accuracy on every class seen so
+far after each session, and forgetting.
 
 - ``split_sessions(n_classes, sessions)``: the classes in index order cut into ``sessions`` consecutive groups
   (sizes differ by at most one, the larger first); ``check_sessions`` refuses overlapping, empty or unknown classes in
@@ -9,14 +9,18 @@ so far after each session, and forgetting.
   each prediction the arg-max over every class seen by session t; ``forgetting(acc)`` after session t >= 1 is the mean
   over earlier sessions j of ``max_{j <= l < t} acc[l][j] - acc[t][j]`` (Chaudhry et al.'s forgetting), 0 after the
   first session.
-- ``run_incremental``: trains a method session by session ("cpe-clip": :meth:`CPECLIP.learn_session`; "coop": CoOp's
-  context fine-tuned naively, session after session, on the new classes with the logits of every seen class, no
-  masking or balance) and evaluates after each; with ``output_dir`` each finished session is saved (a rerun resumes
-  after the last one) and the training loop's checkpoints go to ``output_dir/checkpoints``.
+- ``run_incremental``: trains any registered method session by session and evaluates after each. The protocol knows
+  no method by name (``incremental_methods``): a head whose class has ``learn_session`` (a session learner, e.g.
+  CPE-CLIP) is built once over every class and given each session's shots in turn; any other encoder-family head is
+  the naive baseline (:class:`NaiveRefit`): a fresh head over the classes seen so far, fitted on that session's shots
+  only. A method whose fit needs what the protocol cannot give (a second model, an LLM, an artefact, unlabelled rows,
+  captions) is refused in one line. With ``output_dir`` each finished session's head is saved (a rerun resumes after
+  the last one) and the training loop's checkpoints go to ``output_dir/checkpoints``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +30,6 @@ import numpy as np
 
 from ..errors import CliplabError
 
-METHODS = ("cpe-clip", "coop")
 RESULT_FILE = "incremental.json"
 
 
@@ -173,50 +176,99 @@ class _Rows:
         return self.dataset.item_id(int(self.indices[i]))
 
 
-class NaiveCoOp:
-    """CoOp's context fine-tuned session after session (the naive baseline): each session trains the context it
-    ends with on the new classes' features, cross-entropy over every class seen so far (no masking, no balance)."""
+#: Fit inputs the protocol cannot give a method (it gives the session's features, labels and, to a method that
+#: declares "images", the session's images; "val" and "views" are optional inputs it leaves out).
+UNSUPPORTED_NEEDS = ("aux_features", "caption_features", "llm", "artefact", "unlabelled")
 
-    def __init__(self, backbone, class_names: Sequence[str], **params):
-        self.backbone, self.class_names, self.params = backbone, list(class_names), params
-        self.ctx_: np.ndarray | None = None
+
+def session_learner(cls) -> bool:
+    """Whether a head class learns session by session (has ``learn_session(X, y, ...)``)."""
+    return callable(getattr(cls, "learn_session", None))
+
+
+def incremental_methods() -> list[str]:
+    """The registered methods the protocol runs: session learners and the encoder family (refit per session), less
+    those needing an input it cannot give (``UNSUPPORTED_NEEDS``)."""
+    from ..heads.registry import list_heads
+
+    return [e.name for e in list_heads() if (session_learner(e.cls) or e.family == "encoder")
+            and not set(e.needs) & set(UNSUPPORTED_NEEDS)]
+
+
+def check_method(method: str):
+    """The registry entry of ``method``, or one line saying why the protocol cannot run it."""
+    from ..heads.registry import head_entry
+
+    entry = head_entry(method)
+    if not session_learner(entry.cls) and entry.family != "encoder":
+        raise CliplabError(f"incremental method {method!r}: neither a session learner (learn_session) nor an "
+                           f"encoder-family method; choose one of {', '.join(incremental_methods())}")
+    missing = sorted(set(entry.needs) & set(UNSUPPORTED_NEEDS))
+    if missing:
+        raise CliplabError(f"incremental method {method!r} needs {', '.join(missing)}, which the incremental "
+                           f"protocol does not give; choose one of {', '.join(incremental_methods())}")
+    return entry
+
+
+def _takes(entry, name: str) -> bool:
+    return name in inspect.signature(entry.cls.__init__).parameters
+
+
+class NaiveRefit:
+    """The naive baseline for any encoder head without ``learn_session``: at each session a fresh head over every
+    class seen so far, fitted on that session's shots only (cross-entropy over every seen class where the method
+    trains so; no replay, masking or balance). ``logits`` are (n, all classes), -inf for classes not seen yet."""
+
+    def __init__(self, entry, backbone, class_names: Sequence[str], params: dict, progress: bool = False):
+        self.entry, self.backbone, self.class_names = entry, backbone, list(class_names)
+        self.params, self.progress = dict(params), bool(progress)
+        self.head_ = None
         self.session_classes_: list[list[int]] = []
 
-    def learn_session(self, X: np.ndarray, y: np.ndarray, images=None, checkpoint_dir=None) -> NaiveCoOp:
-        import torch
+    @property
+    def seen(self) -> list[int]:
+        return [c for s in self.session_classes_ for c in s]
 
+    def learn_session(self, X: np.ndarray, y: np.ndarray, images=None, checkpoint_dir=None) -> NaiveRefit:
         from ..heads import create_head
-        from ..train.prompts import train_prompts
 
         new = sorted({int(c) for c in y})
-        seen = [c for s in self.session_classes_ for c in s] + new
+        seen = self.seen + new
         where = {c: i for i, c in enumerate(seen)}
-        head = create_head("coop", backbone=self.backbone, class_names=[self.class_names[c] for c in seen],
-                           checkpoint_dir=checkpoint_dir, **self.params)
-        labels = np.asarray([where[int(c)] for c in y], dtype=np.int64)
-        learner = head.build_learner()
-        if self.ctx_ is not None:
-            with torch.no_grad():
-                learner.ctx.copy_(torch.from_numpy(self.ctx_))
-        samples = np.asarray(X, dtype=np.float32)[None]
-        epochs = head.epochs_for(labels)
-        train_prompts(learner, head.epoch_data(samples, labels), head.train_settings(epochs, samples, labels), epochs)
-        self.ctx_ = learner.ctx.detach().float().cpu().numpy()
+        params = dict(self.params)
+        if _takes(self.entry, "progress"):
+            params["progress"] = self.progress
+        if checkpoint_dir is not None and _takes(self.entry, "checkpoint_dir"):
+            params["checkpoint_dir"] = str(checkpoint_dir)
+        head = create_head(self.entry.name, backbone=self.backbone if self.entry.needs_backbone else None,
+                           class_names=[self.class_names[c] for c in seen], **params)
+        extra = {"images": images} if "images" in self.entry.needs else {}
+        head.fit(np.asarray(X, dtype=np.float32), np.asarray([where[int(c)] for c in y], dtype=np.int64), **extra)
+        self.head_ = head
         self.session_classes_.append(new)
-        self.logit_scale_ = float(learner.logit_scale)
         return self
 
+    @property
+    def backbone_(self):
+        return getattr(self.head_, "backbone_", None)
+
     def logits(self, X: np.ndarray) -> np.ndarray:
-        import torch
+        scores = np.asarray(self.head_.logits(X), dtype=np.float64)
+        out = np.full((len(scores), len(self.class_names)), -np.inf)
+        out[:, self.seen] = scores
+        return out
 
-        from ..heads import create_head
 
-        head = create_head("coop", backbone=self.backbone, class_names=self.class_names, **self.params)
-        learner = head.build_learner()
-        with torch.no_grad():
-            learner.ctx.copy_(torch.from_numpy(self.ctx_))
-            text = learner().float().cpu().numpy()
-        return self.logit_scale_ * (np.asarray(X, dtype=np.float32) @ text.T)
+def _image_source(model, backbone, test_data, test_rows: np.ndarray):
+    """The Backbone the head scores test images through: its ``backbone_`` where it gives one whose image features
+    differ from the base model's on a probe of 4 test images (else the base model: its features are reused)."""
+    source = getattr(model, "backbone_", None)
+    if source is None or source is backbone:
+        return backbone
+    probe = test_rows[:4]
+    if np.allclose(_encode(source, test_data, probe), _encode(backbone, test_data, probe), atol=1e-6, rtol=0):
+        return backbone
+    return source
 
 
 def run_incremental(backbone, train_data, test_data, sessions: Sequence[Sequence[int]], shots: int, *,
@@ -225,8 +277,9 @@ def run_incremental(backbone, train_data, test_data, sessions: Sequence[Sequence
                     progress: bool = False, report=None) -> IncrementalResult:
     """Train ``method`` on ``shots`` images per class of each session in turn and score every seen class after each
     (see the module docstring); ``report(t, result)`` is called after each session."""
-    if method not in METHODS:
-        raise CliplabError(f"incremental method {method!r}: choose {', '.join(METHODS)}")
+    entry = check_method(method)
+    method = entry.name
+    learner = session_learner(entry.cls)
     names = list(train_data.class_names)
     sessions = check_sessions(sessions, len(names))
     params = dict(params or {})
@@ -241,65 +294,60 @@ def run_incremental(backbone, train_data, test_data, sessions: Sequence[Sequence
     result.test_items = int(len(test_rows))
     out = Path(output_dir) if output_dir is not None else None
     done = _resume(out, result) if out is not None else 0
-    if method == "cpe-clip":
+    if learner:
         from ..heads import create_head
 
-        model = create_head("cpe-clip", backbone=backbone, class_names=names, progress=progress, **params)
+        extra = {"progress": progress} if _takes(entry, "progress") else {}
+        model = create_head(method, backbone=backbone if entry.needs_backbone else None, class_names=names,
+                            **extra, **params)
         if done:
             from ..heads.saving import load_head
 
-            model = load_head(out / f"session-{done}", backbone, method="cpe-clip")
-            model.set_params(progress=progress)
+            model = load_head(out / f"session-{done}", backbone, method=method)
+            if extra:
+                model.set_params(**extra)
     else:
-        model = NaiveCoOp(backbone, names, progress=progress, **params)
-        if done:
-            state = np.load(out / f"session-{done}" / "coop.npz")
-            model.ctx_, model.logit_scale_ = state["ctx"], float(state["logit_scale"])
-            model.session_classes_ = [list(s) for s in sessions[:done]]
+        model = NaiveRefit(entry, backbone, names, params, progress)
+        model.session_classes_ = [list(s) for s in sessions[:done]]  # a refit needs nothing else from them
     base_test = None
     for t in range(done, len(sessions)):
         rows = draw_shots(train_data.labels, sessions[t], shots, seed)
         X = _encode(backbone, train_data, rows)
         y = np.asarray(train_data.labels)[rows].astype(np.int64)
         images = _Rows(train_data, rows)
-        if method == "cpe-clip":
-            if out is not None:
-                model.set_params(checkpoint_dir=str(out / "checkpoints"))
-            model.learn_session(X, y, images=images)
-            source = model.backbone_
-            prompted = bool(source.attached_prompts("image"))
+        checkpoints = None if out is None else out / "checkpoints"
+        if learner:
+            if checkpoints is not None and _takes(entry, "checkpoint_dir"):
+                model.set_params(checkpoint_dir=str(checkpoints))
+            model.learn_session(X, y, **({"images": images} if "images" in entry.needs else {}))
         else:
-            model.learn_session(X, y, checkpoint_dir=None if out is None else str(out / "checkpoints" /
-                                                                                   f"session-{t + 1}"))
-            prompted = False
-        if prompted:
-            X_test = _encode(source, test_data, test_rows)
-        else:
+            model.learn_session(X, y, images=images,
+                                checkpoint_dir=None if checkpoints is None else checkpoints / f"session-{t + 1}")
+        source = _image_source(model, backbone, test_data, test_rows)
+        if source is backbone:
             base_test = _encode(backbone, test_data, test_rows) if base_test is None else base_test
             X_test = base_test
+        else:
+            X_test = _encode(source, test_data, test_rows)
         logits = model.logits(X_test)
         seen = sessions[:t + 1]
         result.acc.append(session_accuracies(logits, test_labels, seen))
         result.accuracy.append(seen_accuracy(logits, test_labels, seen))
         result.forgetting = forgetting(result.acc)
         if out is not None:
-            _save_session(out, t + 1, model, method, backbone, result)
+            _save_session(out, t + 1, model.head_ if isinstance(model, NaiveRefit) else model, backbone, result)
         if report is not None:
             report(t, result)
     return result
 
 
-def _save_session(out: Path, number: int, model, method: str, backbone, result: IncrementalResult) -> None:
+def _save_session(out: Path, number: int, head, backbone, result: IncrementalResult) -> None:
     from ..fileio import atomic_write_text
+    from ..heads.saving import save_head
 
     folder = out / f"session-{number}"
     folder.mkdir(parents=True, exist_ok=True)
-    if method == "cpe-clip":
-        from ..heads.saving import save_head
-
-        save_head(model, folder, model_id=backbone.model_id, model=getattr(backbone, "display_name", None))
-    else:
-        np.savez(folder / "coop.npz", ctx=model.ctx_, logit_scale=np.float64(model.logit_scale_))
+    save_head(head, folder, model_id=backbone.model_id, model=getattr(backbone, "display_name", None))
     atomic_write_text(out / RESULT_FILE, json.dumps(result.to_json(), indent=1))
 
 
