@@ -267,9 +267,10 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
     - Logits are ``logit_scale * cos`` (CLIP's scale unless ``logit_scale`` is set); theirs apply the head to
       unnormalised image features (an implicit per-image temperature ||f||). Normalised, the head scores the cached
       features every cliplab pipeline uses and equals the zero-shot classifier at step 0 exactly.
-    - Prompts enter before the tower's ``ln_pre`` (cliplab's encoder access), theirs after it; the image tower's
-      LayerNorms stay frozen (theirs train them): the learned state is the prompts and the head, nothing inside the
-      shared model, so a saved head stays small and ``backbone_`` is rebuilt from the base model.
+    - Prompts enter before the tower's ``ln_pre`` (cliplab's encoder access), theirs after it: a prompt p here acts
+      as their ln_pre(p) (outside comparison: equal to 1e-6). The image tower's LayerNorms stay frozen (theirs
+      train them): the learned state is the prompts and the head, nothing inside the shared model, so a saved head
+      stays small and ``backbone_`` is rebuilt from the base model.
     - Their per-class loop runs over the classes present in the unlabelled set's ground truth
       (``set(df.labels)``); here over every class (no label is read). A class nobody ranks in its top 3 gets no
       pseudolabel (theirs raises). The top-3 needs C >= 3 there; here min(3, C).
