@@ -221,8 +221,10 @@ def load_dino(path: str | Path, arch: str, clip_mean, clip_std) -> DinoEncoder:
           needs=("descriptions", "llm", "images", "unlabelled"),
           default_templates="dataset", gives=("backbone",), fit_problems=("llm_failures",))
 class NoLA(ZeroShotLogitsMixin, ClipHead):
-    """NoLA (paper 2): description-averaged text classifier, a DINO alignment head on its top-k pseudolabels,
-    then VPT-shallow prompts and a linear head trained on the alignment head's labels (weak -> strong views).
+    """NoLA (paper 2): description classifier -> DINO head on its top-k pseudolabels -> VPT prompts + linear head.
+
+    The description-averaged text classifier pseudolabels an unlabelled pool; a self-supervised encoder's head learns
+    the top-k per class; VPT-shallow prompts and a linear head learn its labels (weak -> strong views).
 
     Paper 2 in ../shared/papers.md (Imam et al., "CLIP meets DINO for Tuning Zero-Shot Classifier using Unlabeled
     Image Collections"), read against the authors' code, github.com/fazliimam/NoLA (``trainers/NoLA.py``,
