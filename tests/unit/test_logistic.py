@@ -105,15 +105,15 @@ def test_curvature_pairs_carry_exactly_to_another_c():
     """A pair (s, y) of the cross-entropy part, carried to C (``carry_pair``), is the difference of H's gradients
     at C computed afresh: the same curvature information at any C."""
     fitter = TorchLogistic(X, Y, 1000, TOL)
-    Xa, y, rows = fitter._features(torch.float64), torch.from_numpy(fitter.y), torch.arange(fitter.n)
+    Xa = fitter._features(torch.float64)
     rng = np.random.default_rng(0)
     before = torch.tensor(rng.normal(size=(K, DIM + 1)))
     after = before + torch.tensor(0.1 * rng.normal(size=(K, DIM + 1)))
-    _, ce_before, _ = fitter._value_and_gradient(before, Xa, y, rows, 1 / (10.0 * fitter.n))  # measured at C = 10
-    _, ce_after, _ = fitter._value_and_gradient(after, Xa, y, rows, 1 / (10.0 * fitter.n))
+    _, ce_before, _ = fitter._value_and_gradient(before, Xa, 1 / (10.0 * fitter.n))  # measured at C = 10
+    _, ce_after, _ = fitter._value_and_gradient(after, Xa, 1 / (10.0 * fitter.n))
     for C in (0.3, 1e3):
         reg = 1 / (C * fitter.n)
-        g_before, g_after = (fitter._value_and_gradient(t, Xa, y, rows, reg)[2] for t in (before, after))
+        g_before, g_after = (fitter._value_and_gradient(t, Xa, reg)[2] for t in (before, after))
         carried = carry_pair(after - before, ce_after - ce_before, reg)
         np.testing.assert_allclose(carried.numpy(), (g_after - g_before).numpy(), rtol=1e-9, atol=1e-15)
         assert not np.allclose((ce_after - ce_before).numpy(), (g_after - g_before).numpy(), rtol=1e-6, atol=0)
@@ -169,3 +169,33 @@ def test_two_classes_and_unknown_solvers():
         logistic_fits(X, Y, 1000, TOL, solver="newton")
     with pytest.raises(ValueError, match="solver"):
         LinearProbe(solver="newton").fit(X, Y)
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_each_fit_times_both_thread_settings_then_runs_on_the_faster_and_restores_torchs(monkeypatch, faster):
+    """The first pass of a fit runs on torch's threads, the second on one thread; the rest on the one whose pass
+    took less wall time (on an oversubscribed machine one thread is faster); torch's setting is restored after."""
+    from cliplab.heads import logistic
+
+    class Clock:  # each reading advances 0.5 s on the faster setting, 1.5 s on the other
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 0.5 if torch.get_num_threads() == faster else 1.5
+            return self.now
+
+    monkeypatch.setattr(logistic, "time", Clock())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fitter = TorchLogistic(X, Y, 1000, TOL)
+        seen = []
+        original = fitter._value_and_gradient
+        fitter._value_and_gradient = lambda *a: seen.append(torch.get_num_threads()) or original(*a)
+        fitter.fit(10.0)
+        assert len(seen) > 4 and seen[:2] == [2, 2]  # at entry: torch's 2, then the trial pass set it back to 2
+        assert set(seen[2:]) == {faster}
+        assert fitter._pass_wall == {faster: 0.5, 3 - faster: 1.5}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -28,6 +28,11 @@ Same optimum, different path to it:
   (a search only compares accuracies). ``fit(C, final=True)``, the fit a head keeps, continues from there to
   1e-8 per iteration: float32's resolution of H (its rounding, about 1e-8 relative, stops it before
   scikit-learn's gradient test). The gradient test is float64 either way.
+- One pass (H and its gradient) is two matrix products and the exponentials in place on the (n, K) logits: the
+  label term of the cross-entropy uses the class sums S of the features, ``<theta, S>`` and ``P^T X - S``,
+  instead of indexing the logits. Each fit times its first pass on torch's threads and its second on one thread
+  and runs the rest on the faster (on a machine whose cores are busy with other work, one thread is faster and
+  spends less CPU: two threads wait for each other); torch's setting is restored after the fit.
 - The intercepts are centred (they sum to 0, as scikit-learn's multinomial intercepts do; a common shift does
   not change the model).
 
@@ -38,6 +43,7 @@ scikit-learn's (tests/unit/test_logistic.py bounds it and the accuracy against s
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -68,6 +74,8 @@ class TorchLogistic:
         self.iterations: dict[float, int] = {}  # C -> iterations spent at that C so far
         self.polished: set[float] = set()
         self._pairs: dict[float, list] = {}  # C -> L-BFGS pairs (s, y of the cross-entropy part), float32
+        self._trial: list[int] = []  # thread counts still to time in this fit (see ``fit``)
+        self._pass_wall: dict[int, float] = {}  # threads -> wall seconds of a pass
         self.passes = 0  # passes over the data (function + gradient evaluations), for benchmarks
 
     def _features(self, dtype):
@@ -83,23 +91,45 @@ class TorchLogistic:
 
     # ------------------------------------------------------------------ one pass: H and its gradient
 
-    def _value_and_gradient(self, theta, X, y, rows, reg: float):
-        """H (float) and the gradients (cross-entropy part, full) at theta, both (K, d + 1)."""
+    def _class_sums(self, dtype):
+        """S (K, d + 1): the sum of each class's augmented feature rows (the cross-entropy's label term)."""
+        import torch
+
+        key = ("sums", dtype)
+        if key not in self._data:
+            X = self._features(dtype)
+            self._data[key] = torch.zeros(self.k, self.d + 1, dtype=dtype).index_add_(0, torch.from_numpy(self.y), X)
+        return self._data[key]
+
+    def _value_and_gradient(self, theta, X, reg: float):
+        """H (float) and the gradients (cross-entropy part, full) at theta, both (K, d + 1).
+
+        With P the softmax of the logits X theta^T and S the class sums of X: the cross-entropy is
+        ``(sum_i logsumexp_i - <theta, S>) / n`` and its gradient ``(P^T X - S) / n``; one pass is two matrix
+        products and the exponentials, in place on the (n, K) logits."""
         import torch
 
         self.passes += 1
+        timing = bool(self._trial)
+        if timing:
+            torch.set_num_threads(self._trial[0])
+            start = time.perf_counter()
+        S = self._class_sums(X.dtype)
         z = X @ theta.T  # (n, K) logits
-        z_y = z[rows, y]  # a copy (advanced indexing)
-        top = z.max(dim=1).values
+        top = z.amax(dim=1)
         z.sub_(top[:, None]).exp_()
         total = z.sum(dim=1)
-        loss = float((top + total.log() - z_y).sum(dtype=torch.float64)) / self.n
-        z.div_(total[:, None])  # softmax
-        z[rows, y] -= 1.0
-        ce_grad = (z.T @ X).div_(self.n)
+        lse = float((top + total.log()).sum(dtype=torch.float64))
+        loss = (lse - float((theta * S).sum(dtype=torch.float64))) / self.n
+        z.mul_(total.reciprocal_()[:, None])  # softmax
+        ce_grad = (X.T @ z).T.sub(S).div_(self.n).contiguous()
         V = theta[:, :-1]
         grad = ce_grad.clone()
         grad[:, :-1].add_(V, alpha=reg)
+        if timing:
+            self._pass_wall[self._trial.pop(0)] = time.perf_counter() - start
+            if not self._trial:  # both timed: the rest of this fit on the faster setting
+                torch.set_num_threads(min(self._pass_wall, key=self._pass_wall.get))
         return loss + 0.5 * reg * float(V.square().sum(dtype=torch.float64)), ce_grad, grad
 
     def _converged(self, grad, tol: float) -> bool:
@@ -120,13 +150,11 @@ class TorchLogistic:
         import torch
 
         dtype = theta.dtype
-        X, y = self._features(dtype), torch.from_numpy(self.y)
-        rows = torch.arange(self.n)
+        X = self._features(dtype)
         reg = 1.0 / (C * self.n)
 
-        def dot(a, b) -> float:
-            return float(torch.dot(a.reshape(-1).double(), b.reshape(-1).double())) if dtype != torch.float64 \
-                else float(torch.dot(a.reshape(-1), b.reshape(-1)))
+        def dot(a, b) -> float:  # in the working dtype (float32 sums of 5e5 products: ample for L-BFGS)
+            return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
         def full_pair(s, y_ce):
             return s, carry_pair(s, y_ce, reg)
@@ -139,7 +167,7 @@ class TorchLogistic:
             if sy > 0:
                 memory.append((s, y_full, 1.0 / sy))
                 ce_memory.append((s, y_ce.to(dtype)))
-        f, ce_grad, grad = self._value_and_gradient(theta, X, y, rows, reg)
+        f, ce_grad, grad = self._value_and_gradient(theta, X, reg)
         values = [f]
         done = 0
         while done < iterations and not self._converged(grad, self.tol):
@@ -166,7 +194,7 @@ class TorchLogistic:
                 slope = dot(grad, q)
             while True:  # Armijo backtracking from the unit step
                 candidate = theta.add(q, alpha=step)
-                f_new, ce_new, grad_new = self._value_and_gradient(candidate, X, y, rows, reg)
+                f_new, ce_new, grad_new = self._value_and_gradient(candidate, X, reg)
                 if f_new <= f + 1e-4 * step * slope or step < 1e-8:
                     break
                 step *= 0.5
@@ -222,9 +250,20 @@ class TorchLogistic:
         return torch.tensor(theta, dtype=dtype), pairs
 
     def fit(self, C: float, final: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+        """(coef (K, d), intercept (K,), iterations so far at C), float64; torch's thread setting is restored."""
         import torch
 
-        C = float(C)
+        threads = torch.get_num_threads()
+        self._trial = [threads, 1] if threads > 1 else []
+        self._pass_wall = {}
+        try:
+            return self._fit(float(C), final)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, C: float, final: bool) -> tuple[np.ndarray, np.ndarray, int]:
+        import torch
+
         if C not in self.solutions:
             dtype = torch.float32 if C >= _F32_FROM_C else torch.float64
             theta, pairs = self._start(C, dtype)
