@@ -21,6 +21,7 @@ from cliplab.train.rank_adapter import (
     RankTrainSettings,
     all_pairs,
     fit_rank_adapter,
+    group_batches,
     load_ranker,
     pair_loss,
     regression_loss,
@@ -141,6 +142,25 @@ def test_a_short_fit_orders_an_easy_synthetic_set_and_round_trips(tmp_path):
     again = load_ranker(tmp_path / "ad")
     assert again.text == "more" and again.model_id == "m" and (again.low, again.high) == (0.0, 4.0)
     np.testing.assert_array_equal(again.scores(test_x, text), scores)
+    flat = torch.as_tensor(train_x).reshape(-1, 16)  # tokens standardised by the training tokens' statistics
+    torch.testing.assert_close(again.adapter.token_mean, flat.mean(0))
+    torch.testing.assert_close(again.adapter.token_scale, flat.std(0, unbiased=False) + 1e-6)
+
+
+def test_grouped_batches_hold_whole_groups_and_every_item_once():
+    groups = np.repeat([7, 3, 9, 1, 5], [6, 6, 6, 6, 2])[np.random.default_rng(0).permutation(26)]
+    batches = group_batches(groups, 13, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(26))
+    for batch in batches:
+        for name in set(groups[batch]):
+            assert set(np.flatnonzero(groups == name)) <= set(batch.tolist())  # a group is never split
+        assert len(batch) <= 13
+    assert group_batches(groups, 4, np.random.default_rng(1))[0].size in (2, 6)  # a group larger than a batch
+    x, y = _synthetic(26, 0)
+    text = np.ones((2, 16), np.float32)
+    grouped = fit_rank_adapter(x, y, text, groups=groups, settings=RankTrainSettings(epochs=1, batch_size=13),
+                               config=AdapterConfig(dim=16, heads=2))
+    assert grouped.history == [] and np.isfinite(grouped.scores(x, text)).all()
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -153,6 +173,8 @@ def test_bad_input_is_one_line(tmp_path):
         (lambda: fit_rank_adapter(x, y * np.nan, text), "NaN"),
         (lambda: AdapterConfig(dim=16, heads=5), "5 heads do not divide"),
         (lambda: RankTrainSettings(pair="hinge"), "choose from logistic, margin"),
+        (lambda: RankTrainSettings(regression_weight=0, score_pair_weight=0), "train the ranking score"),
+        (lambda: fit_rank_adapter(x, y, text, groups=[0, 1]), "8 images but 2 groups"),
         (lambda: load_ranker(tmp_path), "not a rank adapter folder"),
     ]
     for call, message in cases:

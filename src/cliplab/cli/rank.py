@@ -104,6 +104,9 @@ def rank_train(
     margin: float = typer.Option(1.0, "--margin", help="Margin of --pair margin."),
     pair_weight: float = typer.Option(1.0, "--pair-weight", help="Weight of the pairwise loss."),
     regression_weight: float = typer.Option(1.0, "--regression-weight", help="Weight of the regression loss."),
+    score_pair_weight: float = typer.Option(1.0, "--score-pair-weight", help="Weight of the pairwise loss on "
+                                            "differences of the regression scores (0: off)."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),
     layers: int = typer.Option(1, "--layers", help="Cross-attention fusion blocks."),
     heads: int = typer.Option(4, "--heads", help="Attention heads (must divide the width)."),
     queries: int = typer.Option(4, "--queries", help="Learned query tokens of the rank-aware attention."),
@@ -120,8 +123,9 @@ def rank_train(
     from ..eval.ranking import evaluate_ranking, fit_ranker
     from ..train.rank_adapter import CONFIG, AdapterConfig, RankTrainSettings
 
-    settings = RankTrainSettings(epochs=epochs, lr=lr, batch_size=train_batch, regression_weight=regression_weight,
-                                 pair_weight=pair_weight, pair=pair, margin=margin, seed=run.seed)
+    settings = RankTrainSettings(epochs=epochs, lr=lr, batch_size=train_batch, weight_decay=weight_decay,
+                                 regression_weight=regression_weight, pair_weight=pair_weight,
+                                 score_pair_weight=score_pair_weight, pair=pair, margin=margin, seed=run.seed)
     if (output / CONFIG).exists():
         raise CliplabError(f"{output}: holds a trained rank adapter already; give another -o folder")
     test = None

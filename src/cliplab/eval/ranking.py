@@ -144,7 +144,8 @@ def rank_images(backbone, dataset, text: str | None = None, ranker=None, cache_d
 def fit_ranker(backbone, dataset, text: str, *, settings=None, config=None, cache_dir=None, batch_size: int = 64,
                workers=None, progress: bool = False, device: str | None = "cpu", checkpoint_dir=None):
     """A ``FittedRanker`` trained on ``dataset``'s readable images with targets from ``data.ordinal.numeric_levels``
-    (an ordinal set's levels, or numeric class names) for the ranking ``text``."""
+    (an ordinal set's levels, or numeric class names) for the ranking ``text``; batches of whole groups where the
+    dataset has ``groups`` (an ordinal set's source images)."""
     from ..data.ordinal import numeric_levels
     from ..train.rank_adapter import RankTrainSettings, fit_rank_adapter, image_tokens, text_tokens
 
@@ -154,9 +155,11 @@ def fit_ranker(backbone, dataset, text: str, *, settings=None, config=None, cach
                                                      workers=workers, progress=progress)
     if len(indices) < 2:
         raise CliplabError(f"{dataset.name}: {len(indices)} readable image(s); ranking needs at least two")
+    groups = getattr(dataset, "groups", None)
     return fit_rank_adapter(tokens, targets[indices], text_t, text=text, model_id=backbone.model_id, tokens=source,
                             settings=settings or RankTrainSettings(), config=config, progress=progress,
-                            device=device, checkpoint_dir=checkpoint_dir)
+                            device=device, checkpoint_dir=checkpoint_dir,
+                            groups=None if groups is None else np.asarray(groups)[indices])
 
 
 def evaluate_ranking(backbone, dataset, text: str | None = None, ranker=None, cache_dir=None, *,

@@ -15,8 +15,13 @@ The model (:class:`RankAdapter`) reads an image's tokens and the ranking text's 
 Loss (the authors' ``ClipAdapterLossV2`` with its regression and rank components): ``w_reg * log(1 +
 smooth_l1(score, target))`` on targets scaled to [0, 1] plus ``w_pair`` times a pairwise loss on the pair logits
 of every ordered pair of a batch with different targets: ``logistic`` (binary cross-entropy against 1[y_i >
-y_j], the authors') or ``margin`` (``mean(max(0, m - sign(y_i - y_j) * logit))``). Training goes through the one
-loop (``train.engine.run_training``) on cached tokens: the backbone stays frozen, as in the authors' runs.
+y_j], the authors') or ``margin`` (``mean(max(0, m - sign(y_i - y_j) * logit))``); plus ``w_score`` times the
+same pairwise loss on differences of the regression scores (the rank component of the authors' V1 loss,
+``ClipWithAdapterLoss``; 0 turns it off). Training goes through the one loop (``train.engine.run_training``) on
+cached tokens: the backbone stays frozen, as in the authors' runs. Image tokens are standardised per feature by
+the training tokens' mean and standard deviation (buffers saved with the weights). Given ``groups`` (an ordinal
+set's source images), each batch holds whole groups, so the pair losses see pairs that differ only in the
+property; otherwise batches are a seeded permutation of the items.
 
 Image tokens: a ViT's patch tokens in the joint space (``models.dense``, the final path on the model's centre
 crop, L2-normalised, through the dense cache); a tower without patch tokens (ResNet, whose 32 px grid is 1 x 1)
@@ -29,7 +34,12 @@ the output projection of the difference tokens has no bias and the pair head is 
 (theirs adds a bias and an MLP after the difference); the regression head reads the mean of the tokens (theirs
 the sum); pairs with equal targets are left out of the pair loss (theirs count them as "not above"); no
 learnable text tokens, no post-fusion encoder, no dropout, no absolute-zero BCE term (dataset-specific); text
-and image tokens are those of the joint space (theirs: unprojected text tokens and the tower's output tokens).
+and image tokens are those of the joint space (theirs: unprojected text tokens and the tower's output tokens);
+the V1 score-pair term is on by default beside V2's terms, the input standardisation and grouped batches are
+cliplab's (on the 32 px ResNet signal model, random batches and raw tokens left the fit far below a ridge
+regression on the same embeddings). Outside comparison (/work/compare/rank, the authors' classes run on the same
+weights and inputs): difference tokens equal to 1.8e-7; their V2 loss equals cliplab's terms exactly once their
+diagonal pairs (logit 0, target 0: log 2 each) are counted in.
 """
 
 from __future__ import annotations
@@ -139,6 +149,9 @@ class RankAdapter(nn.Module):
         super().__init__()
         self.config = config
         width = config.inner
+        # image tokens are standardised per feature by the training tokens' statistics (set by the fit)
+        self.register_buffer("token_mean", torch.zeros(config.dim))
+        self.register_buffer("token_scale", torch.ones(config.dim))
         self.image_in = nn.Linear(config.dim, width)
         self.text_in = nn.Linear(config.dim, width)
         self.blocks = nn.ModuleList(FusionBlock(width, config.heads, config.mlp_ratio) for _ in range(config.layers))
@@ -157,7 +170,7 @@ class RankAdapter(nn.Module):
     def fuse(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Image tokens (B, P, dim) fused with the text tokens (T, dim) -> (B, P, width)."""
         self._check(images, text)
-        x = self.image_in(images)
+        x = self.image_in((images - self.token_mean) / self.token_scale)
         t = self.text_in(text).unsqueeze(0).expand(len(x), -1, -1)
         for block in self.blocks:
             x = block(x, t)
@@ -207,14 +220,16 @@ def regression_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 # -- training ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankTrainSettings:
-    """How to fit: epochs, lr (AdamW, cosine), batch size, loss weights, pair loss kind and margin, seed."""
+    """How to fit: epochs, lr (AdamW, cosine), batch size, weight decay, loss weights (regression, the rank-aware
+    branch's pairs, pairs of regression scores), pair loss kind and margin, seed."""
 
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 32
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.05
     regression_weight: float = 1.0
     pair_weight: float = 1.0
+    score_pair_weight: float = 1.0  # the pairwise loss on regression-score differences (the authors' V1 loss)
     pair: str = "logistic"
     margin: float = 1.0
     seed: int = 0
@@ -224,8 +239,10 @@ class RankTrainSettings:
             raise RankAdapterError("rank training: epochs >= 1, batch size >= 2 and lr > 0")
         if self.pair not in PAIR_LOSSES:
             raise RankAdapterError(f"pair loss {self.pair!r}: choose from {', '.join(PAIR_LOSSES)}")
-        if self.regression_weight < 0 or self.pair_weight < 0 or self.regression_weight + self.pair_weight == 0:
-            raise RankAdapterError("rank training: loss weights must be >= 0, not both 0")
+        weights = (self.regression_weight, self.pair_weight, self.score_pair_weight)
+        if min(weights) < 0 or self.regression_weight + self.score_pair_weight == 0:
+            raise RankAdapterError("rank training: loss weights must be >= 0 and the regression or score-pair weight "
+                                   "above 0 (they train the ranking score)")
 
 
 class RankObjective:
@@ -238,11 +255,18 @@ class RankObjective:
         s = self.settings
         fused = module.fuse(batch["images"], batch["text"])
         targets = batch["targets"]
-        reg = regression_loss(module.score(fused), targets)
+        scores = module.score(fused)
+        reg = regression_loss(scores, targets)
         pairs = all_pairs(len(targets), device=targets.device)
         pair = pair_loss(module.pair_logits(fused, pairs), pairs, targets, s.pair, s.margin)
         loss = s.regression_weight * reg + s.pair_weight * pair
-        return loss, {"regression": float(reg.detach()), "pair": float(pair.detach())}
+        logs = {"regression": float(reg.detach()), "pair": float(pair.detach())}
+        if s.score_pair_weight:
+            differences = scores[pairs[:, 0]] - scores[pairs[:, 1]]
+            score_pair = pair_loss(differences, pairs, targets, s.pair, s.margin)
+            loss = loss + s.score_pair_weight * score_pair
+            logs["score_pair"] = float(score_pair.detach())
+        return loss, logs
 
 
 @dataclass
@@ -318,12 +342,29 @@ def _tensor(values, name: str, dims: int) -> torch.Tensor:
     return out
 
 
+def group_batches(groups, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Item indices in batches of whole groups: the groups in ``rng``'s order, packed while a batch stays within
+    ``size`` items (a group larger than ``size`` is a batch of its own); every item once."""
+    groups = np.asarray(groups).ravel()
+    out, current = [], []
+    for name in rng.permutation(np.unique(groups)):
+        members = np.flatnonzero(groups == name).tolist()
+        if current and len(current) + len(members) > size:
+            out.append(np.asarray(current))
+            current = []
+        current += members
+    return out + [np.asarray(current)] if current else out
+
+
 def fit_rank_adapter(image_tokens, targets, text_tokens, *, text: str = "", model_id: str = "", tokens: str = "",
                      settings: RankTrainSettings = RankTrainSettings(), config: AdapterConfig | None = None,
                      progress: bool = False, device: str | None = "cpu", checkpoint_dir: str | Path | None = None,
-                     evaluate=None) -> FittedRanker:
+                     evaluate=None, groups=None) -> FittedRanker:
     """Train a :class:`RankAdapter` on image tokens (n, P, d) with float ``targets`` (n,) for the text tokens
-    (T, d) through ``run_training``; targets are scaled to [0, 1] by their range for the regression term."""
+    (T, d) through ``run_training``; targets are scaled to [0, 1] by their range for the regression term, image
+    tokens standardised per feature by their statistics here. ``groups`` (n,), e.g. the source image of each item
+    of an ordinal set, makes every batch hold whole groups (a seeded draw of groups per epoch), so the pair loss
+    sees pairs that differ only in the property; without it batches are a seeded permutation of the items."""
     from .engine import TrainSettings, run_training
 
     images = _tensor(image_tokens, "image tokens", 3)
@@ -336,18 +377,34 @@ def fit_rank_adapter(image_tokens, targets, text_tokens, *, text: str = "", mode
         raise RankAdapterError("rank adapter: every target is the same; ranking needs at least two levels")
     scaled = (y - low) / (high - low)
     config = config or AdapterConfig(dim=images.shape[-1])
+    if images.shape[-1] != config.dim:
+        raise RankAdapterError(f"rank adapter: image tokens {tuple(images.shape)}; expected (n, tokens, {config.dim})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         adapter = RankAdapter(config)
+    flat = images.reshape(-1, images.shape[-1])
+    with torch.no_grad():
+        adapter.token_mean.copy_(flat.mean(dim=0))
+        adapter.token_scale.copy_(flat.std(dim=0, unbiased=False) + 1e-6)
     n, size = len(images), min(settings.batch_size, len(images))
+    if groups is not None:
+        groups = np.asarray(groups).ravel()
+        if len(groups) != n:
+            raise RankAdapterError(f"rank adapter: {n} images but {len(groups)} groups")
 
     def data(epoch: int, start: int = 0):
-        order = np.random.default_rng([settings.seed, epoch]).permutation(n)
-        for b in range(start, max(1, n // size)):
-            idx = torch.as_tensor(order[b * size:(b + 1) * size])
+        rng = np.random.default_rng([settings.seed, epoch])
+        if groups is None:
+            order = rng.permutation(n)
+            batches = [order[b * size:(b + 1) * size] for b in range(max(1, n // size))]
+        else:
+            batches = group_batches(groups, size, rng)
+        for idx in batches[start:]:
+            idx = torch.as_tensor(idx)
             yield {"images": images[idx], "text": text_t, "targets": scaled[idx]}
 
-    identity = json.dumps({"config": asdict(config), "text": text, "model_id": model_id, "n": n})
+    identity = json.dumps({"config": asdict(config), "text": text, "model_id": model_id, "n": n,
+                           "grouped": groups is not None})
     train = TrainSettings(epochs=settings.epochs, lr=settings.lr, weight_decay=settings.weight_decay,
                           seed=settings.seed, device=device, progress=progress, desc="rank adapter",
                           checkpoint_dir=checkpoint_dir, identity=identity)
