@@ -124,6 +124,10 @@ def main() -> None:
     parser.add_argument("--coco-images", type=int, default=3)
     parser.add_argument("--model", default=None, help="a ViT model for the mosaic rows (default: recipe:"
                         f"{VIT_RECIPE} when built, else a random 32-px ViT)")
+    parser.add_argument("--model-label", default=None, help="the name the mosaic model goes by in the tables (e.g. "
+                        "for a snapshot folder of a recipe build)")
+    parser.add_argument("--note", default=None, help="what the mosaic model is, for the markdown (replaces the "
+                        "recipe's note)")
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
     parser.add_argument("--synonyms-methods", default=None, help="methods also run with GKC's synonym classifier "
                         "on mosaic (default: the same as --methods; '' for none)")
@@ -152,7 +156,10 @@ def main() -> None:
     with_synonyms = methods if args.synonyms_methods is None else [m for m in args.synonyms_methods.split(",") if m]
     rows = []
     model, label = mosaic_model(args.model)
+    if args.model_label:
+        model.display_name = label = args.model_label
     record["mosaic_model"] = label
+    record["note"] = args.note
     mosaic = load_segmentation("mosaic", DATA_ROOT, "test")
     synonyms, _ = load_synonyms(mosaic.class_names, SYNONYMS)
     record["synonyms"] = synonyms
@@ -185,8 +192,8 @@ def main() -> None:
         "# Segmentation methods: mIoU and seconds per image\n",
         f"mosaic: 2 x 2 CIFAR-10 test tiles (64 px, each image at its own size, 32-px windows every 16 px), CIFAR-10 "
         f"templates, model {label}"
-        + (" (trained here on CIFAR-10 train with template captions: weights that carry signal, but a small model "
-           "that has seen these classes, not a general CLIP)" if signal else
+        + ((f" ({args.note})" if args.note else " (trained here on CIFAR-10 train with template captions: weights "
+            "that carry signal, but a small model that has seen these classes, not a general CLIP)") if signal else
            " (**random weights**: the mIoU is chance level and compares nothing)")
         + f". ReCo retrieves from {args.collection_size} unlabelled CIFAR-10 train images (k = 50, the authors' "
         "context categories tree, sky, building, road, person). GKC synonyms: benchmarks/cifar10_synonyms.json "

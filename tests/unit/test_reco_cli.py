@@ -58,3 +58,19 @@ def test_segment_with_synonyms_file(tmp_path):
     refused = runner.invoke(app, ["segment", str(image), "--labels", "cat,dog", "--model", "tiny", "--synonyms",
                                   str(bad), "-o", str(tmp_path / "x"), "-q"])
     assert refused.exit_code != 0 and "'horse' is not among the labels" in refused.output
+
+
+def test_segment_eval_with_synonyms_records_them_beside_the_plain_run(tmp_path, data_root):
+    synonyms = tmp_path / "syn.json"
+    synonyms.write_text(json.dumps({"airplane": ["aeroplane"], "cat": ["kitten", "kitty"]}))
+    out = tmp_path / "res"
+    base = ["segment-eval", "--dataset", "mosaic", "--mosaic-count", "2", "--model", "tiny", "--data-root",
+            str(data_root), "-o", str(out), "--grid", "0", "-q"]
+    for extra in ([], ["--synonyms", str(synonyms)]):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+    plain = json.loads((out / "segment_maskclip_mosaic_test.json").read_text())
+    gkc = json.loads((out / "segment_maskclip_mosaic_test_synonyms.json").read_text())
+    assert plain["synonyms"] is None
+    assert gkc["synonyms"] == {"airplane": ["aeroplane"], "cat": ["kitten", "kitty"]}
+    assert gkc["items"] == plain["items"] == 2
