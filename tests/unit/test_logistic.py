@@ -199,3 +199,22 @@ def test_each_fit_times_both_thread_settings_then_runs_on_the_faster_and_restore
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_pass_is_the_objective_and_its_gradient_written_out():
+    """H from the class sums (<theta, S>) and its gradient (P^T X - S) / n + reg [V | 0], in float64, against the
+    objective and the softmax gradient computed row by row from the one-hot labels."""
+    fitter = TorchLogistic(X, Y, 1000, TOL)
+    rng = np.random.default_rng(1)
+    theta = rng.normal(size=(K, DIM + 1))
+    C = 3.0
+    reg = 1 / (C * fitter.n)
+    f, ce_grad, grad = fitter._value_and_gradient(torch.tensor(theta), fitter._features(torch.float64), reg)
+    Xa = np.hstack([X.astype(np.float64) - X.astype(np.float64).mean(axis=0), np.ones((len(X), 1))])
+    coef, intercept = theta[:, :-1], theta[:, -1] - theta[:, :-1] @ X.astype(np.float64).mean(axis=0)
+    assert f == pytest.approx(logistic_objective(X, Y, C, coef, intercept), rel=1e-12)
+    p = np.exp(log_softmax(Xa @ theta.T, axis=1))
+    expected = (p - np.eye(K)[Y]).T @ Xa / len(Y)
+    np.testing.assert_allclose(ce_grad.numpy(), expected, rtol=1e-10, atol=1e-14)
+    expected[:, :-1] += reg * theta[:, :-1]
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-10, atol=1e-14)
