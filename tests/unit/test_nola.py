@@ -226,7 +226,7 @@ def test_bad_dino_checkpoints_and_inputs_are_one_line_before_training(tiny, task
     assert "\n" not in str(info.value)
 
 
-def test_a_resnet_image_tower_takes_no_prompts_but_trains_the_head(monkeypatch):
+def test_a_resnet_image_tower_takes_no_prompts_but_trains_the_head(tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
@@ -247,6 +247,12 @@ def test_a_resnet_image_tower_takes_no_prompts_but_trains_the_head(monkeypatch):
     head.fit(X, y, images=images)
     assert all(torch.equal(before[k], v) for k, v in backbone.model.state_dict().items())
     assert head.vis_ctx_.shape[0] == 0 and not np.allclose(head.weights_, head.text_weights_)
+    save_head(head, tmp_path / "resnet")
+    np.testing.assert_array_equal(load_head(tmp_path / "resnet", backbone).logits(X), head.logits(X))
+    norms = create_head("nola", backbone=backbone, class_names=NAMES,
+                        **{**FAST, "n_prompts": 0, "max_epoch": 1, "train_norms": True}).fit(X, y, images=images)
+    changed = {k for k, v in norms.backbone_.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and changed <= set(norms.norm_names_)  # BatchNorm weights and biases only (running stats kept)
 
 
 def test_save_load_and_a_refit_from_finished_checkpoints(tiny, task, dino, tmp_path, monkeypatch):
@@ -296,3 +302,19 @@ def test_an_unlabelled_set_given_as_plain_features_is_the_same_as_an_image_featu
     head = create_head("nola", backbone=tiny, class_names=NAMES, **{**FAST, "max_epoch": 0, "max_unlabelled": 40})
     head.fit(X[:30], np.zeros(30, np.int64), unlabelled=plain, images=first, unlabelled_images=rest)
     assert head.pool_size_ == 40 and head.pseudo_rows_.max() < len(X)
+
+
+def test_train_norms_trains_only_the_norm_layers_of_a_copy_and_reloads(tiny, task, tmp_path):
+    pool, X, test, _, _ = task
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    head = create_head("nola", backbone=tiny, class_names=NAMES, **{**FAST, "max_epoch": 1, "train_norms": True})
+    head.fit(X, np.zeros(len(X), np.int64), images=pool)
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())  # the shared model
+    changed = {k for k, v in head.backbone_.model.state_dict().items() if k in before and not torch.equal(before[k], v)}
+    assert changed and changed <= set(head.norm_names_)
+    assert all(".ln_" in n or n.startswith("visual.ln_") for n in head.norm_names_)
+    assert head.norms_.size == sum(before[n].numel() for n in head.norm_names_)
+    save_head(head, tmp_path / "norms")
+    loaded = load_head(tmp_path / "norms", tiny)
+    assert loaded.backbone_.model_id == head.backbone_.model_id
+    np.testing.assert_array_equal(_features(loaded.backbone_, test), _features(head.backbone_, test))

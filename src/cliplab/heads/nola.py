@@ -95,20 +95,25 @@ class AlignObjective:
 
 class NolaModule(torch.nn.Module):
     """Stage 3's student: VPT-shallow tokens ``visual`` (p, width) after the image tower's class token (None: no
-    prompts) and the linear head ``weight`` (C, d), initialised to the text classifier. Logits are
-    ``logit_scale * normalize(f(x; prompts)) @ weight.T``. The Backbone is a plain attribute, never trained."""
+    prompts) and the linear head ``weight`` (C, d), initialised to the text classifier; ``norms``, the image tower's
+    norm-layer parameters of a derived copy (``train_norms``), train with them. Logits are
+    ``logit_scale * normalize(f(x; prompts)) @ weight.T``. The Backbone is a plain attribute."""
 
     def __init__(self, backbone: Backbone, weight: torch.Tensor, logit_scale: float,
-                 visual: torch.Tensor | None = None):
+                 visual: torch.Tensor | None = None, norms: Sequence[tuple[str, torch.nn.Parameter]] = ()):
         super().__init__()
         self.backbone = backbone
         self.logit_scale = float(logit_scale)
         self.weight = torch.nn.Parameter(weight.detach().clone().float())
         self.visual = None if visual is None else torch.nn.Parameter(visual.detach().clone().float())
+        self.norms = torch.nn.ParameterList([p for _, p in norms])  # the derived copy's own tensors, shared
+        self.no_decay = {id(p) for name, p in norms if name.endswith("bias")}  # their no-decay names: biases
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        if self.visual is None:  # the tower is frozen and unprompted: no graph through it
-            with torch.no_grad():
+        if self.visual is None:
+            if len(self.norms):  # trained norm layers: the graph runs through the tower
+                return self.backbone.forward_images(images)
+            with torch.no_grad():  # a frozen, unprompted tower: no graph through it
                 return self.backbone.forward_images(images)
         return self.backbone.forward_images(images, prompts=[self.visual])
 
@@ -130,8 +135,27 @@ class NolaObjective:
         loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.smoothing)
         return loss, {"agree": float((logits.argmax(dim=1) == batch["labels"]).float().mean())}
 
-    def param_groups(self, module: torch.nn.Module, weight_decay: float) -> list[dict]:
-        return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    def param_groups(self, module: NolaModule, weight_decay: float) -> list[dict]:
+        trained = [p for p in module.parameters() if p.requires_grad]
+        return [{"params": [p for p in trained if id(p) not in module.no_decay], "weight_decay": weight_decay},
+                {"params": [p for p in trained if id(p) in module.no_decay], "weight_decay": 0.0}]
+
+
+def norm_parameters(backbone: Backbone) -> list[tuple[str, torch.nn.Parameter]]:
+    """The image tower's norm-layer parameters (LayerNorm, BatchNorm, GroupNorm weights and biases), named under
+    the model (``visual.ln_pre.weight``); open_clip (``visual``) and Hugging Face (``vision_model``) towers."""
+    model = backbone.model
+    for attribute in ("visual", "vision_model"):
+        tower = getattr(model, attribute, None)
+        if isinstance(tower, torch.nn.Module):
+            break
+    else:
+        raise UnsupportedOperationError(f"nola: train_norms needs an open_clip or Hugging Face image tower; "
+                                        f"{backbone.info.name} has neither")
+    kinds = (torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
+    return [(f"{attribute}.{name}.{pname}" if name else f"{attribute}.{pname}", p)
+            for name, module in tower.named_modules() if isinstance(module, kinds)
+            for pname, p in module.named_parameters(recurse=False)]
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -260,7 +284,8 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
 
     Fitted: ``weights_`` (d, C), ``text_weights_`` (d, C), ``vis_ctx_`` (p, width), ``backbone_``,
     ``pseudo_rows_``/``pseudo_labels_`` (the top-k selection, rows of the pool = ``X`` then ``unlabelled``),
-    ``student_labels_`` (the alignment head's label of every pool row), ``align_*_`` (its weights), ``k_``,
+    ``norms_``/``norm_names_`` (with ``train_norms``), ``student_labels_`` (the alignment head's label of every pool
+    row), ``align_*_`` (its weights), ``k_``,
     ``pool_size_``, ``label_agreement_`` (student labels vs CLIP's argmax), ``ssl_encoder_``, ``llm_failures_``,
     ``final_loss_`` (stage 3's last step), ``logit_scale_``.
 
@@ -270,9 +295,11 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
       unnormalised image features (an implicit per-image temperature ||f||). Normalised, the head scores the cached
       features every cliplab pipeline uses and equals the zero-shot classifier at step 0 exactly.
     - Prompts enter before the tower's ``ln_pre`` (cliplab's encoder access), theirs after it: a prompt p here acts
-      as their ln_pre(p) (outside comparison: equal to 1e-6). The image tower's LayerNorms stay frozen (theirs
-      train them): the learned state is the prompts and the head, nothing inside the shared model, so a saved head
-      stays small and ``backbone_`` is rebuilt from the base model.
+      as their ln_pre(p) (outside comparison: equal to 1e-6).
+    - The image tower's norm layers stay frozen by default (``train_norms=False``); theirs train them (LayerNorm,
+      or BatchNorm for ResNets, biases without weight decay): ``train_norms=True`` does so on a derived copy and
+      keeps them as ``norms_`` (``norm_names_`` in order), which ``rebuild_backbone`` loads back. The default keeps
+      the learned state to the prompts and the head and lets a ResNet tower run without gradients through it.
     - Their per-class loop runs over the classes present in the unlabelled set's ground truth
       (``set(df.labels)``); here over every class (no label is read). A class nobody ranks in its top 3 gets no
       pseudolabel (theirs raises). The top-3 needs C >= 3 there; here min(3, C).
@@ -283,7 +310,8 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
     - The blur radius is scaled by input size / 224 (theirs is fixed for 224 px); draws are seeded per
       (``random_state``, epoch, item); no validation-based early stopping (theirs stops on a labelled val split).
     - ``max_unlabelled`` (None: all) draws that many pool rows (seeded) for CPU-sized runs.
-    - ResNet image towers take no prompts: ``n_prompts=0`` trains the linear head alone there (else one line).
+    - ResNet image towers take no prompts: ``n_prompts=0`` trains the linear head (and with ``train_norms`` the
+      BatchNorm parameters) alone there (else one line).
     """
 
     _contract_skips = dict(FEWSHOT_SKIPS)
@@ -307,6 +335,7 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
         align_hidden: int = 256,
         align_batch_size: int = 32,
         n_prompts: int = 16,
+        train_norms: bool = False,
         max_epoch: int = 10,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
@@ -335,6 +364,7 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
         self.align_hidden = align_hidden
         self.align_batch_size = align_batch_size
         self.n_prompts = n_prompts
+        self.train_norms = train_norms
         self.max_epoch = max_epoch
         self.lr = lr
         self.weight_decay = weight_decay
@@ -480,9 +510,18 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
             student_labels = head(torch.from_numpy(ssl)).argmax(dim=1).numpy().astype(np.int64)
 
         # stage 3: prompts + linear head on strong views of every pool image, labelled by the alignment head
-        module = NolaModule(backbone, torch.from_numpy(np.ascontiguousarray(text.T)).to(backbone.device), scale,
-                            self._initial_prompts().to(backbone.device) if int(self.n_prompts) > 0 else None)
+        student, norms = backbone, []
+        if self.train_norms:  # the authors also train the image tower's norm layers: on a derived copy
+            student = backbone.derive("nola-train", trainable=False)
+            norms = norm_parameters(student)
+            for _, param in norms:
+                param.requires_grad_(True)
+        module = NolaModule(student, torch.from_numpy(np.ascontiguousarray(text.T)).to(backbone.device), scale,
+                            self._initial_prompts().to(backbone.device) if int(self.n_prompts) > 0 else None, norms)
         final_loss = self._train_student(module, pool, student_labels, pool_features)
+        self.norm_names_ = [name for name, _ in norms]
+        self.norms_ = np.ascontiguousarray(np.concatenate(
+            [p.detach().float().cpu().numpy().ravel() for _, p in norms]) if norms else np.zeros(0), np.float32)
 
         self.text_weights_ = np.ascontiguousarray(text, dtype=np.float32)
         self.weights_ = np.ascontiguousarray(module.weight.detach().float().cpu().numpy().T, dtype=np.float32)
@@ -612,8 +651,22 @@ class NoLA(ZeroShotLogitsMixin, ClipHead):
     # ------------------------------------------------------------------ prediction
 
     def rebuild_backbone(self, backbone: Backbone) -> Backbone:
-        """A derived copy of ``backbone`` with the learned visual prompts attached (``backbone_``)."""
+        """A derived copy of ``backbone`` with the learned visual prompts attached and, after ``train_norms``, the
+        learned norm-layer parameters (``backbone_``)."""
         derived = backbone.derive("nola", trainable=False)
+        names = [str(n) for n in getattr(self, "norm_names_", [])]
+        if names:
+            found = dict(norm_parameters(derived))
+            values = np.asarray(self.norms_, dtype=np.float32).reshape(-1)
+            if any(n not in found for n in names) or values.size != sum(found[n].numel() for n in names):
+                raise CliplabError(f"nola: {backbone.info.name} does not have the norm layers this head trained; "
+                                   "load it with the model it was fitted on")
+            with torch.no_grad():
+                offset = 0
+                for name in names:
+                    param = found[name]
+                    param.copy_(torch.from_numpy(values[offset:offset + param.numel()]).view_as(param))
+                    offset += param.numel()
         prompts = np.asarray(self.vis_ctx_, dtype=np.float32)
         return derived.set_prompts(image=[torch.from_numpy(prompts)] if len(prompts) else [])
 
