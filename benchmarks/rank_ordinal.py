@@ -11,7 +11,7 @@ per image.
 2. Timing (``--timing-model``, default ``ViT-B-32:random``: random weights, timing only): seconds per image to rank
    ``--timing-images`` images zero-shot and with an (untrained) adapter reading the 7 x 7 patch tokens.
 
-    python benchmarks/rank_ordinal.py [--quick] [--sources 200] [--epochs 30]
+    python benchmarks/rank_ordinal.py [--quick] [--sources 400] [--epochs 20] [--width 128] [--layers 2]
 """
 
 from __future__ import annotations
@@ -41,8 +41,27 @@ def _never_build(spec: str) -> bool:
     return True
 
 
-def accuracy_part(spec: str, sources: int, settings: RankTrainSettings, cache: str) -> list[dict]:
+def ridge_reference(backbone, train, test, cache: str) -> dict:
+    """A reference that is not the paper's: ridge regression of the level on the image embedding (alpha by
+    scikit-learn's leave-one-out CV on the train half), scored on the test half."""
+    import numpy as np
+    from sklearn.linear_model import RidgeCV
+
+    from cliplab.eval.ranking import ranking_metrics
+    from cliplab.features import embed_images
+
+    a = embed_images(backbone, train, cache, progress=False)
+    b = embed_images(backbone, test, cache, progress=False)
+    model = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(a.features, train.targets[a.indices])
+    return ranking_metrics(test.targets[b.indices], model.predict(b.features), test.groups[b.indices])
+
+
+def accuracy_part(spec: str, sources: int, settings: RankTrainSettings, cache: str, width: int | None,
+                  layers: int) -> list[dict]:
+    from cliplab.train.rank_adapter import AdapterConfig
+
     backbone, note = benchmark_model(spec)
+    config = AdapterConfig(dim=backbone.embed_dim, width=width, layers=layers)
     rows = []
     for prop in PROPERTIES:
         train = ordinal_set(prop, "train", sources=sources, root=DATA_ROOT)
@@ -51,12 +70,15 @@ def accuracy_part(spec: str, sources: int, settings: RankTrainSettings, cache: s
         with CpuAccount() as zs_cpu:
             zero, _ = evaluate_ranking(backbone, test, train.text, None, cache, progress=False)
         with CpuAccount() as fit_cpu:
-            ranker = fit_ranker(backbone, train, train.text, settings=settings, cache_dir=cache, progress=False)
+            ranker = fit_ranker(backbone, train, train.text, settings=settings, config=config, cache_dir=cache,
+                                progress=False)
         with CpuAccount() as eval_cpu:
             fitted, _ = evaluate_ranking(backbone, test, train.text, ranker, cache, progress=False)
             seen, _ = evaluate_ranking(backbone, train, train.text, ranker, cache, progress=False)
-        log(f"  zero-shot {zero}\n  adapter {fitted}")
-        rows.append({"model": spec, "weights": note, "property": prop, "text": train.text, "tokens": ranker.tokens,
+        ridge = ridge_reference(backbone, train, test, cache)
+        log(f"  zero-shot {zero}\n  adapter {fitted}\n  ridge {ridge}")
+        rows.append({"ridge": ridge, "adapter_config": config.__dict__,
+                     "model": spec, "weights": note, "property": prop, "text": train.text, "tokens": ranker.tokens,
                      "train_images": len(train), "test_images": len(test), "zero_shot": zero, "adapter": fitted,
                      "adapter_on_train": seen, "fit_s": ranker.seconds, "zero_shot_cpu": zs_cpu.result,
                      "fit_cpu": fit_cpu.result, "adapter_eval_cpu": eval_cpu.result})
@@ -101,10 +123,16 @@ def main() -> None:
     parser.add_argument("--model", default="recipe:cifar10-signal")
     parser.add_argument("--vit-model", default="recipe:cifar10-vit-signal")
     parser.add_argument("--timing-model", default="ViT-B-32:random")
-    parser.add_argument("--sources", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--sources", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--timing-images", type=int, default=24)
+    parser.add_argument("--width", type=int, default=128, help="adapter width")
+    parser.add_argument("--layers", type=int, default=2, help="adapter fusion blocks")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a shared 2-core machine)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.sources, args.epochs, args.timing_images = 20, 3, 6
     settings = RankTrainSettings(epochs=args.epochs)
@@ -115,7 +143,7 @@ def main() -> None:
         rows, skipped = [], []
         for spec in (args.model, args.vit_model):
             if spec and _never_build(spec):
-                rows += accuracy_part(spec, args.sources, settings, cache)
+                rows += accuracy_part(spec, args.sources, settings, cache, args.width, args.layers)
             elif spec:
                 skipped.append(spec)
                 log(f"{spec}: not built; skipped (this benchmark never builds a recipe)")
@@ -132,11 +160,17 @@ def main() -> None:
             f"## {spec}: {r0['weights']}",
             f"{r0['train_images']} train / {r0['test_images']} test images per property ({args.sources} CIFAR-10 test "
             "images at levels 0..5, split by source image); scored on the test half; the adapter trained "
-            f"{args.epochs} epochs on the train half. Tau: Kendall tau-b; within: mean over the source images.",
+            f"{args.epochs} epochs on the train half (width {args.width}, {args.layers} fusion blocks: chosen on a "
+            "validation part of the blur train half; settings in the JSON). Tau: Kendall tau-b; within: mean over "
+            "the source images.",
             md_table(["property", "image tokens", "ranker", "Kendall tau", "pairwise acc.", "within tau",
                       "within pairwise"],
                      [row for r in mine for row in (_row(r, "zero_shot", "zero-shot cosine"),
-                                                    _row(r, "adapter", "rank adapter"))]),
+                                                    _row(r, "adapter", "rank adapter"),
+                                                    _row(r, "ridge", "reference: ridge on the embedding"))]),
+            "The ridge row is not the paper's method: a linear regression of the level on the image embedding "
+            "(alpha by leave-one-out CV on the train half), to show what a linear read-out of the same features "
+            "reaches.",
             md_table(["property", "fit wall s", "fit CPU s", "adapter on train: tau"],
                      [[r["property"], r["fit_cpu"]["wall_s"], r["fit_cpu"]["own_cpu_s"],
                        r["adapter_on_train"]["kendall_tau"]] for r in mine]),
@@ -150,7 +184,7 @@ def main() -> None:
                  [["zero-shot (embed + cosine)", t["zero_shot_s_per_image"], t["zero_shot_cpu_s_per_image"]],
                   [f"image tokens ({t['tokens']})", t["tokens_s_per_image"], t["tokens_cpu_s_per_image"]],
                   ["adapter on cached tokens", t["adapter_s_per_image"], t["adapter_cpu_s_per_image"]]]),
-        "Load from other processes during the three steps (cores): "
+        f"torch threads: {args.threads} (--threads). Load from other processes during the three steps (cores): "
         + ", ".join(f"{v:.2f}" for v in t["foreign_load"]) + ".",
     ]
     write_results("rank_ordinal" + ("_quick" if args.quick else ""), record, "\n\n".join(sections))

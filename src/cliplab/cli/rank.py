@@ -107,10 +107,10 @@ def rank_train(
     score_pair_weight: float = typer.Option(1.0, "--score-pair-weight", help="Weight of the pairwise loss on "
                                             "differences of the regression scores (0: off)."),
     weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),
-    layers: int = typer.Option(1, "--layers", help="Cross-attention fusion blocks."),
+    layers: int = typer.Option(2, "--layers", help="Cross-attention fusion blocks."),
     heads: int = typer.Option(4, "--heads", help="Attention heads (must divide the width)."),
     queries: int = typer.Option(4, "--queries", help="Learned query tokens of the rank-aware attention."),
-    width: int = typer.Option(None, "--width", help="Adapter width (default: the model's embedding width)."),
+    width: int = typer.Option(128, "--width", help="Adapter width (0: the model's embedding width)."),
     sources: int = typer.Option(200, "--sources", help="ordinal: source images drawn (half train, half test)."),
     ordinal_seed: int = typer.Option(0, "--ordinal-seed", help="ordinal: seed of the draw and the split."),
     run: RunOptions = None,
@@ -146,7 +146,7 @@ def rank_train(
 
     numeric_levels(train)  # levels checked before a model loads
     backbone = run.load_backbone()
-    config = AdapterConfig(dim=backbone.embed_dim, width=width, heads=heads, layers=layers, queries=queries)
+    config = AdapterConfig(dim=backbone.embed_dim, width=width or None, heads=heads, layers=layers, queries=queries)
     common = dict(batch_size=run.batch_size, workers=run.workers, progress=not run.quiet)
     ranker = fit_ranker(backbone, train, by, settings=settings, config=config, cache_dir=run.cache_dir,
                         device=run.device or "cpu", checkpoint_dir=output / "checkpoints", **common)
