@@ -3,7 +3,9 @@
 Models: the mosaic rows use ``recipe:cifar10-vit-signal`` (a 32-px ViT, patch 4, trained here on CIFAR-10 train
 with template captions) when it is built (never built here), else a **random-weight** ViT of that architecture
 (``cliplab-vit-32px``: patch 4, 32 px, 6 blocks of width 192), whose mIoU is chance level and says nothing about
-which method helps; ``--model SPEC`` picks another. coco_mini_seg runs open_clip ViT-B-16 with **random weights**:
+which method helps; ``--model SPEC`` picks another (``recipe:cifar10-signal``, the trained 32-px ResNet: MaskCLIP's
+RN value path, one 32-px cell per CIFAR tile, so 32-px windows every 32 px; with ``--name`` its results go to
+their own files). coco_mini_seg runs open_clip ViT-B-16 with **random weights**:
 pipeline timing only (short side 448, 224-px windows every 112 px, as CLIP-DINOiser's COCO setting), on the first
 ``--coco-images`` images of the 159. Methods run with their defaults (dinoiser: guidance from CLIP's own layer -3
 tokens, no DINO weights are available here), except ReCo's collection: on mosaic ``--collection-size`` CIFAR-10
@@ -16,6 +18,7 @@ COCO synonym file here, so no such rows on coco_mini_seg).
 
     python benchmarks/segment_methods.py [--quick] [--mosaic-images 200] [--coco-images 3] [--model SPEC]
         [--methods maskclip,dinoiser,reco] [--synonyms-methods maskclip,dinoiser,reco] [--skip-coco] [--reuse]
+        [--name segment_methods_signal]
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def run(backbone, dataset, method: str, limit: int, out, reuse: bool = False, pa
             "model": backbone.display_name, "weights": record["weights"], "mIoU": record["mIoU"],
             "mAcc": record["mAcc"], "aAcc": record["aAcc"], "s_per_image": record["timing"]["s_per_image"],
             "cpu_s": record["timing"]["cpu_s"], "windows": record["timing"]["windows"],
-            "setup_s": record["timing"]["setup_s"], "total_wall_s": time.perf_counter() - t0}
+            "setup_s": record["timing"]["setup_s"], "window": record["settings"]["window"],
+            "stride": record["settings"]["stride"], "total_wall_s": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -122,8 +126,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mosaic-images", type=int, default=200)
     parser.add_argument("--coco-images", type=int, default=3)
-    parser.add_argument("--model", default=None, help="a ViT model for the mosaic rows (default: recipe:"
-                        f"{VIT_RECIPE} when built, else a random 32-px ViT)")
+    parser.add_argument("--model", default=None, help="a model for the mosaic rows, ViT or open_clip ResNet "
+                        f"(default: recipe:{VIT_RECIPE} when built, else a random 32-px ViT)")
+    parser.add_argument("--name", default=NAME, help="results name: NAME.json/.md and NAME_files/ (another model's "
+                        "rows in files of their own)")
     parser.add_argument("--model-label", default=None, help="the name the mosaic model goes by in the tables (e.g. "
                         "for a snapshot folder of a recipe build)")
     parser.add_argument("--note", default=None, help="what the mosaic model is, for the markdown (replaces the "
@@ -148,8 +154,8 @@ def main() -> None:
     from cliplab.dense.gkc import load_synonyms
     from cliplab.dense.registry import list_dense
 
-    out = RESULTS_DIR / "segment_methods_files"
-    record = header(NAME, __doc__.splitlines()[0], args.quick)
+    out = RESULTS_DIR / f"{args.name}_files"
+    record = header(args.name, __doc__.splitlines()[0], args.quick)
     record["load_before"] = load_average()
     record["torch_threads"] = args.threads
     methods = args.methods.split(",") if args.methods else [e.name for e in list_dense()]
@@ -188,13 +194,16 @@ def main() -> None:
                        100 * r["mIoU"], 100 * r["aAcc"], r["s_per_image"], r["setup_s"], r["windows"]]
                       for r in rows])
     signal = not label.endswith("(random weights)")
+    mosaic_run = next((r for r in rows if r["dataset"] == "mosaic"), None)
+    window, stride = (mosaic_run["window"][0], mosaic_run["stride"]) if mosaic_run else (32, 16)
     body = "\n".join([
         "# Segmentation methods: mIoU and seconds per image\n",
-        f"mosaic: 2 x 2 CIFAR-10 test tiles (64 px, each image at its own size, 32-px windows every 16 px), CIFAR-10 "
-        f"templates, model {label}"
+        f"mosaic: 2 x 2 CIFAR-10 test tiles (64 px, each image at its own size, {window}-px windows every {stride} "
+        f"px), CIFAR-10 templates, model {label}"
         + ((f" ({args.note})" if args.note else " (trained here on CIFAR-10 train with template captions: weights "
             "that carry signal, but a small model that has seen these classes, not a general CLIP)") if signal else
-           " (**random weights**: the mIoU is chance level and compares nothing)")
+           " (**random weights**: the mIoU is chance level and compares nothing"
+           + (f"; recipe:{VIT_RECIPE} was not built when this ran" if args.model is None else "") + ")")
         + f". ReCo retrieves from {args.collection_size} unlabelled CIFAR-10 train images (k = 50, the authors' "
         "context categories tree, sky, building, road, person). GKC synonyms: benchmarks/cifar10_synonyms.json "
         "(hand-written). coco_mini_seg: COCO-Object maps (background + 80 classes, background scored as a class name), "
@@ -205,7 +214,7 @@ def main() -> None:
         f"{record['load_after']}).\n",
         table,
     ])
-    write_results(NAME + ("_quick" if args.quick else ""), record, body)
+    write_results(args.name + ("_quick" if args.quick else ""), record, body)
 
 
 if __name__ == "__main__":
