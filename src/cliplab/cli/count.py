@@ -25,7 +25,7 @@ def count(
     train_dir: Path = typer.Option(None, "--train", help=TRAIN_HELP),
     scenes: int = typer.Option(300, "--scenes", min=1, help="Training scenes (with --train)."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Training epochs (with --train)."),
-    lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Learning rate (with --train)."),
+    lr: float = typer.Option(1e-2, "--lr", min=0.0, help="Learning rate (with --train)."),
     block: int = typer.Option(32, "--block", min=1, help="Block side in pixels; images are resized to whole blocks."),
     blocks: str = typer.Option("tiles", "--blocks", help=BLOCKS_HELP),
     vpt: int = typer.Option(0, "--vpt", min=0, help="Visual prompt tokens per tower block (ViT towers; with --train)."),

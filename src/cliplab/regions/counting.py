@@ -156,7 +156,9 @@ class EBCCounter(torch.nn.Module):
         from ..models.dense import dense_tower
 
         try:
-            return dense_tower(self.backbone)
+            tower = dense_tower(self.backbone)
+            tower.check_path("final")  # a ResNet tower gives only MaskCLIP's value path
+            return tower
         except DenseFeaturesUnavailableError as exc:
             raise CountingUnsupportedError(f"count --blocks patches needs a ViT image tower ({exc}); use --blocks "
                                            "tiles") from exc
@@ -362,7 +364,7 @@ def fit_counter(backbone: Backbone, scenes, config: CounterConfig = CounterConfi
     (same config), reused instead of embedding the scenes again (not with VPT)."""
     if len(scenes) == 0:
         raise CliplabError("fit_counter needs at least one training scene")
-    settings = settings or TrainSettings(epochs=20, lr=2e-3, weight_decay=1e-4, seed=0, progress=False,
+    settings = settings or TrainSettings(epochs=20, lr=1e-2, weight_decay=1e-4, seed=0, progress=False,
                                          desc="clip-ebc")
     data = _prepare(backbone, scenes, config.block)
     bins = check_bins(config.bins)
