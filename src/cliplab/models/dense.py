@@ -1,4 +1,4 @@
-"""Dense (patch) features of ViT image towers: patch tokens with their grid, projected into the joint space.
+"""Dense (patch) features of image towers: patch tokens with their grid, projected into the joint space.
 
 Three ways through the tower (:class:`DenseSpec` ``path`` and ``layer``):
 
@@ -20,9 +20,23 @@ sliding-window inference averages window logits). Where the patch grid differs f
 positional embeddings are resampled bicubically (``align_corners=False``, as MaskCLIP and transformers do);
 the class-token position is kept as is.
 
+ResNet towers (open_clip ``ModifiedResNet``, :class:`OpenClipResNetTower`): MaskCLIP's RN value path (the
+authors' ``maskclip_head.py``, ``vit=False``: ``feat = c_proj(v_proj(x))`` as 1x1 convolutions on the last stage's
+map): every position of the trunk's stride-32 output goes through the attention pool's value projection and its
+output projection ``c_proj``, no query-key attention. A "patch" is then one 32 x 32 pixel cell (the trunk's
+stride), the grid the attention pool's positional embedding was trained for is ``image_size / 32`` a side, and a
+32k-px input gives a k x k grid. Positions: CLIP's attention pool adds its positional embedding to every position
+before the projections, and here its spatial rows, resampled bicubically to the grid as for ViTs, are added
+(``positions=True``, the default); the authors' head adds none (``positions=False`` reproduces theirs). Their
+class position is the mean token, which their plain path never forms (it is only the query of the pooled output):
+the class row of the embedding is not used. ``path="final"`` is refused in one line (the pool gives one pooled
+token per image, no per-position final tokens), ``layer`` names the attention pool only (depth 1), ``value_mlp``
+does not apply (the pool has no residual or MLP), and there is no token stream block by block (``embed`` /
+``block`` refuse in one line).
+
 Everything runs in fp32 torch without autograd, whatever :meth:`Backbone.set_inference` chose. Supported:
-open_clip ``VisionTransformer`` towers with a projection and Hugging Face ``CLIPModel``; anything else raises
-:class:`DenseFeaturesUnavailableError` in one line.
+open_clip ``VisionTransformer`` towers with a projection, open_clip ``ModifiedResNet`` towers (value path) and
+Hugging Face ``CLIPModel``; anything else raises :class:`DenseFeaturesUnavailableError` in one line.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ PATHS = ("final", "value")
 INPUTS = ("model", "aspect", "sliding")
 ENCODING = "fp32-torch"  # dense features always run the torch model in fp32
 WINDOW_BATCH = 256  # sliding windows run through the tower at most this many at a time
+RESNET_STRIDE = 32  # open_clip ModifiedResNet: stem (x4) and layer2-4 (x2 each)
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,13 @@ class DenseTower:
     patch: tuple[int, int]
     grid: tuple[int, int]  # the grid the positional embeddings were trained for
     depth: int
+    paths: tuple[str, ...] = PATHS  # the paths this tower gives
+
+    def check_path(self, path: str) -> None:
+        """Nothing for a path this tower gives, else DenseFeaturesUnavailableError in one line."""
+        if path not in self.paths:
+            raise DenseFeaturesUnavailableError(f"{self.name}: dense path {path!r} is not available; this tower "
+                                                f"gives {', '.join(self.paths)}")
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -248,6 +270,82 @@ class HFClipTower(DenseTower):
         return self.projection(self.vision.post_layernorm(x[:, 1:]))
 
 
+class OpenClipResNetTower(DenseTower):
+    """open_clip ``ModifiedResNet`` (stem, layer1-4 at stride 32, ``attnpool``): MaskCLIP's RN value path only
+    (module docstring). ``positions``: add the attention pool's spatial positional embedding (resampled to the
+    grid) before the value projection, as CLIP's pool does; False as MaskCLIP's head."""
+
+    depth = 1  # the attention pool: the only "block" whose value path is taken
+    paths = ("value",)
+
+    def check_path(self, path: str) -> None:
+        if path != "value":
+            raise DenseFeaturesUnavailableError(
+                f"{self.name}: an open_clip ModifiedResNet's attention pool gives one pooled token per image, not "
+                f"per-position {path!r} tokens; use path='value' (MaskCLIP's RN value path)")
+
+    def __init__(self, backbone: Backbone, positions: bool = True):
+        visual = getattr(backbone.model, "visual", None)
+        pool = getattr(visual, "attnpool", None)
+        needed = ("stem", "layer1", "layer2", "layer3", "layer4")
+        if pool is None or not all(hasattr(visual, a) for a in needed) or not all(
+                hasattr(pool, a) for a in ("positional_embedding", "v_proj", "c_proj")):
+            raise DenseFeaturesUnavailableError(
+                f"{backbone.info.name}: dense features of a ResNet need open_clip's ModifiedResNet with an attention "
+                f"pool; this one is {type(visual).__name__}")
+        self.name = backbone.info.name
+        self.visual, self.pool, self.positions = visual, pool, bool(positions)
+        side = round((pool.positional_embedding.shape[0] - 1) ** 0.5)
+        size = _pair(getattr(visual, "image_size", side * RESNET_STRIDE))
+        if side * side + 1 != pool.positional_embedding.shape[0] or any(s != side * RESNET_STRIDE for s in size):
+            raise DenseFeaturesUnavailableError(
+                f"{self.name}: the attention pool's {pool.positional_embedding.shape[0]} positions do not match a "
+                f"{size[0]}x{size[1]} input at stride {RESNET_STRIDE}")
+        self.patch = (RESNET_STRIDE, RESNET_STRIDE)
+        self.grid = (side, side)
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (n, C, h, w) at stride 32: stem, layer1..layer4."""
+        visual = self.visual
+        x = visual.stem(images.to(visual.conv1.weight.dtype))
+        for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            x = stage(x)
+        return x
+
+    def _no_stream(self, what: str):
+        raise DenseFeaturesUnavailableError(
+            f"{self.name}: a ResNet tower has no token stream block by block ({what}; ViT towers only); its dense "
+            "features are path='value' (MaskCLIP's RN value path)")
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        self._no_stream("embed")
+
+    def block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        self._no_stream("block")
+
+    def value(self, index: int, x: torch.Tensor, mlp: bool = True) -> torch.Tensor:
+        self._no_stream("value of a block")
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        self._no_stream("head")
+
+    def tokens(self, images: torch.Tensor, path: str = "final", layer: int = -1, value_mlp: bool = True
+               ) -> torch.Tensor:
+        """MaskCLIP's RN value path (n, h, w, d), unnormalised: ``c_proj(v_proj(x_p + pos_p))`` at every position
+        ``p`` of the trunk's map (``pos`` only with ``positions``); ``value_mlp`` does not apply."""
+        self.check_path(path)
+        self.resolve_layer(layer)
+        h, w = self.grid_of(images)
+        x = self.trunk(images)
+        if tuple(x.shape[-2:]) != (h, w):
+            raise CliplabError(f"{self.name}: the trunk gave a {x.shape[-2]}x{x.shape[-1]} map for a {h}x{w} grid")
+        x = x.flatten(2).transpose(1, 2)  # (n, h*w, C), row-major positions as the pool's embedding
+        if self.positions:
+            x = x + resample_positions(self.pool.positional_embedding, self.grid, (h, w))[1:].to(x.dtype)
+        out = self.pool.c_proj(self.pool.v_proj(x))
+        return out.reshape(out.shape[0], h, w, out.shape[-1])
+
+
 def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -262,11 +360,13 @@ def dense_tower(backbone: Backbone) -> DenseTower:
             f"{backbone.info.name}: dense features are not available for a TorchScript model; load its weights "
             "as a state dict or safetensors instead")
     if isinstance(backbone, OpenClipBackbone):
+        if hasattr(getattr(backbone.model, "visual", None), "attnpool"):
+            return OpenClipResNetTower(backbone)
         return OpenClipTower(backbone)
     if isinstance(backbone, HFClipBackbone):
         return HFClipTower(backbone)
     raise DenseFeaturesUnavailableError(
-        f"{backbone.info.name}: dense features need an open_clip ViT or a Hugging Face CLIPModel; "
+        f"{backbone.info.name}: dense features need an open_clip ViT or ResNet or a Hugging Face CLIPModel; "
         f"this backbone is {type(backbone).__name__}")
 
 
@@ -386,9 +486,12 @@ def dense_key(backbone: Backbone, spec: DenseSpec = DenseSpec()) -> dict:
     key = {"kind": "dense", "format": 1, "model_id": backbone.model_id, "preprocess": backbone.preprocess_id,
            "encoding": ENCODING, "dim": int(backbone.embed_dim), "depth": tower.depth, "patch": list(tower.patch),
            **asdict(spec)}
+    tower.check_path(spec.path)
     key["layer"] = tower.resolve_layer(spec.layer)
-    if spec.path != "value":
-        key.pop("value_mlp")
+    if spec.path != "value" or isinstance(tower, OpenClipResNetTower):
+        key.pop("value_mlp")  # ResNet: the attention pool has no residual or MLP
+    if isinstance(tower, OpenClipResNetTower):
+        key["positions"] = tower.positions
     if spec.input == "model":
         key["resolution"] = key["stride"] = key["max_side"] = None
     else:
