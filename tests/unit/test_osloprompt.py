@@ -138,6 +138,7 @@ def test_a_finished_checkpoint_gives_its_result_and_other_pseudo_open_data_is_re
     (dict(unknown_name="Dog"), {}, "unknown_name 'Dog' is one of the known classes"),
     (dict(attention_heads=5), {}, "attention_heads must be a positive divisor"),
     (dict(attention_dropout=1.0), {}, "attention_dropout must be in"),
+    (dict(optimizer="adam"), {}, "optimizer must be 'sgd' (CoOp's) or 'adamw'"),
     (dict(open_classes="fox"), {}, "open_classes names classes of open_data; give open_data too"),
     (dict(), {"X_open": np.ones((2, 7), np.float32)}, "OSLoPrompt"),
     (dict(open_data="somewhere"), {"X_open": "open"}, "as X_open or as open_data, not both"),

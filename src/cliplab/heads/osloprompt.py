@@ -214,9 +214,10 @@ class OSLoPrompt(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
     - One source: no domain labels; their per-domain prompts "A {domain} of a {class}" become one
       ``attribute_prompt`` ("a photo of a"), and the style CE runs over all known images at once (theirs
       concatenates the domains' logits, the same CE).
-    - Optimiser and schedule: CoOp's SGD and cosine (theirs AdamW at 0.0017/0.001/0.001 per module, weight decay
-      1e-4, 10 epochs, gradient clipping at 1, a ReduceLROnPlateau that is never stepped), so that attention off
-      is CoOp; ``lr``, ``max_epoch`` and ``weight_decay`` are parameters.
+    - Optimiser and schedule: CoOp's SGD and cosine by default (theirs AdamW at 0.0017/0.001/0.001 per module,
+      weight decay 1e-4, 10 epochs, gradient clipping at 1, a ReduceLROnPlateau that is never stepped), so that
+      attention off is CoOp; ``optimizer="adamw"`` takes AdamW (one rate, ``lr``, for every module, with CoOp's
+      warm-up and cosine); ``lr``, ``max_epoch`` and ``weight_decay`` are parameters.
     - Context: CoOp's ("a photo of a", 4 tokens) instead of their 2 free + 2 projected random tokens (N(0, 0.02)).
     - Pooling: their ``CustomCLIP.forward`` finds the end-of-text position by tokenising ``"X X X X {class}"``
       without the full stop that the embedded prompt has, so their class features are read at the "." token; here
@@ -243,6 +244,7 @@ class OSLoPrompt(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
         batch_size: int = 32,
+        optimizer: str = "sgd",
         attention: bool = True,
         descriptions: str | Path | Mapping[str, Sequence[str]] | None = None,
         attribute_prompt: str = "a photo of a",
@@ -273,6 +275,7 @@ class OSLoPrompt(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
         self.warmup_epochs = warmup_epochs
         self.warmup_lr = warmup_lr
         self.batch_size = batch_size
+        self.optimizer = optimizer
         self.attention = attention
         self.descriptions = descriptions
         self.attribute_prompt = attribute_prompt
@@ -299,6 +302,9 @@ class OSLoPrompt(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
             value = float(getattr(self, key))
             if not np.isfinite(value) or value < 0:
                 raise CliplabError(f"OSLoPrompt: {key} must be finite and >= 0, got {getattr(self, key)!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise CliplabError(f"OSLoPrompt: optimizer must be 'sgd' (CoOp's) or 'adamw' (the authors'), got "
+                               f"{self.optimizer!r}")
         if not 0 <= float(self.attention_dropout) < 1:
             raise CliplabError(f"OSLoPrompt: attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         heads = self.attention_heads
@@ -491,7 +497,7 @@ class OSLoPrompt(PromptTrainingMixin, ZeroShotLogitsMixin, ClipHead):
         pseudo_open = self.open_features(X_open)
         epochs = self.epochs_for(y)
         learner = self.build_learner(pseudo_open is not None)
-        settings = self.train_settings(epochs, samples, y)
+        settings = replace(self.train_settings(epochs, samples, y), optimizer=self.optimizer)
         if pseudo_open is not None:
             identity = json.loads(settings.identity)
             identity["open"] = data_digest(pseudo_open[None], np.zeros(0, dtype=np.int64))
