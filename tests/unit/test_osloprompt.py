@@ -210,6 +210,9 @@ def test_the_score_refuses_another_head_before_embedding(tiny, tmp_path):
     test, ood = load_dataset(id_dir, split="test"), load_dataset(ood_dir)
     with pytest.raises(CliplabError, match="reads an OSLoPrompt head's unknown prompt, not a ZeroShot"):
         evaluate_ood(tiny, test, [ood], ["osloprompt"], "generic", cache_dir=tmp_path / "cache")
+    with pytest.raises(CliplabError, match="has no unknown prompt without pseudo-open samples"):
+        evaluate_ood(tiny, test, [ood], ["osloprompt"], "generic", head="osloprompt", cache_dir=tmp_path / "cache",
+                     fit_datasets=(test, test))
     assert not (tmp_path / "cache").exists()
 
 

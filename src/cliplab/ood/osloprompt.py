@@ -33,6 +33,10 @@ class OSLoPromptScore(OODScore):
             raise CliplabError(f"OOD score 'osloprompt' reads an OSLoPrompt head's unknown prompt, not a "
                                f"{type(head).__name__}: run it with --method osloprompt (and --param open_data=...) "
                                "or --head of a saved OSLoPrompt head")
+        fitted = hasattr(head, "unknown_weights_")
+        if (head.unknown_weights_ is None) if fitted else head.get_params().get("open_data") is None:
+            raise CliplabError("OOD score 'osloprompt': the OSLoPrompt head has no unknown prompt without pseudo-open "
+                               "samples; fit it with --param open_data=FOLDER_OR_DATASET (and open_classes=...)")
 
     def score(self, inputs: ScoreInputs) -> np.ndarray:
         return np.asarray(self.context_.head.unknown_margin(np.asarray(inputs.features)), dtype=np.float64)
