@@ -12,8 +12,8 @@ from .common import RunOptions, command, console
 
 METHOD_HELP = ("bayes-pfl (prompt flows trained on the auxiliary synthetic split, or loaded with --weights) or "
                "winclip (compositional normal/anomalous prompts, no training).")
-MODE_HELP = ("Patch features: dense (ViT patch tokens), windows (window embeddings, any model, WinCLIP-style) or "
-             "auto (dense where the model has a ViT tower).")
+MODE_HELP = ("Patch features: dense (patch tokens of a ViT, or a ResNet's value path), windows (window embeddings, "
+             "any model, WinCLIP-style) or auto (dense where the model has a dense tower).")
 EVALUATE_HELP = ("Score the seeded synthetic test split (DTD textures with cut-paste, scratch and blotch defects) "
                  "and print image AUROC, pixel AUROC and AUPRO; IMAGES may then be left out.")
 

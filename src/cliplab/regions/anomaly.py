@@ -2,16 +2,18 @@
 
 Patch features (:func:`patch_features`), two ways:
 
-- ``dense``: ViT patch tokens in the joint space (``models/dense.py``): the image resized to ``size`` x ``size``
-  (whole patches; positional embeddings resampled), MaskCLIP's value path of the last block by default (``path``;
-  zero-shot localisation reads it, as MaskCLIP and GL-MCM), L2-normalised, grid (size/patch)^2;
+- ``dense``: patch tokens in the joint space from ``models/dense.py`` (ViTs, and open_clip ResNets through
+  MaskCLIP's RN value path at stride 32): the image resized to ``size`` x ``size`` (whole patches; positional
+  embeddings resampled), MaskCLIP's value path of the last block by default (``path``; zero-shot localisation
+  reads it, as MaskCLIP and GL-MCM), L2-normalised, grid (size/patch)^2;
 - ``windows``: any backbone (ResNets included), WinCLIP's window embeddings: the image resized to ``size``,
   windows of the model's input side every half window, each embedded as an image through ``encode_images``; the
   grid cell of half-window side takes the renormalised mean of the windows covering it (the average of window
   scores, as ``models/dense.py``'s sliding input; WinCLIP aggregates window scores harmonically and over several
   window scales: one scale and the mean here).
 
-``auto`` picks ``dense`` where the backbone has a dense tower, else ``windows``. The global feature is the
+``auto`` picks ``dense`` where the backbone has a dense tower, else ``windows`` (for a small-input ResNet,
+``windows`` gives the finer grid: half-window cells instead of stride-32 ones). The global feature is the
 backbone's ``encode_images`` of the whole image.
 
 Baseline (:class:`PromptBaseline`): WinCLIP-style compositional prompts, state words x templates for "normal"
