@@ -206,9 +206,11 @@ def main() -> None:
            + (f"; recipe:{VIT_RECIPE} was not built when this ran" if args.model is None else "") + ")")
         + f". ReCo retrieves from {args.collection_size} unlabelled CIFAR-10 train images (k = 50, the authors' "
         "context categories tree, sky, building, road, person). GKC synonyms: benchmarks/cifar10_synonyms.json "
-        "(hand-written). coco_mini_seg: COCO-Object maps (background + 80 classes, background scored as a class name), "
-        "80 ImageNet templates, short side 448, 224-px windows every 112 px, open_clip ViT-B-16 with **random "
-        "weights**: timing only; ReCo there retrieves k = 2 from the 242 coco_mini images. `setup s`: building the "
+        "(hand-written). "
+        + ("" if args.skip_coco else "coco_mini_seg: COCO-Object maps (background + 80 classes, background scored as "
+           "a class name), 80 ImageNet templates, short side 448, 224-px windows every 112 px, open_clip ViT-B-16 "
+           "with **random weights**: timing only; ReCo there retrieves k = 2 from the 242 coco_mini images. ")
+        + "`setup s`: building the "
         "method once (text weights; ReCo's retrieval and co-segmentation). Seconds are this shared 2-core CPU's "
         f"(torch threads: {args.threads}; load average before/after {record['load_before']} / "
         f"{record['load_after']}).\n",

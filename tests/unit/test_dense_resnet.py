@@ -150,8 +150,9 @@ def test_final_path_layers_and_the_block_stream_are_refused_in_one_line(rn64):
         with pytest.raises(DenseFeaturesUnavailableError) as info:
             call()
         assert "\n" not in str(info.value) and "path='value'" in str(info.value)
-    with pytest.raises(CliplabError, match="outside the tower's 1 blocks"):
+    with pytest.raises(DenseFeaturesUnavailableError, match="attention pool only .layer -1 or 0., not layer -2"):
         dense_tokens(rn64, x, DenseSpec(path="value", layer=-2))
+    assert dense_tokens(rn64, x, DenseSpec(path="value", layer=0)).shape == (1, 2, 2, 24)
     with pytest.raises(CliplabError, match="not a whole number of 32x32 patches"):
         dense_tokens(rn64, torch.randn(1, 3, 64, 80), DenseSpec(path="value"))
 
@@ -180,3 +181,7 @@ def test_maskclip_segments_a_resnet_mosaic_one_cell_per_tile():
     expected = classify_features(tokens.permute(0, 3, 1, 2), segmenter.method.context_.text_weights, 100.0)[0]
     torch.testing.assert_close(grid, expected, atol=1e-4, rtol=1e-4)
     assert segmenter.segment(image).labels.shape == (64, 64)
+    dinoiser = Segmenter(backbone, "dinoiser", names, templates=("a photo of a {c}.",))  # guidance: CLIP's block -3
+    with pytest.raises(DenseFeaturesUnavailableError) as info:
+        dinoiser.segment(image)
+    assert "\n" not in str(info.value) and "no token stream block by block" in str(info.value)

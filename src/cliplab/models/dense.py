@@ -304,6 +304,13 @@ class OpenClipResNetTower(DenseTower):
         self.patch = (RESNET_STRIDE, RESNET_STRIDE)
         self.grid = (side, side)
 
+    def resolve_layer(self, layer: int) -> int:
+        if layer not in (0, -1):
+            raise DenseFeaturesUnavailableError(
+                f"{self.name}: a ResNet tower's dense features come from its attention pool only (layer -1 or 0), "
+                f"not layer {layer}: it has no token stream block by block (ViT towers only); use path='value'")
+        return 0
+
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         """The last stage's map (n, C, h, w) at stride 32: stem, layer1..layer4."""
         visual = self.visual
