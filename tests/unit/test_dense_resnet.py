@@ -15,7 +15,7 @@ from PIL import Image
 
 from cliplab.errors import CliplabError, DenseFeaturesUnavailableError
 from cliplab.models import BackboneInfo
-from cliplab.models.dense import DenseSpec, OpenClipResNetTower, dense_key, dense_tokens, dense_tower
+from cliplab.models.dense import DenseSpec, OpenClipResNetTower, dense_key, dense_tokens, dense_tower, dense_transform
 from cliplab.models.openclip import OpenClipBackbone, transform_for
 
 
@@ -185,3 +185,19 @@ def test_maskclip_segments_a_resnet_mosaic_one_cell_per_tile():
     with pytest.raises(DenseFeaturesUnavailableError) as info:
         dinoiser.segment(image)
     assert "\n" not in str(info.value) and "no token stream block by block" in str(info.value)
+
+
+def test_the_feature_cache_stores_the_value_path_of_a_resnet_at_its_aspect_grid(tmp_path, rn64):
+    from cliplab.data import image_folder
+    from cliplab.features.dense import embed_dense
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (70, 100, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / "0.png")
+    data = image_folder(tmp_path / "imgs")
+    spec = DenseSpec(path="value", input="aspect")  # shorter side 64 -> 64 x 96 px: a 2 x 3 grid of cells
+    out = embed_dense(rn64, data, tmp_path / "cache", spec=spec, batch_size=2, num_workers=0, progress=False)
+    assert out.grid_shape == (2, 3) and out.key["positions"] is True
+    images = torch.stack([dense_transform(rn64, spec)(data.load_image(int(i))) for i in out.indices])
+    np.testing.assert_allclose(out.tokens, dense_tokens(rn64, images, spec).reshape(2, 6, -1).numpy(), atol=1e-6)
