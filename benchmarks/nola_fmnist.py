@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=None, help="unlabelled train images (default 1000, quick 150)")
     parser.add_argument("--test", type=int, default=None, help="test images (default 2000, quick 200)")
     parser.add_argument("--epochs", type=int, default=None, help="NoLA student epochs (default 3, quick 1)")
+    parser.add_argument("--nola-lr", type=float, default=None, help="NoLA student learning rate (authors 3e-4)")
     parser.add_argument("--grip-rounds", type=int, default=None, help="GRIP rounds (default 2, quick 1)")
     parser.add_argument("--grip-epochs", type=int, default=None, help="GRIP epochs a round (default 2, quick 1)")
     parser.add_argument("--seen-per-class", type=int, default=20)
@@ -162,7 +163,8 @@ def main() -> None:
                   embedding=embedding.result, zero_shot_test_acc=zs_acc,
                   sizes={"pool": pool_n, "test": test_n, "seen_per_class": args.seen_per_class},
                   seen_classes=[names[c] for c in seen], unseen_classes=[names[c] for c in unseen],
-                  nola_epochs=epochs, nola_prompts=n_prompts, grip_rounds=rounds, grip_epochs=grip_epochs,
+                  nola_epochs=epochs, nola_prompts=n_prompts, nola_lr=args.nola_lr or 3e-4,
+                  grip_rounds=rounds, grip_epochs=grip_epochs,
                   dino_stand_in=f"{DINO_ARCH}, random weights (seed 0)", dataset=dataset, pool_split=args.pool_split)
     results = {}
     scratch = Path(tempfile.mkdtemp(prefix="nola-bench-"))
@@ -172,7 +174,8 @@ def main() -> None:
         with CpuAccount() as cpu, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if method.startswith("nola"):
-                params = dict(max_epoch=epochs, n_prompts=n_prompts, progress=False)
+                params = dict(max_epoch=epochs, n_prompts=n_prompts, progress=False,
+                              **({"lr": args.nola_lr} if args.nola_lr else {}))
                 if method == "nola-dino":
                     params.update(dino_checkpoint=random_dino(scratch), dino_arch=DINO_ARCH)
                 head = build_head("nola", backbone, names, dataset_name=dataset, cache_dir=args.cache_dir,
@@ -222,7 +225,8 @@ def main() -> None:
             f"read by this script only), test sample {test_n} (disjoint). NoLA: templates only (no description "
             f"set), {n_prompts} "
             f"prompts ({'ResNet image tower: the linear head alone trains' if not n_prompts else 'VPT-shallow'}), "
-            f"student {epochs} epochs (authors 10), alignment head 50 epochs. GRIP: textual prompts, {rounds} "
+            f"student {epochs} epochs (authors 10) at lr {args.nola_lr or 3e-4:g} (authors 3e-4), alignment head 50 "
+            "epochs. GRIP: textual prompts, {rounds} "
             f"rounds (authors 10) of {grip_epochs} epochs (authors 150); transductive: seen "
             f"{', '.join(record['seen_classes'])} ({args.seen_per_class} labelled each), unlabelled = the pool's "
             "unseen-class images.", "",
