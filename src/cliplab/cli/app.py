@@ -41,6 +41,7 @@ from .robustness import robustness
 from .robustness_fit import robustness_fit
 from .search import search
 from .segment import segment, segment_eval
+from .segment_train import segment_train
 from .serve import serve
 from .train import train
 from .train_clipn import train_clipn
@@ -101,6 +102,7 @@ _register(anomaly)
 _register(retrieval_tune)
 _register(rank)
 _register(rank_train)
+_register(segment_train)
 app.add_typer(index_app, name="index")
 app.add_typer(analyse_app, name="analyse")
 

@@ -272,6 +272,15 @@ class DenseCLIP(DenseMethod):
         with torch.no_grad():
             self.text_ = self.model_.text_embeddings()
 
+    @classmethod
+    def train_dense(cls, backbone, dataset, out_dir: str | Path, *, epochs: int = 10, batch_size: int = 32,
+                    lr: float = 1e-3, seed: int = 0, progress: bool = False) -> dict:
+        """Train on a labelled segmentation set and save in ``out_dir`` (what ``cliplab segment-train`` calls for a
+        dense method that has it); the result loads with ``weights=out_dir``. Returns the training summary."""
+        _, summary = train_denseclip(backbone, dataset, out_dir, epochs=epochs, batch_size=batch_size, lr=lr,
+                                     seed=seed, progress=progress)
+        return summary
+
     @torch.no_grad()
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         self.model_.eval()
