@@ -13,9 +13,12 @@ timm DINO ViT read from a local weights file, or any callable given to the Segme
 residual-stream tokens after block ``guidance_layer`` (default -3, the features the authors' light 3x3 conv reads;
 used here untrained, without that conv); ``identity``, no pooling (A = I: exactly MaskCLIP, a check).
 
-Departures: the trained 3x3 ``obj_proj`` conv that mimics DINO from CLIP's layer -3 and the trained 1x1 background
-conv / FOUND saliency are not reproduced (no released weights are read and no training is done here); background
-comes from the pipeline's ``--background-threshold``.
+``conv``, the authors' light 3x3 conv on CLIP's layer -3 features trained to mimic a DINO's correlations
+(``cliplab.dense.dinoiser_train``: trained on the user's unlabelled images; ``conv=FILE`` selects it, so no DINO
+checkpoint is needed at inference: ``cliplab segment --method dinoiser --param conv=FILE``).
+
+Departures: the trained 1x1 background conv / FOUND saliency is not reproduced (FOUND is not available here);
+background comes from the pipeline's ``--background-threshold``. The authors' released conv weights are not read.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .base import DenseMethod
 from .maskclip import classify_features, value_tokens
 from .registry import register_dense
 
-GUIDANCE = ("encoder", "clip", "identity")
+GUIDANCE = ("encoder", "clip", "identity", "conv")
 
 
 def guidance_correlations(features: torch.Tensor, gamma: float | None) -> torch.Tensor:
@@ -58,8 +61,9 @@ class CLIPDINOiser(DenseMethod):
     """CLIP-DINOiser: MaskCLIP features pooled by guidance-encoder patch correlations (below gamma zeroed)."""
 
     def __init__(self, gamma: float = 0.2, guidance: str = "clip", guidance_layer: int = -3,
-                 temperature: float = 100.0):
+                 temperature: float = 100.0, conv: str = ""):
         self.gamma = gamma
+        self.conv = conv
         self.guidance = guidance
         self.guidance_layer = guidance_layer
         self.temperature = temperature
@@ -70,15 +74,30 @@ class CLIPDINOiser(DenseMethod):
         if self.guidance == "encoder" and context.guidance is None:
             raise CliplabError("dinoiser guidance=encoder needs a guidance encoder (cliplab segment --guidance "
                                "WEIGHTS, or Segmenter(guidance=...))")
+        # a trained conv file turns the default (clip) guidance into the conv's
+        self.guidance_ = "conv" if self.conv and self.guidance == "clip" else self.guidance
+        self.conv_ = None
+        if self.guidance_ == "conv":
+            if not self.conv:
+                raise CliplabError("dinoiser guidance=conv needs conv=FILE (a conv trained by "
+                                   "cliplab.dense.dinoiser_train.train_guidance_conv)")
+            from .dinoiser_train import load_guidance_conv
+
+            self.conv_ = load_guidance_conv(self.conv, context.backbone).to(context.backbone.device)
         super().setup(context)
 
     def guidance_features(self, images: torch.Tensor) -> torch.Tensor | None:
         """(n, g, h, w) guidance features of the windows (None for identity)."""
-        if self.guidance == "identity":
+        guidance = getattr(self, "guidance_", self.guidance)
+        if guidance == "identity":
             return None
-        if self.guidance == "encoder":
+        if guidance == "encoder":
             return self.context_.guidance(images)
         tower = self.context_.tower
+        if guidance == "conv":
+            from .dinoiser_train import clip_intermediate
+
+            return self.conv_(clip_intermediate(tower, images, self.conv_.layer))
         h, w = tower.grid_of(images)
         last = tower.resolve_layer(self.guidance_layer)
         x = tower.embed(images)
