@@ -147,3 +147,38 @@ def test_classify_regions_on_an_image():
     probs = classify_regions(tiny, image, ["cat", "dog"], boxes=[[0, 0, 24, 20], [8, 8, 40, 40], [5, 5, 5, 5]])
     assert probs.shape == (3, 2) and np.isnan(probs[2]).all()
     np.testing.assert_allclose(probs[:2].sum(1), 1.0, rtol=1e-5)
+
+
+class _TinySet:
+    """Two 16-px images: an L of class 1 or 2 (its box the whole image, a blank corner), class 0 in that corner."""
+
+    name, split, class_names, background_index, ignore_index = "tiny-seg", "train", ["a", "b", "c"], None, 255
+
+    def __len__(self):
+        return 2
+
+    def load_image(self, index):
+        rng = np.random.default_rng(index)
+        return Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+
+    def load_mask(self, index):
+        mask = np.full((16, 16), 2 if index else 1, dtype=np.uint8)
+        mask[8:, :8] = 0
+        return mask
+
+    def describe(self):
+        return {"name": self.name, "items": 2}
+
+
+def test_train_dense_saves_weights_the_method_loads(vit, tmp_path):
+    from cliplab.dense.ovseg import OVSeg, region_set
+
+    regions, masks, labels = region_set(vit, _TinySet(), range(2))
+    assert sorted(labels.tolist()) == [0, 0, 1, 2] and regions.shape == (4, 3, 16, 16)
+    summary = OVSeg.train_dense(vit, _TinySet(), tmp_path, epochs=2, batch_size=2, lr=0.05)
+    assert summary["windows"] == 4 and summary["steps"] == 4
+    method = create_dense("ovseg", weights=str(tmp_path))
+    tower = dense_tower(vit)
+    weights = F.normalize(torch.randn(vit.embed_dim, 3, generator=torch.Generator().manual_seed(0)), dim=0)
+    method.setup(DenseContext(vit, list("abc"), weights, tower, None))
+    assert method.prompt_.embedding.abs().sum() > 0

@@ -21,7 +21,9 @@ As the authors' ``open_vocab_seg/modeling/clip_adapter`` (facebookresearch/ov-se
 As a dense method (``ovseg``): any registered dense method is the segmenter (``segmenter``, default maskclip);
 its arg-max regions in each window are the mask proposals, each is classified by CLIP on its masked crop, and each
 patch's probability is the ensemble of the segmenter's probability at that patch with its region's CLIP
-probability, renormalised over the classes (the pipeline thresholds and averages probabilities). Departures: the
+probability, renormalised over the classes (the pipeline thresholds and averages probabilities); ``weights``
+names a trained mask prompt (a file, or the directory ``cliplab segment-train --method ovseg`` wrote, through
+``OVSeg.train_dense``). Departures: the
 authors' proposals come from a trained MaskFormer with soft masks and their ensemble is per proposal (then
 ``einsum(mask_cls, mask_pred)``); here the proposals are the segmenter's hard regions and the ensemble is per
 patch; the learned ``non_object_embedding`` (a "no object" class) is not reproduced.
@@ -273,42 +275,59 @@ def region_set(backbone, dataset, indices, *, expand_ratio: float = 1.0) -> tupl
     return torch.cat(regions), torch.cat(masks), torch.tensor(labels)
 
 
-def train_mask_prompt(backbone, dataset, *, depth: int = 3, steps: int = 100, lr: float = 2e-3,
+def train_mask_prompt(backbone, dataset, *, depth: int = 3, epochs: int = 5, lr: float = 2e-3,
                       batch_size: int = 32, seed: int = 0, items: int | None = None, templates="imagenet7",
-                      cache_dir=None, checkpoint_dir=None) -> MaskPrompt:
+                      cache_dir=None, checkpoint_dir=None, progress: bool = False) -> tuple[MaskPrompt, dict]:
     """Mask prompt tuning on a labelled segmentation set (e.g. mosaic train): each class region of each item is a
-    masked crop labelled by its class; only the mask tokens train (through ``run_training``), CLIP stays frozen."""
+    masked crop labelled by its class; only the mask tokens train (AdamW, cosine, through ``run_training``), CLIP
+    stays frozen. Returns the prompt and a summary (regions, steps, last loss, seconds)."""
+    import time
+
     from ..features.text import class_weights
     from ..train.engine import TrainSettings, run_training
 
+    began = time.perf_counter()
     prompt = mask_prompt_for(backbone, depth)
     count = len(dataset) if items is None else min(items, len(dataset))
     regions, masks, labels = region_set(backbone, dataset, range(count))
     weights = torch.from_numpy(class_weights(backbone, list(dataset.class_names), templates, cache_dir=cache_dir))
     objective = MaskPromptObjective(backbone, weights)
     n = len(labels)
+    steps = math.ceil(n / batch_size)
 
-    def data(epoch: int):
+    def data(epoch: int, start: int = 0):
         order = np.random.default_rng([seed, epoch]).permutation(n)
-        for start in range(0, n, batch_size):
-            idx = torch.from_numpy(order[start:start + batch_size])
+        for b in range(start, steps):
+            idx = torch.from_numpy(order[b * batch_size:(b + 1) * batch_size])
             yield {"regions": regions[idx], "masks": masks[idx], "labels": labels[idx]}
 
-    settings = TrainSettings(steps=steps, lr=lr, weight_decay=0.0, seed=seed, desc="ovseg mask prompt",
-                             checkpoint_dir=checkpoint_dir)
-    run_training(prompt, objective, data, settings)
-    return prompt.cpu()
+    identity = json.dumps({"method": "ovseg-mask-prompt", "depth": prompt.depth, "items": count,
+                           "data": dataset.describe(), "batch_size": batch_size}, sort_keys=True, default=str)
+    settings = TrainSettings(epochs=epochs, lr=lr, seed=seed, desc="ovseg mask prompt", progress=progress,
+                             checkpoint_dir=checkpoint_dir, identity=identity)
+    result = run_training(prompt, objective, data, settings)
+    summary = {"windows": n, "epochs": epochs, "steps": result.steps, "loss": result.last_loss,
+               "seconds": time.perf_counter() - began, "dataset": dataset.describe()}
+    return prompt.cpu(), summary
+
+
+PROMPT_FILE = "mask_prompt.safetensors"
+
+
+def _prompt_path(weights: str | Path) -> Path:
+    path = Path(weights)
+    return path / PROMPT_FILE if path.is_dir() else path
 
 
 @register_dense("ovseg", paper="Liang et al. 2023 (OVSeg)", needs=("tower", "text_weights", "guidance"))
 class OVSeg(DenseMethod):
     """OVSeg: a segmenter's regions classified by CLIP on masked crops, ensembled p_seg^(1-l) * p_clip^l."""
 
-    def __init__(self, segmenter: str = "maskclip", ensemble_weight: float = 0.7, mask_prompt: str = "",
+    def __init__(self, segmenter: str = "maskclip", ensemble_weight: float = 0.7, weights: str = "",
                  expand_ratio: float = 1.0, temperature: float = 100.0):
         self.segmenter = segmenter
         self.ensemble_weight = ensemble_weight
-        self.mask_prompt = mask_prompt
+        self.weights = weights
         self.expand_ratio = expand_ratio
         self.temperature = temperature
 
@@ -324,8 +343,20 @@ class OVSeg(DenseMethod):
                                            tower=context.tower if "tower" in self.segmenter_.needs else None,
                                            guidance=context.guidance if "guidance" in self.segmenter_.needs
                                            else None, cache_dir=context.cache_dir))
-        self.prompt_ = load_mask_prompt(self.mask_prompt, context.backbone) if self.mask_prompt else None
+        self.prompt_ = load_mask_prompt(_prompt_path(self.weights), context.backbone) if self.weights else None
         super().setup(context)
+
+    @classmethod
+    def train_dense(cls, backbone, dataset, out_dir: str | Path, *, epochs: int = 5, batch_size: int = 32,
+                    lr: float = 2e-3, seed: int = 0, progress: bool = False) -> dict:
+        """Mask prompt tuning on a labelled set, saved in ``out_dir`` (``cliplab segment-train --method ovseg``);
+        ``cliplab segment --method ovseg --param weights=out_dir`` uses it. Returns the training summary."""
+        out_dir = Path(out_dir)
+        prompt, summary = train_mask_prompt(backbone, dataset, epochs=epochs, lr=lr, batch_size=batch_size,
+                                            seed=seed, checkpoint_dir=out_dir / "train_state", progress=progress)
+        save_mask_prompt(prompt, out_dir / PROMPT_FILE, backbone)
+        (out_dir / "train.json").write_text(json.dumps(summary, indent=1, default=str))
+        return summary
 
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         context = self.context_
