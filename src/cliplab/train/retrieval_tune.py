@@ -290,8 +290,8 @@ def class_means(features: np.ndarray, labels: np.ndarray, classes: int) -> np.nd
 def image_retrieval_precision(features: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
     """Leave-one-out image -> image precision@k: the mean fraction of each image's k nearest other images
     (cosine) that share its label."""
-    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    x = torch.tensor(np.asarray(features, dtype=np.float32))  # a copy: cached features are read-only
+    y = torch.tensor(np.asarray(labels, dtype=np.int64))
     if len(x) < 2:
         raise DatasetError("image retrieval precision needs at least two images")
     k = min(k, len(x) - 1)
@@ -323,7 +323,7 @@ def tune_image_side(features: np.ndarray, labels: Sequence[int], config: Retriev
     ``arcface_loss``; returns ``(adapter, TrainResult)``. ``val`` (features, labels) adds the held-out
     leave-one-out image -> image precision@1 to the progress bar and history."""
     x = adapt(features, None)
-    y = np.asarray(labels, dtype=np.int64)
+    y = np.array(labels, dtype=np.int64)  # a copy: cached labels are read-only
     if x.ndim != 2 or len(x) != len(y):
         raise CliplabError(f"retrieval-tune: {len(y)} labels for image features of shape {x.shape}")
     if not len(y) or y.min() < 0:
