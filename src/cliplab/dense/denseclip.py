@@ -164,7 +164,12 @@ class DenseCLIPModel(nn.Module):
 
     def text_embeddings(self) -> torch.Tensor:
         """(K, d) unnormalised class embeddings of the context prompts."""
-        return self.backbone.forward_text_embeddings(self.learner.prompts(), self.learner.tokens, normalize=False)
+        from ..train.prompts import run_short
+
+        learner = self.learner
+        if learner.length is None:
+            return self.backbone.forward_text_embeddings(learner.prompts(), learner.tokens, normalize=False)
+        return run_short(self.backbone.text_tower(), learner.prompts(), learner.tokens, learner.length)
 
     def visual(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global (n, d) and dense (n, d, h, w) embeddings of model-size windows, unnormalised, no gradients."""
@@ -210,11 +215,12 @@ def _embed_dim(backbone) -> int:
 
 
 def _learner(backbone, class_names, n_ctx, ctx_init, seed):
-    from ..train.prompts import PromptLearner, initial_context
+    from ..train.prompts import PromptLearner, causal_length, initial_context
 
     ctx, tokens, embedded, start = initial_context(backbone, list(class_names), n_ctx, ctx_init, seed, "denseclip")
     m = len(ctx)
-    return PromptLearner(backbone, ctx, embedded[:, :start], embedded[:, start + m:], tokens, 1.0, None)
+    length = causal_length(backbone, embedded, tokens)  # a causal text tower: only the positions up to the end token
+    return PromptLearner(backbone, ctx, embedded[:, :start], embedded[:, start + m:], tokens, 1.0, length)
 
 
 def load_denseclip(folder: str | Path, backbone, class_names: list[str]) -> DenseCLIPModel:
