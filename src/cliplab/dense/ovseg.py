@@ -55,13 +55,12 @@ def mask_box(mask: torch.Tensor) -> tuple[int, int, int, int]:
 
 def expand_box(box: tuple[int, int, int, int], ratio: float, height: int, width: int
                ) -> tuple[int, int, int, int]:
-    """The box grown about its centre by ``ratio`` (sides rounded outwards to whole pixels), clipped to the image."""
+    """The box grown about its centre by ``ratio``, each coordinate truncated to an integer (their ``int()``),
+    clipped to the image."""
     x0, y0, x1, y1 = box
-    if ratio == 1.0:
-        return max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * ratio, (y1 - y0) * ratio
-    return (max(int(math.floor(cx - w / 2)), 0), max(int(math.floor(cy - h / 2)), 0),
-            min(int(math.ceil(cx + w / 2)), width), min(int(math.ceil(cy + h / 2)), height))
+    cx, cy, w, h = 0.5 * (x0 + x1), 0.5 * (y0 + y1), (x1 - x0) * ratio, (y1 - y0) * ratio
+    return (max(int(cx - 0.5 * w), 0), max(int(cy - 0.5 * h), 0), min(int(cx + 0.5 * w), width),
+            min(int(cy + 0.5 * h), height))
 
 
 def boxes_to_masks(boxes, height: int, width: int) -> torch.Tensor:
