@@ -5,7 +5,10 @@ Each starts without torch except ``models``, which lists open_clip's own registr
 
 from __future__ import annotations
 
+import ast
 import difflib
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -49,13 +52,91 @@ def _matching(names: list[str], pattern: str | None) -> list[str]:
     return exact or [n for n in names if wanted in n.lower()]
 
 
+@dataclass(frozen=True)
+class ObjectiveSummary:
+    """What ``cliplab methods`` shows of a training objective, read from the source without importing it."""
+
+    name: str
+    paper: int | None
+    module: str
+    params: tuple[tuple[str, str], ...]
+    summary: str
+
+
+_PAPER = re.compile(r"\bpaper (\d+)")
+SUMMARY_CHARS = 120
+
+
+def describe_objectives(package: Path | None = None) -> list[ObjectiveSummary]:
+    """Every class decorated ``@register_objective("name")`` in the cliplab package (or ``package``), sorted by name,
+    read from source (no torch): the paper is the first "paper N" of the class docstring, else of the module
+    docstring, else that of the head registered under the same name; the parameters are ``__init__``'s keyword
+    arguments with their defaults as written; the summary is the docstring's first sentence."""
+    from ..heads import describe_heads
+
+    root = package or Path(__file__).resolve().parents[1]
+    head_papers = {entry.name: entry.paper for entry in describe_heads()} if package is None else {}
+    found: dict[str, ObjectiveSummary] = {}
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if "register_objective(" not in text:
+            continue
+        tree = ast.parse(text)
+        module_paper = _PAPER.search(ast.get_docstring(tree) or "")
+        dotted = ".".join(path.relative_to(root).with_suffix("").parts)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for decorator in node.decorator_list:
+                name = _objective_name(decorator)
+                if name is None:
+                    continue
+                doc = ast.get_docstring(node) or ""
+                paper = _PAPER.search(doc) or module_paper
+                number = int(paper.group(1)) if paper else head_papers.get(name)
+                found[name] = ObjectiveSummary(name, number, dotted, _init_params(node), _first_sentence(doc))
+    return [found[name] for name in sorted(found)]
+
+
+def _first_sentence(doc: str) -> str:
+    """The docstring's first paragraph up to its first full stop followed by a space (or all of it)."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    sentence = paragraph if end < 0 else paragraph[:end + 1]
+    return sentence if len(sentence) <= SUMMARY_CHARS else sentence[:SUMMARY_CHARS].rsplit(" ", 1)[0] + " ..."
+
+
+def _objective_name(decorator: ast.expr) -> str | None:
+    if not isinstance(decorator, ast.Call) or not decorator.args:
+        return None
+    func = decorator.func
+    called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+    first = decorator.args[0]
+    if called != "register_objective" or not isinstance(first, ast.Constant) or not isinstance(first.value, str):
+        return None
+    return first.value
+
+
+def _init_params(cls: ast.ClassDef) -> tuple[tuple[str, str], ...]:
+    """``(name, default as written)`` of the class's own ``__init__`` arguments after ``self`` that have defaults."""
+    init = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+    if init is None:
+        return ()
+    args = init.args
+    positional = args.posonlyargs + args.args
+    pairs = list(zip([a.arg for a in positional[len(positional) - len(args.defaults):]], args.defaults))
+    pairs += [(a.arg, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+    return tuple((name, ast.unparse(default)) for name, default in pairs)
+
+
 @friendly_errors
 def methods(family: str = typer.Option(None, "--family", help="Only this family (zeroshot, fewshot, ...).")):
     """Registered methods (heads): family, paper number, what they need."""
     from ..heads import describe_heads
 
     heads = describe_heads()
-    families = sorted({h.family for h in heads}) + ["analysis"]  # analyses: cliplab.analysis.registry
+    # analyses: cliplab.analysis.registry; objectives: train.engine's registry, read from source
+    families = sorted({h.family for h in heads}) + ["analysis", "objective"]
     if family is not None and family not in families:
         raise CliplabError(f"no methods of family {family!r}; families: {', '.join(families)}")
     table = Table(title="methods (run one: cliplab evaluate --method NAME)")
@@ -66,7 +147,7 @@ def methods(family: str = typer.Option(None, "--family", help="Only this family 
             continue
         needs = ", ".join(n for n, flag in (("train data", entry.needs_train), ("model", entry.needs_backbone)) if flag)
         table.add_row(entry.name, entry.family, str(entry.paper or "-"), needs or "-", entry.summary)
-    if family != "analysis":
+    if family not in ("analysis", "objective"):
         console.print(table)
     if family in (None, "ood"):
         from ..ood.registry import describe_scores
@@ -89,6 +170,17 @@ def methods(family: str = typer.Option(None, "--family", help="Only this family 
         for entry in list_analyses():
             analyses.add_row(entry.name, str(entry.paper or "-"), entry.command, entry.summary)
         console.print(analyses)
+    if family in (None, "objective"):
+        objectives = Table(title="training objectives (run: cliplab pretrain --loss NAME, or the method that trains "
+                                 "with it; from Python: cliplab.train.engine.get_objective(NAME, **params) with "
+                                 "run_training)")
+        for column in ("name", "paper", "module", "parameters", "summary"):
+            objectives.add_column(column)
+        for entry in describe_objectives():
+            params = ", ".join(f"{key}={value}" for key, value in entry.params)
+            objectives.add_row(entry.name, str(entry.paper or "-"), f"cliplab.{entry.module}", params or "-",
+                               entry.summary)
+        console.print(objectives)
 
 
 @friendly_errors
