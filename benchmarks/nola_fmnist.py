@@ -226,7 +226,7 @@ def main() -> None:
             f"set), {n_prompts} "
             f"prompts ({'ResNet image tower: the linear head alone trains' if not n_prompts else 'VPT-shallow'}), "
             f"student {epochs} epochs (authors 10) at lr {args.nola_lr or 3e-4:g} (authors 3e-4), alignment head 50 "
-            "epochs. GRIP: textual prompts, {rounds} "
+            f"epochs. GRIP: textual prompts, {rounds} "
             f"rounds (authors 10) of {grip_epochs} epochs (authors 150); transductive: seen "
             f"{', '.join(record['seen_classes'])} ({args.seen_per_class} labelled each), unlabelled = the pool's "
             "unseen-class images.", "",
