@@ -90,13 +90,14 @@ def register_objective(name: str) -> Callable[[type], type]:
 
 
 def _load_builtin_objectives() -> None:
-    from . import (  # noqa: F401  (registering: clip, siglip, clipn; distill; mlcd, clip-refine, lightclip, clip-moe)
+    from . import (  # noqa: F401  (registering: clip, siglip, clipn; distill; mlcd, clip-refine, lightclip, clip-moe, cloc)
         distill,
         objectives,
         objectives_lightclip,
         objectives_mlcd,
         objectives_moe,
         objectives_refine,
+        objectives_region,
     )
 
 
