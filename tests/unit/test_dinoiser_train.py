@@ -109,3 +109,35 @@ def test_training_lowers_the_loss_saves_and_loads(vit, tmp_path):
         clip = create_dense("dinoiser")
         clip.setup(DenseContext(vit, list("abcd"), weights, tower, None))
         assert not torch.allclose(via_conv.patch_scores(windows), clip.patch_scores(windows))
+
+
+def test_cli_trains_a_conv_that_segment_uses(tmp_path):
+    """cliplab dinoiser-train on two images with a timm ViT-Tiny file as the DINO; segment then runs with conv=FILE."""
+    import numpy as np
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from cliplab.cli.app import app
+
+    torch.manual_seed(0)
+    dino = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    weights = tmp_path / "dino.safetensors"
+    save_file({k: v.contiguous() for k, v in dino.state_dict().items()}, str(weights))
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images[-1])
+    conv = tmp_path / "conv.safetensors"
+    result = CliRunner().invoke(app, ["dinoiser-train", *map(str, images), "--guidance", str(weights),
+                                      "--guidance-arch", "vit_tiny_patch16_224", "-o", str(conv), "--steps", "2",
+                                      "--layer", "-2", "--model", "tiny", "--quiet", "--cache-dir",
+                                      str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert conv.is_file() and conv.with_suffix(".json").is_file()
+    result = CliRunner().invoke(app, ["segment", str(images[0]), "--labels", "cat,dog", "--method", "dinoiser",
+                                      "--param", f"conv={conv}", "--model", "tiny", "-o", str(tmp_path / "out"),
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert any((tmp_path / "out").iterdir())

@@ -22,6 +22,7 @@ from .common import configure_logging
 from .count import count
 from .curate import curate
 from .describe import describe
+from .dinoiser_train import dinoiser_train
 from .embed import embed
 from .evaluate import evaluate, zeroshot
 from .explain import explain
@@ -103,6 +104,7 @@ _register(retrieval_tune)
 _register(rank)
 _register(rank_train)
 _register(segment_train)
+_register(dinoiser_train)
 app.add_typer(index_app, name="index")
 app.add_typer(analyse_app, name="analyse")
 
