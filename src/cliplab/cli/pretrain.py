@@ -36,6 +36,9 @@ def pretrain(
     loss: str = typer.Option("clip", "--loss", help="clip (open_clip's ClipLoss), siglip (SigLipLoss), mlcd (clip + "
                       "multi-label cluster discrimination), clip-refine (post-training of --init-model) or lightclip "
                       "(softened labels + token OT; a ViT model)."),
+    loss_param: list[str] = typer.Option(None, "--loss-param", help="KEY=VALUE: a parameter of the --loss objective "
+                                         "(repeatable; e.g. --loss mlcd --loss-param centres=64); the parameters "
+                                         "and their defaults: cliplab methods --family objective."),
     crop_scale: float = typer.Option(0.5, "--crop-scale", help="Smallest area of the random resized crop."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
     templates: str = typer.Option("generic", "--templates", help="Caption templates for labelled sources "
@@ -58,11 +61,14 @@ def pretrain(
 ):
     """Train (or with --init-model fine-tune) a CLIP model contrastively; writes an open_clip folder for --model."""
     from ..models.loader import check_device
-    from ..train import PretrainConfig
+    from ..train import PretrainConfig, PretrainOptionError
     from ..train import pretrain as run
+    from ..train.objective_params import parse_objective_params
     from ..train.recipes import recipe_config, recipe_folder
 
     device = check_device(device)
+    if recipe and loss_param:
+        raise PretrainOptionError("--loss-param changes a recipe: train from a SOURCE with --loss instead")
     if recipe:
         timing = {} if checkpoint_minutes is None else {"checkpoint_seconds": 60 * checkpoint_minutes}
         config = recipe_config(recipe, data_root, device=device, seed=seed, **timing,
@@ -74,7 +80,8 @@ def pretrain(
             warmup=warmup, loss=loss, crop_scale=crop_scale, flip=flip, seed=seed, eval_every=eval_every,
             checkpoint_every=checkpoint_every, checkpoint_seconds=60 * (checkpoint_minutes or 0.0), device=device,
             precision=precision,
-            data_root=str(data_root) if data_root else None, init_model=init_model)
+            data_root=str(data_root) if data_root else None, init_model=init_model,
+            loss_params=parse_objective_params(loss, loss_param) if loss_param else {})
     else:
         raise typer.BadParameter("give a SOURCE or --recipe NAME")
     folder = output or recipe_folder(config, recipe or "pretrain")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import CliplabError
@@ -64,6 +64,7 @@ class PretrainConfig:
     data_root: str | None = None
     init_model: str | None = None  # a load_model spec to fine-tune (None: random weights of ``model``)
     checkpoint_seconds: float = 0.0  # also checkpoint when this many seconds passed since the last one (0: off)
+    loss_params: dict = field(default_factory=dict)  # the objective's parameters (train/objective_params.py)
 
     # Options that change neither weights nor data order: a resumed run may change them.
     RESUMABLE = ("eval_every", "checkpoint_every", "device", "data_root", "checkpoint_seconds")
@@ -71,6 +72,10 @@ class PretrainConfig:
     def __post_init__(self):
         if self.loss not in ("clip", "siglip", "mlcd", "clip-refine", "lightclip"):  # objectives of train/engine.py
             raise PretrainOptionError(f"--loss {self.loss!r}: choose clip, siglip, mlcd, clip-refine or lightclip")
+        if self.loss_params:
+            from .objective_params import check_objective_params
+
+            check_objective_params(self.loss, self.loss_params)
         if self.precision not in ("fp32", "bf16"):
             raise PretrainOptionError(f"--precision {self.precision!r}: choose fp32 or bf16")
         for name in ("steps", "batch_size"):
@@ -84,7 +89,11 @@ class PretrainConfig:
             raise PretrainOptionError("--warmup must be >= 0 and --lr > 0")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as a dict; ``loss_params`` only when given (runs without keep their hashes and identity)."""
+        data = asdict(self)
+        if not data["loss_params"]:
+            del data["loss_params"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PretrainConfig:
@@ -93,7 +102,7 @@ class PretrainConfig:
 
     def differences(self, other: PretrainConfig) -> list[str]:
         """Names of the options that change the result and differ between the two configs."""
-        mine, theirs = self.to_dict(), other.to_dict()
+        mine, theirs = asdict(self), asdict(other)
         return [k for k in mine if k not in self.RESUMABLE and mine[k] != theirs[k]]
 
     def recipe_hash(self, model_cfg: dict) -> str:

@@ -279,8 +279,8 @@ def _pretrain(config: PretrainConfig, output_dir: Path, progress: bool, callback
     try:
         evaluate = (lambda: held_out_metric(backbone, eval_stream, config.templates, scratch)) \
             if eval_stream is not None else None
-        trained = run_training(backbone, get_objective(config.loss), data, settings, evaluate=evaluate,
-                               callback=callback)
+        objective = get_objective(config.loss, **config.loss_params)
+        trained = run_training(backbone, objective, data, settings, evaluate=evaluate, callback=callback)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     history = [{k: v for k, v in row.items() if k != "epoch"} for row in trained.history]
