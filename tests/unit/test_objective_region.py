@@ -103,3 +103,7 @@ def test_cloc_without_boxes_is_the_clip_loss_and_with_boxes_adds_the_region_term
                region_text_index=torch.tensor([0]))
     with pytest.raises(CliplabError, match="leaves the"):
         cloc(work, bad)
+    with pytest.raises(CliplabError, match="a row of the 3 region texts"):
+        cloc(work, dict(region_batch, region_text_index=torch.tensor([0, 1, 2, 3])))
+    with pytest.raises(CliplabError, match="needs region_tokens"):
+        cloc(work, {key: value for key, value in region_batch.items() if key != "region_tokens"})

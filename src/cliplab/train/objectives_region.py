@@ -22,7 +22,8 @@ Departures from the paper: CLOC's "prompter" (a light transformer that turns the
 into a region embedding) is replaced by RoI-align pooling of the patch grid (RegionCLIP-style, what the issue asks);
 CLOC's pseudo-labelled region captions (VESL) are replaced by whatever region text the batch brings; the grounding
 (text -> box regression) term is not implemented. The region term needs an open_clip ``CLIP`` with a ViT image
-tower; other towers are refused in one line.
+tower; other towers are refused in one line. The region path runs the open_clip model's own towers (deep prompts
+set on a Backbone are not applied there).
 """
 
 from __future__ import annotations
@@ -102,6 +103,14 @@ class ClocObjective(ClipObjective):
         boxes = batch.get("boxes")
         if boxes is None or len(boxes) == 0 or not self.region_weight:
             return super().__call__(module, batch)
+        missing = [key for key in ("region_tokens", "region_text_index") if key not in batch]
+        if missing:
+            raise CliplabError(f"cloc: a batch with boxes needs {' and '.join(missing)}")
+        text_index = batch["region_text_index"].long()
+        if text_index.shape != (len(boxes),) or bool(((text_index < 0) | (text_index >= len(batch["region_tokens"])))
+                                                     .any()):
+            raise CliplabError(f"cloc: region_text_index must give each of the {len(boxes)} boxes a row of the "
+                               f"{len(batch['region_tokens'])} region texts")
         model = _model(module)
         img, grid = image_and_grid(model, batch["images"])
         txt = _text_features(module, batch["tokens"]).float()
@@ -118,7 +127,7 @@ class ClocObjective(ClipObjective):
         scale = model.logit_scale.exp()
         with torch.autocast(img.device.type, enabled=False):
             clip = self.loss(img, txt, scale.float())
-            region = region_text_loss(regions, region_txt, batch["region_text_index"].long(), scale.float())
+            region = region_text_loss(regions, region_txt, text_index, scale.float())
             loss = clip + self.region_weight * region
         return loss, {"logit_scale": float(scale.detach()), "clip": float(clip.detach()),
                       "region": float(region.detach()), "regions": len(boxes)}
