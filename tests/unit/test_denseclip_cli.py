@@ -31,4 +31,4 @@ def test_segment_train_then_eval_with_weights(tmp_path, data_root):
 def test_segment_train_refuses_a_method_that_does_not_train(tmp_path):
     result = runner.invoke(app, ["segment-train", "--method", "maskclip", "--model", "tiny", "-o", str(tmp_path)])
     assert result.exit_code != 0
-    assert "'maskclip' does not train; methods that do: denseclip" in " ".join(result.output.split())
+    assert "'maskclip' does not train; methods that do: denseclip, ovseg" in " ".join(result.output.split())
