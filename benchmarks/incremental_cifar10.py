@@ -56,6 +56,8 @@ def main() -> None:
             raise SystemExit(f"{args.model}: {exc}") from None
     backbone, weights = benchmark_model(args.model)
     weights = args.note or weights
+    if args.dataset != "cifar10" and args.model.startswith("recipe:cifar10"):
+        weights += f"; it has never seen {args.dataset} (the classes it has seen are CIFAR-10's)"
     train = load_dataset(args.dataset, root=DATA_ROOT, split="train")
     test = load_dataset(args.dataset, root=DATA_ROOT, split="test")
     name = f"incremental_{args.dataset}"
