@@ -98,3 +98,104 @@ def test_no_extra_terms_is_the_clip_loss_and_token_features_match(tiny_batch):
     soft = get_objective("lightclip", soften=0.2, soften_steps=2, token_weight=0.0)
     soft.load_state_dict({"calls": 1})
     assert soft.eps() == pytest.approx(0.1)
+
+
+class _Identity(torch.nn.Module):
+    def get_cast_dtype(self):
+        return torch.float32
+
+    def forward(self, x, attn_mask=None):
+        return x
+
+
+def _stub_text_model(table):
+    """A text tower that is the identity: the hidden state of a position is its (masked) word embedding."""
+    model = torch.nn.Module()
+    model.token_embedding = torch.nn.Embedding.from_pretrained(torch.tensor(table), freeze=False)
+    model.positional_embedding = torch.zeros(3, 2)
+    model.transformer, model.ln_final, model.attn_mask = _Identity(), torch.nn.Identity(), None
+    return model
+
+
+def _layer_norm(v):
+    mean = sum(v) / len(v)
+    var = sum((x - mean) ** 2 for x in v) / len(v)
+    return [(x - mean) / math.sqrt(var + 1e-5) for x in v]
+
+
+def _cross_entropy(logits, target):
+    return -(logits[target] - math.log(sum(math.exp(v) for v in logits)))
+
+
+def test_mlm_loss_hand_computed_with_and_without_the_image():
+    from cliplab.train.objectives_lightclip import MlmFusion, mlm_loss
+
+    table = [[1.0, 0.0], [0.0, 1.0], [2.0, -2.0]]
+    model = _stub_text_model(table)
+    fusion = MlmFusion(width=2, image_dim=2, heads=1)
+    with torch.no_grad():
+        fusion.mask.copy_(torch.tensor([0.3, -0.1]))
+        fusion.to_text.weight.copy_(torch.eye(2))
+        fusion.to_text.bias.zero_()
+        fusion.attention.out_proj.weight.zero_()  # first: the image cannot reach the text
+        fusion.attention.out_proj.bias.zero_()
+    text = torch.tensor([[0, 1, 2]])
+    masked = torch.tensor([[False, True, False]])  # the word with id 1 is masked
+    patches = torch.tensor([[[5.0, 1.0]]])  # one patch: attention gives it weight 1 whatever the query
+
+    def by_hand(hidden):
+        normed = _layer_norm(hidden)
+        logits = [sum(a * b for a, b in zip(normed, row, strict=True)) for row in table]
+        return _cross_entropy(logits, 1)
+
+    assert mlm_loss(model, fusion, text, masked, patches).item() == pytest.approx(by_hand([0.3, -0.1]), rel=1e-5)
+    with torch.no_grad():  # now the value path is the identity: the masked word's state becomes mask + patch
+        width = 2
+        fusion.attention.in_proj_weight[2 * width:].copy_(torch.eye(2))
+        fusion.attention.in_proj_bias.zero_()
+        fusion.attention.out_proj.weight.copy_(torch.eye(2))
+    assert mlm_loss(model, fusion, text, masked, patches).item() == pytest.approx(by_hand([5.3, 0.9]), rel=1e-5)
+
+
+def test_mask_words_masks_only_words_and_at_least_one_per_caption():
+    from cliplab.train.objectives_lightclip import mask_words
+
+    words = torch.tensor([[False, True, True, True, False], [False, True, False, False, False],
+                          [False, False, False, False, False]])
+    torch.manual_seed(0)
+    for rate in (0.01, 0.5):
+        chosen = mask_words(words, rate)
+        assert not (chosen & ~words).any()
+        assert chosen.any(dim=1).tolist() == [True, True, False]
+    assert torch.equal(mask_words(words, 1.0), words)
+
+
+def test_mlm_weight_zero_is_todays_loss_and_the_term_adds_with_its_weight(tiny_batch):
+    model, batch = tiny_batch
+    work = model.derive("lightclip-mlm", trainable=True)
+    today, logs = get_objective("lightclip", soften=0.0, token_weight=0.5)(work, batch)
+    zero, zero_logs = get_objective("lightclip", soften=0.0, token_weight=0.5, mlm_weight=0.0)(work, batch)
+    assert zero.item() == today.item() and "mlm" not in zero_logs
+    torch.manual_seed(1)
+    total, mlm_logs = get_objective("lightclip", soften=0.0, token_weight=0.5, mlm_weight=2.0)(work, batch)
+    assert mlm_logs["mlm"] > 0 and mlm_logs["instance"] == pytest.approx(logs["instance"], abs=1e-6)
+    assert total.item() == pytest.approx(today.item() + 2.0 * mlm_logs["mlm"], abs=1e-5)
+
+
+def test_mlm_trains_its_fusion_module_and_keeps_it_in_the_checkpoint(tiny_batch, tmp_path):
+    from cliplab.train.engine import TrainSettings, run_training
+
+    model, batch = tiny_batch
+    objective = get_objective("lightclip", token_weight=0.0, mlm_weight=1.0)
+    settings = TrainSettings(steps=2, lr=1e-2, checkpoint_dir=tmp_path / "state", checkpoint_every=1,
+                             progress=False)
+    run_training(model.derive("lightclip-mlm-train", trainable=True), objective,
+                 lambda epoch, start=0: iter([batch] * 2), settings)
+    trained = {k: v.clone() for k, v in objective.fusion.state_dict().items()}
+    fresh = get_objective("lightclip", token_weight=0.0, mlm_weight=1.0)
+    fresh.param_groups(model.derive("x", trainable=True).model, 0.1)
+    assert any(not torch.equal(trained[k], v) for k, v in fresh.fusion.state_dict().items())  # the step moved it
+    fresh.load_state_dict(objective.state_dict())
+    assert all(torch.equal(trained[k], v) for k, v in fresh.fusion.state_dict().items())
+    with pytest.raises(Exception, match="mlm_weight is 0"):
+        get_objective("lightclip").load_state_dict(objective.state_dict())
