@@ -6,11 +6,12 @@ previous code path and today's side by side in one run, wall and CPU seconds on 
 - Tip-Adapter: search (200 x 20 grid) + fit + predict; before = the serial chunk loop (``workers=1``), after =
   chunks on parallel threads. The chosen (alpha, beta) and the predictions must be equal.
 - Linear probe: CoOp's full C search + final fit + predict. Before = the previous torch solver
-  (``heads/logistic.py`` at commit ``OLD_COMMIT``, read from git: L-BFGS with strong-Wolfe line search, float32
-  for C >= 1 stopped at an absolute change of 1e-9, warm start from the nearest C); after = today's
-  ``LinearProbe(solver="auto")``. Accuracy: scikit-learn's own fit at the C each search chose against the
-  head on 10,000 test rows, and the objectives (scikit-learn's full search at 1000 classes takes about an hour:
-  ``--sklearn-cap`` runs it for that many seconds, a lower bound).
+  (``heads/logistic.py`` at commit ``OLD_COMMIT``, read from git: the same L-BFGS, its pass indexing the logits
+  for the label term, on torch's threads), driven as ``LinearProbe`` drove it (coarse list small to large, CoOp's
+  loop, the head's fit at the chosen C polished); after = today's ``LinearProbe(solver="auto")``.
+  Accuracy: scikit-learn's own fit at the C each search chose (once per C) against the head on 10,000 test rows,
+  and the objectives (scikit-learn's full search at 1000 classes takes about an hour: ``--sklearn-cap`` runs it
+  for that many seconds, a lower bound).
 - CIFAR-10 (../shared/datasets): the same searches (16 shots, 4 validation per class, from the val split; scored on
   the 10,000 test images), features of ``--model`` (default recipe:cifar10-signal if built, else tiny with random
   weights); scikit-learn's full search there is seconds, so searched heads are compared too.
@@ -35,7 +36,7 @@ from cliplab.heads.logistic import logistic_objective
 from fewshot_speed import StandInBackbone
 
 DIM, SHOTS, VAL, TEST, PREDICT = 512, 16, 4, 10, 1000
-OLD_COMMIT = "9a12805"  # the last commit with the previous torch solver in heads/logistic.py
+OLD_COMMIT = "b8b4e57"  # the last commit with the previous torch solver in heads/logistic.py
 
 
 def previous_solver():
@@ -104,29 +105,25 @@ def tip_adapter(X, y, Xv, yv, Xt, workers: int, backbone, names, cache) -> dict:
 
 
 def probe_previous(X, y, Xv, yv, Xt, yt) -> dict:
-    """The previous code path: LinearProbe(solver="torch") as it was, i.e. CoOp's search over the previous
-    TorchLogistic's fits (memoised per C), the head = the search fit at the chosen C."""
+    """The previous code path: LinearProbe(solver="torch") as it was at ``OLD_COMMIT``: the coarse list fitted
+    from small to large C, CoOp's search over the previous TorchLogistic's search fits, the head = its final fit."""
     module = previous_solver()
     y_index = np.searchsorted(np.unique(y), y)
-    fits: dict = {}
     with CpuAccount() as cpu:
         fitter = module.TorchLogistic(np.asarray(X, np.float64), y_index, 1000, 1e-4 / len(X))
 
-        def fit_at(c):
-            if float(c) not in fits:
-                fits[float(c)] = fitter.fit(float(c))
-            return fits[float(c)]
-
         def val_accuracy(c):
-            coef, intercept, _ = fit_at(c)
+            coef, intercept, _ = fitter.fit(float(c))
             return float(np.mean(np.argmax(np.asarray(Xv, np.float64) @ coef.T + intercept, axis=1) == yv))
 
+        for c in sorted(COOP_SEARCH_LIST):
+            fitter.fit(float(c))
         chosen, path = coop_c_search(val_accuracy, 8)
-        coef, intercept, n_iter = fit_at(chosen)
+        coef, intercept, n_iter = fitter.fit(chosen, final=True)
         np.argmax(Xt[:PREDICT] @ coef.T + intercept, axis=1)
     top1 = float(np.mean(np.argmax(Xt @ coef.T + intercept, axis=1) == yt))
-    return {"C": chosen, "fits": len(fits), "n_iter": int(n_iter), "test_top1": top1, "path": path,
-            "coef": coef, "intercept": intercept, **cpu.result}
+    return {"C": chosen, "fits": len(fitter.solutions), "n_iter": int(n_iter), "test_top1": top1, "path": path,
+            "passes": fitter.passes, "coef": coef, "intercept": intercept, **cpu.result}
 
 
 def probe_new(X, y, Xv, yv, Xt, yt, solver: str = "auto") -> dict:
@@ -138,11 +135,17 @@ def probe_new(X, y, Xv, yv, Xt, yt, solver: str = "auto") -> dict:
             "coef": head.coef_, "intercept": head.intercept_, **cpu.result}
 
 
-def compare_with_sklearn(run: dict, X, y, Xt, yt) -> dict:
-    """scikit-learn's own fit at the C a search chose against that search's head: test top-1 and objective."""
+def compare_with_sklearn(run: dict, X, y, Xt, yt, done: dict | None = None) -> dict:
+    """scikit-learn's own fit at the C a search chose against that search's head: test top-1 and objective
+    (``done``: C -> (fit, CPU record) of earlier calls on the same data, so that a C two searches chose is fitted
+    once)."""
     C = run["C"]
-    with CpuAccount() as cpu:
-        coef, intercept, n_iter = logistic_fits(X, y, 1000, 1e-4 / len(X), solver="sklearn")(C)
+    done = {} if done is None else done
+    if C not in done:
+        with CpuAccount() as cpu:
+            fit = logistic_fits(X, y, 1000, 1e-4 / len(X), solver="sklearn")(C)
+        done[C] = fit, cpu
+    (coef, intercept, n_iter), cpu = done[C]
     top1 = float(np.mean(np.argmax(Xt @ coef.T + intercept, axis=1) == yt))
     f_sk = logistic_objective(X, y, C, coef, intercept)
     f_run = logistic_objective(X, y, C, run["coef"], run["intercept"])
@@ -161,11 +164,15 @@ def cifar10(model: str | None) -> dict:
     from cliplab.data import load_dataset
     from cliplab.features import embed_images
     from cliplab.models import load_model
+    from cliplab.train.recipes import RecipeNotBuiltError, recipe_model
 
+    spec = model or "recipe:cifar10-signal"
     weights = "trained (cliplab recipe, CIFAR-10 train + template captions)"
     try:
-        backbone = load_model(model or "recipe:cifar10-signal", device="cpu")
-    except Exception:  # noqa: BLE001 - the recipe is not built here: the tiny model with random weights
+        if spec.startswith("recipe:"):  # a built recipe's folder (never a build here)
+            spec = str(recipe_model(spec.split(":", 1)[1], DATA_ROOT, progress=False, build=False))
+        backbone = load_model(spec, device="cpu")
+    except RecipeNotBuiltError:  # the recipe is not built here: the tiny model with random weights
         if model:
             raise
         backbone, weights = load_model("tiny", device="cpu"), "tiny, random weights"
@@ -179,10 +186,39 @@ def cifar10(model: str | None) -> dict:
     old = probe_previous(X, y, Xv, yv, Xt, yt)
     new = probe_new(X, y, Xv, yv, Xt, yt, solver="torch")  # "auto" is scikit-learn's exact fits at this size
     sk = probe_new(X, y, Xv, yv, Xt, yt, solver="sklearn")
+    fits: dict = {}
     return {"model": backbone.model_id, "weights": weights, "before": _public(old), "after": _public(new),
-            "sklearn_search": _public(sk), "after_vs_sklearn_at_C": compare_with_sklearn(new, X, y, Xt, yt),
-            "before_vs_sklearn_at_C": compare_with_sklearn(old, X, y, Xt, yt),
+            "sklearn_search": _public(sk), "after_vs_sklearn_at_C": compare_with_sklearn(new, X, y, Xt, yt, fits),
+            "before_vs_sklearn_at_C": compare_with_sklearn(old, X, y, Xt, yt, fits),
             "diff_points_searched": 100 * (new["test_top1"] - sk["test_top1"])}
+
+
+def cifar_only(model: str | None) -> None:
+    """The CIFAR-10 part alone (its own results file): searches before / after / scikit-learn's, and the heads
+    against scikit-learn's fit at the C each chose."""
+    record = header("fewshot_fit_speed_cifar10", "Linear probe search on CIFAR-10 features: before / after / "
+                    "scikit-learn (issue 21 item 14)", False)
+    c10 = cifar10(model)
+    record["cifar10"] = c10
+    log(f"cifar10: {c10}")
+    rows = []
+    for label in ("before", "after"):
+        a, run = c10[f"{label}_vs_sklearn_at_C"], c10[label]
+        rows.append([f"{label} (torch)", f"{a['C']:.4g}", round(run["wall_s"], 1), round(run["own_cpu_s"], 2),
+                     round(run["foreign_load"], 2), round(100 * a["sklearn_top1"], 2), round(100 * a["head_top1"], 2),
+                     round(a["diff_points"], 2), round(100 * a["same_prediction_fraction"], 2)])
+    sk = c10["sklearn_search"]
+    rows.append(["scikit-learn's own search", f"{sk['C']:.4g}", round(sk["wall_s"], 1), round(sk["own_cpu_s"], 2),
+                 round(sk["foreign_load"], 2), round(100 * sk["test_top1"], 2), "", "", ""])
+    body = "\n".join([
+        "# Linear probe search on CIFAR-10 features: before / after / scikit-learn", "",
+        f"Features: {c10['model']} ({c10['weights']}); 10 classes x {SHOTS} shots, {VAL} validation per class "
+        "(val split), test = the 10,000 test images. Before = heads/logistic.py at "
+        f"{OLD_COMMIT}; after = today's LinearProbe(solver='torch'); scikit-learn = LinearProbe(solver='sklearn'). "
+        "Each torch head is compared with scikit-learn's own fit at the C that search chose.", "",
+        md_table(["search", "C", "wall s", "CPU s", "foreign load", "scikit-learn top-1 at C (%)", "head top-1 (%)",
+                  "difference (points)", "same prediction (%)"], rows), ""])
+    write_results("fewshot_fit_speed_cifar10", record, body)
 
 
 def main() -> None:
@@ -193,7 +229,12 @@ def main() -> None:
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--skip-tip", action="store_true")
     parser.add_argument("--model", default=None, help="CIFAR-10 features' model (default recipe:cifar10-signal)")
+    parser.add_argument("--cifar-only", action="store_true",
+                        help="only the CIFAR-10 comparison, written to fewshot_fit_speed_cifar10")
     args = parser.parse_args()
+    if args.cifar_only:
+        cifar_only(args.model)
+        return
     classes = 100 if args.quick else 1000
     (X, y), (Xv, yv), (Xt, yt) = synthetic(classes)
     record = header("fewshot_fit_speed", __doc__.strip().splitlines()[0], args.quick)
@@ -229,7 +270,8 @@ def main() -> None:
         rows.append([f"linear probe, full C search + predict ({label})", round(r["wall_s"], 1),
                      round(r["own_cpu_s"], 1), round(r["foreign_load"], 2),
                      f"C={r['C']:.4g}, {r['fits']} fits, test top-1 {100 * r['test_top1']:.2f}%"])
-    at_c = {label: compare_with_sklearn(runs[label], X, y, Xt, yt) for label in runs}
+    sklearn_fits: dict = {}
+    at_c = {label: compare_with_sklearn(runs[label], X, y, Xt, yt, sklearn_fits) for label in runs}
     for label, a in at_c.items():
         log(f"{label} at C={a['C']:.4g}: sklearn {a['sklearn_top1']:.4f}, head {a['head_top1']:.4f}")
     record["linear_probe"] = {"before": _public(runs["before"]), "after": _public(runs["after"]),
