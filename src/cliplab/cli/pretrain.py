@@ -15,6 +15,9 @@ def pretrain(
     source: str = typer.Argument(None, help="Image-caption source: a named dataset (cifar10, coco, ...), a "
                                  "manifest with captions (JSONL/CSV/JSON, e.g. from cliplab curate), a COCO "
                                  "captions JSON, or a labelled folder (captions made from --templates)."),
+    sources: list[str] = typer.Option(None, "--source", help="NAME:WEIGHT (repeatable) instead of SOURCE: a "
+                                      "weighted mixture of sources, each batch drawn from one source with "
+                                      "probability weight / total (seeded); recorded in the run's config."),
     recipe: str = typer.Option(None, "--recipe", help="A named recipe instead of SOURCE and the training "
                                "options: cifar10-signal (16 min measured on 2 idle CPU cores, hours on a busy "
                                "machine) or cifar10-ci (40 steps, about 5 min on 2 busy cores)."),
@@ -67,6 +70,12 @@ def pretrain(
     from ..train.recipes import recipe_config, recipe_folder
 
     device = check_device(device)
+    if sources:
+        from ..train.mixture import mixture_source
+
+        if source or recipe:
+            raise PretrainOptionError("give SOURCE, --source NAME:WEIGHT items or --recipe, one of them")
+        source = mixture_source(sources)
     if recipe and loss_param:
         raise PretrainOptionError("--loss-param changes a recipe: train from a SOURCE with --loss instead")
     if recipe:

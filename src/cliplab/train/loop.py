@@ -36,6 +36,7 @@ import torch
 from ..errors import CliplabError
 from .config import PretrainConfig, PretrainOptionError, resolve_model_config
 from .engine import TrainSettings, get_objective, read_checkpoint, run_training, scheduled_lr
+from .mixture import is_mixture, open_mixture
 from .pairs import PairStream, open_stream
 
 STATE_DIR = "train_state"
@@ -244,12 +245,15 @@ def _pretrain(config: PretrainConfig, output_dir: Path, progress: bool, callback
         raise PretrainOptionError(f"{state_path}: cannot resume from another start model "
                                   f"({saved.get('init_model_id')!r} -> {init_id!r}); use another --output")
     image_size, mean, std = _preprocess(backbone, model_cfg)
-    has_splits = bool(_source_splits(config.source))
+    mixed = is_mixture(config.source)  # a weighted mixture of sources (train/mixture.py)
+    has_splits = mixed or bool(_source_splits(config.source))
     stream_options = {"mean": mean, "std": std}
-    stream = open_stream(config.source, config.split if has_splits else None, image_size, config.templates,
-                         config.data_root, progress, **stream_options)
+    stream = (open_mixture if mixed else open_stream)(config.source, config.split if has_splits else None, image_size,
+                                                      config.templates, config.data_root, progress, **stream_options)
     eval_stream, notes = None, []
-    if config.eval_split and has_splits:
+    if mixed and config.eval_split:
+        notes.append("a mixture of sources trains without a held-out check (evaluate the model afterwards)")
+    elif config.eval_split and has_splits:
         eval_stream = open_stream(config.source, config.eval_split, image_size, config.templates, config.data_root,
                                   progress, need_captions=False, **stream_options)
         _check_disjoint(stream, eval_stream, config)
