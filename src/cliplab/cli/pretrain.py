@@ -15,9 +15,9 @@ def pretrain(
     source: str = typer.Argument(None, help="Image-caption source: a named dataset (cifar10, coco, ...), a "
                                  "manifest with captions (JSONL/CSV/JSON, e.g. from cliplab curate), a COCO "
                                  "captions JSON, or a labelled folder (captions made from --templates)."),
-    sources: list[str] = typer.Option(None, "--source", help="NAME:WEIGHT (repeatable) instead of SOURCE: a "
-                                      "weighted mixture of sources, each batch drawn from one source with "
-                                      "probability weight / total (seeded); recorded in the run's config."),
+    sources: list[str] = typer.Option(None, "--source", metavar="NAME:WEIGHT", help="Repeatable, instead of "
+                                      "SOURCE: a weighted mixture of sources, each batch drawn from one source "
+                                      "with probability weight / total (seeded); recorded in the run's config."),
     recipe: str = typer.Option(None, "--recipe", help="A named recipe instead of SOURCE and the training "
                                "options: cifar10-signal (16 min measured on 2 idle CPU cores, hours on a busy "
                                "machine) or cifar10-ci (40 steps, about 5 min on 2 busy cores)."),
