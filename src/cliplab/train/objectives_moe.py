@@ -13,9 +13,10 @@ probability of ``e``); it is 1 when routing is uniform.
 routers alone (the paper's short routing stage after assembling the experts). With one expert an upcycled model is
 the dense model, and ``balance=0`` makes the objective the ``clip`` loss.
 
-Departures: the multiplet stage (fine-tuning copies on clusters of the data the previous copies found hard) is left
-to the caller (train copies with any objective, then pass them as ``expert_models``); an upcycled model is not an
-open_clip architecture, so it trains from Python through ``run_training``, not through ``cliplab pretrain``.
+The multiplet stage (copies fine-tuned in turn on clusters of the pairs the previous copy found hard, then the
+routing stage) is ``train/moe_upcycle.py: multiplet_upcycle``; any other copies can be passed as ``expert_models``.
+Departure: an upcycled model is not an open_clip architecture, so it trains from Python through ``run_training``,
+not through ``cliplab pretrain``.
 """
 
 from __future__ import annotations
