@@ -38,10 +38,11 @@ def pretrain(
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on gains, biases)."),
     loss: str = typer.Option("clip", "--loss", help="clip (open_clip's ClipLoss), siglip (SigLipLoss), mlcd (clip + "
                       "multi-label cluster discrimination), clip-refine (post-training of --init-model) or lightclip "
-                      "(softened labels + token OT; a ViT model)."),
-    loss_param: list[str] = typer.Option(None, "--loss-param", help="KEY=VALUE: a parameter of the --loss objective "
-                                         "(repeatable; e.g. --loss mlcd --loss-param centres=64); the parameters "
-                                         "and their defaults: cliplab methods --family objective."),
+                      "(softened labels + token OT, + MLM with image fusion: --loss-param mlm_weight=1; a ViT model)."),
+    loss_param: list[str] = typer.Option(
+        None, "--loss-param", metavar="KEY=VALUE", help="A parameter of the --loss objective (repeatable; e.g. "
+        "--loss mlcd --loss-param centres=64); the parameters and their defaults: cliplab methods --family "
+        "objective."),
     crop_scale: float = typer.Option(0.5, "--crop-scale", help="Smallest area of the random resized crop."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
     templates: str = typer.Option("generic", "--templates", help="Caption templates for labelled sources "
