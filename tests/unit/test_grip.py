@@ -153,6 +153,7 @@ def test_with_classes_scores_new_names_with_the_learned_context(tiny, task):
         expected = learner.text_features().numpy().T
     np.testing.assert_allclose(new.weights_, expected, atol=1e-6)
     assert new.logits(Xt).shape == (len(Xt), 2)
+    assert new.fit_summary() == head.fit_summary()  # what base-to-new records for the moved head
 
 
 def test_a_fit_with_a_checkpoint_folder_refits_to_the_same_numbers(tiny, task, tmp_path, monkeypatch):

@@ -523,6 +523,9 @@ class _Grip(ZeroShotLogitsMixin, ClipHead):
             head.backbone_ = self.backbone_
         head.classes_ = np.arange(len(head.class_names))
         head.n_features_in_ = self.n_features_in_
+        # the fit record (fit_summary) travels with what was learned
+        head.schedule_, head.rounds_, head.pool_size_ = self.schedule_, self.rounds_, self.pool_size_
+        head.val_accuracy_ = self.val_accuracy_
         return head
 
     def fit_summary(self) -> dict:
