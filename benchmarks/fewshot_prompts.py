@@ -4,26 +4,29 @@ Issue 24's table: CIFAR-10 and Fashion-MNIST, shots 1/2/4/8/16, seeds 1/2/3, the
 5 classes base, last 5 new) for every prompt method at 16 shots, with the ``cifar10-signal`` recipe model (trained
 here on CIFAR-10 train + template captions; it never saw Fashion-MNIST). CPU is scarce (2 shared cores), so:
 
-- every prompt method trains on a small fixed budget (``BUDGETS``, recorded in the results): CoOp and CLIP-SVD
-  ``160 / k`` epochs at k shots (10 epochs at 16 shots: the same number of images seen at every k), CoCoOp
-  ``max(2, 32 / k)`` epochs (its batch is 1 image, as the authors'), GRIP one pseudolabel round of 10 epochs on
-  at most 500 unlabelled images;
+- every prompt method trains on a small fixed budget (``budget``, recorded with every run): CoOp and CLIP-SVD
+  about 50 optimiser steps of batch 32 (epochs = ceil(50 / steps per epoch): 50 epochs at 1 shot, 10 at 16
+  shots with 10 classes; CoOp's first epoch is its warmup), CoCoOp (batch 1, as the authors') its warmup epoch
+  plus ceil(16 / k) epochs (160 steps after the warmup at every k), GRIP one pseudolabel round (of 10) of 10
+  epochs on at most 500 unlabelled images;
 - shots and the validation part are drawn from a seeded 10,000-image subset of the train split (Fashion-MNIST's
   has 60,000), and the test split is scored on a seeded 2,000-image subset (seed 0), never used for fitting;
 - partial results are written (JSON + markdown) after every finished run, and a rerun resumes: runs already in
-  the JSON are skipped. Order: CIFAR-10, Fashion-MNIST, base-to-new; within a dataset seed 1 for every shot count
-  first, then seeds 2 and 3.
+  the JSON with the same budget are skipped. Order (``--order dataset``): CIFAR-10, Fashion-MNIST, base-to-new,
+  within each seed 1 for every shot count first, then seeds 2 and 3; ``--order seed``: seed 1 of all three first.
 
 MaPLe needs a ViT image tower; the ViT twin of the recipe (``recipe:cifar10-vit-signal``) is not built, so MaPLe
 is not in the table.
 
     nice -n 5 python benchmarks/fewshot_prompts.py [--quick] [--model recipe:cifar10-signal | tiny]
+        [--order dataset | seed]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -39,22 +42,25 @@ METHODS = BASELINES + PROMPT_METHODS
 DATASETS = ["cifar10", "fashion_mnist"]
 TRAIN_POOL = 10_000
 TEST_SUBSET = 2_000
+STEPS = 50  # CoOp's and CLIP-SVD's optimiser steps per run (about)
 
 
-def budget(method: str, shots: int) -> dict:
-    """The training budget (head parameters) of ``method`` at ``shots`` per class (module docstring)."""
+def budget(method: str, shots: int, n_classes: int = 10) -> dict:
+    """The training budget (head parameters) of ``method`` at ``shots`` per class of ``n_classes`` (module
+    docstring)."""
     if method in ("coop", "clip-svd"):
-        return {"max_epoch": max(1, round(160 / shots))}
+        return {"max_epoch": math.ceil(STEPS / math.ceil(shots * n_classes / 32))}
     if method == "cocoop":
-        return {"max_epoch": max(2, round(32 / shots))}
+        return {"max_epoch": 1 + math.ceil(16 / shots)}
     if method == "grip":
         return {"rounds": 1, "max_epoch": 10, "max_unlabelled": 500}
     return {}
 
 
-BUDGET_TEXT = {"coop": "max_epoch = 160 / k (k shots; 10 at 16 shots), batch 32",
-               "clip-svd": "max_epoch = 160 / k (10 at 16 shots), batch 32, both towers",
-               "cocoop": "max_epoch = max(2, 32 / k) (2 at 16 shots), batch 1",
+BUDGET_TEXT = {"coop": "about 50 steps of batch 32 (max_epoch = ceil(50 / steps per epoch): 50 at 1 shot, 10 at 16 "
+                       "shots; the first epoch is the warmup)",
+               "clip-svd": "about 50 steps of batch 32 (as CoOp; no warmup), both towers",
+               "cocoop": "1 warmup epoch + ceil(16 / k) epochs of batch 1 (160 steps after the warmup)",
                "grip": "1 round (of 10), 10 epochs, at most 500 unlabelled images"}
 
 
@@ -130,10 +136,23 @@ def markdown(state: dict) -> str:
     return "\n".join(lines)
 
 
+def fill_zeroshot(state: dict, done: set, shots: list[int], seeds: list[int]) -> None:
+    """Zero-shot needs no shots: its one score per dataset stands for every (shots, seed) cell."""
+    for dataset in state["datasets"]:
+        zs = [r for r in state["runs"] if r["part"] == "fewshot" and r["dataset"] == dataset
+              and r["method"] == "zeroshot"]
+        for seed in seeds:
+            for k in shots:
+                if zs and run_key("fewshot", dataset, "zeroshot", k, seed) not in done:
+                    state["runs"].append(dict(zs[0], shots=k, seed=seed, repeated=True))
+                    done.add(run_key("fewshot", dataset, "zeroshot", k, seed))
+
+
 def save(state: dict, name: str) -> None:
     record = dict(state["header"], model=state["model"], weights_note=state["weights_note"], shots=state["shots"],
                   seeds=state["seeds"], methods=METHODS, datasets=state["datasets"], b2n_shots=state["b2n_shots"],
                   budgets={m: {str(k): budget(m, k) for k in state["shots"]} for m in PROMPT_METHODS},
+                  budgets_base2new={m: budget(m, state["b2n_shots"], 5) for m in PROMPT_METHODS},
                   budget_text=BUDGET_TEXT, train_pool=TRAIN_POOL, test_subset=TEST_SUBSET,
                   complete=state["complete"], runs=state["runs"])
     write_results(name, record, markdown(state))
@@ -144,6 +163,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 and 4 shots, one seed, 200 test images")
     parser.add_argument("--model", default="recipe:cifar10-signal")
     parser.add_argument("--name", default=None, help="results name (default fewshot_prompts, _quick with --quick)")
+    parser.add_argument("--order", choices=["dataset", "seed"], default="dataset",
+                        help="dataset: CIFAR-10, Fashion-MNIST, base-to-new, each with all seeds; seed: seed 1 of all "
+                        "three first")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/cliplab/bench-fewshot-prompts"))
     args = parser.parse_args()
     global TEST_SUBSET, TRAIN_POOL
@@ -156,13 +178,17 @@ def main() -> None:
     from cliplab.data import load_dataset
     from cliplab.eval.fewshot import run_fewshot
 
+    if args.model.startswith("recipe:"):  # never start a recipe build from a benchmark: refuse when not built
+        from cliplab.train.recipes import recipe_model
+
+        recipe_model(args.model.split(":", 1)[1], DATA_ROOT, build=False)
     backbone, weights = benchmark_model(args.model)
     log(f"model {args.model}: {backbone.model_id} ({weights[:60]}...)")
     path = RESULTS_DIR / f"{name}.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     # resume: the runs of the same model and the same budgets (a changed budget runs again)
     runs = [r for r in previous.get("runs", []) if r.get("model_id") == backbone.model_id
-            and r.get("params") == budget(r["method"], r["shots"])]
+            and r.get("params") == budget(r["method"], r["shots"], r.get("n_classes", 10))]
     state = {"header": header(name, __doc__.strip().splitlines()[0], args.quick), "model": model_info(backbone),
              "model_spec": args.model, "weights_note": weights, "shots": shots, "seeds": seeds, "datasets": DATASETS,
              "b2n_shots": b2n_shots, "complete": False, "runs": runs}
@@ -176,13 +202,14 @@ def main() -> None:
         if not todo:
             return
         for method in todo:  # one method per call: partial results after every finished run
-            run_params = {method: budget(method, k)}
+            n_classes = len(train.class_names) if part == "fewshot" else len(train.class_names) // 2
+            run_params = {method: budget(method, k, n_classes)}
             with CpuAccount() as cpu:
                 result = run_fewshot(backbone, train, test, [method], [k], [seed], params=run_params,
                                      output_dir=out / part / dataset, cache_dir=args.cache_dir, progress=False,
                                      base_to_new=(part == "base2new"))
             run = dict(result.runs[-1], part=part, dataset=dataset, model_id=backbone.model_id,
-                       params=run_params[method], wall_s=round(cpu.result["wall_s"], 2),
+                       params=run_params[method], n_classes=n_classes, wall_s=round(cpu.result["wall_s"], 2),
                        cpu_s=round(cpu.result["own_cpu_s"], 2), foreign_load=round(cpu.result["foreign_load"], 2))
             run["chosen"] = str(run.get("chosen"))[:300]
             state["runs"].append(run)
@@ -194,29 +221,36 @@ def main() -> None:
                 f"({run['wall_s']:.1f} s wall, {run['cpu_s']:.1f} CPU-s)")
             save(state, name)
 
+    splits: dict[str, tuple] = {}
+
+    def data(dataset: str) -> tuple:
+        if dataset not in splits:
+            splits[dataset] = (seeded_subset(load_dataset(dataset, root=DATA_ROOT, split="train"), TRAIN_POOL),
+                               seeded_subset(load_dataset(dataset, root=DATA_ROOT, split="test"), TEST_SUBSET))
+            log(f"{dataset}: {len(splits[dataset][0].labels)} train pool, {len(splits[dataset][1].labels)} test images")
+        return splits[dataset]
+
+    def fewshot_steps(dataset, seed_list):
+        for seed in seed_list:
+            for k in shots:
+                first = (k, seed) == (shots[0], seeds[0])  # zero-shot needs no shots: scored once
+                yield "fewshot", dataset, seed, k, METHODS if first else [m for m in METHODS if m != "zeroshot"]
+
+    def b2n_steps(seed_list):
+        for seed in seed_list:
+            yield "base2new", "cifar10", seed, b2n_shots, (["zeroshot"] if seed == seeds[0] else []) + PROMPT_METHODS
+
+    if args.order == "dataset":  # CIFAR-10 (all seeds), Fashion-MNIST, base-to-new
+        steps = [s for d in DATASETS for s in fewshot_steps(d, seeds)] + list(b2n_steps(seeds))
+    else:  # seed 1 of everything first, then seed 2, then seed 3
+        steps = [s for seed in seeds for s in [*(t for d in DATASETS for t in fewshot_steps(d, [seed])),
+                                               *b2n_steps([seed])]]
     start = time.perf_counter()
-    for dataset in DATASETS:
-        train = seeded_subset(load_dataset(dataset, root=DATA_ROOT, split="train"), TRAIN_POOL)
-        test = seeded_subset(load_dataset(dataset, root=DATA_ROOT, split="test"), TEST_SUBSET)
-        log(f"{dataset}: {len(train.labels)} train pool, {len(test.labels)} test images")
-        for seed in seeds:
-            for k in shots:
-                methods = METHODS if (k, seed) == (shots[0], seeds[0]) else [m for m in METHODS if m != "zeroshot"]
-                call("fewshot", dataset, train, test, methods, k, seed)
-        # zero-shot needs no shots: its one score stands for every cell
-        zs = [r for r in state["runs"] if r["part"] == "fewshot" and r["dataset"] == dataset and
-              r["method"] == "zeroshot"]
-        for seed in seeds:
-            for k in shots:
-                if zs and run_key("fewshot", dataset, "zeroshot", k, seed) not in done:
-                    state["runs"].append(dict(zs[0], shots=k, seed=seed, repeated=True))
-                    done.add(run_key("fewshot", dataset, "zeroshot", k, seed))
-        save(state, name)
-    train = seeded_subset(load_dataset("cifar10", root=DATA_ROOT, split="train"), TRAIN_POOL)
-    test = seeded_subset(load_dataset("cifar10", root=DATA_ROOT, split="test"), TEST_SUBSET)
-    for seed in seeds:
-        call("base2new", "cifar10", train, test, (["zeroshot"] if seed == seeds[0] else []) + PROMPT_METHODS,
-             b2n_shots, seed)
+    for part, dataset, seed, k, methods in steps:
+        train, test = data(dataset)
+        call(part, dataset, train, test, methods, k, seed)
+        fill_zeroshot(state, done, shots, seeds)
+    save(state, name)
     state["complete"] = True
     save(state, name)
     log(f"done in {time.perf_counter() - start:.0f} s")
