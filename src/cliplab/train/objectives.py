@@ -36,6 +36,20 @@ def _image_features(module, images: torch.Tensor) -> torch.Tensor:
     return module.encode_image(images, normalize=True)
 
 
+def vit_tokens(visual, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features (n, d), patch tokens (n, p, d) in the joint space) from one pass of an open_clip
+    ``VisionTransformer`` (its ``output_tokens`` switched on for the pass and restored)."""
+    old = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        img, patches = visual(images)
+    finally:
+        visual.output_tokens = old
+    if visual.proj is not None:
+        patches = patches @ visual.proj
+    return img, patches
+
+
 def _text_features(module, tokens: torch.Tensor) -> torch.Tensor:
     if hasattr(module, "forward_texts"):
         return module.forward_texts(tokens, normalize=True)

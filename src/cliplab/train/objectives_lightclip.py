@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import CliplabError
 from .engine import default_param_groups, register_objective
-from .objectives import ClipObjective, _model
+from .objectives import ClipObjective, _model, vit_tokens
 
 
 def soft_targets(n: int, eps: float, device=None) -> torch.Tensor:
@@ -93,14 +93,7 @@ def tokens_and_features(model: torch.nn.Module, images: torch.Tensor | None, tex
                            "alone")
     if check_only:
         return None
-    old = visual.output_tokens
-    visual.output_tokens = True
-    try:
-        img, patches = visual(images)
-    finally:
-        visual.output_tokens = old
-    if visual.proj is not None:
-        patches = patches @ visual.proj
+    img, patches = vit_tokens(visual, images)
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast) + model.positional_embedding.to(cast)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import CliplabError
 from .engine import register_objective
-from .objectives import ClipObjective, _model, _text_features
+from .objectives import ClipObjective, _model, _text_features, vit_tokens
 
 
 def pool_regions(grid: torch.Tensor, boxes: torch.Tensor, patch_size: float | tuple[float, float],
@@ -77,14 +77,7 @@ def image_and_grid(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.
     if not isinstance(visual, VisionTransformer):
         raise CliplabError(f"cloc: region pooling needs an open_clip CLIP with a ViT image tower (this one: "
                            f"{type(visual).__name__})")
-    old = visual.output_tokens
-    visual.output_tokens = True
-    try:
-        img, patches = visual(images)
-    finally:
-        visual.output_tokens = old
-    if visual.proj is not None:
-        patches = patches @ visual.proj
+    img, patches = vit_tokens(visual, images)
     gh, gw = visual.grid_size
     return img, patches.reshape(len(images), gh, gw, -1).permute(0, 3, 1, 2)
 
