@@ -85,12 +85,14 @@ def pct(mean_std) -> str:
 def markdown(state: dict) -> str:
     """The tables of every finished run (cells with fewer than all seeds say how many)."""
     shots, seeds = state["shots"], state["seeds"]
+    pools = ", ".join(f"{d}: {n:,} train images used" for d, n in state.get("pools", {}).items()) or "see JSON"
     trained = (": trained on CIFAR-10 train + template captions" if state["model_spec"] == "recipe:cifar10-signal"
                else "")
     lines = [f"# Few-shot top-1 of the prompt methods ({state['model_spec']}{trained})", "",
              f"**Weights: {state['weights_note']}.**", "",
-             f"Shots and validation drawn from a seeded {TRAIN_POOL:,}-image subset of each train split; scored on a "
-             f"seeded {TEST_SUBSET:,}-image subset of each test split (seed 0). Mean ± std over seeds {seeds} "
+             f"Shots and validation drawn from each train split, a seeded {TRAIN_POOL:,}-image subset where it is "
+             f"larger ({pools}); scored on a seeded {TEST_SUBSET:,}-image subset of each test split (seed 0), never "
+             f"used for fitting. Mean ± std over seeds {seeds} "
              "(a cell marked `(n)` has only n seeds so far). MaPLe is not here: it needs a ViT image tower and "
              "recipe:cifar10-vit-signal is not built.", "",
              "Training budgets (CPU-sized, far below the authors'): "
@@ -154,7 +156,7 @@ def save(state: dict, name: str) -> None:
                   budgets={m: {str(k): budget(m, k) for k in state["shots"]} for m in PROMPT_METHODS},
                   budgets_base2new={m: budget(m, state["b2n_shots"], 5) for m in PROMPT_METHODS},
                   budget_text=BUDGET_TEXT, train_pool=TRAIN_POOL, test_subset=TEST_SUBSET,
-                  complete=state["complete"], runs=state["runs"])
+                  pools=state.get("pools", {}), complete=state["complete"], runs=state["runs"])
     write_results(name, record, markdown(state))
 
 
@@ -166,6 +168,7 @@ def main() -> None:
     parser.add_argument("--order", choices=["dataset", "seed"], default="dataset",
                         help="dataset: CIFAR-10, Fashion-MNIST, base-to-new, each with all seeds; seed: seed 1 of all "
                         "three first")
+    parser.add_argument("--render", action="store_true", help="only rewrite the JSON and markdown from the JSON")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/cliplab/bench-fewshot-prompts"))
     args = parser.parse_args()
     global TEST_SUBSET, TRAIN_POOL
@@ -174,6 +177,15 @@ def main() -> None:
         TEST_SUBSET, TRAIN_POOL = 200, 2_000
     b2n_shots = 4 if args.quick else 16
     name = args.name or ("fewshot_prompts_quick" if args.quick else "fewshot_prompts")
+    if args.render:
+        saved = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+        keys = ("benchmark", "description", "mode", "started", "machine", "libraries", "git", "command")
+        state = {"header": {k: saved[k] for k in keys}, "model": saved["model"], "model_spec": args.model,
+                 "weights_note": saved["weights_note"], "shots": saved["shots"], "seeds": saved["seeds"],
+                 "datasets": saved["datasets"], "b2n_shots": saved["b2n_shots"], "complete": saved["complete"],
+                 "runs": saved["runs"], "pools": saved.get("pools") or {}}
+        save(state, name)
+        return
 
     from cliplab.data import load_dataset
     from cliplab.eval.fewshot import run_fewshot
@@ -191,7 +203,7 @@ def main() -> None:
             and r.get("params") == budget(r["method"], r["shots"], r.get("n_classes", 10))]
     state = {"header": header(name, __doc__.strip().splitlines()[0], args.quick), "model": model_info(backbone),
              "model_spec": args.model, "weights_note": weights, "shots": shots, "seeds": seeds, "datasets": DATASETS,
-             "b2n_shots": b2n_shots, "complete": False, "runs": runs}
+             "b2n_shots": b2n_shots, "complete": False, "runs": runs, "pools": {}}
     done = {run_key(r["part"], r["dataset"], r["method"], r["shots"], r["seed"]) for r in runs}
     if runs:
         log(f"resuming: {len(runs)} runs already in {path}")
@@ -227,6 +239,7 @@ def main() -> None:
         if dataset not in splits:
             splits[dataset] = (seeded_subset(load_dataset(dataset, root=DATA_ROOT, split="train"), TRAIN_POOL),
                                seeded_subset(load_dataset(dataset, root=DATA_ROOT, split="test"), TEST_SUBSET))
+            state["pools"][dataset] = len(splits[dataset][0].labels)
             log(f"{dataset}: {len(splits[dataset][0].labels)} train pool, {len(splits[dataset][1].labels)} test images")
         return splits[dataset]
 
