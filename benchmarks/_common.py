@@ -121,6 +121,27 @@ def benchmark_model(spec: str):
                       if backbone.info.random_weights else "trained weights")
 
 
+def built_model(spec: str, *, held_label: str, after: str, random_note: str):
+    """(backbone, weights note) for a model that must exist already: ``recipe:NAME`` is loaded only if built (never
+    trained here; the note gives its held-out zero-shot as ``held_label`` and ends with ``after``), else load_model."""
+    from cliplab.models import load_model
+
+    if spec.startswith("recipe:"):
+        from cliplab.train.recipes import recipe_model
+
+        name = spec.split(":", 1)[1]
+        folder = recipe_model(name, DATA_ROOT, build=False)
+        card = json.loads((folder / "model_card.json").read_text())
+        held = card.get("held_out", {}).get("zeroshot_top1")
+        note = (f"trained here by the cliplab recipe {name} (CIFAR-10 train images with template captions"
+                + (f", {held_label} {100 * held:.1f}%" if held is not None else "") + ")" + after)
+        backbone = load_model(str(folder))
+        backbone.display_name = spec
+        return backbone, note
+    backbone = load_model(spec, device="cpu")
+    return backbone, random_note if backbone.info.random_weights else "trained weights"
+
+
 def model_info(backbone) -> dict:
     info = backbone.info
     return {

@@ -15,35 +15,19 @@ Writes benchmarks/results/analyses_signal.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA_ROOT, CpuAccount, header, load_average, log, md_table, model_info, write_results  # noqa: E402
+from _common import DATA_ROOT, CpuAccount, built_model, header, load_average, log, md_table, model_info, write_results  # noqa: E402
 
 
 def load(spec: str):
     """(backbone, note); a recipe model must already be built (never trains here)."""
-    from cliplab.models import load_model
-
-    if spec.startswith("recipe:"):
-        from cliplab.train.recipes import recipe_model
-
-        name = spec.split(":", 1)[1]
-        folder = recipe_model(name, DATA_ROOT, build=False)
-        card = json.loads((folder / "model_card.json").read_text())
-        held = card.get("held_out", {}).get("zeroshot_top1")
-        note = (f"trained here by the cliplab recipe {name} (CIFAR-10 train images with template captions"
-                + (f", val zero-shot {100 * held:.1f}%" if held is not None else "") + "): weights that carry signal, "
-                "but a small model that has seen these classes, not a general CLIP")
-        backbone = load_model(str(folder))
-        backbone.display_name = spec
-        return backbone, note
-    backbone = load_model(spec, device="cpu")
-    return backbone, "random weights" if backbone.info.random_weights else "trained weights"
+    return built_model(spec, held_label="val zero-shot", after=": weights that carry signal, but a small model that "
+                       "has seen these classes, not a general CLIP", random_note="random weights")
 
 
 def sce_part(backbone, test, cache_dir, pairs: int, rff_dim: int) -> tuple[list[dict], dict]:

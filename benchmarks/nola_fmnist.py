@@ -28,7 +28,6 @@ Writes benchmarks/results/nola_fmnist.{json,md} (or nola_fmnist_<suffix> with --
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import warnings
@@ -37,31 +36,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA_ROOT, CpuAccount, header, load_average, log, md_table, model_info, write_results  # noqa: E402
+from _common import DATA_ROOT, CpuAccount, built_model, header, load_average, log, md_table, model_info, write_results  # noqa: E402
 
 DINO_ARCH = "vit_small_patch8_224"
 
 
 def load(spec: str):
     """(backbone, note); a recipe model must already be built (never trains here)."""
-    from cliplab.models import load_model
-
-    if spec.startswith("recipe:"):
-        from cliplab.train.recipes import recipe_model
-
-        name = spec.split(":", 1)[1]
-        folder = recipe_model(name, DATA_ROOT, build=False)
-        card = json.loads((folder / "model_card.json").read_text())
-        held = card.get("held_out", {}).get("zeroshot_top1")
-        note = (f"trained here by the cliplab recipe {name} (CIFAR-10 train images with template captions"
-                + (f", CIFAR-10 val zero-shot {100 * held:.1f}%" if held is not None else "") + "); it never saw "
-                "Fashion-MNIST")
-        backbone = load_model(str(folder))
-        backbone.display_name = spec
-        return backbone, note
-    backbone = load_model(spec, device="cpu")
-    return backbone, ("random weights: the numbers say nothing about the method" if backbone.info.random_weights
-                      else "trained weights")
+    return built_model(spec, held_label="CIFAR-10 val zero-shot", after="; it never saw Fashion-MNIST",
+                       random_note="random weights: the numbers say nothing about the method")
 
 
 def random_dino(folder: Path) -> str:
