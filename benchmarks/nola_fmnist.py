@@ -28,6 +28,7 @@ Writes benchmarks/results/nola_fmnist.{json,md} (or nola_fmnist_<suffix> with --
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import warnings
@@ -36,7 +37,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA_ROOT, CpuAccount, built_model, header, load_average, log, md_table, model_info, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    DATA_ROOT,
+    RESULTS_DIR,
+    CpuAccount,
+    built_model,
+    header,
+    load_average,
+    log,
+    md_table,
+    model_info,
+    write_results,
+)
 
 DINO_ARCH = "vit_small_patch8_224"
 
@@ -85,7 +97,13 @@ def main() -> None:
                         "fashion_mnist writes nola_fmnist)")
     parser.add_argument("--pool-split", default="train", choices=["train", "test"],
                         help="where the unlabelled pool comes from (test: disjoint from the test sample)")
+    parser.add_argument("--add", action="store_true", help="keep the results file's runs of other models")
+    parser.add_argument("--render", default=None, metavar="NAME", help="rewrite results/NAME.md from its JSON")
     args = parser.parse_args()
+    if args.render:
+        record = json.loads((RESULTS_DIR / f"{args.render}.json").read_text())
+        write_results(args.render, record, render(record))
+        return
     quick = args.quick
     pool_n = args.pool or (150 if quick else 1000)
     test_n = args.test or (200 if quick else 2000)
@@ -189,39 +207,81 @@ def main() -> None:
         entry["fit"] = cpu.result
         results[method] = entry
         log(f"{method}: test top-1 {pct(entry['test_acc'])}% ({cpu.result['wall_s']:.0f} s)")
-    record.update(results=results, load_after=load_average())
-
-    rows = [["zero-shot (templates)", pct(zs_acc), "-", "-", "-", "-"]]
-    for method, entry in results.items():
-        extra = (f"seen {pct(entry['seen_acc'])}, unseen {pct(entry['unseen_acc'])}, harmonic "
-                 f"{pct(entry['harmonic'])}" if "harmonic" in entry else
-                 (f"k {entry['k']}, {entry['pseudolabels']} pseudolabels {pct(entry['pseudolabel_acc'])}% right, "
-                  f"alignment-head labels {pct(entry['student_label_acc'])}% right" if "k" in entry else
-                  f"{len(entry['rounds'])} rounds"))
-        fit = entry["fit"]
-        rows.append([method, pct(entry["test_acc"]), f"{fit['wall_s']:.0f}", f"{fit['own_cpu_s']:.0f}",
-                     f"{fit['foreign_load']:.1f}", extra])
-    body = [f"# NoLA and GRIP without labels · {label} (trained on CIFAR-10 train images) · {title}", "",
-            f"Model: {note}. DINO stand-in: {DINO_ARCH} with random weights (no DINO weights here), so the "
-            "alignment head reads random-ViT features; `nola-clip` uses CLIP's own features instead.", "",
-            f"CPU-sized, not the papers' recipes: pool {pool_n} {title} {args.pool_split} images (seeded; labels "
-            f"read by this script only), test sample {test_n} (disjoint). NoLA: templates only (no description "
-            f"set), {n_prompts} "
-            f"prompts ({'ResNet image tower: the linear head alone trains' if not n_prompts else 'VPT-shallow'}), "
-            f"student {epochs} epochs (authors 10) at lr {args.nola_lr or 3e-4:g} (authors 3e-4), alignment head 50 "
-            f"epochs. GRIP: textual prompts, {rounds} "
-            f"rounds (authors 10) of {grip_epochs} epochs (authors 150); transductive: seen "
-            f"{', '.join(record['seen_classes'])} ({args.seen_per_class} labelled each), unlabelled = the pool's "
-            "unseen-class images.", "",
-            md_table(["method", "test top-1 %", "wall s", "CPU s", "foreign load", "notes"], rows), "",
-            f"Chance is {100 / n_classes:.0f}% ({n_classes} classes); one standard error of a top-1 near p on "
-            f"{test_n} test images is 100 sqrt(p (1 - p) / {test_n}) points (about "
-            f"{100 * (max(zs_acc, 1 / n_classes) * (1 - max(zs_acc, 1 / n_classes)) / test_n) ** 0.5:.1f} here). "
-            "Pseudolabel and alignment-head accuracies are against the true labels of the pool, which only this "
-            "script reads: when they sit at chance, nothing downstream can learn the classes."]
+    record.update(results=results, load_after=load_average(), label=label, title=title,
+                  nola_lr=args.nola_lr or 3e-4)
     name = ("nola_fmnist" if dataset == "fashion_mnist" else f"nola_{dataset}") + (f"_{args.suffix}" if args.suffix
                                                                                     else "")
-    write_results(name, record, "\n".join(body))
+    runs = [as_run(record)]
+    path = RESULTS_DIR / f"{name}.json"
+    if args.add and path.exists():  # keep the file's runs of other models (a run of the same label is replaced)
+        runs = [r for r in file_runs(json.loads(path.read_text())) if r["label"] != label] + runs
+    record = {**{k: record[k] for k in HEADER_KEYS}, "runs": runs}
+    write_results(name, record, render(record))
+
+
+HEADER_KEYS = ("benchmark", "description", "mode", "started", "machine", "libraries", "git", "command")
+
+
+def as_run(record: dict) -> dict:
+    """One model's run: every field of a single-run record (the header fields kept as the run's own)."""
+    run = dict(record)
+    if "label" not in run:  # a file written before runs: the label was given as --model-label, else the model
+        command = run.get("command", "")
+        run["label"] = (command.split("--model-label ", 1)[1].split(" --", 1)[0] if "--model-label " in command
+                        else run["model"])
+    if "title" not in run:
+        run["title"] = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}.get(run.get("dataset"),
+                                                                                    run.get("dataset"))
+    return run
+
+
+def file_runs(record: dict) -> list[dict]:
+    """The runs a results file holds (a file from before runs is one run)."""
+    return list(record["runs"]) if "runs" in record else [as_run(record)]
+
+
+def render(record: dict) -> str:
+    """The markdown of a results record: each run's settings, one table of every run's rows."""
+    runs = file_runs(record)
+    title = runs[-1]["title"]
+    rows, settings = [], []
+    for run in runs:
+        label, sizes = run["label"], run["sizes"]
+        n_prompts, pool_split = run["nola_prompts"], run.get("pool_split", "train")
+        rows.append([label, "zero-shot (templates)", pct(run["zero_shot_test_acc"]), "-", "-", "-", "-"])
+        for method, entry in run["results"].items():
+            extra = (f"seen {pct(entry['seen_acc'])}, unseen {pct(entry['unseen_acc'])}, harmonic "
+                     f"{pct(entry['harmonic'])}" if "harmonic" in entry else
+                     (f"k {entry['k']}, {entry['pseudolabels']} pseudolabels {pct(entry['pseudolabel_acc'])}% "
+                      f"right, alignment-head labels {pct(entry['student_label_acc'])}% right" if "k" in entry else
+                      f"{len(entry['rounds'])} rounds"))
+            fit = entry["fit"]
+            rows.append([label, method, pct(entry["test_acc"]), f"{fit['wall_s']:.0f}", f"{fit['own_cpu_s']:.0f}",
+                         f"{fit['foreign_load']:.1f}", extra])
+        test_n, n_classes = sizes["test"], len(run["seen_classes"]) + len(run["unseen_classes"])
+        p = max(run["zero_shot_test_acc"], 1 / n_classes)
+        settings += [
+            f"**{label}** ({run['started'][:16].replace('T', ' ')} UTC, git {run.get('git')}). Model: "
+            f"{run['weights']}. CPU-sized, not the papers' recipes: pool {sizes['pool']} {title} {pool_split} "
+            f"images (seeded; labels read by this script only), test sample {test_n} (disjoint). NoLA: templates "
+            f"only (no description set), {n_prompts} prompts ("
+            f"{'VPT-shallow: ViT image tower' if n_prompts else 'ResNet image tower: the linear head alone trains'}"
+            f"), student {run['nola_epochs']} epochs (authors 10) at lr {run.get('nola_lr', 3e-4):g} (authors 3e-4), "
+            f"alignment head 50 epochs. GRIP: textual prompts, {run['grip_rounds']} rounds (authors 10) of "
+            f"{run['grip_epochs']} epochs (authors 150); transductive: seen {', '.join(run['seen_classes'])} "
+            f"({sizes['seen_per_class']} labelled each), unlabelled = the pool's unseen-class images. One standard "
+            f"error of a top-1 near the zero-shot score on {test_n} test images: about "
+            f"{100 * (p * (1 - p) / test_n) ** 0.5:.1f} points.", ""]
+    n_classes = len(runs[-1]["seen_classes"]) + len(runs[-1]["unseen_classes"])
+    body = [f"# NoLA and GRIP without labels · {title} · models trained on CIFAR-10 train images", "",
+            f"DINO stand-in: {DINO_ARCH} with random weights (no DINO weights here), so the alignment head of "
+            "`nola-dino` reads random-ViT features; `nola-clip` uses CLIP's own features instead.", "",
+            *settings,
+            md_table(["model", "method", "test top-1 %", "wall s", "CPU s", "foreign load", "notes"], rows), "",
+            f"Chance is {100 / n_classes:.0f}% ({n_classes} classes). Pseudolabel and alignment-head accuracies are "
+            "against the true labels of the pool, which only this script reads: when they sit at chance, nothing "
+            "downstream can learn the classes. The environment below is the latest run's."]
+    return "\n".join(body)
 
 
 if __name__ == "__main__":
