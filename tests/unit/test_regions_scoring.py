@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from cliplab.models import load_model
 from cliplab.regions.boxes import BoxError
 from cliplab.regions.scoring import (
     AttributeHead,
+    attribute_frequency_weights,
     crop_boxes,
     embed_boxes,
     federated_bce,
@@ -92,6 +95,38 @@ def test_federated_bce_gives_unlabelled_attributes_zero_gradient():
     empty = torch.zeros(2, 3, requires_grad=True)
     federated_bce(empty, torch.ones(2, 3), torch.zeros(2, 3)).backward()
     assert (empty.grad == 0).all()
+
+
+def test_federated_bce_unknown_weight_and_reweighting_written_out():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 1.5, -2.0]], dtype=torch.float64)
+    targets = torch.tensor([[1, 0, 0], [0, 1, 1]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.float64)  # unknown: (0, 2) and (1, 0)
+    weights = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+
+    def bce(z, y):
+        return -(y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-z))))
+
+    known = [(0, 0), (0, 1), (1, 1), (1, 2)]
+    plain = sum(bce(logits[i, j].item(), targets[i, j].item()) for i, j in known) / 4
+    weighted = sum(weights[j].item() * bce(logits[i, j].item(), targets[i, j].item()) for i, j in known) / 4
+    unknown = (bce(0.5, 0.0) + bce(-0.3, 0.0)) / 2  # unannotated pairs count as negatives, their own mean
+    assert federated_bce(logits, targets, mask).item() == pytest.approx(plain, rel=1e-12)
+    assert federated_bce(logits, targets, mask, attribute_weights=weights).item() == pytest.approx(weighted, rel=1e-12)
+    assert federated_bce(logits, targets, mask, unknown_weight=0.15, attribute_weights=weights).item() == (
+        pytest.approx(weighted + 0.15 * unknown, rel=1e-12))
+    z = logits.clone().requires_grad_(True)
+    federated_bce(z, targets, mask, unknown_weight=0.15).backward()
+    assert z.grad[0, 2].item() == pytest.approx(0.15 * (1 / (1 + math.exp(-0.5))) / 2, rel=1e-12)
+
+
+def test_attribute_frequency_weights_written_out():
+    counts = np.array([1.0, 32.0, 1024.0])
+    raw = counts ** -0.2  # 1, 1/2, 1/4
+    assert attribute_frequency_weights(counts) == pytest.approx(3 * raw / raw.sum(), rel=1e-6)
+    assert attribute_frequency_weights(counts) == pytest.approx([12 / 7, 6 / 7, 3 / 7], rel=1e-6)
+    assert attribute_frequency_weights(np.array([5.0, 5.0])).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="positive"):
+        attribute_frequency_weights(np.array([3.0, 0.0]))
 
 
 def test_unlabelled_attribute_leaves_its_parameters_alone():
