@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cliplab.errors import DatasetError
 from cliplab.features.text import class_weights
 from cliplab.models import load_model
 from cliplab.regions.coco import box_accuracy, coco_boxes
@@ -53,3 +54,20 @@ def test_box_accuracy_recomputed(coco, tmp_path):
     hits = [(embed_boxes(tiny, Image.open(p).convert("RGB"), b) @ w).argmax(axis=1) == y for p, b, y in items]
     assert result["boxes"] == 3 and result["images"] == 2 and result["top5"] == 1.0  # 3 classes: top-5 is all
     assert result["top1"] == pytest.approx(np.concatenate(hits).mean())
+
+
+def test_category_subset_renames_and_drops_the_rest(coco, tmp_path):
+    names, items = coco_boxes(coco, categories={"car": "automobile", "dog": "dog"})
+    assert names == ["automobile", "dog"]  # the mapping's order and names
+    assert [p.name for p, _, _ in items] == ["a.jpg"]  # b.jpg has only a cat
+    assert items[0][1].tolist() == [[0, 0, 10, 10], [30, 20, 10, 10]] and items[0][2].tolist() == [1, 0]
+    with pytest.raises(DatasetError, match="no category named 'deer'"):
+        coco_boxes(coco, categories={"deer": "deer"})
+    tiny = load_model("tiny")
+    result = box_accuracy(tiny, coco, templates=["a photo of a {}."], cache_dir=tmp_path / "cache",
+                          categories={"car": "automobile", "dog": "dog"})
+    w = class_weights(tiny, ["automobile", "dog"], ["a photo of a {}."], cache_dir=tmp_path / "cache")
+    feats = embed_boxes(tiny, Image.open(items[0][0]).convert("RGB"), items[0][1])
+    assert result["boxes"] == 2 and result["class_names"] == ["automobile", "dog"]
+    assert result["top1"] == pytest.approx(((feats @ w).argmax(axis=1) == [1, 0]).mean())
+    assert result["s_per_box"] == pytest.approx(result["wall_s"] / 2)
