@@ -57,13 +57,13 @@ def ridge_reference(backbone, train, test, cache: str) -> dict:
 
 
 def accuracy_part(spec: str, sources: int, settings: RankTrainSettings, cache: str, width: int | None,
-                  layers: int) -> list[dict]:
+                  layers: int, properties=PROPERTIES) -> list[dict]:
     from cliplab.train.rank_adapter import AdapterConfig
 
     backbone, note = benchmark_model(spec)
     config = AdapterConfig(dim=backbone.embed_dim, width=width, layers=layers)
     rows = []
-    for prop in PROPERTIES:
+    for prop in properties:
         train = ordinal_set(prop, "train", sources=sources, root=DATA_ROOT)
         test = ordinal_set(prop, "test", sources=sources, root=DATA_ROOT)
         log(f"{spec} {prop}: {len(train)} train / {len(test)} test images, text {train.text!r}")
@@ -111,6 +111,31 @@ def timing_part(spec: str, images: int, cache: str) -> dict:
             "foreign_load": [zs.result["foreign_load"], tokens_cpu.result["foreign_load"], ad.result["foreign_load"]]}
 
 
+def kept(args, rows: list[dict], timing: dict | None, skipped: list[str]) -> tuple[list[dict], dict, list[str]]:
+    """This run's rows with the saved rows of other (model, property) pairs (saved with the same settings), in
+    model order (``--model`` then ``--vit-model``), then property order; the saved timing where none was measured."""
+    import json
+
+    from _common import RESULTS_DIR
+
+    path = RESULTS_DIR / "rank_ordinal.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    settings = old.get("settings", {})
+    same = (settings.get("sources") == args.sources and settings.get("train", {}).get("epochs") == args.epochs
+            and all(r.get("adapter_config", {}).get("width") == args.width
+                    and r.get("adapter_config", {}).get("layers") == args.layers for r in old.get("accuracy", [])))
+    if not same:
+        log("--keep: the saved results were made with other settings; nothing kept")
+        return rows, timing, skipped
+    new = {(r["model"], r["property"]) for r in rows}
+    merged = [r for r in old.get("accuracy", []) if (r["model"], r["property"]) not in new] + rows
+    order = [args.model, args.vit_model]
+    merged.sort(key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order),
+                               PROPERTIES.index(r["property"])))
+    measured = {r["model"] for r in merged}
+    return merged, timing or old.get("timing"), [s for s in skipped if s not in measured]
+
+
 def _row(r: dict, key: str, label: str) -> list:
     m = r[key]
     return [r["property"], r["tokens"], label, m["kendall_tau"], m["pairwise_accuracy"], m["within_tau"],
@@ -129,6 +154,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128, help="adapter width")
     parser.add_argument("--layers", type=int, default=2, help="adapter fusion blocks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a shared 2-core machine)")
+    parser.add_argument("--properties", default=",".join(PROPERTIES), help="comma-separated subset of blur,brightness")
+    parser.add_argument("--keep", action="store_true", help="keep the rows (and, with --timing-model '', the "
+                        "timing) of results/rank_ordinal.json that this run does not measure (same --sources/--epochs/"
+                        "--width/--layers): a model or property added in parts")
     args = parser.parse_args()
     import torch
 
@@ -143,14 +172,17 @@ def main() -> None:
         rows, skipped = [], []
         for spec in (args.model, args.vit_model):
             if spec and _never_build(spec):
-                rows += accuracy_part(spec, args.sources, settings, cache, args.width, args.layers)
+                rows += accuracy_part(spec, args.sources, settings, cache, args.width, args.layers,
+                                      [p for p in args.properties.split(",") if p])
             elif spec:
                 skipped.append(spec)
                 log(f"{spec}: not built; skipped (this benchmark never builds a recipe)")
-        timing = timing_part(args.timing_model, args.timing_images, cache)
+        timing = timing_part(args.timing_model, args.timing_images, cache) if args.timing_model else None
         log(f"timing {timing}")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    if args.keep:
+        rows, timing, skipped = kept(args, rows, timing, skipped)
     record.update(accuracy=rows, timing=timing, skipped=skipped)
     sections = ["# Text-driven image ranking on seeded ordinal sets (paper 15)"]
     for spec in dict.fromkeys(r["model"] for r in rows):
@@ -178,7 +210,7 @@ def main() -> None:
     if skipped:
         sections.append(f"Not built, so not measured: {', '.join(skipped)}.")
     t = timing
-    sections += [
+    sections += [] if t is None else [
         f"## Seconds per image, {t['model']} ({t['weights']}; timing only), {t['images']} images",
         md_table(["step", "wall s / image", "CPU s / image"],
                  [["zero-shot (embed + cosine)", t["zero_shot_s_per_image"], t["zero_shot_cpu_s_per_image"]],
