@@ -17,8 +17,22 @@ used here untrained, without that conv); ``identity``, no pooling (A = I: exactl
 (``cliplab.dense.dinoiser_train``: trained on the user's unlabelled images; ``conv=FILE`` selects it, so no DINO
 checkpoint is needed at inference: ``cliplab segment --method dinoiser --param conv=FILE``).
 
-Departures: the trained 1x1 background conv / FOUND saliency is not reproduced (FOUND is not available here);
-background comes from the pipeline's ``--background-threshold``. The authors' released conv weights are not read.
+Background (their ``apply_found``): where the ``conv=FILE`` also holds the 1x1 background conv (``cliplab
+dinoiser-train --background``: fitted to FOUND's foreground), a patch whose best class probability is below
+``delta`` (0.99) and whose foreground probability ``sigmoid(bkg_decoder(features))`` is not above 0.5 becomes
+background (:func:`apply_background`): as theirs, the probability of the class named ``background`` is set to 1
+(their class 0) where the labels include one; otherwise, cliplab's pipeline having no background channel, every
+class's probability there is set to 0, so ``--background-threshold`` (any value above 0) labels it background
+(without a threshold it would go to the first class). ``background=false`` turns it off (theirs apply it only on
+datasets with a background class). Where the labels have neither, leave it off.
+
+Departures: the authors' released conv weights are not read.
+
+Outside comparison (/work/compare/found/compare_bkg.py, the authors' ``CLIP_DINOiser.forward`` run unchanged on
+a stubbed instance, its ``forward_pass`` returning cliplab's background logits, conv correlations and MaskCLIP
+features of one 16x16 window of a random ViT (4x4 patches), its ``cls_seg`` cliplab's classifier; labels
+background + 3 classes; background-conv biases 0, +3, -3 and temperatures 100 and 5, so 0 to 15 of the 16 patches
+are marked): the same scores as ``patch_scores`` with ``conv=FILE``, max abs difference 0.0 in every case.
 """
 
 from __future__ import annotations
@@ -55,15 +69,32 @@ def weighted_pool(features: torch.Tensor, corrs: torch.Tensor) -> torch.Tensor:
     return (pooled / (norm + 1e-6)).reshape(features.shape[0], -1, h, w)
 
 
+def apply_background(scores: torch.Tensor, logits: torch.Tensor, background_index: int | None,
+                     delta: float = 0.99) -> torch.Tensor:
+    """The authors' background rule: where ``max_c scores < delta`` and ``sigmoid(logits) <= 0.5`` (not foreground),
+    the ``background_index`` class's probability becomes 1 (others unchanged), or, without one, every class's
+    becomes 0. ``scores`` (n, C, h, w) probabilities, ``logits`` (n, 1, h, w) foreground logits."""
+    foreground = torch.sigmoid(logits.float()) > 0.5
+    mark = (scores.max(dim=1, keepdim=True).values < delta) & ~foreground  # (n, 1, h, w)
+    if background_index is None:
+        return scores.masked_fill(mark, 0.0)
+    out = scores.clone()
+    out[:, background_index:background_index + 1] = torch.where(mark, torch.ones_like(mark, dtype=out.dtype),
+                                                                out[:, background_index:background_index + 1])
+    return out
+
+
 @register_dense("dinoiser", paper="Wysoczanska et al. 2024 (CLIP-DINOiser)", needs=("tower", "text_weights",
                                                                                    "guidance"))
 class CLIPDINOiser(DenseMethod):
     """CLIP-DINOiser: MaskCLIP features pooled by guidance-encoder patch correlations (below gamma zeroed)."""
 
     def __init__(self, gamma: float = 0.2, guidance: str = "clip", guidance_layer: int = -3,
-                 temperature: float = 100.0, conv: str = ""):
+                 temperature: float = 100.0, conv: str = "", background: bool = True, delta: float = 0.99):
         self.gamma = gamma
         self.conv = conv
+        self.background = background
+        self.delta = delta
         self.guidance = guidance
         self.guidance_layer = guidance_layer
         self.temperature = temperature
@@ -74,17 +105,33 @@ class CLIPDINOiser(DenseMethod):
         if self.guidance == "encoder" and context.guidance is None:
             raise CliplabError("dinoiser guidance=encoder needs a guidance encoder (cliplab segment --guidance "
                                "WEIGHTS, or Segmenter(guidance=...))")
-        # a trained conv file turns the default (clip) guidance into the conv's
-        self.guidance_ = "conv" if self.conv and self.guidance == "clip" else self.guidance
-        self.conv_ = None
-        if self.guidance_ == "conv":
-            if not self.conv:
-                raise CliplabError("dinoiser guidance=conv needs conv=FILE (a conv trained by "
-                                   "cliplab.dense.dinoiser_train.train_guidance_conv)")
-            from .dinoiser_train import load_guidance_conv
+        if self.guidance == "conv" and not self.conv:
+            raise CliplabError("dinoiser guidance=conv needs conv=FILE (a conv trained by cliplab dinoiser-train)")
+        self.conv_ = self.background_ = None
+        if self.conv:
+            from .dinoiser_train import load_dinoiser_convs
 
-            self.conv_ = load_guidance_conv(self.conv, context.backbone).to(context.backbone.device)
+            self.conv_, background = load_dinoiser_convs(self.conv, context.backbone)
+            if self.guidance == "conv" and self.conv_ is None:
+                raise CliplabError(f"{self.conv}: holds no correlation conv (trained with --background alone)")
+            if self.background and background is not None:
+                self.background_ = background.to(context.backbone.device)
+            if self.conv_ is not None:
+                self.conv_ = self.conv_.to(context.backbone.device)
+        # a file's correlation conv turns the default (clip) guidance into the conv's
+        self.guidance_ = "conv" if self.conv_ is not None and self.guidance == "clip" else self.guidance
+        names = [name.lower() for name in context.class_names]
+        self.background_index_ = names.index("background") if "background" in names else None
         super().setup(context)
+
+    def _intermediate(self, images: torch.Tensor, layer: int) -> torch.Tensor:
+        """CLIP's layer ``ln_2`` features, computed once per batch for both convs."""
+        from .dinoiser_train import clip_intermediate
+
+        cached = getattr(self, "_seen", None)
+        if cached is None or cached[0] is not images or cached[1] != layer:
+            self._seen = (images, layer, clip_intermediate(self.context_.tower, images, layer))
+        return self._seen[2]
 
     def guidance_features(self, images: torch.Tensor) -> torch.Tensor | None:
         """(n, g, h, w) guidance features of the windows (None for identity)."""
@@ -95,9 +142,7 @@ class CLIPDINOiser(DenseMethod):
             return self.context_.guidance(images)
         tower = self.context_.tower
         if guidance == "conv":
-            from .dinoiser_train import clip_intermediate
-
-            return self.conv_(clip_intermediate(tower, images, self.conv_.layer))
+            return self.conv_(self._intermediate(images, self.conv_.layer))
         h, w = tower.grid_of(images)
         last = tower.resolve_layer(self.guidance_layer)
         x = tower.embed(images)
@@ -116,4 +161,12 @@ class CLIPDINOiser(DenseMethod):
             features = weighted_pool(features, guidance_correlations(guide, self.gamma))
             if features.shape[-2:] != grid:  # back to CLIP's patch grid, which the pipeline averages on
                 features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
-        return classify_features(features, weights, self.temperature)
+        scores = classify_features(features, weights, self.temperature)
+        background = getattr(self, "background_", None)
+        if background is not None:
+            logits = background(self._intermediate(images, background.layer))
+            if logits.shape[-2:] != scores.shape[-2:]:
+                logits = F.interpolate(logits, size=scores.shape[-2:], mode="bilinear", align_corners=False)
+            scores = apply_background(scores, logits, self.background_index_, self.delta)
+        self._seen = None
+        return scores
