@@ -277,3 +277,20 @@ def test_cli_counts_writes_the_png_and_refuses_bad_input(tmp_path, monkeypatch):
     assert len([line for line in empty.output.splitlines() if line.strip()]) == 1
     no_counter = runner.invoke(app, ["count", "a.png", "--model", "tiny", "--counter", "nowhere"])
     assert no_counter.exit_code != 0 and "nowhere: not a saved counter" in no_counter.output
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--blocks", "patches"], "--blocks patches needs a ViT image tower"),
+    (["--vpt", "2", "--train", "never"], "--vpt needs a ViT image tower"),
+])
+def test_cli_counts_on_an_unsupported_tower_are_one_line(tmp_path, monkeypatch, args, words):
+    from cliplab.cli.app import app
+    from cliplab.cli.common import RunOptions
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 32), (90, 20, 30)).save("a.png")
+    monkeypatch.setattr(RunOptions, "load_backbone", lambda self: _resnet())
+    result = CliRunner().invoke(app, ["count", "a.png", "-q", *args])
+    assert result.exit_code != 0 and not (tmp_path / "never").exists()
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in " ".join(result.output.split()), result.output

@@ -71,6 +71,7 @@ def count(
     if counter_dir is not None:
         counter = load_counter(counter_dir, backbone)
     elif train_dir is not None:
+        EBCCounter(backbone, config)  # an unsupported tower fails here, in one line, before any scene is drawn
         from ..data.counting import CountingSpec, load_counting_scenes
         from ..train.engine import TrainSettings
 
