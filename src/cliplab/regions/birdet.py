@@ -4,6 +4,10 @@ Departures: the paper learns the map from the image to its background embedding 
 no detector to train, the background class embedding is the fixed mix ``normalize((1 - mix) * t_bg + mix * v)``
 of the background prompt's text embedding ``t_bg`` and the whole image's embedding ``v`` (``mix = 0``: the plain
 "background" prompt), so boxes that look like the image's context score as background.
+
+No outside comparison: BIRDet's code is not public (the paper gives no repository; none found in the code index,
+December 2026), so partial-object suppression follows the paper's description (tests: threshold 1 keeps every box,
+a contained same-label box is dropped).
 """
 
 from __future__ import annotations
