@@ -53,9 +53,14 @@ from _common import (  # noqa: E402
 DINO_ARCH = "vit_small_patch8_224"
 
 
-def load(spec: str):
-    """(backbone, note); a recipe model must already be built (never trains here)."""
-    return built_model(spec, held_label="CIFAR-10 val zero-shot", after="; it never saw Fashion-MNIST",
+def load(spec: str, dataset: str = "fashion_mnist", pool_split: str = "train"):
+    """(backbone, note); a recipe model must already be built (never trains here). The note ends with what the
+    model has seen of ``dataset``'s pool and test sample."""
+    shown = {"cifar10": "CIFAR-10"}.get(dataset, dataset)
+    after = ("; it never saw Fashion-MNIST" if dataset == "fashion_mnist" else
+             f"; the pool and the test sample are disjoint draws from {shown} test, images it never trained on"
+             if pool_split == "test" else f"; the pool comes from {shown} train")
+    return built_model(spec, held_label="CIFAR-10 val zero-shot", after=after,
                        random_note="random weights: the numbers say nothing about the method")
 
 
@@ -117,7 +122,7 @@ def main() -> None:
     from cliplab.features.embed import embed_images
 
     record = header("nola_fmnist", __doc__.splitlines()[0], quick)
-    backbone, note = load(args.model)
+    backbone, note = load(args.model, args.dataset, args.pool_split)
     note = args.note or note
     label = args.model_label or args.model
     dataset = args.dataset

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,12 +106,11 @@ def _has_vit(backbone) -> bool:
     return True
 
 
-def measure(name: str, methods: list[str], shots: int, pool: int, repeats: int, device: str) -> list[dict]:
+def measure(name: str, methods: list[str], shots: int, pool: int, repeats: int, device: str) -> Iterator[dict]:
     from cliplab.models import load_model
 
     arch, _, pretrained = name.partition(":")
     backbone = load_model(arch, pretrained or None, device=device)
-    rows = []
     for method in methods:
         n = shots * len(CLASSES) if method in ("cpe-clip", "gopro") else pool
         X, y, data = _inputs(backbone, n)
@@ -129,13 +129,12 @@ def measure(name: str, methods: list[str], shots: int, pool: int, repeats: int, 
                "load_average": load_average(), "model_info": model_info(backbone)}
         log(f"{name} {method}: {row['epoch_wall_s']} s/epoch wall ({row['step_wall_s']} s/step, "
             f"foreign load {row['foreign_load']})")
-        rows.append(row)
-    return rows
+        yield row
 
 
 def render(record: dict) -> str:
     rows = [[r["model"], r["method"], r["device"], str(r["images"]), str(r["batch"]), str(r["steps"]),
-             f"{r['epoch_wall_s']:.2f}", f"{r['epoch_cpu_s']:.2f}", f"{r['step_wall_s']:.3f}",
+             str(r["repeats"]), f"{r['epoch_wall_s']:.2f}", f"{r['epoch_cpu_s']:.2f}", f"{r['step_wall_s']:.3f}",
              f"{1000 * r['image_wall_s']:.0f}", f"{r['foreign_load']:.2f}", r["epoch_is"]]
             for r in record["rows"]]
     return "\n".join([
@@ -146,7 +145,7 @@ def render(record: dict) -> str:
         f"{record['shots']} images; NoLA and OSLoPrompt: {record['pool']} images or feature rows). 'foreign load' = "
         "CPU seconds of other processes per wall second during the one-epoch fit (the largest of the repeats; 2 "
         "cores). Measured one method after another under the shared CPU lock.", "",
-        md_table(["model", "method", "device", "images", "batch", "steps", "epoch wall s", "epoch CPU s",
+        md_table(["model", "method", "device", "images", "batch", "steps", "repeats", "epoch wall s", "epoch CPU s",
                   "wall s / step", "wall ms / image", "foreign load", "one epoch is"], rows), "",
         "OSLoPrompt trains on cached image features (its image tower never runs in training), so its epoch cost is "
         "the text tower's: (K+1) learned prompts + B x K attribute prompts per step. NoLA's epoch runs the image "
@@ -159,7 +158,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one repeat")
     parser.add_argument("--shots", type=int, default=2, help="CPE-CLIP/GOPro images per class (10 classes)")
     parser.add_argument("--pool", type=int, default=64, help="NoLA pool images / OSLoPrompt feature rows")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", default="2", help="repeats, one for all models or one per model (3,1)")
     parser.add_argument("--models", default="tiny,ViT-B-32:random")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--merge", action="store_true", help="keep the JSON's other rows (by model and method)")
@@ -176,22 +175,26 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown method {unknown[0]!r} (one of {', '.join(METHODS)})")
-    fresh = []
-    for model in args.models.split(","):
-        fresh += measure(model, methods, args.shots, args.pool, 1 if args.quick else args.repeats, args.device)
     record = header(name, __doc__.strip().splitlines()[0], args.quick)
-    kept = []
+    kept, parts = [], []
     if args.merge and path.exists():
         old = json.loads(path.read_text())
-        done = {(r["model"], r["method"]) for r in fresh}
-        kept = [r for r in old.get("rows", []) if (r["model"], r["method"]) not in done]
-        record["parts"] = old.get("parts", [{"started": old.get("started"), "command": old.get("command")}])
-    record.setdefault("parts", []).append({"started": record["started"], "command": record["command"]})
+        kept = list(old.get("rows", []))
+        parts = old.get("parts", [{"started": old.get("started"), "command": old.get("command")}])
+    record.update(parts=[*parts, {"started": record["started"], "command": record["command"]}], shots=args.shots,
+                  pool=args.pool)
     order = {m: i for i, m in enumerate(METHODS)}
-    models = list(dict.fromkeys([r["model"] for r in kept] + [r["model"] for r in fresh]))
-    rows = sorted(kept + fresh, key=lambda r: (models.index(r["model"]), order[r["method"]]))
-    record.update(rows=rows, shots=args.shots, pool=args.pool)
-    write_results(name, record, render(record))
+    models = args.models.split(",")
+    repeats = [int(r) for r in args.repeats.split(",")]
+    repeats = repeats * len(models) if len(repeats) == 1 else repeats
+    if len(repeats) != len(models):
+        raise SystemExit("--repeats: one value, or one per model")
+    for model, times in zip(models, repeats, strict=True):
+        for row in measure(model, methods, args.shots, args.pool, 1 if args.quick else times, args.device):
+            kept = [r for r in kept if (r["model"], r["method"]) != (row["model"], row["method"])] + [row]
+            seen = list(dict.fromkeys(["tiny", *(r["model"] for r in kept)]))
+            record["rows"] = sorted(kept, key=lambda r: (seen.index(r["model"]), order[r["method"]]))
+            write_results(name, record, render(record))  # after every row: a part cut short keeps its rows
 
 
 if __name__ == "__main__":
