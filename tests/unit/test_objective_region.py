@@ -1,5 +1,6 @@
-"""CLOC region-text objective (paper 44): RoI pooling of hand grids, the region loss by hand, no boxes = the clip
-loss, and the full loss = clip + weight * region on the tiny model with gradients reaching the projection."""
+"""CLOC (paper 44) and GRAIN (paper 6) region objectives: RoI pooling of hand grids, the region losses by hand, no
+boxes = the clip loss, and the full loss = clip + weight * region on the tiny model with gradients reaching the
+projection."""
 
 import math
 
@@ -107,3 +108,51 @@ def test_cloc_without_boxes_is_the_clip_loss_and_with_boxes_adds_the_region_term
         cloc(work, dict(region_batch, region_text_index=torch.tensor([0, 1, 2, 3])))
     with pytest.raises(CliplabError, match="needs region_tokens"):
         cloc(work, {key: value for key, value in region_batch.items() if key != "region_tokens"})
+
+
+def test_grain_word_loss_hand_computed():
+    from cliplab.train.objectives_region import region_to_text_loss
+
+    regions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])  # every row is a candidate, named or not
+    scale = 2.5
+    logits = [[scale * sum(a * b for a, b in zip(r, t, strict=True)) for t in texts.tolist()] for r in regions.tolist()]
+    want = sum(_ce(row, [float(j == k) for j in range(3)]) for row, k in zip(logits, [2, 1, 0], strict=True)) / 3
+    got = region_to_text_loss(regions, texts, torch.tensor([2, 1, 0]), torch.tensor(scale))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_grain_without_boxes_is_the_clip_loss_and_with_boxes_adds_the_word_term(tiny_batch):
+    from cliplab.train.objectives_region import region_to_text_loss
+
+    model, size, batch = tiny_batch
+    assert "grain" in list_objectives()
+    work = model.derive("grain", trainable=True)
+    clip, _ = get_objective("clip")(work, batch)
+    grain = get_objective("grain", region_weight=0.4)
+    assert grain.needs_boxes and get_objective("cloc").needs_boxes and not hasattr(get_objective("clip"), "needs_boxes")
+    assert grain(work, batch)[0].item() == pytest.approx(clip.item(), abs=1e-6)
+    empty = dict(batch, boxes=torch.zeros(0, 5), region_tokens=batch["tokens"], region_text_index=torch.zeros(0))
+    assert grain(work, empty)[0].item() == pytest.approx(clip.item(), abs=1e-6)
+    half = size / 2
+    boxes = torch.tensor([[0, 0, 0, half, half], [1, half, half, size, size], [1, 0, 0, size, size]],
+                         dtype=torch.float32)
+    descriptions = model.tokenize(["a cat has pointed ears and whiskers", "a truck has a large cargo box"])
+    index = torch.tensor([0, 1, 1])
+    region_batch = dict(batch, boxes=boxes, region_tokens=descriptions, region_text_index=index)
+    total, logs = grain(work, region_batch)
+    img, grid = image_and_grid(work.model, batch["images"])
+    regions = torch.nn.functional.normalize(pool_regions(grid, boxes, size / grid.shape[-1], (2, 2)), dim=-1)
+    texts = work.model.encode_text(descriptions, normalize=True)
+    scale = work.model.logit_scale.exp()
+    word = region_to_text_loss(regions, texts, index, scale)
+    assert logs["region"] == pytest.approx(word.item(), abs=1e-5)
+    assert logs["clip"] == pytest.approx(clip.item(), abs=1e-5)
+    assert total.item() == pytest.approx(clip.item() + 0.4 * word.item(), abs=1e-5)
+    # GRAIN's term is one-directional: it differs from CLOC's symmetric one on the same regions
+    assert abs(word.item() - region_text_loss(regions, texts, index, scale).item()) > 1e-4
+    total.backward()
+    assert work.model.visual.proj.grad is not None and work.model.visual.proj.grad.abs().sum() > 0
+    with pytest.raises(CliplabError, match="grain: a box leaves the"):
+        grain(work, dict(region_batch, boxes=torch.tensor([[0.0, 0, 0, size + 1, size]]),
+                         region_text_index=torch.tensor([0])))

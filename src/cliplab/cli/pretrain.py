@@ -14,7 +14,9 @@ from .common import RUN_OPTIONS, command, console, err_console, interrupted_buil
 def pretrain(
     source: str = typer.Argument(None, help="Image-caption source: a named dataset (cifar10, coco, ...), a "
                                  "manifest with captions (JSONL/CSV/JSON, e.g. from cliplab curate), a COCO "
-                                 "captions JSON, or a labelled folder (captions made from --templates)."),
+                                 "captions JSON, a labelled folder (captions made from --templates), or "
+                                 "mosaic[:tiles=D,k=K,descriptions=FILE]: k x k tiles of CIFAR-10 train (or D) "
+                                 "with exact boxes and region texts, for --loss cloc|grain."),
     sources: list[str] = typer.Option(None, "--source", metavar="NAME:WEIGHT", help="Repeatable, instead of "
                                       "SOURCE: a weighted mixture of sources, each batch drawn from one source "
                                       "with probability weight / total (seeded); recorded in the run's config."),
@@ -37,8 +39,10 @@ def pretrain(
     warmup: int = typer.Option(100, "--warmup", min=0, help="Linear warmup steps, then cosine decay."),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (not on gains, biases)."),
     loss: str = typer.Option("clip", "--loss", help="clip (open_clip's ClipLoss), siglip (SigLipLoss), mlcd (clip + "
-                      "multi-label cluster discrimination), clip-refine (post-training of --init-model) or lightclip "
-                      "(softened labels + token OT, + MLM with image fusion: --loss-param mlm_weight=1; a ViT model)."),
+                      "multi-label cluster discrimination), clip-refine (post-training of --init-model), lightclip "
+                      "(softened labels + token OT, + MLM with image fusion: --loss-param mlm_weight=1; a ViT model), "
+                      "cloc or grain (clip + region-text contrast of RoI-pooled boxes, or region-to-description; a "
+                      "ViT model and a source with boxes: mosaic)."),
     loss_param: list[str] = typer.Option(
         None, "--loss-param", metavar="KEY=VALUE", help="A parameter of the --loss objective (repeatable; e.g. "
         "--loss mlcd --loss-param centres=64); the parameters and their defaults: cliplab methods --family "

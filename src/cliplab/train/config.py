@@ -70,8 +70,10 @@ class PretrainConfig:
     RESUMABLE = ("eval_every", "checkpoint_every", "device", "data_root", "checkpoint_seconds")
 
     def __post_init__(self):
-        if self.loss not in ("clip", "siglip", "mlcd", "clip-refine", "lightclip"):  # objectives of train/engine.py
-            raise PretrainOptionError(f"--loss {self.loss!r}: choose clip, siglip, mlcd, clip-refine or lightclip")
+        if self.loss not in ("clip", "siglip", "mlcd", "clip-refine", "lightclip", "cloc", "grain",
+                             "clip-moe"):  # objectives of train/engine.py
+            raise PretrainOptionError(f"--loss {self.loss!r}: choose clip, siglip, mlcd, clip-refine, lightclip, cloc, "
+                                      "grain or clip-moe (an upcycled --init-model: cliplab moe-upcycle)")
         if self.loss_params:
             from .objective_params import check_objective_params
 

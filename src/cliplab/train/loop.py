@@ -37,7 +37,8 @@ from ..errors import CliplabError
 from .config import PretrainConfig, PretrainOptionError, resolve_model_config
 from .engine import TrainSettings, get_objective, read_checkpoint, run_training, scheduled_lr
 from .mixture import is_mixture, open_mixture
-from .pairs import PairStream, open_stream
+from .mosaic_source import check_box_source, open_source, tile_source
+from .pairs import PairStream
 
 STATE_DIR = "train_state"
 CHECKPOINT = "checkpoint.pt"
@@ -227,6 +228,7 @@ def training_lock(folder: Path):
 def _pretrain(config: PretrainConfig, output_dir: Path, progress: bool, callback, init) -> PretrainResult:
     from .export import write_model_folder
 
+    check_box_source(config.loss, config.source)  # region objectives need a source with boxes (mosaic_source.py)
     state_path = output_dir / STATE_DIR / CHECKPOINT
     model_name, model_cfg = (config.init_model or "", None)
     if init is None and not config.init_model:
@@ -248,13 +250,13 @@ def _pretrain(config: PretrainConfig, output_dir: Path, progress: bool, callback
     mixed = is_mixture(config.source)  # a weighted mixture of sources (train/mixture.py)
     has_splits = mixed or bool(_source_splits(config.source))
     stream_options = {"mean": mean, "std": std}
-    stream = (open_mixture if mixed else open_stream)(config.source, config.split if has_splits else None, image_size,
+    stream = (open_mixture if mixed else open_source)(config.source, config.split if has_splits else None, image_size,
                                                       config.templates, config.data_root, progress, **stream_options)
     eval_stream, notes = None, []
     if mixed and config.eval_split:
         notes.append("a mixture of sources trains without a held-out check (evaluate the model afterwards)")
     elif config.eval_split and has_splits:
-        eval_stream = open_stream(config.source, config.eval_split, image_size, config.templates, config.data_root,
+        eval_stream = open_source(config.source, config.eval_split, image_size, config.templates, config.data_root,
                                   progress, need_captions=False, **stream_options)
         _check_disjoint(stream, eval_stream, config)
     elif config.eval_split:
@@ -325,7 +327,7 @@ def _source_splits(source: str) -> dict[str, str]:
     from ..data import dataset_splits
 
     try:
-        return dataset_splits(source)
+        return dataset_splits(tile_source(source))  # a mosaic source has its tile dataset's splits
     except (OSError, ValueError):
         return {}
 

@@ -1,4 +1,5 @@
-"""CLOC (paper 44): the region-text objective ``"cloc"`` for ``train.engine.run_training``.
+"""Region-text objectives for ``train.engine.run_training``: CLOC (paper 44, ``"cloc"``) and GRAIN (paper 6,
+``"grain"``). Both share the batch format, the RoI pooling and the checks; they differ in the region term.
 
 ``loss = clip + region_weight * region``:
 
@@ -24,6 +25,18 @@ CLOC's pseudo-labelled region captions (VESL) are replaced by whatever region te
 (text -> box regression) term is not implemented. The region term needs an open_clip ``CLIP`` with a ViT image
 tower; other towers are refused in one line. The region path runs the open_clip model's own towers (deep prompts
 set on a Backbone are not applied there).
+
+GRAIN (``"grain"``, shaunak27/grain-clip ``model/losses.py: WordContrastiveLoss`` and ``train.py``):
+``loss = clip + region_weight * word``, ``word`` = the mean over regions of the cross-entropy of
+``scale * region @ texts.T`` over the batch's description rows, target the region's own row (region->text only,
+as the authors' loss; ``region_weight`` is their ``word_loss_weight``, default 1). Meant for fine-grained region
+descriptions (the ``mosaic:descriptions=FILE`` source draws them from a CuPL/DCLIP description set). Departures:
+the authors' region embeddings are the outputs of a DETR-style query decoder over the image tokens, matched to the
+annotated boxes by the Hungarian matcher, with an L1 + GIoU box loss; here boxes are given, so the region embedding
+is the RoI-pooled patch grid of the box (as ``cloc``) and there is no matching or box loss. Their descriptions are
+one per box (MLLM-written) and all of a batch's rows are candidates; here identical texts share one row (the mosaic
+source gives one description per class per batch), so a repeated text is never a negative of itself. Their
+``logit_scale`` is the CLIP model's, as here.
 """
 
 from __future__ import annotations
@@ -69,28 +82,41 @@ def region_text_loss(regions: torch.Tensor, texts: torch.Tensor, text_index: tor
     return (to_text + to_region) / 2
 
 
-def image_and_grid(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def region_to_text_loss(regions: torch.Tensor, texts: torch.Tensor, text_index: torch.Tensor,
+                        scale: torch.Tensor | float) -> torch.Tensor:
+    """GRAIN's word-contrastive loss: the mean over regions of the cross-entropy of ``scale * regions @ texts.T``
+    (R, T) with region r's target its row ``text_index[r]`` (every text row of the batch is a candidate)."""
+    return F.cross_entropy(scale * regions @ texts.T, text_index)
+
+
+def image_and_grid(model: torch.nn.Module, images: torch.Tensor,
+                   name: str = "cloc") -> tuple[torch.Tensor, torch.Tensor]:
     """(image features (n, d), patch grid (n, d, gh, gw)) in the joint space, from one pass of an open_clip ViT."""
     from open_clip.transformer import VisionTransformer
 
     visual = model.visual
     if not isinstance(visual, VisionTransformer):
-        raise CliplabError(f"cloc: region pooling needs an open_clip CLIP with a ViT image tower (this one: "
+        raise CliplabError(f"{name}: region pooling needs an open_clip CLIP with a ViT image tower (this one: "
                            f"{type(visual).__name__})")
     img, patches = vit_tokens(visual, images)
     gh, gw = visual.grid_size
     return img, patches.reshape(len(images), gh, gw, -1).permute(0, 3, 1, 2)
 
 
-@register_objective("cloc")
-class ClocObjective(ClipObjective):
-    """CLOC: CLIP's loss plus region-text contrast of RoI-pooled patch-grid regions; module docstring."""
+class _RegionObjective(ClipObjective):
+    """CLIP's loss plus ``region_weight`` times a region term on RoI-pooled patch-grid regions (``region_loss``)."""
+
+    needs_boxes = True  # cliplab pretrain refuses a source whose batches carry no boxes
 
     def __init__(self, region_weight: float = 1.0, output_size: int = 2):
         if region_weight < 0 or output_size < 1:
-            raise CliplabError("cloc: need region_weight >= 0 and output_size >= 1")
+            raise CliplabError(f"{self.name}: need region_weight >= 0 and output_size >= 1")
         super().__init__()
         self.region_weight, self.output_size = float(region_weight), int(output_size)
+
+    def region_loss(self, regions: torch.Tensor, texts: torch.Tensor, text_index: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, module, batch: dict) -> tuple[torch.Tensor, dict]:
         boxes = batch.get("boxes")
@@ -98,41 +124,63 @@ class ClocObjective(ClipObjective):
             return super().__call__(module, batch)
         missing = [key for key in ("region_tokens", "region_text_index") if key not in batch]
         if missing:
-            raise CliplabError(f"cloc: a batch with boxes needs {' and '.join(missing)}")
+            raise CliplabError(f"{self.name}: a batch with boxes needs {' and '.join(missing)}")
         text_index = batch["region_text_index"].long()
         if text_index.shape != (len(boxes),) or bool(((text_index < 0) | (text_index >= len(batch["region_tokens"])))
                                                      .any()):
-            raise CliplabError(f"cloc: region_text_index must give each of the {len(boxes)} boxes a row of the "
-                               f"{len(batch['region_tokens'])} region texts")
+            raise CliplabError(f"{self.name}: region_text_index must give each of the {len(boxes)} boxes a row of "
+                               f"the {len(batch['region_tokens'])} region texts")
         model = _model(module)
-        img, grid = image_and_grid(model, batch["images"])
+        img, grid = image_and_grid(model, batch["images"], self.name)
         txt = _text_features(module, batch["tokens"]).float()
         index = batch.get("text_index")
         if index is not None:
             txt = txt[index]
         if txt.shape[0] != img.shape[0]:
-            raise CliplabError(f"cloc: {img.shape[0]} images but {txt.shape[0]} captions in a batch")
+            raise CliplabError(f"{self.name}: {img.shape[0]} images but {txt.shape[0]} captions in a batch")
         img = F.normalize(img.float(), dim=-1)
-        _check_boxes(boxes, len(img), batch["images"].shape[-2:])
+        _check_boxes(boxes, len(img), batch["images"].shape[-2:], self.name)
         patch = batch["images"].shape[-1] / grid.shape[-1]
         regions = F.normalize(pool_regions(grid.float(), boxes.float(), patch, (self.output_size,) * 2), dim=-1)
         region_txt = _text_features(module, batch["region_tokens"]).float()
         scale = model.logit_scale.exp()
         with torch.autocast(img.device.type, enabled=False):
             clip = self.loss(img, txt, scale.float())
-            region = region_text_loss(regions, region_txt, text_index, scale.float())
+            region = self.region_loss(regions, region_txt, text_index, scale.float())
             loss = clip + self.region_weight * region
         return loss, {"logit_scale": float(scale.detach()), "clip": float(clip.detach()),
                       "region": float(region.detach()), "regions": len(boxes)}
 
 
-def _check_boxes(boxes: torch.Tensor, n: int, size) -> None:
+@register_objective("cloc")
+class ClocObjective(_RegionObjective):
+    """CLOC (paper 44): CLIP's loss plus region-text contrast of RoI-pooled patch-grid regions; module docstring."""
+
+    def __init__(self, region_weight: float = 1.0, output_size: int = 2):  # (own signature: cliplab methods reads it)
+        super().__init__(region_weight, output_size)
+
+    def region_loss(self, regions, texts, text_index, scale):
+        return region_text_loss(regions, texts, text_index, scale)
+
+
+@register_objective("grain")
+class GrainObjective(_RegionObjective):
+    """GRAIN (paper 6): CLIP's loss plus each region's cross-entropy over the batch's description rows (see above)."""
+
+    def __init__(self, region_weight: float = 1.0, output_size: int = 2):  # (own signature: cliplab methods reads it)
+        super().__init__(region_weight, output_size)
+
+    def region_loss(self, regions, texts, text_index, scale):
+        return region_to_text_loss(regions, texts, text_index, scale)
+
+
+def _check_boxes(boxes: torch.Tensor, n: int, size, name: str = "cloc") -> None:
     """One line for boxes that name no image of the batch, have no area or leave the image."""
     h, w = int(size[0]), int(size[1])
     idx, x1, y1, x2, y2 = boxes.unbind(1)
     if bool(((idx < 0) | (idx >= n) | (idx != idx.round())).any()):
-        raise CliplabError(f"cloc: a box names an image outside the batch of {n}")
+        raise CliplabError(f"{name}: a box names an image outside the batch of {n}")
     if bool(((x2 <= x1) | (y2 <= y1)).any()):
-        raise CliplabError("cloc: a box has no area (need x1 < x2 and y1 < y2)")
+        raise CliplabError(f"{name}: a box has no area (need x1 < x2 and y1 < y2)")
     if bool(((x1 < 0) | (y1 < 0) | (x2 > w) | (y2 > h)).any()):
-        raise CliplabError(f"cloc: a box leaves the {w}x{h} image")
+        raise CliplabError(f"{name}: a box leaves the {w}x{h} image")
