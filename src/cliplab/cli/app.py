@@ -32,6 +32,7 @@ from .index import index_app
 from .link import link
 from .listing import datasets, methods, models, templates
 from .match import match
+from .moe_upcycle import moe_upcycle
 from .ood import ood
 from .pretrain import pretrain
 from .rank import rank, rank_train
@@ -105,6 +106,7 @@ _register(rank)
 _register(rank_train)
 _register(segment_train)
 _register(dinoiser_train)
+_register(moe_upcycle)
 app.add_typer(index_app, name="index")
 app.add_typer(analyse_app, name="analyse")
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save
 
 from ..fileio import atomic_write, atomic_write_text
+from ..models.moe import MOE_KEY, moe_spec
 from .pairs import PairStream
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ def write_model_folder(result: PretrainResult, model: torch.nn.Module, model_nam
     pre = result.preprocess or {}
     config = open_clip_config(result.model_cfg, pre.get("size") or _image_size(result.model_cfg), pre.get("mean"),
                               pre.get("std"))
+    moe = moe_spec(model)  # an upcycled CLIP-MoE model: load_model rebuilds its MoE layers from this key
+    if moe:
+        config[MOE_KEY] = moe
     atomic_write_text(out / "open_clip_config.json", json.dumps(config, indent=2) + "\n")
     card = model_card(result, model_name, bank)
     atomic_write_text(out / CARD_JSON, json.dumps(card, indent=2) + "\n")

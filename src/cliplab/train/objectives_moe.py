@@ -15,8 +15,8 @@ the dense model, and ``balance=0`` makes the objective the ``clip`` loss.
 
 The multiplet stage (copies fine-tuned in turn on clusters of the pairs the previous copy found hard, then the
 routing stage) is ``train/moe_upcycle.py: multiplet_upcycle``; any other copies can be passed as ``expert_models``.
-Departure: an upcycled model is not an open_clip architecture, so it trains from Python through ``run_training``,
-not through ``cliplab pretrain``.
+``MoeMlp`` lives in ``models/moe.py`` (``load_model`` rebuilds a saved upcycled model from it); ``cliplab
+moe-upcycle`` writes such a folder and ``cliplab pretrain --loss clip-moe --init-model FOLDER`` trains it on.
 """
 
 from __future__ import annotations
@@ -25,55 +25,13 @@ import copy
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import CliplabError
+from ..models.moe import MoeMlp, moe_blocks
 from .engine import default_param_groups, register_objective
 from .objectives import ClipObjective, _model
 
-
-class MoeMlp(torch.nn.Module):
-    """Top-k routed experts over the last dimension; ``aux_loss`` holds the latest load-balancing loss."""
-
-    def __init__(self, experts: Sequence[torch.nn.Module], width: int, top_k: int = 2):
-        super().__init__()
-        if not experts:
-            raise CliplabError("clip-moe: a MoE layer needs at least one expert")
-        self.experts = torch.nn.ModuleList(experts)
-        self.router = torch.nn.Linear(width, len(experts), bias=False)
-        torch.nn.init.zeros_(self.router.weight)
-        self.top_k = max(1, min(int(top_k), len(experts)))
-        self.aux_loss = torch.zeros(())
-
-    @property
-    def c_fc(self) -> torch.nn.Module:
-        """The first expert's input layer (open_clip reads the blocks' weight dtype from ``mlp.c_fc``)."""
-        return self.experts[0].c_fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        probs = F.softmax(self.router(flat).float(), dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            if len(rows):
-                out.index_add_(0, rows, (weights[rows, slot].unsqueeze(-1) * expert(flat[rows]).float()).to(out.dtype))
-        n_experts = len(self.experts)
-        fraction = torch.bincount(chosen[:, 0], minlength=n_experts).float() / len(flat)
-        self.aux_loss = n_experts * (fraction * probs.mean(0)).sum()
-        return out.reshape(x.shape)
-
-
-def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    blocks = []
-    for tower in (getattr(getattr(model, "visual", None), "transformer", None), getattr(model, "transformer", None)):
-        if tower is not None and hasattr(tower, "resblocks"):
-            blocks.extend(tower.resblocks)
-    if not blocks:
-        raise CliplabError("clip-moe: the model has no transformer blocks with an MLP to upcycle")
-    return blocks
+_blocks = moe_blocks  # the blocks with an MLP (models/moe.py)
 
 
 def upcycle(model: torch.nn.Module, experts: int = 4, top_k: int = 2,
@@ -115,7 +73,8 @@ class ClipMoeObjective(ClipObjective):
         images, texts = self.features(module, batch)
         layers = moe_layers(_model(module))
         if not layers:
-            raise CliplabError("clip-moe: the model has no MoE layers (make it with objectives_moe.upcycle)")
+            raise CliplabError("clip-moe: the model has no MoE layers (upcycle it first: cliplab moe-upcycle, or "
+                               "objectives_moe.upcycle)")
         scale = _model(module).logit_scale.exp()
         with torch.autocast(images.device.type, enabled=False):
             contrastive = self.loss(images, texts, scale.float())
