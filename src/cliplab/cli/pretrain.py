@@ -42,7 +42,9 @@ def pretrain(
                       "multi-label cluster discrimination), clip-refine (post-training of --init-model), lightclip "
                       "(softened labels + token OT, + MLM with image fusion: --loss-param mlm_weight=1; a ViT model), "
                       "cloc or grain (clip + region-text contrast of RoI-pooled boxes, or region-to-description; a "
-                      "ViT model and a source with boxes: mosaic)."),
+                      "ViT model and a source with boxes: mosaic), clip-moe (clip + MoE load balancing; --init-model "
+                      "an upcycled model from cliplab moe-upcycle; --loss-param routers_only=true trains the routers "
+                      "alone)."),
     loss_param: list[str] = typer.Option(
         None, "--loss-param", metavar="KEY=VALUE", help="A parameter of the --loss objective (repeatable; e.g. "
         "--loss mlcd --loss-param centres=64); the parameters and their defaults: cliplab methods --family "
