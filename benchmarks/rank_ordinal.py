@@ -112,8 +112,8 @@ def timing_part(spec: str, images: int, cache: str) -> dict:
 
 
 def kept(args, rows: list[dict], timing: dict | None, skipped: list[str]) -> tuple[list[dict], dict, list[str]]:
-    """This run's rows with the saved rows of other (model, property) pairs (saved with the same settings), in
-    model order (``--model`` then ``--vit-model``), then property order; the saved timing where none was measured."""
+    """This run's rows with the saved rows of other (model, property) pairs (saved with the same settings): the
+    saved models first, then property order; the saved timing where none was measured."""
     import json
 
     from _common import RESULTS_DIR
@@ -129,9 +129,8 @@ def kept(args, rows: list[dict], timing: dict | None, skipped: list[str]) -> tup
         return rows, timing, skipped
     new = {(r["model"], r["property"]) for r in rows}
     merged = [r for r in old.get("accuracy", []) if (r["model"], r["property"]) not in new] + rows
-    order = [args.model, args.vit_model]
-    merged.sort(key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order),
-                               PROPERTIES.index(r["property"])))
+    order = list(dict.fromkeys(r["model"] for r in merged))  # saved models first, then this run's
+    merged.sort(key=lambda r: (order.index(r["model"]), PROPERTIES.index(r["property"])))
     measured = {r["model"] for r in merged}
     return merged, timing or old.get("timing"), [s for s in skipped if s not in measured]
 
