@@ -36,7 +36,10 @@ annotated boxes by the Hungarian matcher, with an L1 + GIoU box loss; here boxes
 is the RoI-pooled patch grid of the box (as ``cloc``) and there is no matching or box loss. Their descriptions are
 one per box (MLLM-written) and all of a batch's rows are candidates; here identical texts share one row (the mosaic
 source gives one description per class per batch), so a repeated text is never a negative of itself. Their
-``logit_scale`` is the CLIP model's, as here.
+``logit_scale`` is the CLIP model's, as here. Outside comparison (/work/compare/grain, not in the repo): the
+authors' ``WordContrastiveLoss`` and ``CLIPLoss`` (stubs: their Hungarian matcher returns the identity matching,
+all_gather one process) against ``region_to_text_loss`` and open_clip's ``ClipLoss`` on identical random inputs
+(6 images, 20 boxes of 1-5 per image, d = 32, scale 14.3): max abs difference 0.0 for both terms.
 """
 
 from __future__ import annotations
