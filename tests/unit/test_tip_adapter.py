@@ -41,6 +41,8 @@ def _task(per_class=8, val_per_class=4, dim=64, seed=0, spread=0.8, n_classes=le
 
 
 def _head(tiny, tmp_path, cls=TipAdapter, **params):
+    """A head with the authors' constant 100 as zero-shot scale (tiny's own is 1/0.07), unless given."""
+    params.setdefault("logit_scale", 100.0)
     return cls(tiny, NAMES, TEMPLATES, cache_dir=tmp_path, **params)
 
 
@@ -103,6 +105,33 @@ def test_logits_are_the_authors_formula(tiny, tmp_path):
     searched = _head(tiny, tmp_path, logit_scale=50.0).fit(X, y, X_val, y_val)
     expected = _tip_logits(X_test, W, X, y, searched.alpha_, searched.beta_) - 50.0 * X_test @ W
     np.testing.assert_allclose(searched.logits(X_test), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_zero_shot_term_uses_the_models_logit_scale_by_default(tiny, tmp_path):
+    """The code's 100 is CLIP's logit scale: a model with another one gets its own, and the search is the authors'
+    loop on that model's zero-shot logits (their 100 * f @ W with W scaled by scale / 100)."""
+    X, y, X_val, y_val, X_test, _ = _task(seed=2, spread=1.6)
+    W = _text(tiny, tmp_path)
+    scale = float(tiny.logit_scale)
+    assert abs(scale - 100.0) > 50  # tiny's 1/0.07: the default must differ from the constant
+    head = TipAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path).fit(X, y)
+    assert head.logit_scale is None and head.logit_scale_ == pytest.approx(scale)
+    cache = np.exp(-(1.0 - X_test.astype(np.float64) @ X.T.astype(np.float64))) @ np.eye(len(NAMES))[y]
+    np.testing.assert_allclose(head.logits(X_test), scale * X_test @ W + 1.17 * cache, rtol=1e-5, atol=1e-4)
+    searched = TipAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path).fit(X, y, X_val, y_val)
+    alpha, beta, table = _authors_search(X_val, y_val, W * scale / 100.0, X, y)
+    assert (searched.alpha_, searched.beta_) == (alpha, beta)
+    np.testing.assert_array_equal(searched.search_accuracy_, table)
+    constant = _head(tiny, tmp_path).fit(X, y, X_val, y_val)  # logit_scale=100: the code's constant
+    assert (constant.alpha_, constant.beta_) == _authors_search(X_val, y_val, W, X, y)[:2]
+    assert not np.array_equal(constant.search_accuracy_, searched.search_accuracy_)  # the scale matters here
+    # Tip-Adapter-F trains on the same logits: its first loss is the cross-entropy at the model's scale
+    tip_f = TipAdapterF(tiny, NAMES, TEMPLATES, cache_dir=tmp_path, epochs=1, batch_size=len(y)).fit(X, y)
+    order = np.argsort(y, kind="stable")
+    logits = scale * X.astype(np.float64) @ W + 1.17 * np.exp(-(1.0 - X.astype(np.float64) @ X[order].T.astype(
+        np.float64))) @ np.eye(len(NAMES))[y[order]]
+    expected_loss = -np.mean(np.log(softmax(logits, axis=1)[np.arange(len(y)), y]))
+    assert tip_f.training_loss_ == pytest.approx([expected_loss], rel=1e-5)
 
 
 def test_search_is_the_authors_loop_on_validation_only(tiny, tmp_path):
@@ -170,7 +199,8 @@ def test_falls_back_to_the_codes_start_when_no_setting_is_right(tiny, tmp_path):
     W = _text(tiny, tmp_path)[:, :2]
     v = _unit(W[:, 1] - W[:, 0])  # zero-shot prefers class 1 for v, and so does the cache (v is a key of class 1)
     X, y = np.stack([-v, v]), np.array([0, 1])
-    head = TipAdapter(tiny, NAMES[:2], TEMPLATES, cache_dir=tmp_path).fit(X, y, v[None], np.array([0]))
+    head = TipAdapter(tiny, NAMES[:2], TEMPLATES, cache_dir=tmp_path, logit_scale=100.0).fit(X, y, v[None],
+                                                                                           np.array([0]))
     assert head.fit_summary() == {"alpha": 0.0, "beta": 0.0, "searched": True}  # utils.search_hp's (0, 0)
     assert head.search_accuracy_.max() == 0.0
     np.testing.assert_allclose(head.logits(X), 100.0 * X @ W, rtol=1e-5)

@@ -270,7 +270,10 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         if any(int(s) != s or s < 1 for s in step):
             raise CliplabError(f"{name}: search_step must hold two positive integers, got {list(step)}")
         for key in ("init_alpha", "init_beta", "logit_scale"):
-            if not math.isfinite(float(getattr(self, key))):
+            value = getattr(self, key)
+            if key == "logit_scale" and value is None:
+                continue
+            if not math.isfinite(float(value)):
                 raise CliplabError(f"{name}: {key} must be finite")
 
     def _prepare(self, X, y, views):
@@ -287,6 +290,7 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         keys = self._view_mean_keys(X, views)
         order = np.argsort(y, kind="stable")
         self.text_weights_ = text
+        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
         self.classes_ = np.arange(n_classes)
         return X, y, np.ascontiguousarray(keys[order], dtype=np.float32), y[order]
 
@@ -296,7 +300,7 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         self._check_params()
         betas = search_values(float(self.search_scale[0]), int(self.search_step[0]))
         alphas = search_values(float(self.search_scale[1]), int(self.search_step[1]))
-        zeroshot = self.logit_scale * (X_val @ self.text_weights_)
+        zeroshot = self._scale() * (X_val @ self.text_weights_)
         counts = accuracy_counts(zeroshot, X_val, self.cache_keys_, y_val, self.cache_labels_, len(self.classes_),
                                  betas, alphas)
         self.search_accuracy_ = counts / max(len(y_val), 1)
@@ -331,9 +335,16 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         return out
 
     def logits(self, X) -> np.ndarray:
-        """``logit_scale * X @ text_weights_ + alpha_ * exp(-(beta_ - beta_ * X @ cache_keys_.T)) @ L`` (n, C)."""
+        """``logit_scale_ * X @ text_weights_ + alpha_ * exp(-(beta_ - beta_ * X @ cache_keys_.T)) @ L`` (n, C)."""
         X = self._checked(X)
-        return self.logit_scale * (X @ self.text_weights_) + self.alpha_ * self._cache_logits(X)
+        return self._scale() * (X @ self.text_weights_) + self.alpha_ * self._cache_logits(X)
+
+    def _scale(self) -> float:
+        """The zero-shot term's scale: ``logit_scale_`` (a head saved before it existed: ``logit_scale``, then 100)."""
+        scale = getattr(self, "logit_scale_", None)
+        if scale is None:
+            scale = self.logit_scale if self.logit_scale is not None else 100.0
+        return float(scale)
 
     def fit_summary(self) -> dict:
         return {"alpha": self.alpha_, "beta": self.beta_, "searched": self.searched_}
@@ -354,7 +365,10 @@ class TipAdapter(_TipBase):
         logits = logit_scale · f W + alpha · exp(-beta (1 - f Kᵀ)) L
 
     written as the code: ``100. * f @ W + alpha * ((-1) * (beta - beta * f @ K)).exp() @ L``; logit_scale
-    (default 100) scales only the zero-shot term. ``cache_logits(X)`` gives the second term without alpha.
+    scales only the zero-shot term: ``logit_scale`` if given, else the model's own (``Backbone.logit_scale``,
+    fitted as ``logit_scale_``). The code's 100 is CLIP's learned logit scale (exp of the temperature, 100 for
+    OpenAI's and most open_clip models), so ``100. * f @ W`` is CLIP's zero-shot logits; for those models the
+    default is the code's constant. ``cache_logits(X)`` gives the second term without alpha.
 
     Names: alpha is the residual ratio (weight of the cache term) and beta the sharpness, as in the paper
     and the current code (``init_alpha``, ``init_beta``, ``search_scale = [beta, alpha]``); the 2021 release
@@ -390,6 +404,12 @@ class TipAdapter(_TipBase):
       ``accuracy_counts_bruteforce`` up to exact float64 ties). Ties between logits go to the lower class
       index (argmax) where the code's ``topk`` leaves them unspecified.
     - The authors' ImageNet script (``main_imagenet.py``) searches on the test set; here only ``X_val`` is used.
+    - Zero-shot logit scale: the code multiplies by the constant 100, CLIP's logit scale; here by the model's own
+      scale (the same 100 for CLIP). A model trained with another temperature (cliplab's 32-px recipe models:
+      about 12-14) would otherwise get zero-shot logits 100 / scale times sharper than its own, so the searched
+      alpha range (relative to those logits) would weigh the cache 100 / scale times less than the authors' grid
+      does for CLIP: on recipe:cifar10-signal (scale 12.3) the CIFAR-10 search always picked the grid's smallest
+      alpha and the Fashion-MNIST search its largest. ``logit_scale=100`` restores the constant.
     - A class of ``class_names`` without training items gets a zero cache column (the code's
       ``F.one_hot`` would give a narrower or misaligned matrix).
     """
@@ -408,7 +428,7 @@ class TipAdapter(_TipBase):
         search_hp: bool = True,
         search_scale: Sequence[float] = (7.0, 3.0),
         search_step: Sequence[int] = (200, 20),
-        logit_scale: float = 100.0,
+        logit_scale: float | None = None,
     ):
         self.backbone = backbone
         self.class_names = class_names
@@ -438,7 +458,8 @@ class TipAdapterF(_TipBase):
     not in ../shared/papers.md (paper None). Follows the authors' code, github.com/gaopengcuhk/Tip-Adapter
     @ d0e2d6f (``main.py`` ``run_tip_adapter_F``). Logits, cache and search are Tip-Adapter's (see
     ``TipAdapter``: logit_scale · f W + alpha · exp(-beta (1 - f Kᵀ)) L, alpha = residual ratio, beta =
-    sharpness, as the paper and current code name them; the 2021 code had them swapped).
+    sharpness, as the paper and current code name them; the 2021 code had them swapped; the zero-shot term uses the
+    model's own logit scale by default, as Tip-Adapter).
 
     Training (torch, CPU): the keys K (initialised as Tip-Adapter's) are the weight of an
     ``nn.Linear(d, NK, bias=False)``, so the affinity is ``adapter(f) = f Kᵀ``; AdamW(lr=``lr``, eps=1e-4,
@@ -479,7 +500,7 @@ class TipAdapterF(_TipBase):
         search_hp: bool = True,
         search_scale: Sequence[float] = (7.0, 3.0),
         search_step: Sequence[int] = (200, 20),
-        logit_scale: float = 100.0,
+        logit_scale: float | None = None,
         epochs: int = 20,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -552,7 +573,7 @@ class TipAdapterF(_TipBase):
                     cache = weights.view(len(rows), *layout.index.shape).sum(dim=1)
                 else:
                     cache = torch.zeros(len(rows), n_classes).index_add_(1, values, weights)
-                tip = self.logit_scale * (feature @ text) + cache * alpha
+                tip = self.logit_scale_ * (feature @ text) + cache * alpha
                 loss = F.cross_entropy(tip, target)
                 optimizer.zero_grad()
                 loss.backward()
