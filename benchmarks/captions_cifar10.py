@@ -155,28 +155,12 @@ def caption_part(backbone, test, items: int, seed: int, cache: str, folder: Path
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="recipe:cifar10-signal")
-    parser.add_argument("--items", type=int, default=2000, help="CIFAR-10 test images for CLIP-S / RefCLIP-S")
-    parser.add_argument("--pairs", type=int, default=200, help="pairs per kind for the Winoground-style scores")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    backbone, note = built_model(args.model, held_label="val zero-shot", after=": it knows these ten classes",
-                                 random_note="random weights: timing only")
-    test = load_dataset("cifar10", DATA_ROOT, "test")
-    record = header("captions_cifar10", __doc__.splitlines()[0], quick=False)
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as folder:
-        captions = caption_part(backbone, test, args.items, args.seed, cache, Path(folder))
-        pairs, pictures = tile_pairs(test, args.pairs, args.seed)
-        wino = winoground(backbone, pairs, pictures, cache)
-        log(f"winoground {wino}")
-    record.update(model=args.model, weights=note, info=model_info(backbone), settings=vars(args), captions=captions,
-                  winoground=wino)
-    c, w = captions, wino
-    md = [f"# Caption scores and ComCLIP on CIFAR-10 test images · {args.model}", "",
+def render(record: dict) -> str:
+    """The markdown of a results record."""
+    c, w, note, seed = record["captions"], record["winoground"], record["weights"], record["settings"]["seed"]
+    md = [f"# Caption scores and ComCLIP on CIFAR-10 test images · {record['model']}", "",
           f"**Weights: {note}.**", "",
-          f"## CLIP-S / RefCLIP-S: real vs shuffled caption ({c['images']} test images, seed {args.seed})", "",
+          f"## CLIP-S / RefCLIP-S: real vs shuffled caption ({c['images']} test images, seed {seed})", "",
           "Candidate: a cifar10 template with the true class; shuffled: the same template with another class; "
           "references: 4 other templates with the true class (so RefCLIP-S's reference term favours the real "
           "caption by construction: the CLIP-S column is the image-side test).", "",
@@ -184,7 +168,7 @@ def main() -> None:
                    [[label, key, part[key]["real_mean"], part[key]["shuffled_mean"],
                      f"{100 * part[key]['pairwise_accuracy']:.1f}%", part["seconds_per_caption"]]
                     for label, part in c["prompts"].items() for key in ("clip_s", "refclip_s")]), "",
-          f"## Winoground-style pairs from two CIFAR-10 test tiles ({w['pairs']} pairs, seed {args.seed})", "",
+          f"## Winoground-style pairs from two CIFAR-10 test tiles ({w['pairs']} pairs, seed {seed})", "",
           "A 64 x 64 black picture, tile A left and tile B right; captions 'a A to the left of a B' / 'a B to the "
           "left of a A'; ComCLIP's sub-images are the tiles (exact boxes). swap: the same two tiles exchanged; real: "
           "other images of the two classes in the opposite order; noun (control, no word order needed): picture "
@@ -197,9 +181,43 @@ def main() -> None:
           "",
           f"{w['seconds_per_item']:.4f} s per (caption, picture) item for CLIP + ComCLIP together "
           f"({w['cpu_seconds_per_item']:.4f} CPU-s; foreign load {w['foreign_load']:.2f} cores).", "",
+          "Seconds per caption: the first prompt's row includes embedding the images (empty cache), the second "
+          "reuses them. Sizes: the defaults are 2,000 images and 200 pairs per kind; this run's are in the JSON's "
+          "settings (smaller runs when the machine was saturated).", "",
           "Chance (independent random scores): text 25%, image 25%, group 16.7%; ties count as wrong (strict >). "
           "mean s00 - s10: caption 0's score with picture 0 minus caption 1's (the text-score margin).", ""]
-    write_results("captions_cifar10", record, "\n".join(md))
+    md += [note for note in record.get("notes", [])]
+    return "\n".join(md)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="recipe:cifar10-signal")
+    parser.add_argument("--items", type=int, default=2000, help="CIFAR-10 test images for CLIP-S / RefCLIP-S")
+    parser.add_argument("--pairs", type=int, default=200, help="pairs per kind for the Winoground-style scores")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", action="store_true", help="rewrite the markdown from results/captions_cifar10.json")
+    args = parser.parse_args()
+    if args.render:
+        import json
+
+        from _common import RESULTS_DIR, environment_md
+
+        record = json.loads((RESULTS_DIR / "captions_cifar10.json").read_text())
+        (RESULTS_DIR / "captions_cifar10.md").write_text(render(record).rstrip() + "\n\n" + environment_md(record))
+        return
+    backbone, note = built_model(args.model, held_label="val zero-shot", after=": it knows these ten classes",
+                                 random_note="random weights: timing only")
+    test = load_dataset("cifar10", DATA_ROOT, "test")
+    record = header("captions_cifar10", __doc__.splitlines()[0], quick=False)
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as folder:
+        captions = caption_part(backbone, test, args.items, args.seed, cache, Path(folder))
+        pairs, pictures = tile_pairs(test, args.pairs, args.seed)
+        wino = winoground(backbone, pairs, pictures, cache)
+        log(f"winoground {wino}")
+    record.update(model=args.model, weights=note, info=model_info(backbone), settings=vars(args), captions=captions,
+                  winoground=wino)
+    write_results("captions_cifar10", record, render(record))
 
 
 if __name__ == "__main__":
