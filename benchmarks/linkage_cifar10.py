@@ -133,6 +133,40 @@ def timing(spec: str, manifest: Path, note: str | None = None) -> dict:
             "cpu_seconds_per_record": cpu.result["own_cpu_s"] / n, "foreign_load": cpu.result["foreign_load"]}
 
 
+def render(record: dict) -> str:
+    """The markdown of a results record (its notes at the end)."""
+    args = argparse.Namespace(**record["settings"])
+    note, rows, timings = record["weights"], record["rows"], record["timing"]
+    embed_cpu, tuning = record["embedding_cpu"], record["tuning_cpu"]
+    n = args.variants
+    md = [f"# Record linkage (CLIPPINGS, paper 40) on CIFAR-10 near-duplicates · {args.model}", "",
+          f"**Weights: {note}.**", "",
+          f"Set: {args.entities} CIFAR-10 test images x {n} records (random crop of {CROP[0]:.0%}-{CROP[1]:.0%} of "
+          f"the area resized back to 32 px, JPEG quality {QUALITY[0]}-{QUALITY[1]}, a cifar10-template caption with "
+          f"the class: {args.entities * n * (n - 1) // 2} true pairs among {args.entities * n} records). Tuning: "
+          f"{args.tune_entities} train-split images x {n} (supervised contrastive, linear adapter from the identity, "
+          f"{args.epochs} epochs, lr {args.lr}, temperature {args.temperature}); threshold: best pairwise F1 on "
+          f"{args.val_entities} val-split images x {n} (grid {THRESHOLDS[0]}-{THRESHOLDS[-1]}, step 0.0025). "
+          f"Links: one of the other's {args.neighbours} nearest neighbours with cosine >= threshold; clusters: "
+          "connected components.", "",
+          md_table(["embedding", "tuned", "threshold (val)", "precision", "recall", "F1", "clusters",
+                    "test F1 at its best threshold (not a result)"],
+                   [[r["embedding"], "yes" if r["tuned"] else "no", r["threshold"], r["test"]["precision"],
+                     r["test"]["recall"], r["test"]["f1"], r["clusters"],
+                     f"{r['test_best_f1_any_threshold']['f1']:.3f} at {r['test_best_f1_any_threshold']['threshold']}"]
+                    for r in rows]), "",
+          "The last column picks the threshold on test: an upper bound that says how much the val-chosen "
+          "threshold leaves, not a result. The pooled rows equal `link_manifest`'s (what `cliplab link` runs).", "",
+          "## Seconds per record (`link_manifest`: embed image + caption, pool, link, cluster; empty caches)", "",
+          md_table(["model", "weights", "records", "wall s / record", "CPU s / record", "foreign load (cores)"],
+                   [[t["model"], t["weights"], t["records"], t["seconds_per_record"], t["cpu_seconds_per_record"],
+                     t["foreign_load"]] for t in timings]), "",
+          f"Embedding the three parts: {embed_cpu['wall_s']:.1f} s wall; tuning: "
+          + ", ".join(f"w={k} {v['wall_s']:.1f} s" for k, v in tuning.items()) + ".", ""]
+    md += record.get("notes", [])
+    return "\n".join(md)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="recipe:cifar10-signal")
@@ -147,7 +181,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", action="store_true", help="rewrite the markdown from results/linkage_cifar10.json")
     args = parser.parse_args()
+    if args.render:
+        import json
+
+        from _common import RESULTS_DIR, environment_md
+
+        record = json.loads((RESULTS_DIR / "linkage_cifar10.json").read_text())
+        (RESULTS_DIR / "linkage_cifar10.md").write_text(render(record).rstrip() + "\n\n" + environment_md(record))
+        return
     import torch
 
     torch.set_num_threads(2)
@@ -192,32 +235,7 @@ def main() -> None:
                                                                                   float(THRESHOLDS[-1]), 0.0025]},
                   embedding_cpu=embed_cpu.result, tuning_cpu={str(k): v for k, v in tuning.items()}, rows=rows,
                   timing=timings)
-    n = args.variants
-    md = [f"# Record linkage (CLIPPINGS, paper 40) on CIFAR-10 near-duplicates · {args.model}", "",
-          f"**Weights: {note}.**", "",
-          f"Set: {args.entities} CIFAR-10 test images x {n} records (random crop of {CROP[0]:.0%}-{CROP[1]:.0%} of "
-          f"the area resized back to 32 px, JPEG quality {QUALITY[0]}-{QUALITY[1]}, a cifar10-template caption with "
-          f"the class: {args.entities * n * (n - 1) // 2} true pairs among {args.entities * n} records). Tuning: "
-          f"{args.tune_entities} train-split images x {n} (supervised contrastive, linear adapter from the identity, "
-          f"{args.epochs} epochs, lr {args.lr}, temperature {args.temperature}); threshold: best pairwise F1 on "
-          f"{args.val_entities} val-split images x {n} (grid {THRESHOLDS[0]}-{THRESHOLDS[-1]}, step 0.0025). "
-          f"Links: one of the other's {args.neighbours} nearest neighbours with cosine >= threshold; clusters: "
-          "connected components.", "",
-          md_table(["embedding", "tuned", "threshold (val)", "precision", "recall", "F1", "clusters",
-                    "test F1 at its best threshold (not a result)"],
-                   [[r["embedding"], "yes" if r["tuned"] else "no", r["threshold"], r["test"]["precision"],
-                     r["test"]["recall"], r["test"]["f1"], r["clusters"],
-                     f"{r['test_best_f1_any_threshold']['f1']:.3f} at {r['test_best_f1_any_threshold']['threshold']}"]
-                    for r in rows]), "",
-          "The last column picks the threshold on test: an upper bound that says how much the val-chosen "
-          "threshold leaves, not a result. The pooled rows equal `link_manifest`'s (what `cliplab link` runs).", "",
-          "## Seconds per record (`link_manifest`: embed image + caption, pool, link, cluster; empty caches)", "",
-          md_table(["model", "weights", "records", "wall s / record", "CPU s / record", "foreign load (cores)"],
-                   [[t["model"], t["weights"], t["records"], t["seconds_per_record"], t["cpu_seconds_per_record"],
-                     t["foreign_load"]] for t in timings]), "",
-          f"Embedding the three parts: {embed_cpu.result['wall_s']:.1f} s wall; tuning: "
-          + ", ".join(f"w={k} {v['wall_s']:.1f} s" for k, v in tuning.items()) + ".", ""]
-    write_results("linkage_cifar10", record, "\n".join(md))
+    write_results("linkage_cifar10", record, render(record))
 
 
 if __name__ == "__main__":
