@@ -6,9 +6,10 @@ previous code path and today's side by side in one run, wall and CPU seconds on 
 - Tip-Adapter: search (200 x 20 grid) + fit + predict; before = the serial chunk loop (``workers=1``), after =
   chunks on parallel threads. The chosen (alpha, beta) and the predictions must be equal.
 - Linear probe: CoOp's full C search + final fit + predict. Before = the previous torch solver
-  (``heads/logistic.py`` at commit ``OLD_COMMIT``, read from git: the same L-BFGS, its pass indexing the logits
-  for the label term, on torch's threads), driven as ``LinearProbe`` drove it (coarse list small to large, CoOp's
-  loop, the head's fit at the chosen C polished); after = today's ``LinearProbe(solver="auto")``.
+  (``heads/logistic.py`` at commit ``--before-commit``, default ``OLD_COMMIT``, read from git: float32 passes
+  throughout, search fits to 1e-6 relative decrease of H per iteration), driven as ``LinearProbe`` drives it
+  (coarse list small to large, CoOp's loop, the head's fit at the chosen C polished); after = today's
+  ``LinearProbe(solver="auto")``. Passes over the data (H and its gradient, or a curvature product) are counted.
   Accuracy: scikit-learn's own fit at the C each search chose (once per C) against the head on 10,000 test rows,
   and the objectives (scikit-learn's full search at 1000 classes takes about an hour: ``--sklearn-cap`` runs it
   for that many seconds, a lower bound).
@@ -36,18 +37,18 @@ from cliplab.heads.logistic import logistic_objective
 from fewshot_speed import StandInBackbone
 
 DIM, SHOTS, VAL, TEST, PREDICT = 512, 16, 4, 10, 1000
-OLD_COMMIT = "b8b4e57"  # the last commit with the previous torch solver in heads/logistic.py
+OLD_COMMIT = "5c5cad7"  # the last commit with the previous torch solver in heads/logistic.py (b8b4e57 before it)
 
 
-def previous_solver():
-    """The previous heads/logistic.py as a module (from git), for the side-by-side run."""
+def previous_solver(commit: str = OLD_COMMIT):
+    """heads/logistic.py at ``commit`` as a module (from git), for the side-by-side run."""
     import subprocess
     import types
 
-    source = subprocess.run(["git", "show", f"{OLD_COMMIT}:src/cliplab/heads/logistic.py"], capture_output=True,
+    source = subprocess.run(["git", "show", f"{commit}:src/cliplab/heads/logistic.py"], capture_output=True,
                             text=True, check=True, cwd=Path(__file__).resolve().parent).stdout
     module = types.ModuleType("logistic_previous")
-    exec(compile(source, f"logistic.py@{OLD_COMMIT}", "exec"), module.__dict__)
+    exec(compile(source, f"logistic.py@{commit}", "exec"), module.__dict__)
     return module
 
 
@@ -104,10 +105,10 @@ def tip_adapter(X, y, Xv, yv, Xt, workers: int, backbone, names, cache) -> dict:
     return {"chosen": head.fit_summary(), "predicted": predicted, **cpu.result}
 
 
-def probe_previous(X, y, Xv, yv, Xt, yt) -> dict:
-    """The previous code path: LinearProbe(solver="torch") as it was at ``OLD_COMMIT``: the coarse list fitted
+def probe_previous(X, y, Xv, yv, Xt, yt, commit: str = OLD_COMMIT) -> dict:
+    """The previous code path: LinearProbe(solver="torch") as it was at ``commit``: the coarse list fitted
     from small to large C, CoOp's search over the previous TorchLogistic's search fits, the head = its final fit."""
-    module = previous_solver()
+    module = previous_solver(commit)
     y_index = np.searchsorted(np.unique(y), y)
     with CpuAccount() as cpu:
         fitter = module.TorchLogistic(np.asarray(X, np.float64), y_index, 1000, 1e-4 / len(X))
@@ -127,12 +128,26 @@ def probe_previous(X, y, Xv, yv, Xt, yt) -> dict:
 
 
 def probe_new(X, y, Xv, yv, Xt, yt, solver: str = "auto") -> dict:
-    with CpuAccount() as cpu:
-        head = LinearProbe(solver=solver).fit(X, y, X_val=Xv, y_val=yv)
-        head.predict(Xt[:PREDICT])
+    from cliplab.heads import logistic
+
+    fitters = []  # the TorchLogistic the head makes, for its pass counts
+    original = logistic.TorchLogistic.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        fitters.append(self)
+
+    logistic.TorchLogistic.__init__ = init
+    try:
+        with CpuAccount() as cpu:
+            head = LinearProbe(solver=solver).fit(X, y, X_val=Xv, y_val=yv)
+            head.predict(Xt[:PREDICT])
+    finally:
+        logistic.TorchLogistic.__init__ = original
+    passes = {"passes": fitters[0].passes} if fitters else {}
     return {"C": head.C_, "fits": len({c for c, _ in head.search_path_}), "n_iter": int(head.n_iter_),
             "test_top1": float(np.mean(head.predict(Xt) == yt)), "path": head.search_path_,
-            "coef": head.coef_, "intercept": head.intercept_, **cpu.result}
+            "coef": head.coef_, "intercept": head.intercept_, **passes, **cpu.result}
 
 
 def compare_with_sklearn(run: dict, X, y, Xt, yt, done: dict | None = None) -> dict:
@@ -160,7 +175,7 @@ def _public(run: dict) -> dict:
     return {k: v for k, v in run.items() if k not in ("coef", "intercept")}
 
 
-def cifar10(model: str | None) -> dict:
+def cifar10(model: str | None, commit: str = OLD_COMMIT) -> dict:
     from cliplab.data import load_dataset
     from cliplab.features import embed_images
     from cliplab.models import load_model
@@ -183,7 +198,7 @@ def cifar10(model: str | None) -> dict:
     X, y = np.asarray(split.train.features), np.asarray(split.train.labels)
     Xv, yv = np.asarray(split.val.features), np.asarray(split.val.labels)
     Xt, yt = np.asarray(test.features), np.asarray(test.labels)
-    old = probe_previous(X, y, Xv, yv, Xt, yt)
+    old = probe_previous(X, y, Xv, yv, Xt, yt, commit)
     new = probe_new(X, y, Xv, yv, Xt, yt, solver="torch")  # "auto" is scikit-learn's exact fits at this size
     sk = probe_new(X, y, Xv, yv, Xt, yt, solver="sklearn")
     fits: dict = {}
@@ -193,13 +208,14 @@ def cifar10(model: str | None) -> dict:
             "diff_points_searched": 100 * (new["test_top1"] - sk["test_top1"])}
 
 
-def cifar_only(model: str | None) -> None:
+def cifar_only(model: str | None, commit: str = OLD_COMMIT) -> None:
     """The CIFAR-10 part alone (its own results file): searches before / after / scikit-learn's, and the heads
     against scikit-learn's fit at the C each chose."""
     record = header("fewshot_fit_speed_cifar10", "Linear probe search on CIFAR-10 features: before / after / "
                     "scikit-learn (issue 21 item 14)", False)
-    c10 = cifar10(model)
+    c10 = cifar10(model, commit)
     record["cifar10"] = c10
+    record["previous_solver_commit"] = commit
     log(f"cifar10: {c10}")
     rows = []
     for label in ("before", "after"):
@@ -214,7 +230,7 @@ def cifar_only(model: str | None) -> None:
         "# Linear probe search on CIFAR-10 features: before / after / scikit-learn", "",
         f"Features: {c10['model']} ({c10['weights']}); 10 classes x {SHOTS} shots, {VAL} validation per class "
         "(val split), test = the 10,000 test images. Before = heads/logistic.py at "
-        f"{OLD_COMMIT}; after = today's LinearProbe(solver='torch'); scikit-learn = LinearProbe(solver='sklearn'). "
+        f"{commit}; after = today's LinearProbe(solver='torch'); scikit-learn = LinearProbe(solver='sklearn'). "
         "Each torch head is compared with scikit-learn's own fit at the C that search chose.", "",
         md_table(["search", "C", "wall s", "CPU s", "foreign load", "scikit-learn top-1 at C (%)", "head top-1 (%)",
                   "difference (points)", "same prediction (%)"], rows), ""])
@@ -231,16 +247,18 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="CIFAR-10 features' model (default recipe:cifar10-signal)")
     parser.add_argument("--cifar-only", action="store_true",
                         help="only the CIFAR-10 comparison, written to fewshot_fit_speed_cifar10")
+    parser.add_argument("--before-commit", default=OLD_COMMIT,
+                        help=f"the commit whose heads/logistic.py is the 'before' linear probe (default {OLD_COMMIT})")
     args = parser.parse_args()
     if args.cifar_only:
-        cifar_only(args.model)
+        cifar_only(args.model, args.before_commit)
         return
     classes = 100 if args.quick else 1000
     (X, y), (Xv, yv), (Xt, yt) = synthetic(classes)
     record = header("fewshot_fit_speed", __doc__.strip().splitlines()[0], args.quick)
     record["setup"] = {"classes": classes, "shots": SHOTS, "dim": DIM, "val_per_class": VAL,
                        "test_per_class": TEST, "predict_rows": PREDICT, "load_before": load_average(),
-                       "previous_solver_commit": OLD_COMMIT}
+                       "previous_solver_commit": args.before_commit}
     rows = []
     same = None
     if not args.skip_tip:
@@ -262,14 +280,14 @@ def main() -> None:
                          round(t["own_cpu_s"], 2), round(t["foreign_load"], 2), str(t["chosen"])])
 
     runs = {}
-    for label, run in (("after", probe_new), ("before", probe_previous)):  # today's first: the one awaited
-        runs[label] = run(X, y, Xv, yv, Xt, yt)
+    for label, run in (("after", probe_new), ("before", lambda *a: probe_previous(*a, commit=args.before_commit))):
+        runs[label] = run(X, y, Xv, yv, Xt, yt)  # today's first: the one awaited
         r = runs[label]
         log(f"linear probe {label}: {r['wall_s']:.1f} s wall, {r['own_cpu_s']:.1f} s CPU, C={r['C']:.4g}, "
             f"{r['fits']} fits, test {r['test_top1']:.4f}")
         rows.append([f"linear probe, full C search + predict ({label})", round(r["wall_s"], 1),
                      round(r["own_cpu_s"], 1), round(r["foreign_load"], 2),
-                     f"C={r['C']:.4g}, {r['fits']} fits, test top-1 {100 * r['test_top1']:.2f}%"])
+                     f"C={r['C']:.4g}, {r['fits']} fits, {r['passes']} passes, test top-1 {100 * r['test_top1']:.2f}%"])
     sklearn_fits: dict = {}
     at_c = {label: compare_with_sklearn(runs[label], X, y, Xt, yt, sklearn_fits) for label in runs}
     for label, a in at_c.items():
@@ -291,7 +309,7 @@ def main() -> None:
                               f"{a['sklearn_objective']:.9g}", f"{a['head_objective']:.9g}"])
     title_model = ""
     if not args.skip_cifar:
-        c10 = cifar10(args.model)
+        c10 = cifar10(args.model, args.before_commit)
         record["cifar10"] = c10
         title_model = f"{c10['model']} ({c10['weights']})"
         log(f"cifar10: {c10}")
@@ -319,7 +337,7 @@ def main() -> None:
         f"{VAL} per class, test {TEST} per class. Wall and own CPU seconds on this 2-core machine, shared with other "
         "work: `foreign load` is the other processes' CPU per wall second during the run (0 = the cores were ours; "
         "wall times under load are upper bounds). Before = the previous code path in the same run (linear probe: "
-        f"heads/logistic.py at {OLD_COMMIT}).", "",
+        f"heads/logistic.py at {args.before_commit}).", "",
         md_table(["what", "wall s", "CPU s", "foreign load", "result"], rows), "", *tip_line,
         "## Linear probe vs scikit-learn's own fit at the same C, test top-1 (%)", "",
         f"CIFAR-10 features: {title_model or 'not run'}.", "",

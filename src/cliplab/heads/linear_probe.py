@@ -57,10 +57,10 @@ class LinearProbe(ClipHead):
     Solver. ``solver="torch"`` minimises the same objective by L-BFGS in torch (``heads/logistic.py``:
     centred features, float32 for C >= 1, each fit on torch's threads or on one thread, whichever passes over the
     data faster on the machine as loaded at the time). The search fits the coarse list from small to large C
-    first (each fit warm-started from the fits around it, interpolated in log C, with their L-BFGS curvature
-    pairs carried over), then CoOp's loop runs over those fits; search fits stop on a looser test (H decreasing
-    by less than 1e-6 relative per iteration), and the fit at the chosen C, the head's, continues to float32's
-    resolution of H.
+    first (each fit warm-started from the fits around it, interpolated in log C with their L-BFGS curvature
+    pairs carried over, or extrapolated from the two largest), then CoOp's loop runs over those fits; search fits
+    stop on a looser test (H decreasing by less than 1e-5 relative per iteration), and the fit at the chosen C,
+    the head's, continues to float32's resolution of H.
     Its answers are not scikit-learn's to the last digit: the objective is within a small tolerance of
     scikit-learn's solution and the accuracy within 0.1 point (tests/unit/test_logistic.py), so a near-tie on
     validation may pick a neighbouring C; at C = 1e6, where the training set is nearly separable and both solvers
