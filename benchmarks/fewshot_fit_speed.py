@@ -288,6 +288,10 @@ def main() -> None:
         rows.append([f"linear probe, full C search + predict ({label})", round(r["wall_s"], 1),
                      round(r["own_cpu_s"], 1), round(r["foreign_load"], 2),
                      f"C={r['C']:.4g}, {r['fits']} fits, {r['passes']} passes, test top-1 {100 * r['test_top1']:.2f}%"])
+    record["linear_probe"] = {"before": _public(runs["before"]), "after": _public(runs["after"])}
+    write_results("fewshot_fit_speed", record, "\n".join([  # the timings first (a stopped run keeps them)
+        "# Few-shot fits where users wait: before / after (partial: scikit-learn comparison not run)", "",
+        md_table(["what", "wall s", "CPU s", "foreign load", "result"], rows), ""]))
     sklearn_fits: dict = {}
     at_c = {label: compare_with_sklearn(runs[label], X, y, Xt, yt, sklearn_fits) for label in runs}
     for label, a in at_c.items():
