@@ -12,9 +12,10 @@ tower forward and backward), the fit on the same 16-shot split is stopped after 
 epoch is the mean time of steps 2..``STEPS`` (the first one allocates) times the steps in an epoch (steps of an
 epoch are alike: same batch size and prompts); the tables say which rows are measured so.
 
-CLIP-SVD's setup (deriving the model and the SVD of every decomposed matrix, before its first step) is measured on
-its own (``setup``: wall and CPU seconds) and not counted in the epoch; ``--profile-svd`` also times
-``torch.linalg.svd(full_matrices=False)`` of one matrix of each shape, in float64 (what the head runs) and float32.
+CLIP-SVD's setup (deriving the model and the SVD of every decomposed matrix, before its first step) is timed inside
+its fit (``setup``: wall and CPU seconds of ``ClipSVD._reparametrised``) and not counted in the epoch;
+``--profile-svd`` also times ``torch.linalg.svd(full_matrices=False)`` of one matrix of each shape, in float64 (what
+the head runs) and float32.
 ``--only METHOD@MODEL`` (repeatable) measures only those rows and merges them into the existing results (the other
 rows stay as they were measured).
 """
@@ -48,7 +49,7 @@ from _common import (  # noqa: E402
 from cliplab.data.base import ArrayImageDataset  # noqa: E402
 from cliplab.errors import CliplabError  # noqa: E402
 from cliplab.heads import create_head, list_heads  # noqa: E402
-from cliplab.heads.clip_svd import TOWER_CHOICES, ClipSVD  # noqa: E402
+from cliplab.heads.clip_svd import ClipSVD  # noqa: E402
 from cliplab.models import load_model  # noqa: E402
 
 NAME = "prompt_epoch"
@@ -134,21 +135,31 @@ def _step_cost(backbone, method: str, params: dict, module_name: str, X, y, extr
         "foreign_load"], "steps_per_epoch": seen["steps"], "steps_timed": len(marks) - 1}
 
 
-def svd_setup(backbone) -> dict:
-    """Wall and CPU seconds of CLIP-SVD's setup on ``backbone`` (derive + SVD of every decomposed matrix), its
-    matrix count and shapes."""
-    head = ClipSVD(backbone, NAMES)
-    with CpuAccount() as cost:
-        derived, names = head._reparametrised(backbone, TOWER_CHOICES["both"])
-    shapes: dict[str, int] = {}
-    for name, param in derived.model.named_parameters():
-        if name.endswith("original"):  # parametrised weights: one SVD per matrix, packed q/k/v as three
-            parts = 3 if "in_proj_weight" in name else 1
-            shape = f"{param.shape[0] // parts}x{param.shape[1]}"
-            shapes[shape] = shapes.get(shape, 0) + parts
-    del derived
-    return {"wall_s": cost.result["wall_s"], "own_cpu_s": cost.result["own_cpu_s"],
-            "foreign_load": cost.result["foreign_load"], "weights": len(names), "svds": shapes}
+@contextlib.contextmanager
+def svd_setup(found: list):
+    """While active, each CLIP-SVD fit's setup (``ClipSVD._reparametrised``: derive + SVD of every decomposed
+    matrix) is timed and appended to ``found``: wall and CPU seconds, matrix count and shapes."""
+    original = ClipSVD._reparametrised
+
+    def timed(self, backbone, towers):
+        with CpuAccount() as cost:
+            derived, names = original(self, backbone, towers)
+        shapes: dict[str, int] = {}
+        for name, param in derived.model.named_parameters():
+            if name.endswith("original"):  # parametrised weights: one SVD per matrix, packed q/k/v as three
+                parts = 3 if "in_proj_weight" in name else 1
+                shape = f"{param.shape[0] // parts}x{param.shape[1]}"
+                shapes[shape] = shapes.get(shape, 0) + parts
+        found.append({"wall_s": cost.result["wall_s"], "own_cpu_s": cost.result["own_cpu_s"],
+                      "foreign_load": cost.result["foreign_load"], "weights": len(names), "svds": shapes,
+                      "towers": list(towers)})
+        return derived, names
+
+    ClipSVD._reparametrised = timed
+    try:
+        yield found
+    finally:
+        ClipSVD._reparametrised = original
 
 
 def svd_profile(shapes: dict[str, int], repeats: int = 3) -> list[dict]:
@@ -192,32 +203,32 @@ def measure(backbone, repeats: int, by_steps: bool, skip: dict[str, str],
         needs_images = "images" in entry.needs
         X, y, extra = _inputs(backbone, needs_images)
         walls, cpus, loads, setups, steps = [], [], [], [], None
+        svd_setups: list[dict] = []  # CLIP-SVD's setups, timed inside its fits (before its first step)
         try:
-            for _ in range(repeats):
-                if by_steps:
-                    cost = _step_cost(backbone, method, params, entry.cls.__module__, X, y, extra)
-                    walls.append(cost["wall_s"])
-                    cpus.append(cost["own_cpu_s"])
-                    loads.append(cost["foreign_load"])
-                    steps = cost["steps_per_epoch"]
-                    continue
-                zero = _fit_cost(backbone, method, params, 0, X, y, extra)
-                one = _fit_cost(backbone, method, params, 1, X, y, extra)
-                walls.append(one["wall_s"] - zero["wall_s"])
-                cpus.append(one["own_cpu_s"] - zero["own_cpu_s"])
-                loads.append(one["foreign_load"])
-                setups.append(zero["wall_s"])
+            with svd_setup(svd_setups):
+                for _ in range(repeats):
+                    if by_steps:
+                        cost = _step_cost(backbone, method, params, entry.cls.__module__, X, y, extra)
+                        walls.append(cost["wall_s"])
+                        cpus.append(cost["own_cpu_s"])
+                        loads.append(cost["foreign_load"])
+                        steps = cost["steps_per_epoch"]
+                        continue
+                    zero = _fit_cost(backbone, method, params, 0, X, y, extra)
+                    one = _fit_cost(backbone, method, params, 1, X, y, extra)
+                    walls.append(one["wall_s"] - zero["wall_s"])
+                    cpus.append(one["own_cpu_s"] - zero["own_cpu_s"])
+                    loads.append(one["foreign_load"])
+                    setups.append(zero["wall_s"])
         except (CliplabError, TypeError, ValueError) as exc:
             log(f"{label}: {exc}")
             rows.append({"variant": label, "method": method, "error": str(exc).splitlines()[0]})
             continue
         batch = create_head(method, backbone=backbone, class_names=NAMES, **params).get_params().get("batch_size")
-        if method == "clip-svd":
-            setup = svd_setup(backbone)
+        setup = svd_setups[-1] if svd_setups else None  # the last fit's (the epoch's fit where two ran)
+        if setup:
             log(f"{backbone.info.name} {label} setup: {setup['wall_s']:.1f} s wall, {setup['own_cpu_s']:.1f} CPU s, "
                 f"{sum(setup['svds'].values())} SVDs")
-        else:
-            setup = None
         row = {"variant": label, "method": method, "params": params, "batch_size": batch, "setup": setup,
                "input": "images" if needs_images else "cached features", "items": len(y),
                "measured": f"steps 2-{STEPS}, x {steps} steps" if by_steps else "whole epoch",
