@@ -106,6 +106,43 @@ def kept_runs(args) -> list[dict]:
     return old["runs"]
 
 
+def render(record: dict) -> str:
+    """The markdown of a results record (its notes at the end)."""
+    args = argparse.Namespace(**record["settings"])
+    note, runs, results = record["weights"], record["runs"], record["results"]
+    params, teacher_params, teacher_cpu = (record["student_parameters"], record["teacher_parameters"],
+                                           record["teacher_embedding_cpu"])
+    n_train, n_test = record["sizes"]["train"], record["sizes"]["test"]
+    epochs = args.steps * args.batch_size / n_train
+    md = [f"# Cross-modal distillation (paper 8) on CIFAR-10 · teacher {args.teacher}", "",
+          f"**Teacher weights: {note}.** Student: a 32-px ResNet CLIP, stages [1, 1, 1, 1] of width 16, text tower "
+          f"1 block of width 64, embed dim 256 ({params / 1e6:.2f} M parameters vs the teacher's "
+          f"{teacher_params / 1e6:.2f} M; most of both are the 49,408-token embedding table), random init (seed "
+          f"{args.seed}, the same for every lambda). Training: {args.steps} steps of {args.batch_size} "
+          f"({epochs:.2f} epochs of {n_train:,} CIFAR-10 train images, one template caption each), AdamW lr "
+          f"{args.lr}, weight decay 0.1, cosine, warmup {args.warmup}; the teacher's embeddings cached once "
+          f"({teacher_cpu['wall_s']:.0f} s). Loss: lam * InfoNCE + (1 - lam) * mean over images and texts of "
+          "(1 - cos(student, teacher)).", "",
+          md_table(["model", "zero-shot top-1", "image->image P@1", "image->image P@10", "train wall s",
+                    "train CPU s"],
+                   [[label, f"{100 * m['zero-shot top-1']:.2f}", f"{100 * m['image->image P@1']:.2f}",
+                     f"{100 * m['image->image P@10']:.2f}",
+                     *(next(((r["train_cpu"]["wall_s"], r["train_cpu"]["own_cpu_s"]) for r in runs
+                             if label == f"student lam={r['lam']:g}"), ("", "")))]
+                    for label, m in results.items()]), "",
+          f"Numbers in %, on {n_test:,} seeded CIFAR-10 test images (chance 10%). lam = 1 is the CLIP loss alone "
+          "(no teacher), lam = 0 the teacher's embeddings alone.", "",
+          md_table(["student", "InfoNCE", "1 - cos(student, teacher)", "logit scale"],
+                   [[f"lam={r['lam']:g}", r["last_logs"]["infonce"], r["last_logs"]["cosine"], r["logit_scale"]]
+                    for r in runs]), "",
+          "Both loss terms after training on the first training batch (InfoNCE at the student's own temperature).",
+          ""]
+    if not math.isfinite(runs[-1]["logit_scale"]):
+        md.append("A student's logit scale is not finite: see the JSON.")
+    md += record.get("notes", [])
+    return "\n".join(md)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="recipe:cifar10-signal")
@@ -119,7 +156,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the runs of results/distill_cifar10.json made with "
                         "the same settings (run the lambdas in parts)")
+    parser.add_argument("--render", action="store_true", help="rewrite the markdown from results/distill_cifar10.json")
     args = parser.parse_args()
+    if args.render:
+        import json
+
+        from _common import RESULTS_DIR, environment_md
+
+        record = json.loads((RESULTS_DIR / "distill_cifar10.json").read_text())
+        (RESULTS_DIR / "distill_cifar10.md").write_text(render(record).rstrip() + "\n\n" + environment_md(record))
+        return
     torch.set_num_threads(2)
     lams = [float(v) for v in args.lams.split(",")]
     teacher, note = built_model(args.teacher, held_label="val zero-shot", after=": it knows these ten classes",
@@ -174,33 +220,7 @@ def main() -> None:
                   student_parameters=params, teacher_parameters=teacher_params, settings=vars(args),
                   teacher_embedding_cpu=teacher_cpu.result, runs=runs, results=results,
                   sizes={"train": len(train), "test": len(test)})
-    epochs = args.steps * args.batch_size / len(train)
-    md = [f"# Cross-modal distillation (paper 8) on CIFAR-10 · teacher {args.teacher}", "",
-          f"**Teacher weights: {note}.** Student: a 32-px ResNet CLIP, stages [1, 1, 1, 1] of width 16, text tower "
-          f"1 block of width 64, embed dim 256 ({params / 1e6:.2f} M parameters vs the teacher's "
-          f"{teacher_params / 1e6:.2f} M; most of both are the 49,408-token embedding table), random init (seed "
-          f"{args.seed}, the same for every lambda). Training: {args.steps} steps of {args.batch_size} "
-          f"({epochs:.2f} epochs of {len(train):,} CIFAR-10 train images, one template caption each), AdamW lr "
-          f"{args.lr}, weight decay 0.1, cosine, warmup {args.warmup}; the teacher's embeddings cached once "
-          f"({teacher_cpu.result['wall_s']:.0f} s). Loss: lam * InfoNCE + (1 - lam) * mean over images and texts of "
-          "(1 - cos(student, teacher)).", "",
-          md_table(["model", "zero-shot top-1", "image->image P@1", "image->image P@10", "train wall s",
-                    "train CPU s"],
-                   [[label, f"{100 * m['zero-shot top-1']:.2f}", f"{100 * m['image->image P@1']:.2f}",
-                     f"{100 * m['image->image P@10']:.2f}",
-                     *(next(((r["train_cpu"]["wall_s"], r["train_cpu"]["own_cpu_s"]) for r in runs
-                             if label == f"student lam={r['lam']:g}"), ("", "")))]
-                    for label, m in results.items()]), "",
-          f"Numbers in %, on {len(test):,} seeded CIFAR-10 test images (chance 10%). lam = 1 is the CLIP loss alone "
-          "(no teacher), lam = 0 the teacher's embeddings alone.", "",
-          md_table(["student", "InfoNCE", "1 - cos(student, teacher)", "logit scale"],
-                   [[f"lam={r['lam']:g}", r["last_logs"]["infonce"], r["last_logs"]["cosine"], r["logit_scale"]]
-                    for r in runs]), "",
-          "Both loss terms after training on the first training batch (InfoNCE at the student's own temperature).",
-          ""]
-    if not math.isfinite(runs[-1]["logit_scale"]):
-        md.append("A student's logit scale is not finite: see the JSON.")
-    write_results("distill_cifar10", record, "\n".join(md))
+    write_results("distill_cifar10", record, render(record))
 
 
 if __name__ == "__main__":
