@@ -141,6 +141,10 @@ VIT_NOTES = [
 NOTES = {"rn": RN_NOTES, "vit": VIT_NOTES}
 
 
+RERUN_WHY = {"tip-adapter": " (Tip-Adapter's zero-shot term then used the authors' constant 100; it now uses the "
+                            "model's own logit scale, 12.35 for recipe:cifar10-signal: heads/tip_adapter.py)"}
+
+
 def superseded_markdown(section: dict, superseded: list[dict]) -> list[str]:
     """The rows a ``--rerun`` replaced (mean over seeds), so a table says what changed."""
     if not superseded:
@@ -157,7 +161,8 @@ def superseded_markdown(section: dict, superseded: list[dict]) -> list[str]:
             for k in section["shots"]:
                 acc = [r["acc1"] for r in old if r["shots"] == k]
                 cells.append(pct((np.mean(acc), np.std(acc))) if acc else "—")
-            lines.append(f"- {method} on {dataset} before its rerun of {when}: " + ", ".join(
+            why = RERUN_WHY.get(method, "")
+            lines.append(f"- {method} on {dataset} before its rerun of {when}{why}: " + ", ".join(
                 f"{k} shots {c}" for k, c in zip(section["shots"], cells)) + ".")
     return (["Replaced rows (runs superseded by a rerun, kept in the JSON under `superseded`):", ""] + lines + [""]
             if lines else [])
