@@ -46,10 +46,11 @@ def _inputs(backbone):
     return images, backbone.tokenize(["a red square", "a blue square", "a green square"])
 
 
-def test_saved_model_loads_and_equals_the_in_memory_one(upcycled):
+def test_saved_model_loads_and_equals_the_in_memory_one(upcycled, caplog):
     config = json.loads((upcycled.folder / "open_clip_config.json").read_text())
     assert config[MOE_KEY] == {"experts": 3, "top_k": 2}
     loaded = load_model(str(upcycled.folder))
+    assert "initialized randomly" not in caplog.text  # the weights are loaded right after building the layers
     assert moe_spec(loaded.model) == {"experts": 3, "top_k": 2}
     memory = upcycled.model.eval()
     saved, mine = loaded.model.state_dict(), memory.state_dict()

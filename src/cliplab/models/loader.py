@@ -30,7 +30,7 @@ from .checkpoints import (
 )
 from .hf import is_hf_clip_dir, load_hf_dir
 from .longtext import merge_longclip_state
-from .moe import MOE_KEY, add_moe_layers
+from .moe import MOE_KEY, build_moe_model
 from .openclip import (
     OpenClipBackbone,
     openai_checkpoint_sha256s,
@@ -261,9 +261,11 @@ def _load_open_clip_dir(path: Path, quick_gelu, device, given: str) -> Backbone:
         if quick_gelu is None:
             quick_gelu = bool(model_cfg.get("quick_gelu", False))
         moe = config_json.get(MOE_KEY)  # an upcycled CLIP-MoE model (models/moe.py): MoE layers, then the weights
-        model = open_clip.create_model(f"local-dir:{path}", quick_gelu=quick_gelu, load_weights=not moe)
         if moe:
-            _load_weights(add_moe_layers(model, moe["experts"], moe.get("top_k", 2)), read_state_dict(weights[0]), path)
+            model = build_moe_model(path, moe, quick_gelu)
+            _load_weights(model, read_state_dict(weights[0]), path)
+        else:
+            model = open_clip.create_model(f"local-dir:{path}", quick_gelu=quick_gelu)
         tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     except ModelLoadError:
         raise

@@ -11,7 +11,9 @@ How the experts are made and trained is ``train/objectives_moe.py`` and ``train/
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,3 +99,22 @@ def moe_spec(model: torch.nn.Module) -> dict | None:
                            "saved as one model folder")
     experts, top_k = specs.pop()
     return {"experts": experts, "top_k": top_k}
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def build_moe_model(folder: str | Path, spec: dict, quick_gelu: bool) -> torch.nn.Module:
+    """The dense open_clip architecture of ``folder`` with MoE layers per ``spec`` (weights not loaded yet); open_clip's
+    "initialized randomly" warning is dropped, as the caller loads the folder's weights next."""
+    import open_clip
+
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        model = open_clip.create_model(f"local-dir:{folder}", quick_gelu=quick_gelu, load_weights=False)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    return add_moe_layers(model, spec["experts"], spec.get("top_k", 2))
