@@ -115,10 +115,13 @@ def main() -> None:
               "are added, not forgetting of what was learnt." if seen_train else "")
     body = "\n".join([
         f"# Class-incremental {title}: {' vs '.join(TITLES[m] for m in results)} ({args.model})", "",
-        f"**Weights: {weights}.** {cpe_note}; CoOp refit per session (the protocol's naive baseline for a method "
-        "without learn_session): a fresh context from \"a photo of a\" trained (the authors' 5-shot 200 epochs) on "
-        "the session's new classes with the logits of every seen class (no replay, masking or balance). Zero-shot: "
-        "\"a photo of a {c}.\", no training.",
+        f"**Weights: {weights}.** " + "".join(f"{text}. " for text in ["; ".join(
+            [*([cpe_note] if "cpe-clip" in results else []),
+             *(["CoOp refit per session (the protocol's naive baseline for a method without learn_session): a fresh "
+                "context from \"a photo of a\" trained (the authors' 5-shot 200 epochs) on the session's new classes "
+                "with the logits of every seen class (no replay, masking or balance)"] if "coop" in results else [])])]
+                                                                   if text)
+        + "Zero-shot: \"a photo of a {c}.\", no training.",
         f"5 shots per class from the train split (seed {args.seed}), {per_class} test images per class.", "",
         md_table(columns, rows), "",
         *([caveat, ""] if caveat else []),
