@@ -225,8 +225,10 @@ def section_markdown(section: dict, runs: list[dict], superseded: list[dict] = (
         lines.append("")
     lines += superseded_markdown(section, superseded)
     head = section.get("header", {})
+    rerun = head.get("rerun")
     lines += [f"This section: started {head.get('started')}, git {head.get('git')}, command `{head.get('command')}`"
-              f"{'' if section.get('complete') else ' (not complete yet)'}.", ""]
+              + (f"; rows rerun from {rerun.get('started')}, git {rerun.get('git')}, command `{rerun.get('command')}`"
+                 if rerun else "") + f"{'' if section.get('complete') else ' (not complete yet)'}.", ""]
     return lines
 
 
