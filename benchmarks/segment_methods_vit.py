@@ -149,6 +149,9 @@ def render(record: dict) -> str:
         f"{s['threads']} ({parts}).\n",
         table,
     ]
+    missing = [k for k in ROWS if k not in {r["key"] for r in rows}]
+    if missing:
+        lines += ["", f"Not run yet (rerun with --rows {','.join(missing)}): {', '.join(missing)}."]
     if b:
         lines += [
             "",

@@ -78,6 +78,7 @@ def render(record: dict) -> str:
                       "set-up s (wall)"],
                      [[r["size"], r["method"], r["windows"], r["wall_s"], r["cpu_s"], r["windows_per_s"],
                        r["s_per_window"], r["setup_wall_s"]] for r in rows])
+    missing = [m for m in METHODS if m not in {r["method"] for r in rows}]
     parts = "; ".join(f"{p['sizes']} px: threads {p['threads']}, load average before/after {p['load_before']} / "
                       f"{p['load_after']}" for p in record.get("parts", []))
     return "\n".join([
@@ -90,7 +91,7 @@ def render(record: dict) -> str:
         "synonyms change only the text weights (no per-window cost). Wall and CPU seconds of this shared 2-core "
         f"machine ({parts}).\n",
         table,
-    ])
+    ] + ([f"\nNot run yet (rerun with --methods {','.join(missing)}): {', '.join(missing)}."] if missing else []))
 
 
 def main() -> None:
