@@ -43,6 +43,7 @@ def _data(d, shots=8, val=4, test=20, spread=1.5, seed=0):
 
 
 def _head(tiny, tmp_path, **params):
+    params.setdefault("logit_scale", 100.0)  # the authors' constant, which the reference formulas below write out
     return CapSAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path, **params)
 
 
@@ -63,13 +64,14 @@ def _scale(x, target):  # the code's scale_: global min-max of x into target's [
     return (x - x.min()) / (x.max() - x.min()) * (target.max() - target.min()) + target.min()
 
 
-def _reference_logits(Xt, keys, captions, y, W, alpha, beta, gamma, delta, temperature=0.5, space="features"):
-    """madapter.py's test-time formula, in float64 NumPy over the whole test matrix."""
+def _reference_logits(Xt, keys, captions, y, W, alpha, beta, gamma, delta, temperature=0.5, space="features",
+                      logit_scale=100.0):
+    """madapter.py's test-time formula, in float64 NumPy over the whole test matrix (its 100 as ``logit_scale``)."""
     f = Xt.astype(np.float64)
     L = np.eye(W.shape[1])[y]
     knowledge = (1 - delta) * f @ keys.astype(np.float64).T + delta * f @ captions.astype(np.float64).T
     cache = np.exp(-beta * (1 - knowledge)) @ L
-    clip = 100.0 * f @ W
+    clip = logit_scale * f @ W
     kl_logits = -_scale(_kl_reference(Xt, keys, W, temperature, space), knowledge) @ L
     return clip + kl_logits * gamma + cache * alpha
 
@@ -138,6 +140,26 @@ def test_logits_match_the_authors_formula(tiny, tmp_path, space):
     assert np.ptp(kl_part) > 0.1
 
 
+def test_zero_shot_term_uses_the_models_logit_scale_by_default(tiny, tmp_path, monkeypatch):
+    """The code's 100 is CLIP's logit scale: a model with another one gets its own in the formula and the search."""
+    X, y, captions, Xv, yv, Xt, _ = _data(tiny.embed_dim, val=6, spread=2.5, seed=4)
+    scale = float(tiny.logit_scale)
+    assert abs(scale - 100.0) > 50  # tiny's 1/0.07: the default must differ from the constant
+    params = {"alpha": 3.0, "beta": 5.5, "gamma": 7.0, "delta": 0.3}
+    head = CapSAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path, **params).fit(X, y, caption_features=captions)
+    assert head.logit_scale is None and head.logit_scale_ == pytest.approx(scale)
+    expected = _reference_logits(Xt, X, captions, y, _weights(tiny, tmp_path), logit_scale=scale, **params)
+    np.testing.assert_allclose(head.logits(Xt), expected, rtol=1e-5, atol=1e-4)
+    # the search scores the same logits: the brute-force loop at the model's scale picks the same hyperparameters
+    monkeypatch.setitem(caps_adapter.GRIDS, "coarse", SMALL)
+    searched = CapSAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path).fit(X, y, Xv, yv, caption_features=captions)
+    expected_choice, best = _brute_force(tiny, tmp_path, X, y, captions, Xv, yv, logit_scale=scale)
+    assert {k: v for k, v in searched.fit_summary().items() if k != "searched"} == expected_choice
+    assert accuracy(searched.logits(Xv), yv) == best
+    with pytest.raises(CliplabError, match="logit_scale must be finite"):
+        CapSAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path, logit_scale=float("nan")).fit(X, y)
+
+
 def test_rescaling_is_over_all_rows_whatever_the_chunking(tiny, tmp_path, monkeypatch):
     X, y, captions, _, _, Xt, _ = _data(tiny.embed_dim)
     head = _head(tiny, tmp_path, alpha=1.0, beta=2.0, gamma=3.0, delta=0.6).fit(X, y, caption_features=captions)
@@ -166,11 +188,11 @@ def test_count_correct_is_the_plain_argmax_count_ties_included():
 SMALL = {"alpha": (0.1, 2.0, 10.0), "beta": (1.0, 4.0, 20.0), "gamma": (0.1, 5.0, 20.0, 60.0), "delta": (0.0, 0.5, 1.0)}
 
 
-def _brute_force(tiny, tmp_path, X, y, captions, Xv, yv):
+def _brute_force(tiny, tmp_path, X, y, captions, Xv, yv, logit_scale=100.0):
     """The code's loop: alpha -> beta -> delta -> gamma, strictly better validation accuracy replaces."""
     def score(combo):
         alpha, beta, delta, gamma = combo
-        head = _head(tiny, tmp_path, alpha=alpha, beta=beta, gamma=gamma, delta=delta)
+        head = _head(tiny, tmp_path, alpha=alpha, beta=beta, gamma=gamma, delta=delta, logit_scale=logit_scale)
         return accuracy(head.fit(X, y, caption_features=captions).logits(Xv), yv)
 
     grid = itertools.product(SMALL["alpha"], SMALL["beta"], SMALL["delta"], SMALL["gamma"])

@@ -75,8 +75,9 @@ def test_caps_adapter_per_image_mode_scores_each_row_alone(tiny, tmp_path):
     a = (nv.max() - nv.min()) / (kv.max() - kv.min())
     b = nv.min() - kv.min() * a
     assert batch.kl_scale_ == pytest.approx([a, b], rel=1e-5)
+    assert batch.logit_scale_ == pytest.approx(float(tiny.logit_scale))  # the model's own, not the code's 100
     f = Xt.astype(np.float64)
-    expected = 100.0 * f @ W - batch.gamma_ * (a * kl(Xt) + b) @ L \
+    expected = batch.logit_scale_ * f @ W - batch.gamma_ * (a * kl(Xt) + b) @ L \
         + batch.alpha_ * np.exp(-batch.beta_ * (1 - knowledge(Xt))) @ L
     np.testing.assert_allclose(alone, expected, rtol=1e-4, atol=1e-3)
 

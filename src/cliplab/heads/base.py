@@ -110,6 +110,20 @@ class ZeroShotLogitsMixin:
 
         return class_weights(self.backbone, self.class_names, self.templates, cache_dir=self.cache_dir)
 
+    def _fit_logit_scale(self) -> float:
+        """Fix ``logit_scale_``, the zero-shot term's scale: ``logit_scale`` if given, else the model's own
+        (``Backbone.logit_scale``). Cache-model authors write CLIP's 100 as a constant; on a model trained to
+        another scale that constant re-weighs the zero-shot term against the cache."""
+        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
+        return self.logit_scale_
+
+    def _zero_shot_scale(self) -> float:
+        """``logit_scale_`` (a head saved before it existed: ``logit_scale``, then CLIP's 100)."""
+        scale = getattr(self, "logit_scale_", None)
+        if scale is None:
+            scale = self.logit_scale if self.logit_scale is not None else 100.0
+        return float(scale)
+
     def _fitted_copy(self, class_names) -> ClipHead:
         """A clone for ``class_names`` carrying this head's fitted state (attributes ending in ``_``): where a
         prompt head's ``with_classes`` starts."""

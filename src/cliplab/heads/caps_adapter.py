@@ -55,7 +55,7 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
 
     - new knowledge   N = (1 - delta) f S_imgᵀ + delta f S_capᵀ                                  (m, n)
     - cache logits    H = exp(-beta (1 - N)) L                                                   (Tip-Adapter)
-    - CLIP logits     Z = logit_scale f W                                                        (logit_scale = 100)
+    - CLIP logits     Z = logit_scale f W                                  (the code: 100; here the model's own)
     - KL divergences  KL_ij = KL(p_i || q_j) = sum_k p_ik (log p_ik - log q_jk), p_i = softmax(f_i / T),
       q_j = softmax(s_j / T) over the feature dimension (``kl_space="features"``, the code), s_j the image keys;
       ``kl_space="classes"`` takes SuS-X's softmax over classes of f W / T and s_j W / T instead; T = temperature
@@ -106,6 +106,10 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
     - The code's softmax over the feature dimension (``compute_image_text_distributions`` computes f W, then
       overwrites it with softmax(f / T)) is kept as the default, being what the published numbers used; SuS-X's
       softmax over classes is ``kl_space="classes"``.
+    - ``logit_scale`` (the zero-shot term's scale) defaults to the model's own (``Backbone.logit_scale``, fitted as
+      ``logit_scale_``), as Tip-Adapter's here. The code's 100 is CLIP's learned logit scale, so CLIP models are
+      unchanged; on a model trained to another scale (recipe:cifar10-signal: 12.35) the constant would weigh the
+      zero-shot term eightfold against the cache and KL terms. ``logit_scale=100`` restores the constant.
     - If max KL = min KL (one support item), ``scale`` would divide 0 by 0; the rescaled matrix is min N then.
     - The code starts from accuracy 0 with all hyperparameters 0, so if no candidate gets a validation row right it
       keeps 0, 0, 0, 0; here the first candidate is kept (as ``best_on_validation``). Accuracy ties between classes
@@ -135,7 +139,7 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
         temperature: float = 0.5,
         kl_space: str = "features",
         search: str = "coarse",
-        logit_scale: float = 100.0,
+        logit_scale: float | None = None,
         scaling: str = "batch",
     ):
         self.backbone = backbone
@@ -164,6 +168,9 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
             raise CliplabError(f"{name}: search must be one of {', '.join(GRIDS)}, not {self.search!r}")
         if not self.temperature > 0:
             raise CliplabError(f"{name}: temperature must be positive, not {self.temperature!r}")
+        if self.logit_scale is not None and not np.isfinite(float(self.logit_scale)):
+            raise CliplabError(f"{name}: logit_scale must be finite or None (the model's own), "
+                               f"not {self.logit_scale!r}")
         self._check_scaling()
         X, y = self._validate(X, y, reset=True)
         check_classification_targets(y)
@@ -185,6 +192,7 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
         self.support_labels_ = y[order]
         self.text_weights_ = np.ascontiguousarray(text)
         self.classes_ = np.arange(text.shape[1])
+        self._fit_logit_scale()
 
         grids = self._grids(X_val is not None)
         searched = X_val is not None and any(len(values) > 1 for values in grids.values())
@@ -382,7 +390,7 @@ class _Terms:
             rows = slice(start, start + self.step)
             f = self.X[rows]
             sims = self.kept[index] if self.kept is not None else self._similarities(rows)
-            clip = head.logit_scale * (f @ head.text_weights_).astype(np.float64)
+            clip = head._zero_shot_scale() * (f @ head.text_weights_).astype(np.float64)
             r, c = _kl_rows(f, head.text_weights_, head.temperature, head.kl_space)
             kl_sums = c[:, None] * self.shots[None, :] - r @ self.class_keys + self.class_const[None, :]  # KL L
             kls = [-a * kl_sums - b * self.shots[None, :] for a, b in zip(self.a, self.b)]

@@ -290,7 +290,7 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         keys = self._view_mean_keys(X, views)
         order = np.argsort(y, kind="stable")
         self.text_weights_ = text
-        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
+        self._fit_logit_scale()
         self.classes_ = np.arange(n_classes)
         return X, y, np.ascontiguousarray(keys[order], dtype=np.float32), y[order]
 
@@ -300,7 +300,7 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         self._check_params()
         betas = search_values(float(self.search_scale[0]), int(self.search_step[0]))
         alphas = search_values(float(self.search_scale[1]), int(self.search_step[1]))
-        zeroshot = self._scale() * (X_val @ self.text_weights_)
+        zeroshot = self._zero_shot_scale() * (X_val @ self.text_weights_)
         counts = accuracy_counts(zeroshot, X_val, self.cache_keys_, y_val, self.cache_labels_, len(self.classes_),
                                  betas, alphas)
         self.search_accuracy_ = counts / max(len(y_val), 1)
@@ -337,14 +337,7 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
     def logits(self, X) -> np.ndarray:
         """``logit_scale_ * X @ text_weights_ + alpha_ * exp(-(beta_ - beta_ * X @ cache_keys_.T)) @ L`` (n, C)."""
         X = self._checked(X)
-        return self._scale() * (X @ self.text_weights_) + self.alpha_ * self._cache_logits(X)
-
-    def _scale(self) -> float:
-        """The zero-shot term's scale: ``logit_scale_`` (a head saved before it existed: ``logit_scale``, then 100)."""
-        scale = getattr(self, "logit_scale_", None)
-        if scale is None:
-            scale = self.logit_scale if self.logit_scale is not None else 100.0
-        return float(scale)
+        return self._zero_shot_scale() * (X @ self.text_weights_) + self.alpha_ * self._cache_logits(X)
 
     def fit_summary(self) -> dict:
         return {"alpha": self.alpha_, "beta": self.beta_, "searched": self.searched_}
