@@ -25,6 +25,13 @@ multi-label loss): the paper clusters LAION-400M once into one million centres w
 trains the image tower on that classification alone; here the clusters come from the training model's own features
 over a feature buffer, re-clustered on a schedule, and the term is added to CLIP's contrastive loss (``weight``).
 The prototypes train with the model's optimiser (no weight decay); their Adam moments are not reset at re-clustering.
+
+Measured at the recipe's budget (``benchmarks/results/objectives_recipe_budget.md``, RN, 1,600 steps of batch 256 on
+CIFAR-10 captions): with these defaults the term fights the contrastive one and wins. It rises from 5 to 34 as
+training gathers each class's images, and zero-shot ends at 20.0% (CLIP alone: 72.5%). The reason is the data:
+32 centres over 10 classes put a class's sibling clusters among each image's negatives, at cosine 0.90 to their
+nearest centre. On the finished CLIP model's features the term is already 25 (12 with 8 positives). With
+``weight=0.1`` the run reaches 67.0%; no setting tried beat CLIP alone here.
 """
 
 from __future__ import annotations
