@@ -156,8 +156,9 @@ def test_zero_shot_term_uses_the_models_logit_scale_by_default(tiny, tmp_path, m
     expected_choice, best = _brute_force(tiny, tmp_path, X, y, captions, Xv, yv, logit_scale=scale)
     assert {k: v for k, v in searched.fit_summary().items() if k != "searched"} == expected_choice
     assert accuracy(searched.logits(Xv), yv) == best
-    with pytest.raises(CliplabError, match="logit_scale must be finite"):
-        CapSAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path, logit_scale=float("nan")).fit(X, y)
+    for bad in (float("nan"), "abc"):  # the command line hands over what it cannot read as a number as text
+        with pytest.raises(CliplabError, match="logit_scale must be a finite number"):
+            CapSAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path, logit_scale=bad).fit(X, y)
 
 
 def test_rescaling_is_over_all_rows_whatever_the_chunking(tiny, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from cliplab.errors import FeatureError, LabelError
+from cliplab.errors import CliplabError, FeatureError, LabelError
 from cliplab.eval import evaluate
 from cliplab.features import ImageFeatures, class_weights
 from cliplab.heads import ZeroShotClassifier, create_head, get_head, head_entry
@@ -116,6 +116,9 @@ def test_zero_shot_term_uses_the_models_logit_scale_by_default(tiny, tmp_path):
     assert abs(scale - 100.0) > 50  # tiny's 1/0.07: the default must differ from the constant
     head = TipAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path).fit(X, y)
     assert head.logit_scale is None and head.logit_scale_ == pytest.approx(scale)
+    for key, bad in (("logit_scale", "abc"), ("logit_scale", float("inf")), ("init_alpha", "x")):
+        with pytest.raises(CliplabError, match=f"{key} must be a finite number"):
+            TipAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path, **{key: bad}).fit(X, y)
     cache = np.exp(-(1.0 - X_test.astype(np.float64) @ X.T.astype(np.float64))) @ np.eye(len(NAMES))[y]
     np.testing.assert_allclose(head.logits(X_test), scale * X_test @ W + 1.17 * cache, rtol=1e-5, atol=1e-4)
     searched = TipAdapter(tiny, NAMES, TEMPLATES, cache_dir=tmp_path).fit(X, y, X_val, y_val)

@@ -10,6 +10,7 @@ scikit-learn's own checks.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..errors import DimensionMismatchError, FeatureError, LabelError
+from ..errors import CliplabError, DimensionMismatchError, FeatureError, LabelError
 
 
 class ClipHead(ClassifierMixin, BaseEstimator):
@@ -114,8 +115,19 @@ class ZeroShotLogitsMixin:
         """Fix ``logit_scale_``, the zero-shot term's scale: ``logit_scale`` if given, else the model's own
         (``Backbone.logit_scale``). Cache-model authors write CLIP's 100 as a constant; on a model trained to
         another scale that constant re-weighs the zero-shot term against the cache."""
-        self.logit_scale_ = float(self.logit_scale if self.logit_scale is not None else self.backbone.logit_scale)
-        return self.logit_scale_
+        value = self.logit_scale
+        if value is None:
+            self.logit_scale_ = float(self.backbone.logit_scale)
+            return self.logit_scale_
+        try:
+            scale = float(value)
+        except (TypeError, ValueError):
+            scale = math.nan
+        if not math.isfinite(scale):
+            raise CliplabError(f"{type(self).__name__}: logit_scale must be a finite number or None (the model's "
+                               f"own), not {value!r}")
+        self.logit_scale_ = scale
+        return scale
 
     def _zero_shot_scale(self) -> float:
         """``logit_scale_`` (a head saved before it existed: ``logit_scale``, then CLIP's 100)."""

@@ -168,9 +168,7 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
             raise CliplabError(f"{name}: search must be one of {', '.join(GRIDS)}, not {self.search!r}")
         if not self.temperature > 0:
             raise CliplabError(f"{name}: temperature must be positive, not {self.temperature!r}")
-        if self.logit_scale is not None and not np.isfinite(float(self.logit_scale)):
-            raise CliplabError(f"{name}: logit_scale must be finite or None (the model's own), "
-                               f"not {self.logit_scale!r}")
+        self._fit_logit_scale()  # checks it: one line for a value that is not a finite number
         self._check_scaling()
         X, y = self._validate(X, y, reset=True)
         check_classification_targets(y)
@@ -192,7 +190,6 @@ class CapSAdapter(ZeroShotLogitsMixin, ClipHead):
         self.support_labels_ = y[order]
         self.text_weights_ = np.ascontiguousarray(text)
         self.classes_ = np.arange(text.shape[1])
-        self._fit_logit_scale()
 
         grids = self._grids(X_val is not None)
         searched = X_val is not None and any(len(values) > 1 for values in grids.values())

@@ -269,12 +269,15 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
             raise CliplabError(f"{name}: search_scale and search_step are [beta, alpha] pairs")
         if any(int(s) != s or s < 1 for s in step):
             raise CliplabError(f"{name}: search_step must hold two positive integers, got {list(step)}")
-        for key in ("init_alpha", "init_beta", "logit_scale"):
+        for key in ("init_alpha", "init_beta"):
             value = getattr(self, key)
-            if key == "logit_scale" and value is None:
-                continue
-            if not math.isfinite(float(value)):
-                raise CliplabError(f"{name}: {key} must be finite")
+            try:
+                finite = math.isfinite(float(value))
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise CliplabError(f"{name}: {key} must be a finite number, not {value!r}")
+        self._fit_logit_scale()  # checks logit_scale the same way
 
     def _prepare(self, X, y, views):
         """Validated X, labels, text weights and the initial cache (keys sorted by class, stable)."""
@@ -290,7 +293,6 @@ class _TipBase(ZeroShotLogitsMixin, ClipHead):
         keys = self._view_mean_keys(X, views)
         order = np.argsort(y, kind="stable")
         self.text_weights_ = text
-        self._fit_logit_scale()
         self.classes_ = np.arange(n_classes)
         return X, y, np.ascontiguousarray(keys[order], dtype=np.float32), y[order]
 
