@@ -81,8 +81,6 @@ def recipe_row_folder(row: str) -> Path:
 
 def train_recipe_row(row: str, args) -> dict:
     """Train (or find) recipe-budget row ``row``; its training record."""
-    import ast
-
     from _common import DATA_ROOT
     from cliplab.train.recipes import recipe_config
     from mixture_sweep import timed_pretrain
@@ -90,10 +88,10 @@ def train_recipe_row(row: str, args) -> dict:
     folder = recipe_row_folder(row)
     if row in RECIPE_OF:
         card = json.loads((folder / "model_card.json").read_text())
-        history = card["history"] if isinstance(card["history"], list) else ast.literal_eval(card["history"])
         return {"row": row, "steps": card["steps"], "batch_size": 256,
                 "train_minutes": round(card["training_seconds"] / 60, 1), "held_out_val_top1": card["held_out"][
-                    "zeroshot_top1"], "val_history": history, "note": "the finished recipe model, not trained here"}
+                    "zeroshot_top1"], "val_history": held_out_history(folder),
+                "note": "the finished recipe model, not trained here"}
     record_path = folder / "sweep_training.json"
     if record_path.is_file():
         return json.loads(record_path.read_text())
